@@ -1,0 +1,1 @@
+//! Embedded MQTT server (see docs/mqtt.md).
