@@ -1,4 +1,61 @@
 //! sphinx-broker: a drop-in hsmd for Core Lightning that relays requests to sphinx-key signers
 //! over an embedded, authenticated MQTT broker.
+//!
+//! One path for a request: [`hsmd`] reads it from a CLN connection → [`relay`] numbers it and
+//! publishes it to the signer through the embedded [`mqtt`] server → the signer's reply comes
+//! back through [`signer_link`] → [`relay`] matches it by sequence number → [`hsmd`] writes it.
+#![warn(missing_docs)]
 
+pub mod config;
+pub mod hsmd;
 pub mod mqtt;
+pub mod pin;
+pub mod relay;
+pub mod signer_link;
+
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::pin::PinStore;
+
+/// The running broker's parts that callers (main, tests) need.
+pub struct Broker {
+    /// The request path.
+    pub relay: relay::RelayHandle,
+    /// The embedded MQTT server.
+    pub mqtt: mqtt::MqttHandle,
+    /// The pinned signer key.
+    pub pin: Arc<PinStore>,
+}
+
+/// Starts the MQTT server and the relay.
+pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
+    let pin = Arc::new(PinStore::open(&cfg.data_dir)?);
+    let auth = Arc::new(signer_link::TokenAuth { pin: pin.clone(), window: cfg.mqtt.token_window });
+    let mqtt_cfg = mqtt::MqttConfig { max_payload: cfg.mqtt.max_payload, ..mqtt::MqttConfig::new(cfg.mqtt.listen) };
+    let (mqtt, mqtt_events) = mqtt::start(mqtt_cfg, auth)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the MQTT server on {}: {e}", cfg.mqtt.listen))?;
+    tracing::info!(listen = %mqtt.local_addr(), pinned = ?pin.get(), "embedded MQTT server listening");
+    let (link_tx, link_rx) = mpsc::channel(1024);
+    tokio::spawn(signer_link::forward_events(mqtt_events, link_tx));
+    let relay_cfg = relay::RelayConfig {
+        queue_capacity: cfg.relay.queue_capacity,
+        max_inflight: cfg.relay.max_inflight,
+        request_timeout: cfg.relay.request_timeout,
+        waiting_log_interval: cfg.relay.waiting_log_interval,
+    };
+    let relay = relay::spawn(relay_cfg, Arc::new(mqtt.clone()), link_rx, pin.clone());
+    Ok(Broker { relay, mqtt, pin })
+}
+
+/// Runs as lightningd's hsmd on `root` (fd 3) until lightningd closes it.
+pub async fn run_hsmd(cfg: &Config, root: StdUnixStream, status: Option<StdUnixStream>, log_io: bool) -> anyhow::Result<()> {
+    let broker = start(cfg).await?;
+    let server = Arc::new(hsmd::HsmdServer::new(broker.relay.clone(), cfg.network, status, log_io)?);
+    server.serve_root(root).await?;
+    Ok(())
+}

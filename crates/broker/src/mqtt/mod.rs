@@ -1,1 +1,524 @@
-//! Embedded MQTT server (see docs/mqtt.md).
+//! Embedded MQTT 3.1.1 server with per-client topic ACLs (see `docs/mqtt.md`).
+//!
+//! # Design
+//!
+//! The broker process serves Core Lightning and the signers from one process, so the MQTT server
+//! is a small tokio task tree embedded in it rather than a separate broker:
+//!
+//! * [`start`] binds a TCP listener and spawns an **accept loop**. Every accepted socket gets
+//!   `TCP_NODELAY` and its own **connection task**; the number of connections still in the
+//!   CONNECT handshake and the number of authenticated sessions are each capped at
+//!   [`MqttConfig::max_clients`].
+//! * The connection task reads the CONNECT (within [`Limits::connect_timeout`]), asks the
+//!   [`Authenticator`] for the client's **identity**, and registers a session under that identity.
+//!   One identity has at most one session: a second CONNECT for the same identity takes over
+//!   (the old connection is closed and its [`MqttEvent::Disconnected`] is emitted *before* the new
+//!   [`MqttEvent::Connected`]).
+//! * After CONNACK the socket is split: the connection task keeps reading and handles packets
+//!   (ACL, events, acknowledgements), and a **writer task** drains a bounded queue of encoded
+//!   frames ([`Limits::outbound_queue`]). Everything sent to a client — acknowledgements and
+//!   publishes routed by [`MqttHandle::publish`] or by other clients — goes through that queue with
+//!   a non-blocking `try_send`; a client whose queue is full cannot keep up and is dropped.
+//! * Packets are decoded and encoded with `rumqttc::mqttbytes::v4` (the MQTT 3.1.1 codec of the
+//!   `rumqttc` crate the workspace already uses); topic validation, matching and the ACL are in
+//!   [`topic`] because the codec's matcher can panic on some UTF-8 input.
+//! * Everything a client publishes under its prefix becomes an [`MqttEvent::Message`] on the
+//!   bounded event channel returned by [`start`] (the connection awaits space, i.e. a slow
+//!   application back-pressures clients), and is routed to matching subscribers.
+//!
+//! Nothing from the network can panic this module: malformed or oversized packets, protocol
+//! violations and timeouts close the offending connection with a `tracing` log carrying the
+//! connection id, the peer address and (once known) the identity.
+
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod conn;
+pub mod topic;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::Publish;
+use rumqttc::mqttbytes::QoS;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tracing::{debug, info, warn, Instrument};
+
+/// Server configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttConfig {
+    /// Address to listen on (port 0 picks a free port; see [`MqttHandle::local_addr`]).
+    pub listen: SocketAddr,
+    /// Largest PUBLISH payload accepted from a client or sent with [`MqttHandle::publish`], in
+    /// bytes. A client sending a bigger packet is disconnected.
+    pub max_payload: usize,
+    /// Maximum number of authenticated sessions, and separately of connections still in the
+    /// CONNECT handshake.
+    pub max_clients: usize,
+    /// Largest keep-alive (seconds) a client may use; a client asking for 0 (none) or more is
+    /// held to this value. 0 here means "no limit" (and a client keep-alive of 0 then disables the
+    /// timeout for it).
+    pub keep_alive_max: u16,
+    /// Capacity of the [`MqttEvent`] channel returned by [`start`].
+    pub event_capacity: usize,
+}
+
+impl MqttConfig {
+    /// A configuration listening on `listen` with the defaults: 1 MiB payloads, 64 clients,
+    /// keep-alive at most 120 s, 1024 queued events.
+    pub fn new(listen: SocketAddr) -> Self {
+        MqttConfig {
+            listen,
+            max_payload: 1 << 20,
+            max_clients: 64,
+            keep_alive_max: 120,
+            event_capacity: 1024,
+        }
+    }
+}
+
+/// Secondary limits, with sensible [`Default`]s; pass them with [`start_with_limits`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Time a new connection has to deliver its CONNECT packet (default 10 s).
+    pub connect_timeout: Duration,
+    /// Frames queued for one client before it is dropped as too slow (default 1024).
+    pub outbound_queue: usize,
+    /// Outbound QoS 1 publishes a client may leave unacknowledged before it is dropped
+    /// (default 1024; at most 65535).
+    pub max_inflight: usize,
+    /// Subscriptions one session may hold; further filters get SUBACK failure (default 64).
+    pub max_subscriptions: usize,
+    /// On takeover, how long the new connection waits for the old one to finish closing
+    /// before it proceeds anyway (default 5 s).
+    pub takeover_wait: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connect_timeout: Duration::from_secs(10),
+            outbound_queue: 1024,
+            max_inflight: 1024,
+            max_subscriptions: 64,
+            takeover_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Largest CONNECT packet accepted (remaining length), before the client is authenticated.
+pub const MAX_CONNECT_PACKET: usize = 64 * 1024;
+
+/// Decides who may connect and what topic prefix they get.
+pub trait Authenticator: Send + Sync + 'static {
+    /// Decide a CONNECT. `Ok(identity)` = the topic prefix this client may use; `Err(reason)` =
+    /// refuse (CONNACK 0x04 "bad user name or password" if a username was given, else 0x05 "not
+    /// authorized") and log `reason`.
+    ///
+    /// Empty usernames and passwords arrive as `None` (the codec cannot tell them from absent
+    /// ones). An identity that is not [`topic::valid_identity`] (e.g. contains `/`) is refused.
+    /// Called on the connection's task; keep it fast (a signature check is fine).
+    fn authenticate(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<String, String>;
+}
+
+impl<F> Authenticator for F
+where
+    F: Fn(&str, Option<&str>, Option<&[u8]>) -> Result<String, String> + Send + Sync + 'static,
+{
+    fn authenticate(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<String, String> {
+        self(client_id, username, password)
+    }
+}
+
+/// What the server tells the application. For one identity the events are ordered:
+/// `Connected{conn_id: a}`, `Message{conn_id: a}`…, `Disconnected{conn_id: a}`, then the next
+/// connection's `Connected`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MqttEvent {
+    /// A client authenticated as `identity` (CONNACK already sent).
+    Connected {
+        /// The identity returned by the [`Authenticator`].
+        identity: String,
+        /// Unique id of this connection (never reused while the server runs).
+        conn_id: u64,
+    },
+    /// The connection `conn_id` of `identity` ended (client DISCONNECT, error, keep-alive
+    /// timeout, takeover, [`MqttHandle::disconnect`] or a full queue).
+    Disconnected {
+        /// The identity of the connection.
+        identity: String,
+        /// The connection that ended.
+        conn_id: u64,
+    },
+    /// A PUBLISH from an authenticated client (already ACL-checked).
+    Message {
+        /// Identity of the publisher.
+        identity: String,
+        /// The connection it came on.
+        conn_id: u64,
+        /// Topic name, always under `{identity}/`.
+        topic: String,
+        /// Payload, at most [`MqttConfig::max_payload`] bytes.
+        payload: Bytes,
+    },
+}
+
+/// Errors from [`MqttHandle::publish`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MqttError {
+    /// The topic is empty, too long, or contains wildcards or NUL.
+    #[error("invalid topic name {0:?}")]
+    InvalidTopic(String),
+    /// The payload is larger than [`MqttConfig::max_payload`].
+    #[error("payload of {size} bytes exceeds the limit of {max}")]
+    PayloadTooLarge {
+        /// Payload size.
+        size: usize,
+        /// The configured limit.
+        max: usize,
+    },
+}
+
+/// One authenticated session, as seen by routing and by the handle.
+struct SessionEntry {
+    conn_id: u64,
+    peer: SocketAddr,
+    /// Encoded frames for the writer task.
+    out: mpsc::Sender<Bytes>,
+    /// Closes the connection (takeover, `disconnect`, slow client, shutdown).
+    kill: Arc<Notify>,
+    /// Becomes `true` when the connection task has finished (after its `Disconnected`).
+    done: watch::Receiver<bool>,
+    /// Filter → granted QoS (0 or 1).
+    subs: Vec<(String, QoS)>,
+    /// Next outbound packet id (1..=65535).
+    next_pkid: u16,
+    /// Unacknowledged outbound QoS 1 publishes.
+    inflight: Arc<AtomicUsize>,
+    /// Set once the session has been told to close, so it is skipped and logged only once.
+    killed: bool,
+}
+
+impl SessionEntry {
+    fn kill(&mut self, identity: &str, why: &str) {
+        if !self.killed {
+            warn!(identity, conn = self.conn_id, peer = %self.peer, "dropping client: {why}");
+            self.killed = true;
+            self.kill.notify_one();
+        }
+    }
+}
+
+struct Shared {
+    cfg: MqttConfig,
+    limits: Limits,
+    local_addr: SocketAddr,
+    auth: Arc<dyn Authenticator>,
+    events: mpsc::Sender<MqttEvent>,
+    sessions: Mutex<HashMap<String, SessionEntry>>,
+    next_conn: AtomicU64,
+    handshakes: Arc<Semaphore>,
+    /// Bumped on every subscription change (for [`MqttHandle::wait_subscriber`]).
+    subs_changed: watch::Sender<u64>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Locks, recovering from poisoning (no code path panics while holding it, but never cascade).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn qos_rank(q: QoS) -> u8 {
+    q as u8
+}
+
+impl Shared {
+    /// Largest remaining length the codec accepts after CONNECT: the payload limit plus the
+    /// largest PUBLISH variable header (topic length prefix, 65535-byte topic, packet id).
+    fn max_packet(&self) -> usize {
+        self.cfg.max_payload.saturating_add(2 + usize::from(u16::MAX) + 2)
+    }
+
+    async fn emit(&self, ev: MqttEvent) {
+        if self.events.send(ev).await.is_err() {
+            debug!("event receiver dropped; event discarded");
+        }
+    }
+
+    /// Delivers a publish to every session with a matching subscription, at
+    /// `min(qos, granted)`. Returns how many sessions it was queued for.
+    fn route(&self, topic: &str, payload: &Bytes, qos: QoS) -> usize {
+        let Some(owner) = topic::owner(topic) else { return 0 };
+        let mut map = lock(&self.sessions);
+        let Some(s) = map.get_mut(owner) else { return 0 };
+        if s.killed {
+            return 0;
+        }
+        let Some(granted) = s
+            .subs
+            .iter()
+            .filter(|(f, _)| topic::matches(topic, f))
+            .map(|(_, q)| *q)
+            .max_by_key(|q| qos_rank(*q))
+        else {
+            return 0;
+        };
+        let qos = if qos_rank(qos) < qos_rank(granted) { qos } else { granted };
+        let mut publish = Publish::from_bytes(topic, qos, payload.clone());
+        if qos == QoS::AtLeastOnce {
+            if s.inflight.load(Ordering::Relaxed) >= self.limits.max_inflight {
+                s.kill(owner, "too many unacknowledged QoS 1 publishes");
+                return 0;
+            }
+            publish.pkid = s.next_pkid;
+            s.next_pkid = s.next_pkid.checked_add(1).unwrap_or(1);
+        }
+        let mut frame = BytesMut::with_capacity(publish.size());
+        if let Err(e) = publish.write(&mut frame) {
+            warn!(topic, "cannot encode publish: {e}");
+            return 0;
+        }
+        match s.out.try_send(frame.freeze()) {
+            Ok(()) => {
+                if qos == QoS::AtLeastOnce {
+                    s.inflight.fetch_add(1, Ordering::Relaxed);
+                }
+                debug!(identity = owner, conn = s.conn_id, topic, bytes = payload.len(), "routed");
+                1
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                s.kill(owner, "outbound queue full (client not keeping up)");
+                0
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => 0,
+        }
+    }
+
+    fn has_subscriber(&self, topic: &str) -> bool {
+        let Some(owner) = topic::owner(topic) else { return false };
+        lock(&self.sessions)
+            .get(owner)
+            .is_some_and(|s| !s.killed && s.subs.iter().any(|(f, _)| topic::matches(topic, f)))
+    }
+
+    fn bump_subs(&self) {
+        self.subs_changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+/// Cloneable handle to a running server.
+#[derive(Clone)]
+pub struct MqttHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MqttHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttHandle").field("local_addr", &self.shared.local_addr).finish()
+    }
+}
+
+impl MqttHandle {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// Publish from the broker application (trusted, no ACL) to all subscribers matching
+    /// `topic`: QoS 1 to subscribers that asked for QoS ≥ 1, else QoS 0. Publishing to a topic
+    /// nobody subscribes to is not an error (see [`MqttHandle::publish_count`]).
+    pub async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), MqttError> {
+        self.publish_count(topic, payload).map(|_| ())
+    }
+
+    /// Like [`MqttHandle::publish`], returning the number of sessions it was queued for
+    /// (0 or 1, since only the identity named by the topic's first level can subscribe to it).
+    pub fn publish_count(&self, topic: &str, payload: Bytes) -> Result<usize, MqttError> {
+        if !topic::valid_topic(topic) {
+            return Err(MqttError::InvalidTopic(topic.chars().take(200).collect()));
+        }
+        if payload.len() > self.shared.cfg.max_payload {
+            return Err(MqttError::PayloadTooLarge {
+                size: payload.len(),
+                max: self.shared.cfg.max_payload,
+            });
+        }
+        Ok(self.shared.route(topic, &payload, QoS::AtLeastOnce))
+    }
+
+    /// Drop a client (e.g. the application decides its key is not the pinned one). Its
+    /// [`MqttEvent::Disconnected`] follows. No effect if `identity` is not connected.
+    pub fn disconnect(&self, identity: &str) {
+        let entry = lock(&self.shared.sessions).remove(identity);
+        if let Some(mut s) = entry {
+            info!(identity, conn = s.conn_id, peer = %s.peer, "disconnecting client on request");
+            s.killed = true;
+            s.kill.notify_one();
+            self.shared.bump_subs();
+        }
+    }
+
+    /// Identities with a live session, sorted.
+    pub fn connected(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.shared.sessions)
+            .iter()
+            .filter(|(_, s)| !s.killed)
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Is some session subscribed to a filter matching `topic`?
+    pub fn has_subscriber(&self, topic: &str) -> bool {
+        self.shared.has_subscriber(topic)
+    }
+
+    /// Waits until some session is subscribed to a filter matching `topic` (returns at once if
+    /// one already is). Lets the application hold requests until a signer can receive them.
+    pub async fn wait_subscriber(&self, topic: &str) {
+        let mut rx = self.shared.subs_changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            if self.shared.has_subscriber(topic) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Stops accepting connections and closes every session (each emits `Disconnected`).
+    pub fn shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+        let mut map = lock(&self.shared.sessions);
+        for (id, s) in map.iter_mut() {
+            s.kill(id, "server shutting down");
+        }
+        map.clear();
+        drop(map);
+        self.shared.bump_subs();
+    }
+}
+
+/// Binds, spawns the accept loop, returns a handle (cloneable) and the event stream for the
+/// broker application. Uses [`Limits::default`].
+pub async fn start(
+    cfg: MqttConfig,
+    auth: Arc<dyn Authenticator>,
+) -> std::io::Result<(MqttHandle, mpsc::Receiver<MqttEvent>)> {
+    start_with_limits(cfg, auth, Limits::default()).await
+}
+
+/// [`start`] with explicit secondary [`Limits`].
+pub async fn start_with_limits(
+    cfg: MqttConfig,
+    auth: Arc<dyn Authenticator>,
+    limits: Limits,
+) -> std::io::Result<(MqttHandle, mpsc::Receiver<MqttEvent>)> {
+    let listener = TcpListener::bind(cfg.listen).await?;
+    let local_addr = listener.local_addr()?;
+    let (events, rx) = mpsc::channel(cfg.event_capacity.max(1));
+    let limits = Limits {
+        outbound_queue: limits.outbound_queue.max(1),
+        max_inflight: limits.max_inflight.clamp(1, usize::from(u16::MAX)),
+        ..limits
+    };
+    let shared = Arc::new(Shared {
+        handshakes: Arc::new(Semaphore::new(cfg.max_clients.max(1))),
+        cfg,
+        limits,
+        local_addr,
+        auth,
+        events,
+        sessions: Mutex::new(HashMap::new()),
+        next_conn: AtomicU64::new(1),
+        subs_changed: watch::channel(0).0,
+        shutdown: watch::channel(false).0,
+    });
+    info!(%local_addr, "MQTT server listening");
+    tokio::spawn(accept_loop(shared.clone(), listener));
+    Ok((MqttHandle { shared }, rx))
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|v| *v) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+            warn!(conn = conn_id, %peer, "too many connections in handshake; closing");
+            continue;
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            warn!(conn = conn_id, %peer, "cannot set TCP_NODELAY: {e}");
+        }
+        let span = tracing::info_span!(
+            "mqtt",
+            conn = conn_id,
+            peer = %peer,
+            identity = tracing::field::Empty
+        );
+        tokio::spawn(conn::run(shared.clone(), stream, peer, conn_id, permit).instrument(span));
+    }
+    info!("MQTT server stopped accepting");
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use rumqttc::mqttbytes::v4;
+
+    /// The codec must never panic on arbitrary bytes (it is fed straight from the network).
+    #[test]
+    fn codec_survives_random_bytes() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..200_000 {
+            let len = (next() % 64) as usize;
+            let mut buf = BytesMut::with_capacity(len);
+            let first = [0x10u8, 0x30, 0x32, 0x40, 0x82, 0xa2, 0xc0, 0xe0][(next() % 8) as usize];
+            buf.extend_from_slice(&[first]);
+            for _ in 1..len {
+                buf.extend_from_slice(&[(next() & 0xff) as u8]);
+            }
+            if next() % 2 == 0 && buf.len() > 1 {
+                // Make the remaining length consistent more often, to reach the packet parsers.
+                buf[1] = (buf.len() - 2).min(127) as u8;
+            }
+            while let Ok(_p) = v4::read(&mut buf, 1 << 20) {}
+        }
+    }
+}

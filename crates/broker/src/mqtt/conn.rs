@@ -1,0 +1,411 @@
+//! One client connection: CONNECT handshake, then the read/dispatch loop; a writer task drains
+//! the session's outbound queue.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{
+    self, ConnAck, Connect, ConnectReturnCode, Packet, PingResp, PubAck, SubAck,
+    SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
+use tracing::{debug, info, warn};
+
+use super::{lock, topic, MqttEvent, SessionEntry, Shared, MAX_CONNECT_PACKET};
+
+/// Why a connection ended (logged).
+type Reason = String;
+
+/// Reads the CONNECT packet. The first byte must be a CONNECT fixed header (0x10), checked as soon
+/// as it arrives so garbage is refused without waiting for a whole "frame".
+async fn read_connect(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Connect, Reason> {
+    loop {
+        if let Some(&b) = buf.first() {
+            if b != 0x10 {
+                return Err(format!("first packet is not CONNECT (byte 0x{b:02x})"));
+            }
+            match v4::read(buf, MAX_CONNECT_PACKET) {
+                Ok(Packet::Connect(c)) => return Ok(c),
+                Ok(p) => return Err(format!("first packet is not CONNECT: {p:?}")),
+                Err(CodecError::InsufficientBytes(_)) => {}
+                Err(e) => return Err(format!("bad CONNECT: {e}")),
+            }
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) => return Err("closed before CONNECT".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read error before CONNECT: {e}")),
+        }
+    }
+}
+
+fn encode(write: impl FnOnce(&mut BytesMut) -> Result<usize, CodecError>) -> Bytes {
+    let mut b = BytesMut::with_capacity(16);
+    // Only fixed-size control packets are encoded here; they cannot fail.
+    if let Err(e) = write(&mut b) {
+        warn!("cannot encode control packet: {e}");
+    }
+    b.freeze()
+}
+
+async fn refuse(stream: &mut TcpStream, code: ConnectReturnCode) {
+    let frame = encode(|b| ConnAck::new(code, false).write(b));
+    if let Err(e) = stream.write_all(&frame).await {
+        debug!("cannot send CONNACK {code:?}: {e}");
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// Runs one connection to its end. `permit` is a handshake slot, released after CONNACK.
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    permit: OwnedSemaphorePermit,
+) {
+    let mut buf = BytesMut::with_capacity(4096);
+    let connect = match tokio::time::timeout(
+        shared.limits.connect_timeout,
+        read_connect(&mut stream, &mut buf),
+    )
+    .await
+    {
+        Err(_) => {
+            warn!("no CONNECT within {:?}; closing", shared.limits.connect_timeout);
+            return;
+        }
+        Ok(Err(why)) => {
+            warn!("closing: {why}");
+            return;
+        }
+        Ok(Ok(c)) => c,
+    };
+    if connect.protocol != Protocol::V4 {
+        warn!("refused: MQTT 5 is not supported (use 3.1.1)");
+        refuse(&mut stream, ConnectReturnCode::RefusedProtocolVersion).await;
+        return;
+    }
+    if connect.last_will.is_some() {
+        debug!("client set a will; wills are not supported and it is ignored");
+    }
+    let (username, password) = match &connect.login {
+        Some(l) => (
+            Some(l.username.as_str()).filter(|s| !s.is_empty()),
+            Some(l.password.as_bytes()).filter(|p| !p.is_empty()),
+        ),
+        None => (None, None),
+    };
+    let identity = match shared.auth.authenticate(&connect.client_id, username, password) {
+        Ok(id) => id,
+        Err(why) => {
+            let code = if username.is_some() {
+                ConnectReturnCode::BadUserNamePassword
+            } else {
+                ConnectReturnCode::NotAuthorized
+            };
+            warn!(client_id = %connect.client_id.escape_debug(), "authentication refused ({code:?}): {why}");
+            refuse(&mut stream, code).await;
+            return;
+        }
+    };
+    if !topic::valid_identity(&identity) {
+        warn!(identity = %identity.escape_debug(), "authenticator returned an unusable identity; refusing");
+        refuse(&mut stream, ConnectReturnCode::NotAuthorized).await;
+        return;
+    }
+    tracing::Span::current().record("identity", identity.as_str());
+
+    // Register, taking over any session of the same identity.
+    let (out_tx, out_rx) = mpsc::channel::<Bytes>(shared.limits.outbound_queue);
+    let kill = Arc::new(Notify::new());
+    let (done_tx, done_rx) = watch::channel(false);
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let registered: Result<Option<SessionEntry>, ()> = {
+        let mut map = lock(&shared.sessions);
+        if *shared.shutdown.borrow() {
+            Err(())
+        } else if !map.contains_key(&identity) && map.len() >= shared.cfg.max_clients {
+            warn!("refused: {} sessions already (max_clients)", shared.cfg.max_clients);
+            Err(())
+        } else {
+            let old = map.remove(&identity);
+            map.insert(
+                identity.clone(),
+                SessionEntry {
+                    conn_id,
+                    peer,
+                    out: out_tx.clone(),
+                    kill: kill.clone(),
+                    done: done_rx,
+                    subs: Vec::new(),
+                    next_pkid: 1,
+                    inflight: inflight.clone(),
+                    killed: false,
+                },
+            );
+            Ok(old)
+        }
+    };
+    let Ok(old) = registered else {
+        refuse(&mut stream, ConnectReturnCode::ServiceUnavailable).await;
+        return;
+    };
+    if let Some(mut old) = old {
+        info!(old_conn = old.conn_id, old_peer = %old.peer, "takeover: closing the previous connection of this identity");
+        old.killed = true;
+        old.kill.notify_one();
+        shared.bump_subs();
+        if tokio::time::timeout(shared.limits.takeover_wait, old.done.wait_for(|d| *d))
+            .await
+            .is_err()
+        {
+            warn!(old_conn = old.conn_id, "previous connection did not finish closing in time; proceeding");
+        }
+    }
+
+    let ka = effective_keep_alive(connect.keep_alive, shared.cfg.keep_alive_max);
+    let connack = encode(|b| ConnAck::new(ConnectReturnCode::Success, false).write(b));
+    if let Err(e) = stream.write_all(&connack).await {
+        warn!("cannot send CONNACK: {e}");
+        unregister(&shared, &identity, conn_id);
+        let _ = done_tx.send(true);
+        return;
+    }
+    drop(permit);
+    info!(client_id = %connect.client_id.escape_debug(), keep_alive = ?ka, "connected");
+    shared.emit(MqttEvent::Connected { identity: identity.clone(), conn_id }).await;
+
+    let (mut rd, wr) = stream.into_split();
+    let writer = tokio::spawn(write_loop(wr, out_rx, kill.clone()));
+    let mut session = Session { shared: &shared, identity: &identity, conn_id, out: out_tx, inflight };
+    let mut shutdown = shared.shutdown.subscribe();
+
+    let limit = ka.map(|k| Duration::from_millis(u64::from(k) * 1500));
+    let far = Duration::from_secs(86_400 * 365);
+    let sleep = tokio::time::sleep(limit.unwrap_or(far));
+    tokio::pin!(sleep);
+    let max_packet = shared.max_packet();
+
+    let reason: Reason = 'conn: loop {
+        // Handle every complete packet already buffered.
+        loop {
+            match v4::read(&mut buf, max_packet) {
+                Ok(p) => {
+                    if let Some(l) = limit {
+                        sleep.as_mut().reset(tokio::time::Instant::now() + l);
+                    }
+                    if let Err(why) = session.handle(p).await {
+                        break 'conn why;
+                    }
+                }
+                Err(CodecError::InsufficientBytes(n)) => {
+                    buf.reserve(n.min(max_packet));
+                    break;
+                }
+                Err(e) => break 'conn format!("protocol error: {e}"),
+            }
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => break "connection closed by client without DISCONNECT".into(),
+                Ok(_) => {}
+                Err(e) => break format!("read error: {e}"),
+            },
+            _ = kill.notified() => break "closed by the server (takeover, disconnect, slow client or shutdown)".into(),
+            _ = &mut sleep, if limit.is_some() => break format!("keep-alive timeout ({:?} of silence)", limit.unwrap_or(far)),
+            _ = shutdown.wait_for(|v| *v) => break "server shutting down".into(),
+        }
+    };
+
+    if reason == CLEAN {
+        info!("client disconnected");
+    } else {
+        warn!("connection closed: {reason}");
+    }
+    writer.abort();
+    drop(rd);
+    unregister(&shared, &identity, conn_id);
+    shared.emit(MqttEvent::Disconnected { identity: identity.clone(), conn_id }).await;
+    let _ = done_tx.send(true);
+}
+
+const CLEAN: &str = "DISCONNECT";
+
+/// The keep-alive the server enforces, in seconds (`None` = no timeout).
+fn effective_keep_alive(client: u16, max: u16) -> Option<u16> {
+    match (client, max) {
+        (0, 0) => None,
+        (c, 0) => Some(c),
+        (0, m) => Some(m),
+        (c, m) => Some(c.min(m)),
+    }
+}
+
+/// Removes the session from the table if it is still this connection's.
+fn unregister(shared: &Shared, identity: &str, conn_id: u64) {
+    let mut map = lock(&shared.sessions);
+    if map.get(identity).is_some_and(|s| s.conn_id == conn_id) {
+        map.remove(identity);
+        drop(map);
+        shared.bump_subs();
+    }
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>, kill: Arc<Notify>) {
+    let mut batch = BytesMut::new();
+    while let Some(frame) = rx.recv().await {
+        // Coalesce whatever is already queued into one write.
+        let res = if let Ok(next) = rx.try_recv() {
+            batch.clear();
+            batch.extend_from_slice(&frame);
+            batch.extend_from_slice(&next);
+            while batch.len() < 256 * 1024 {
+                match rx.try_recv() {
+                    Ok(f) => batch.extend_from_slice(&f),
+                    Err(_) => break,
+                }
+            }
+            wr.write_all(&batch).await
+        } else {
+            wr.write_all(&frame).await
+        };
+        if let Err(e) = res {
+            debug!("write error: {e}");
+            kill.notify_one();
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+struct Session<'a> {
+    shared: &'a Shared,
+    identity: &'a str,
+    conn_id: u64,
+    out: mpsc::Sender<Bytes>,
+    inflight: Arc<AtomicUsize>,
+}
+
+impl Session<'_> {
+    fn send(&self, frame: Bytes) -> Result<(), Reason> {
+        self.out.try_send(frame).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => "outbound queue full (client not keeping up)".into(),
+            mpsc::error::TrySendError::Closed(_) => "writer gone".into(),
+        })
+    }
+
+    /// Handles one packet; `Err` closes the connection with that reason.
+    async fn handle(&mut self, packet: Packet) -> Result<(), Reason> {
+        match packet {
+            Packet::Publish(p) => {
+                if p.qos == QoS::ExactlyOnce {
+                    return Err(format!("QoS 2 publish to {:?} (not supported)", p.topic));
+                }
+                if p.payload.len() > self.shared.cfg.max_payload {
+                    return Err(format!(
+                        "payload of {} bytes exceeds max_payload {}",
+                        p.payload.len(),
+                        self.shared.cfg.max_payload
+                    ));
+                }
+                if !topic::valid_topic(&p.topic) {
+                    return Err(format!("invalid topic name {:?} in PUBLISH", p.topic));
+                }
+                if topic::topic_allowed(self.identity, &p.topic) {
+                    debug!(topic = %p.topic, bytes = p.payload.len(), qos = ?p.qos, "publish");
+                    self.shared.route(&p.topic, &p.payload, p.qos);
+                    self.shared
+                        .emit(MqttEvent::Message {
+                            identity: self.identity.to_owned(),
+                            conn_id: self.conn_id,
+                            topic: p.topic,
+                            payload: p.payload,
+                        })
+                        .await;
+                } else {
+                    warn!(topic = %p.topic.escape_debug(), "ACL: publish outside own prefix dropped");
+                }
+                if p.qos == QoS::AtLeastOnce {
+                    self.send(encode(|b| PubAck::new(p.pkid).write(b)))?;
+                }
+                Ok(())
+            }
+            Packet::PubAck(_) => {
+                let _ = self.inflight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+                Ok(())
+            }
+            Packet::Subscribe(s) => {
+                let mut codes = Vec::with_capacity(s.filters.len());
+                let mut changed = false;
+                {
+                    let mut map = lock(&self.shared.sessions);
+                    let entry = map.get_mut(self.identity).filter(|e| e.conn_id == self.conn_id);
+                    let Some(entry) = entry else {
+                        return Err("session was replaced".into());
+                    };
+                    for f in &s.filters {
+                        if !topic::filter_allowed(self.identity, &f.path) {
+                            warn!(filter = %f.path.escape_debug(), "ACL: subscription refused");
+                            codes.push(SubscribeReasonCode::Failure);
+                            continue;
+                        }
+                        let granted = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                        if let Some(existing) = entry.subs.iter_mut().find(|(p, _)| *p == f.path) {
+                            existing.1 = granted;
+                        } else if entry.subs.len() >= self.shared.limits.max_subscriptions {
+                            warn!(filter = %f.path.escape_debug(), "subscription refused: max_subscriptions reached");
+                            codes.push(SubscribeReasonCode::Failure);
+                            continue;
+                        } else {
+                            entry.subs.push((f.path.clone(), granted));
+                        }
+                        debug!(filter = %f.path, qos = ?granted, "subscribed");
+                        changed = true;
+                        codes.push(SubscribeReasonCode::Success(granted));
+                    }
+                }
+                // SUBACK is queued before waiters learn of the subscription, so anything the
+                // application publishes in response reaches the client after the SUBACK.
+                let res = self.send(encode(|b| SubAck::new(s.pkid, codes).write(b)));
+                if changed {
+                    self.shared.bump_subs();
+                }
+                res
+            }
+            Packet::Unsubscribe(u) => {
+                let removed = {
+                    let mut map = lock(&self.shared.sessions);
+                    match map.get_mut(self.identity).filter(|e| e.conn_id == self.conn_id) {
+                        Some(entry) => {
+                            let before = entry.subs.len();
+                            entry.subs.retain(|(f, _)| !u.topics.contains(f));
+                            before != entry.subs.len()
+                        }
+                        None => return Err("session was replaced".into()),
+                    }
+                };
+                if removed {
+                    self.shared.bump_subs();
+                }
+                self.send(encode(|b| UnsubAck::new(u.pkid).write(b)))
+            }
+            Packet::PingReq => self.send(encode(|b| PingResp.write(b))),
+            Packet::Disconnect => Err(CLEAN.into()),
+            Packet::Connect(_) => Err("second CONNECT on a connection".into()),
+            Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
+                Err("QoS 2 flow (PUBREC/PUBREL/PUBCOMP) is not supported".into())
+            }
+            p @ (Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp) => {
+                Err(format!("server-to-client packet received from client: {p:?}"))
+            }
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The request path from CLN's connections to the signer and back.
+//!
+//! One task owns all state (the event loop is explicit): requests come in through a bounded
+//! queue, each gets a sequence number, goes out as a serial frame to `{signer}/vls`, and is
+//! completed by the `vls-res` reply with the same number. While no signer is connected the
+//! queue is not drained, so requests wait in order and callers feel back-pressure.
+//!
+//! Requests sent but not answered stay in flight across signer disconnects and are sent again,
+//! in their original order, when a signer says `hello`; before them the broker replays
+//! lightningd's `hsmd_init`, so a restarted signer is initialised exactly as lightningd
+//! initialised it. The signer answers a repeated delivery from its reply log, without signing
+//! twice.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sphinx_wire::hsmd;
+use sphinx_wire::serial::{Reply, Request};
+use sphinx_wire::{topics, ClientContext};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use crate::pin::PinStore;
+
+/// Why a request got no reply.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum RelayError {
+    /// The signer refused the request (policy violation or a bad request).
+    #[error("signer refused the request: {0}")]
+    Refused(String),
+    /// No reply within the configured bound.
+    #[error("no reply from the signer within {0:?}")]
+    Timeout(Duration),
+    /// The relay has shut down.
+    #[error("relay stopped")]
+    Stopped,
+}
+
+/// What the relay sends towards signers (the embedded MQTT server in production).
+pub trait SignerLink: Send + Sync + 'static {
+    /// Publishes `payload` on `topic` to whoever subscribed.
+    fn publish(&self, topic: String, payload: Vec<u8>) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    /// Drops a signer's connection.
+    fn disconnect(&self, identity: &str);
+}
+
+/// What signers say, as the relay needs it.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A signer subscribed and announced itself (`{id}/hello`).
+    Hello(String),
+    /// A signer's connection ended.
+    Gone(String),
+    /// A `{id}/vls-res` payload.
+    Reply(String, Vec<u8>),
+    /// A `{id}/error` payload: `seq u16 BE | utf8 text`.
+    Error(String, Vec<u8>),
+}
+
+/// Relay settings (see [`crate::config::RelaySettings`]).
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Bounded waiting queue.
+    pub queue_capacity: usize,
+    /// In-flight window.
+    pub max_inflight: usize,
+    /// Per-request bound.
+    pub request_timeout: Duration,
+    /// Interval of "waiting for a signer" logs.
+    pub waiting_log_interval: Duration,
+}
+
+struct Job {
+    ctx: ClientContext,
+    msg: Vec<u8>,
+    reply: oneshot::Sender<Result<Vec<u8>, RelayError>>,
+}
+
+/// The callers' side of the relay: cheap to clone, one per CLN connection.
+#[derive(Clone)]
+pub struct RelayHandle {
+    jobs: mpsc::Sender<Job>,
+    timeout: Duration,
+}
+
+impl RelayHandle {
+    /// Sends one hsmd request (type + body) with its connection's context and waits for the reply.
+    pub async fn call(&self, ctx: ClientContext, msg: Vec<u8>) -> Result<Vec<u8>, RelayError> {
+        let (tx, rx) = oneshot::channel();
+        let job = Job { ctx, msg, reply: tx };
+        let fut = async {
+            self.jobs.send(job).await.map_err(|_| RelayError::Stopped)?;
+            rx.await.map_err(|_| RelayError::Stopped)?
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(RelayError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Requests queued and not yet sent to a signer.
+    pub fn queued(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    /// A request from CLN; its reply goes back to the caller.
+    Cln,
+    /// lightningd's `hsmd_init`, replayed to a (re)connected signer; the reply is only checked.
+    InitReplay,
+}
+
+struct Pending {
+    seq: u16,
+    frame: Vec<u8>,
+    kind: Kind,
+    msg_type: u16,
+    reply: Option<oneshot::Sender<Result<Vec<u8>, RelayError>>>,
+}
+
+/// Starts the relay task. `events` carries what signers say; `link` carries what we say to them.
+pub fn spawn(
+    cfg: RelayConfig,
+    link: Arc<dyn SignerLink>,
+    events: mpsc::Receiver<LinkEvent>,
+    pin: Arc<PinStore>,
+) -> RelayHandle {
+    let (jobs_tx, jobs_rx) = mpsc::channel(cfg.queue_capacity);
+    let handle = RelayHandle { jobs: jobs_tx.clone(), timeout: cfg.request_timeout };
+    let relay = Relay {
+        cfg,
+        link,
+        pin,
+        signer: None,
+        init_msg: None,
+        next_seq: 0,
+        inflight: VecDeque::new(),
+        jobs_probe: jobs_tx.downgrade(),
+    };
+    tokio::spawn(relay.run(jobs_rx, events));
+    handle
+}
+
+struct Relay {
+    cfg: RelayConfig,
+    link: Arc<dyn SignerLink>,
+    pin: Arc<PinStore>,
+    /// The connected signer's identity (node id hex), once it said hello.
+    signer: Option<String>,
+    /// lightningd's `hsmd_init`, replayed to every signer that connects after it.
+    init_msg: Option<Vec<u8>>,
+    next_seq: u16,
+    /// Sent (or to be re-sent) and unanswered, in dispatch order.
+    inflight: VecDeque<Pending>,
+    /// To read the queue length for logs without keeping the queue open.
+    jobs_probe: mpsc::WeakSender<Job>,
+}
+
+impl Relay {
+    async fn run(mut self, mut jobs: mpsc::Receiver<Job>, mut events: mpsc::Receiver<LinkEvent>) {
+        let mut ticker = tokio::time::interval(self.cfg.waiting_log_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut jobs_open = true;
+        loop {
+            let can_send = jobs_open && self.signer.is_some() && self.inflight.len() < self.cfg.max_inflight;
+            tokio::select! {
+                job = jobs.recv(), if can_send => match job {
+                    Some(job) => self.dispatch(job).await,
+                    None => jobs_open = false,
+                },
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_event(ev).await,
+                    None => {
+                        info!("signer link closed; relay stopping");
+                        break;
+                    }
+                },
+                _ = ticker.tick() => self.on_tick(),
+            }
+            if !jobs_open && self.inflight.is_empty() {
+                debug!("all callers gone; relay stopping");
+                break;
+            }
+        }
+        for p in self.inflight.drain(..) {
+            if let Some(tx) = p.reply {
+                let _ = tx.send(Err(RelayError::Stopped));
+            }
+        }
+    }
+
+    fn queued(&self) -> usize {
+        self.jobs_probe.upgrade().map(|s| s.max_capacity() - s.capacity()).unwrap_or(0)
+    }
+
+    fn on_tick(&mut self) {
+        // Callers that gave up (timeout, closed connection) need no answer: forget them so a
+        // reconnecting signer is not asked to sign for nobody.
+        self.inflight.retain(|p| p.kind != Kind::Cln || p.reply.as_ref().is_some_and(|r| !r.is_closed()));
+        if self.signer.is_none() {
+            let waiting = self.queued() + self.inflight.len();
+            if waiting > 0 {
+                warn!(waiting, "no signer connected: requests are waiting for a signer");
+            }
+        }
+    }
+
+    fn alloc_seq(&mut self) -> u16 {
+        loop {
+            let s = self.next_seq;
+            self.next_seq = self.next_seq.wrapping_add(1);
+            if !self.inflight.iter().any(|p| p.seq == s) {
+                return s;
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, job: Job) {
+        if job.reply.is_closed() {
+            return;
+        }
+        let msg_type = hsmd::msg_type(&job.msg).unwrap_or(0);
+        if msg_type == hsmd::HSMD_INIT {
+            self.init_msg = Some(job.msg.clone());
+        }
+        let seq = self.alloc_seq();
+        let frame = Request { seq, peer_id: job.ctx.peer_id, dbid: job.ctx.dbid, message: job.msg }.encode();
+        let p = Pending { seq, frame, kind: Kind::Cln, msg_type, reply: Some(job.reply) };
+        self.send(&p).await;
+        self.inflight.push_back(p);
+    }
+
+    async fn send(&self, p: &Pending) {
+        let Some(signer) = &self.signer else { return };
+        debug!(seq = p.seq, msg_type = p.msg_type, "request to signer");
+        if let Err(e) = self.link.publish(topics::topic(signer, topics::VLS), p.frame.clone()).await {
+            // Stays in flight: it is sent again when a signer says hello.
+            warn!(seq = p.seq, error = %e, "could not publish request; will resend on reconnect");
+        }
+    }
+
+    async fn on_event(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Hello(id) => self.on_hello(id).await,
+            LinkEvent::Gone(id) => {
+                if self.signer.as_deref() == Some(id.as_str()) {
+                    warn!(signer = %id, inflight = self.inflight.len(), "signer disconnected");
+                    self.signer = None;
+                }
+            }
+            LinkEvent::Reply(id, payload) => self.on_reply(id, payload),
+            LinkEvent::Error(id, payload) => self.on_error(id, payload),
+        }
+    }
+
+    async fn on_hello(&mut self, id: String) {
+        info!(signer = %id, resend = self.inflight.len(), "signer ready");
+        self.signer = Some(id);
+        self.inflight.retain(|p| p.kind != Kind::InitReplay);
+        // lightningd's init goes first unless it is itself still unanswered.
+        let init_in_flight = self.inflight.iter().any(|p| p.msg_type == hsmd::HSMD_INIT);
+        if let (Some(init), false) = (self.init_msg.clone(), init_in_flight) {
+            let seq = self.alloc_seq();
+            let frame = Request { seq, peer_id: [0; 33], dbid: 0, message: init }.encode();
+            let p = Pending { seq, frame, kind: Kind::InitReplay, msg_type: hsmd::HSMD_INIT, reply: None };
+            self.send(&p).await;
+            self.inflight.push_front(p);
+        }
+        for p in self.inflight.iter().filter(|p| p.kind == Kind::Cln) {
+            self.send(p).await;
+        }
+    }
+
+    fn take_pending(&mut self, id: &str, seq: u16) -> Option<Pending> {
+        if self.signer.as_deref() != Some(id) {
+            warn!(from = %id, "message from a signer that is not the current one; ignored");
+            return None;
+        }
+        let Some(i) = self.inflight.iter().position(|p| p.seq == seq) else {
+            debug!(seq, "reply for no pending request (duplicate or abandoned); ignored");
+            return None;
+        };
+        self.inflight.remove(i)
+    }
+
+    fn on_reply(&mut self, id: String, payload: Vec<u8>) {
+        let reply = match Reply::decode(&payload) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(signer = %id, error = %e, "undecodable reply; ignored");
+                return;
+            }
+        };
+        let Some(p) = self.take_pending(&id, reply.seq) else { return };
+        if p.msg_type == hsmd::HSMD_INIT {
+            if let Err(e) = self.check_init_reply(&id, &reply.message) {
+                error!(signer = %id, error = %e, "signer's init reply rejected; disconnecting it");
+                self.inflight.push_front(p);
+                self.signer = None;
+                self.link.disconnect(&id);
+                return;
+            }
+        }
+        if let Some(tx) = p.reply {
+            let _ = tx.send(Ok(reply.message));
+        }
+    }
+
+    /// The node id a signer reports to lightningd must be its MQTT identity, and the pinned one.
+    fn check_init_reply(&self, id: &str, msg: &[u8]) -> Result<(), String> {
+        let node_id = hsmd::parse_init_reply_node_id(msg).map_err(|e| e.to_string())?;
+        let node_hex = hex::encode(node_id);
+        if node_hex != id {
+            return Err(format!("init reply names node {node_hex}, but the signer logged in as {id}"));
+        }
+        self.pin.pin(&node_hex).map_err(|e| e.to_string())
+    }
+
+    fn on_error(&mut self, id: String, payload: Vec<u8>) {
+        if payload.len() < 2 {
+            warn!(signer = %id, "malformed error report; ignored");
+            return;
+        }
+        let seq = u16::from_be_bytes([payload[0], payload[1]]);
+        let text = String::from_utf8_lossy(&payload[2..]).chars().take(2000).collect::<String>();
+        let Some(p) = self.take_pending(&id, seq) else { return };
+        warn!(signer = %id, seq, msg_type = p.msg_type, error = %text, "signer refused request");
+        if p.kind == Kind::InitReplay {
+            error!(signer = %id, "signer refused lightningd's init; disconnecting it");
+            self.signer = None;
+            self.link.disconnect(&id);
+            return;
+        }
+        if let Some(tx) = p.reply {
+            let _ = tx.send(Err(RelayError::Refused(text)));
+        }
+    }
+}
