@@ -341,3 +341,179 @@ impl Relay {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    /// A link that records what the relay publishes, and lets the test play the signer.
+    struct FakeLink {
+        out: mpsc::UnboundedSender<(String, Vec<u8>)>,
+        disconnected: StdMutex<Vec<String>>,
+    }
+
+    impl SignerLink for FakeLink {
+        fn publish(&self, topic: String, payload: Vec<u8>) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+            let r = self.out.send((topic, payload)).map_err(|e| e.to_string());
+            Box::pin(async move { r })
+        }
+        fn disconnect(&self, identity: &str) {
+            self.disconnected.lock().unwrap().push(identity.to_string());
+        }
+    }
+
+    const ID: &str = "029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46";
+
+    struct Harness {
+        relay: RelayHandle,
+        events: mpsc::Sender<LinkEvent>,
+        out: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+        link: Arc<FakeLink>,
+        _dir: PathGuard,
+    }
+
+    struct PathGuard(std::path::PathBuf);
+    impl Drop for PathGuard {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn harness(name: &str, timeout: Duration) -> Harness {
+        let dir = std::env::temp_dir().join(format!("relay-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pin = Arc::new(PinStore::open(&dir).unwrap());
+        let (out_tx, out) = mpsc::unbounded_channel();
+        let link = Arc::new(FakeLink { out: out_tx, disconnected: StdMutex::new(vec![]) });
+        let (events, ev_rx) = mpsc::channel(16);
+        let cfg = RelayConfig {
+            queue_capacity: 8,
+            max_inflight: 4,
+            request_timeout: timeout,
+            waiting_log_interval: Duration::from_secs(3600),
+        };
+        let relay = spawn(cfg, link.clone(), ev_rx, pin);
+        Harness { relay, events, out, link, _dir: PathGuard(dir) }
+    }
+
+    fn init_msg() -> Vec<u8> {
+        let mut m = hsmd::HSMD_INIT.to_be_bytes().to_vec();
+        m.extend_from_slice(&[0u8; 40]);
+        m
+    }
+
+    fn init_reply(node: &str) -> Vec<u8> {
+        let mut m = hsmd::HSMD_INIT_REPLY_V4.to_be_bytes().to_vec();
+        m.extend_from_slice(&6u32.to_be_bytes());
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&hex::decode(node).unwrap());
+        m
+    }
+
+    fn reply(seq: u16, message: Vec<u8>) -> LinkEvent {
+        LinkEvent::Reply(ID.into(), Reply { seq, message }.encode())
+    }
+
+    #[tokio::test]
+    async fn requests_wait_for_a_signer_then_go_in_order_and_match_by_seq() {
+        let mut h = harness("order", Duration::from_secs(30));
+        let r1 = tokio::spawn({
+            let r = h.relay.clone();
+            async move { r.call(ClientContext::ROOT, vec![0, 28, 1]).await }
+        });
+        // Let the first request reach the queue before the second: order must be preserved.
+        while h.relay.queued() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let r2 = tokio::spawn({
+            let r = h.relay.clone();
+            async move { r.call(ClientContext::ROOT, vec![0, 28, 2]).await }
+        });
+        while h.relay.queued() < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert!(h.out.try_recv().is_err(), "nothing may be sent before a signer says hello");
+        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
+        let (t1, f1) = h.out.recv().await.unwrap();
+        let (_, f2) = h.out.recv().await.unwrap();
+        assert_eq!(t1, format!("{ID}/vls"));
+        let q1 = Request::decode(&f1).unwrap();
+        let q2 = Request::decode(&f2).unwrap();
+        assert_eq!(q1.message, vec![0, 28, 1]);
+        assert_eq!(q2.message, vec![0, 28, 2]);
+        // Answer out of order: each caller still gets its own reply.
+        h.events.send(reply(q2.seq, vec![0, 128, 2])).await.unwrap();
+        h.events.send(reply(q1.seq, vec![0, 128, 1])).await.unwrap();
+        assert_eq!(r1.await.unwrap().unwrap(), vec![0, 128, 1]);
+        assert_eq!(r2.await.unwrap().unwrap(), vec![0, 128, 2]);
+    }
+
+    #[tokio::test]
+    async fn reconnect_replays_init_then_resends_unanswered_requests() {
+        let mut h = harness("resend", Duration::from_secs(30));
+        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
+        let init = tokio::spawn({
+            let r = h.relay.clone();
+            async move { r.call(ClientContext::ROOT, init_msg()).await }
+        });
+        let q = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        h.events.send(reply(q.seq, init_reply(ID))).await.unwrap();
+        assert!(init.await.unwrap().is_ok());
+
+        let pending = tokio::spawn({
+            let r = h.relay.clone();
+            async move { r.call(ClientContext::ROOT, vec![0, 23, 9]).await }
+        });
+        let first = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        h.events.send(LinkEvent::Gone(ID.into())).await.unwrap();
+        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
+        let replayed_init = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        assert_eq!(replayed_init.message, init_msg(), "init is replayed first");
+        let resent = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        assert_eq!(resent, first, "the unanswered request is resent unchanged (same seq)");
+        h.events.send(reply(replayed_init.seq, init_reply(ID))).await.unwrap();
+        h.events.send(reply(resent.seq, vec![0, 123])).await.unwrap();
+        // A duplicate reply for the same seq is ignored.
+        h.events.send(reply(resent.seq, vec![0, 124])).await.unwrap();
+        assert_eq!(pending.await.unwrap().unwrap(), vec![0, 123]);
+    }
+
+    #[tokio::test]
+    async fn refusal_and_timeout_reach_the_caller() {
+        let mut h = harness("refuse", Duration::from_millis(300));
+        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
+        let call = tokio::spawn({
+            let r = h.relay.clone();
+            async move { r.call(ClientContext::ROOT, vec![0, 7]).await }
+        });
+        let q = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        let mut err = q.seq.to_be_bytes().to_vec();
+        err.extend_from_slice(b"policy failure: nope");
+        h.events.send(LinkEvent::Error(ID.into(), err)).await.unwrap();
+        assert_eq!(call.await.unwrap(), Err(RelayError::Refused("policy failure: nope".into())));
+        // No answer at all: the caller is released at the bound.
+        let r = h.relay.call(ClientContext::ROOT, vec![0, 7]).await;
+        assert!(matches!(r, Err(RelayError::Timeout(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn init_reply_for_another_node_is_rejected_and_the_signer_dropped() {
+        let mut h = harness("wrongnode", Duration::from_secs(30));
+        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
+        let init = tokio::spawn({
+            let r = h.relay.clone();
+            async move { r.call(ClientContext::ROOT, init_msg()).await }
+        });
+        let q = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        let other = "02c0c171d21db07e402c123e72ecb9fb01ef764a1efe153fcf785a8885962d9bc1";
+        h.events.send(reply(q.seq, init_reply(other))).await.unwrap();
+        // The request is still pending (not answered with a foreign node id): a good signer answers it.
+        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
+        let again = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        assert_eq!(again.message, init_msg());
+        assert_eq!(h.link.disconnected.lock().unwrap().as_slice(), &[ID.to_string()]);
+        h.events.send(reply(again.seq, init_reply(ID))).await.unwrap();
+        assert!(init.await.unwrap().is_ok());
+    }
+}

@@ -1,15 +1,603 @@
 //! The sphinx-key signing core (hardware-agnostic): VLS handlers over durable redb state.
-//! API CONTRACT (filled in by the signer work; other crates code against these signatures):
 //!
-//! ```ignore
-//! pub enum ClockConfig { System, Fixed(u64 /* unix seconds */) }
-//! pub struct PolicyConfig { pub permissive: bool, /* … */ }
-//! pub struct SignerConfig { pub network: bitcoin::Network, pub policy: PolicyConfig, pub clock: ClockConfig }
-//! pub struct Signer;
-//! impl Signer {
-//!     pub fn open(seed: [u8; 32], state_dir: &std::path::Path, cfg: &SignerConfig) -> Result<Signer, Error>;
-//!     pub fn in_memory(seed: [u8; 32], cfg: &SignerConfig) -> Result<Signer, Error>;
-//!     pub fn node_id(&self) -> [u8; 33];
-//!     pub fn handle(&mut self, req: &sphinx_wire::serial::Request) -> Result<sphinx_wire::serial::Reply, Error>;
-//! }
-//! ```
+//! A [`Signer`] owns one VLS node for one 32-byte seed. [`Signer::handle`] takes one serial
+//! request (an hsmd message plus its client context and sequence number), runs it through VLS
+//! inside one persister transaction, commits that transaction durably together with a dedupe
+//! record of the reply, and only then returns the reply.
+//!
+//! Rules (see docs/signer.md):
+//! - `hsmd_init` (11) and `hsmd_init2` are always answered by a fresh VLS `InitHandler` on the
+//!   existing node, whenever they arrive; the last one is stored, so a reopened signer resumes
+//!   with the negotiated protocol without waiting for the broker's replay.
+//! - Requests with dbid 0 go to the root handler, the others to a channel handler for
+//!   `(peer_id, dbid)`.
+//! - A request delivered twice (same seq, same frame bytes) returns the stored reply and does not
+//!   run VLS again. The last [`DEDUPE_SLOTS`] replies are kept, keyed by `seq % DEDUPE_SLOTS`.
+//! - Nothing from the network or the disk may crash the process: VLS panics are caught, turned
+//!   into [`Error`]s, and the node is rebuilt from the persisted state without the failed
+//!   request's mutations.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod policy;
+pub mod status;
+mod store;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitcoin::hashes::{sha256, Hash};
+use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
+use bitcoin::Network;
+use lightning_signer::node::{Node, NodeConfig, NodeServices};
+use lightning_signer::persist::Persist;
+use lightning_signer::signer::derive::key_derive;
+use lightning_signer::signer::{ClockStartingTimeFactory, StartingTimeFactory};
+use lightning_signer::util::clock::{Clock, ManualClock, StandardClock};
+use lightning_signer::SendSync;
+use serde::{Deserialize, Serialize};
+use sphinx_wire::serial::{Reply, Request};
+use tracing::{debug, info, warn};
+use vls_persist::kvv::KVVStore;
+use vls_protocol::model::PubKey;
+use vls_protocol::msgs::{Message, DEFAULT_MAX_PROTOCOL_VERSION};
+use vls_protocol_signer::approver::Approve;
+use vls_protocol_signer::handler::{Handler, HandlerBuilder, InitHandler, RootHandler};
+
+pub use policy::{PolicyConfig, DEFAULT_SWEEP_MIN_FEERATE_PER_KW};
+pub use status::{NoIndicator, RecordingIndicator, Status, StatusIndicator};
+
+use store::{AnyStore, Persister};
+
+/// How many recent replies are kept for duplicate delivery (keyed by `seq % DEDUPE_SLOTS`).
+pub const DEDUPE_SLOTS: u16 = 64;
+/// KVV key prefix of the dedupe records (`sphinx/reply/{seq % 64}`).
+pub const REPLY_KEY_PREFIX: &str = "sphinx/reply/";
+/// KVV key of the last `hsmd_init` message (type + body) that completed negotiation.
+pub const INIT_KEY: &str = "sphinx/init";
+
+/// `hsmd_client_hsmfd`: answered by the broker, never by the signer.
+const CLIENT_HSMFD: u16 = 9;
+
+/// Where the signer's notion of "now" comes from (invoice expiry, velocity control, key entropy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ClockConfig {
+    /// The system clock.
+    #[default]
+    System,
+    /// A clock stopped at this many seconds since the UNIX epoch; also fixes VLS's
+    /// starting-time entropy, so two signers with the same seed and config reply identically.
+    /// For tests, benchmarks and replays only.
+    Fixed(u64),
+}
+
+/// Everything a [`Signer`] needs besides its seed and state directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignerConfig {
+    /// Bitcoin network of the node.
+    pub network: Network,
+    /// Policy settings (strict by default).
+    pub policy: PolicyConfig,
+    /// Clock source.
+    pub clock: ClockConfig,
+}
+
+impl SignerConfig {
+    /// Strict policy and the system clock on `network`.
+    pub fn new(network: Network) -> Self {
+        SignerConfig { network, policy: PolicyConfig::default(), clock: ClockConfig::System }
+    }
+}
+
+/// Why a request, or opening the signer, failed. The text says what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The state directory cannot be created or opened.
+    #[error("cannot open signer state in {path}: {reason}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The state directory belongs to another seed.
+    #[error("state holds node {found}, but this seed's node is {expected}: wrong seed or wrong state directory")]
+    WrongSeed {
+        /// Node id in the state.
+        found: String,
+        /// Node id of the seed.
+        expected: String,
+    },
+    /// The state directory belongs to another network.
+    #[error("state holds a node on {found}, but the signer is configured for {expected}")]
+    WrongNetwork {
+        /// Network in the state.
+        found: String,
+        /// Configured network.
+        expected: String,
+    },
+    /// The message is shorter than its 2-byte type.
+    #[error("hsmd message of {0} bytes has no type")]
+    NoType(usize),
+    /// The message does not decode as the hsmd message its type says.
+    #[error("cannot decode hsmd message type {msg_type} ({name}): {reason}")]
+    Decode {
+        /// Message type.
+        msg_type: u16,
+        /// Message name.
+        name: String,
+        /// Decoder's error.
+        reason: String,
+    },
+    /// A message the broker must answer itself.
+    #[error("hsmd message type {0} is answered by the broker, not the signer")]
+    NotForSigner(u16),
+    /// A request arrived before any `hsmd_init` completed.
+    #[error("hsmd message type {0} ({1}) before hsmd_init")]
+    NotInitialized(u16, String),
+    /// VLS refused the request (policy violation or bad argument).
+    #[error("VLS refused hsmd message type {msg_type} ({name}): {reason}")]
+    Refused {
+        /// Message type.
+        msg_type: u16,
+        /// Message name.
+        name: String,
+        /// VLS's reason.
+        reason: String,
+    },
+    /// VLS panicked on the request; the state was reloaded from disk.
+    #[error("VLS failed on hsmd message type {msg_type} ({name}): {reason} (state reloaded from disk)")]
+    Panic {
+        /// Message type.
+        msg_type: u16,
+        /// Message name.
+        name: String,
+        /// The panic message.
+        reason: String,
+    },
+    /// `hsmd_init` produced no reply.
+    #[error("hsmd message type {0} produced no reply")]
+    NoReply(u16),
+    /// Writing the state failed; the request's changes were discarded and nothing was signed.
+    #[error("persisting signer state failed: {0}")]
+    Persist(String),
+    /// The node could not be built from the persisted state.
+    #[error("signer state unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Counters, for tests and the status endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SignerStats {
+    /// Requests run through VLS (including init).
+    pub vls_calls: u64,
+    /// Requests answered from the dedupe records without running VLS.
+    pub dedupe_hits: u64,
+    /// Times the node was rebuilt from persisted state after a failure.
+    pub rebuilds: u64,
+}
+
+/// The record kept per dedupe slot.
+#[derive(Serialize, Deserialize)]
+struct ReplyRecord {
+    seq: u16,
+    /// sha256 of the request frame, hex.
+    hash: String,
+    /// The reply message (type + body), hex.
+    reply: String,
+}
+
+enum Backend {
+    Memory(AnyStore),
+    Redb { dir: PathBuf, store: Option<AnyStore> },
+}
+
+struct Core {
+    persister: Arc<Persister>,
+    node: Arc<Node>,
+    approver: Arc<dyn Approve>,
+    root: Option<RootHandler>,
+}
+
+/// The signing core: one VLS node, its persisted state, and the request rules above.
+pub struct Signer {
+    seed: [u8; 32],
+    cfg: SignerConfig,
+    backend: Backend,
+    core: Option<Core>,
+    node_id: PublicKey,
+    node_secret: SecretKey,
+    stats: SignerStats,
+}
+
+struct FixedStartingTime(u64);
+
+impl SendSync for FixedStartingTime {}
+
+impl StartingTimeFactory for FixedStartingTime {
+    fn starting_time(&self) -> (u64, u32) {
+        (self.0, 0)
+    }
+}
+
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
+    }
+}
+
+fn msg_name(msg_type: u16) -> String {
+    vls_protocol::msgs::message_name_from_vec(&msg_type.to_be_bytes())
+}
+
+/// The node key pair VLS derives from `seed` on `network`.
+fn node_keys(seed: &[u8; 32], network: Network) -> (PublicKey, SecretKey) {
+    let style = NodeConfig::new(network).key_derivation_style;
+    key_derive(style, network).node_keys(seed, &Secp256k1::new())
+}
+
+/// The node id (compressed public key) of `seed` on `network`, without opening any state.
+pub fn node_id_for_seed(seed: &[u8; 32], network: Network) -> [u8; 33] {
+    node_keys(seed, network).0.serialize()
+}
+
+/// Decodes an hsmd message (type + body); never panics.
+fn decode(message: &[u8], msg_type: u16) -> Result<Message, Error> {
+    match catch_unwind(|| vls_protocol::msgs::from_vec(message.to_vec())) {
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(e)) => {
+            Err(Error::Decode { msg_type, name: msg_name(msg_type), reason: e.to_string() })
+        }
+        Err(p) => Err(Error::Decode { msg_type, name: msg_name(msg_type), reason: panic_text(p) }),
+    }
+}
+
+impl Signer {
+    /// Opens (or creates) the node state in `state_dir` (vls-persist KVV on redb) for `seed`.
+    pub fn open(seed: [u8; 32], state_dir: &Path, cfg: &SignerConfig) -> Result<Signer, Error> {
+        let dir_err = |reason: String| Error::StateDir { path: state_dir.to_path_buf(), reason };
+        std::fs::create_dir_all(state_dir).map_err(|e| dir_err(e.to_string()))?;
+        if !state_dir.is_dir() {
+            return Err(dir_err("not a directory".into()));
+        }
+        let store = open_redb(state_dir)?;
+        Self::with_backend(
+            seed,
+            cfg,
+            Backend::Redb { dir: state_dir.to_path_buf(), store: Some(store) },
+        )
+    }
+
+    /// Same signer with an in-memory store (the in-process oracle for tests/benchmarks).
+    pub fn in_memory(seed: [u8; 32], cfg: &SignerConfig) -> Result<Signer, Error> {
+        Self::with_backend(seed, cfg, Backend::Memory(AnyStore::memory()))
+    }
+
+    fn with_backend(seed: [u8; 32], cfg: &SignerConfig, backend: Backend) -> Result<Signer, Error> {
+        let (node_id, node_secret) = node_keys(&seed, cfg.network);
+        let mut s = Signer {
+            seed,
+            cfg: cfg.clone(),
+            backend,
+            core: None,
+            node_id,
+            node_secret,
+            stats: SignerStats::default(),
+        };
+        s.core = Some(s.build_core()?);
+        info!(node_id = %s.node_id, initialized = s.is_initialized(), "signer opened");
+        Ok(s)
+    }
+
+    /// The node id (compressed public key).
+    pub fn node_id(&self) -> [u8; 33] {
+        self.node_id.serialize()
+    }
+
+    /// The node id in hex (the MQTT client id and username).
+    pub fn node_id_hex(&self) -> String {
+        hex::encode(self.node_id())
+    }
+
+    /// A fresh MQTT login token for time `ts` (unix seconds), signed with the node key
+    /// ([`sphinx_wire::token::make`]).
+    pub fn login_token(&self, ts: u32) -> String {
+        sphinx_wire::token::make(&self.node_secret, ts)
+    }
+
+    /// The configuration the signer runs with.
+    pub fn config(&self) -> &SignerConfig {
+        &self.cfg
+    }
+
+    /// True once an `hsmd_init` negotiation has completed (now or in a previous run).
+    pub fn is_initialized(&self) -> bool {
+        self.core.as_ref().is_some_and(|c| c.root.is_some())
+    }
+
+    /// Counters since this `Signer` was created.
+    pub fn stats(&self) -> SignerStats {
+        self.stats
+    }
+
+    fn services(&self, persister: Arc<Persister>) -> NodeServices {
+        let (clock, starting_time_factory): (Arc<dyn Clock>, Arc<dyn StartingTimeFactory>) =
+            match self.cfg.clock {
+                ClockConfig::System => (Arc::new(StandardClock()), ClockStartingTimeFactory::new()),
+                ClockConfig::Fixed(t) => (
+                    Arc::new(ManualClock::new(Duration::from_secs(t))),
+                    Arc::new(FixedStartingTime(t)),
+                ),
+            };
+        NodeServices {
+            validator_factory: self.cfg.policy.validator_factory(self.cfg.network),
+            starting_time_factory,
+            persister,
+            clock,
+            trusted_oracle_pubkeys: vec![],
+        }
+    }
+
+    /// Builds the node (and the root handler, if an init was stored) from the persisted state.
+    fn build_core(&mut self) -> Result<Core, Error> {
+        let store = match &mut self.backend {
+            Backend::Memory(s) => s.clone(),
+            Backend::Redb { dir, store } => {
+                if store.is_none() {
+                    *store = Some(open_redb(dir)?);
+                }
+                store.clone().expect("just set")
+            }
+        };
+        let persister = Arc::new(store::persister(store));
+
+        // Refuse a state that belongs to another seed or network before VLS asserts on it.
+        let nodes = catch_unwind(AssertUnwindSafe(|| persister.get_nodes()))
+            .map_err(|p| Error::Unavailable(format!("reading nodes: {}", panic_text(p))))?
+            .map_err(|e| Error::Unavailable(format!("reading nodes: {e:?}")))?;
+        for (id, entry) in &nodes {
+            if *id != self.node_id {
+                return Err(Error::WrongSeed { found: id.to_string(), expected: self.node_id.to_string() });
+            }
+            if entry.network != self.cfg.network.to_string() {
+                return Err(Error::WrongNetwork {
+                    found: entry.network.clone(),
+                    expected: self.cfg.network.to_string(),
+                });
+            }
+        }
+
+        let approver = self.cfg.policy.approver();
+        let services = self.services(persister.clone());
+        begin(&persister)?;
+        let built = catch_unwind(AssertUnwindSafe(|| {
+            HandlerBuilder::new(self.cfg.network, 0, services, self.seed)
+                .approver(approver.clone())
+                .allowlist(self.cfg.policy.allowlist.clone())
+                .build()
+        }));
+        let init = match built {
+            Ok(Ok(init)) => init,
+            Ok(Err(e)) => return Err(Error::Unavailable(format!("building node: {e:?}"))),
+            Err(p) => return Err(Error::Unavailable(format!("building node: {}", panic_text(p)))),
+        };
+        commit(&persister)?;
+        let node = init.node().clone();
+        if node.get_id() != self.node_id {
+            return Err(Error::WrongSeed {
+                found: node.get_id().to_string(),
+                expected: self.node_id.to_string(),
+            });
+        }
+        let mut core = Core { persister, node, approver, root: None };
+
+        // Resume the last negotiated protocol.
+        if let Ok(Some((_, raw))) = core.persister.get(INIT_KEY) {
+            if raw.len() >= 2 {
+                let t = u16::from_be_bytes([raw[0], raw[1]]);
+                match decode(&raw, t).and_then(|m| run_init(&core, m, t)) {
+                    Ok((true, _, init)) => core.root = Some(init.into()),
+                    Ok(_) => warn!("stored hsmd_init did not complete negotiation"),
+                    Err(e) => warn!("stored hsmd_init failed: {e}"),
+                }
+            }
+        }
+        Ok(core)
+    }
+
+    /// Drops the in-memory node and handlers and rebuilds them from the persisted state.
+    fn rebuild(&mut self) {
+        self.stats.rebuilds += 1;
+        self.core = None;
+        if let Backend::Redb { store, .. } = &mut self.backend {
+            // Reopen redb from disk if nothing else holds it (it is then closed by the drop).
+            if store.as_ref().is_some_and(|s| s.is_unique()) {
+                *store = None;
+            }
+        }
+        match self.build_core() {
+            Ok(c) => self.core = Some(c),
+            Err(e) => warn!("rebuilding signer state failed (will retry on next request): {e}"),
+        }
+    }
+
+    fn core(&mut self) -> Result<&Core, Error> {
+        if self.core.is_none() {
+            self.core = Some(self.build_core()?);
+        }
+        Ok(self.core.as_ref().expect("just built"))
+    }
+
+    /// Handles one request; all state it changed is durably committed (fsync) BEFORE this returns Ok.
+    pub fn handle(&mut self, req: &Request) -> Result<Reply, Error> {
+        let msg_type = sphinx_wire::hsmd::msg_type(&req.message)
+            .map_err(|_| Error::NoType(req.message.len()))?;
+        if msg_type == CLIENT_HSMFD {
+            return Err(Error::NotForSigner(msg_type));
+        }
+        let msg = decode(&req.message, msg_type)?;
+        if matches!(msg, Message::HsmdInit(_) | Message::HsmdInit2(_)) {
+            return self.handle_init(req, msg, msg_type);
+        }
+
+        let hash = hex::encode(sha256::Hash::hash(&req.encode()).to_byte_array());
+        let slot_key = format!("{REPLY_KEY_PREFIX}{}", req.seq % DEDUPE_SLOTS);
+        let core = self.core()?;
+        if let Some(rec) = load_record(&core.persister, &slot_key) {
+            if rec.seq == req.seq && rec.hash == hash {
+                if let Ok(message) = hex::decode(&rec.reply) {
+                    debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
+                    self.stats.dedupe_hits += 1;
+                    return Ok(Reply { seq: req.seq, message });
+                }
+            }
+        }
+        let Some(root) = core.root.as_ref() else {
+            return Err(Error::NotInitialized(msg_type, msg_name(msg_type)));
+        };
+        let persister = core.persister.clone();
+        begin(&persister)?;
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            let r = if req.dbid == 0 {
+                root.handle(msg)
+            } else {
+                root.for_new_client(req.dbid, PubKey(req.peer_id), req.dbid).handle(msg)
+            };
+            r.map(|reply| reply.as_vec())
+        }));
+        self.stats.vls_calls += 1;
+        let name = || msg_name(msg_type);
+        match res {
+            Ok(Ok(reply)) => {
+                let rec = ReplyRecord { seq: req.seq, hash, reply: hex::encode(&reply) };
+                let value = serde_json::to_vec(&rec).expect("record serializes");
+                let done = catch_unwind(AssertUnwindSafe(|| {
+                    persister.put(&slot_key, value)?;
+                    persister.commit()
+                }));
+                match done {
+                    Ok(Ok(())) => Ok(Reply { seq: req.seq, message: reply }),
+                    Ok(Err(e)) => {
+                        self.rebuild();
+                        Err(Error::Persist(format!("{e:?}")))
+                    }
+                    Err(p) => {
+                        self.rebuild();
+                        Err(Error::Persist(panic_text(p)))
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                // A failed operation must not change state; if it left writes, discard them
+                // together with the in-memory node.
+                let stranded = !persister.prepare().is_empty();
+                if stranded || commit(&persister).is_err() {
+                    warn!(msg_type, "refused request left changes; reloading state");
+                    self.rebuild();
+                }
+                Err(Error::Refused { msg_type, name: name(), reason: vls_error_text(&e) })
+            }
+            Err(p) => {
+                let reason = panic_text(p);
+                warn!(msg_type, %reason, "VLS panicked; reloading state");
+                self.rebuild();
+                Err(Error::Panic { msg_type, name: name(), reason })
+            }
+        }
+    }
+
+    fn handle_init(&mut self, req: &Request, msg: Message, msg_type: u16) -> Result<Reply, Error> {
+        self.core()?;
+        self.stats.vls_calls += 1;
+        let core = self.core.as_mut().expect("core");
+        let persister = core.persister.clone();
+        begin(&persister)?;
+        match run_init(core, msg, msg_type) {
+            Ok((done, Some(reply), init)) => {
+                if done {
+                    core.root = Some(init.into());
+                    let same = matches!(persister.get(INIT_KEY), Ok(Some((_, ref v))) if *v == req.message);
+                    if !same {
+                        if let Err(e) = persister.put(INIT_KEY, req.message.clone()) {
+                            self.rebuild();
+                            return Err(Error::Persist(format!("{e:?}")));
+                        }
+                    }
+                }
+                if let Err(e) = commit(&persister) {
+                    self.rebuild();
+                    return Err(e);
+                }
+                info!(msg_type, "hsmd init negotiated");
+                Ok(Reply { seq: req.seq, message: reply })
+            }
+            Ok((_, None, _)) => {
+                let _ = commit(&persister);
+                Err(Error::NoReply(msg_type))
+            }
+            Err(e) => {
+                self.rebuild();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Runs an init message through a fresh `InitHandler` on the node.
+fn run_init(
+    core: &Core,
+    msg: Message,
+    msg_type: u16,
+) -> Result<(bool, Option<Vec<u8>>, InitHandler), Error> {
+    let mut init =
+        InitHandler::new(0, core.node.clone(), core.approver.clone(), DEFAULT_MAX_PROTOCOL_VERSION);
+    let res = catch_unwind(AssertUnwindSafe(|| init.handle(msg)));
+    match res {
+        Ok(Ok((done, reply))) => Ok((done, reply.map(|r| r.as_vec()), init)),
+        Ok(Err(e)) => {
+            Err(Error::Refused { msg_type, name: msg_name(msg_type), reason: vls_error_text(&e) })
+        }
+        Err(p) => Err(Error::Panic { msg_type, name: msg_name(msg_type), reason: panic_text(p) }),
+    }
+}
+
+fn vls_error_text(e: &vls_protocol_signer::handler::Error) -> String {
+    use vls_protocol_signer::handler::Error as E;
+    match e {
+        E::Protocol(p) => format!("protocol: {p}"),
+        E::Signing(s) => format!("{:?}: {}", s.code(), s.message()),
+        E::Temporary(s) => format!("temporary {:?}: {}", s.code(), s.message()),
+    }
+}
+
+fn open_redb(dir: &Path) -> Result<AnyStore, Error> {
+    catch_unwind(|| AnyStore::open_redb(dir))
+        .map_err(|p| Error::StateDir { path: dir.to_path_buf(), reason: panic_text(p) })
+}
+
+fn begin(p: &Persister) -> Result<(), Error> {
+    match catch_unwind(AssertUnwindSafe(|| p.enter())) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::Persist(format!("starting transaction: {e:?}"))),
+        Err(x) => Err(Error::Persist(format!("starting transaction: {}", panic_text(x)))),
+    }
+}
+
+fn commit(p: &Persister) -> Result<(), Error> {
+    match catch_unwind(AssertUnwindSafe(|| p.commit())) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::Persist(format!("commit: {e:?}"))),
+        Err(x) => Err(Error::Persist(format!("commit: {}", panic_text(x)))),
+    }
+}
+
+fn load_record(p: &Persister, key: &str) -> Option<ReplyRecord> {
+    let (_, v) = p.get(key).ok()??;
+    serde_json::from_slice(&v).ok()
+}
