@@ -25,6 +25,8 @@ pub struct Config {
     pub mqtt: MqttSettings,
     /// The request path to the signer.
     pub relay: RelaySettings,
+    /// bitcoind to follow; chain tracking is off when no URL is set.
+    pub bitcoind: crate::chain::BitcoindSettings,
 }
 
 /// Embedded MQTT server settings.
@@ -68,6 +70,7 @@ impl Default for Config {
                 request_timeout: Duration::from_secs(600),
                 waiting_log_interval: Duration::from_secs(10),
             },
+            bitcoind: Default::default(),
         }
     }
 }
@@ -88,6 +91,9 @@ pub struct FileConfig {
     /// `[relay]` table.
     #[serde(default)]
     pub relay: FileRelay,
+    /// `[bitcoind]` table.
+    #[serde(default)]
+    pub bitcoind: crate::chain::BitcoindSettings,
 }
 
 /// `[mqtt]` in the file.
@@ -184,6 +190,12 @@ impl Config {
         }
         if let Some(t) = f.relay.request_timeout_secs {
             self.relay.request_timeout = Duration::from_secs(t);
+        }
+        if f.bitcoind.url.is_some() {
+            self.bitcoind.url = f.bitcoind.url;
+        }
+        if f.bitcoind.cookie_file.is_some() {
+            self.bitcoind.cookie_file = f.bitcoind.cookie_file;
         }
         Ok(())
     }

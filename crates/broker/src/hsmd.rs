@@ -66,6 +66,8 @@ pub struct HsmdServer {
     network: Network,
     status: Option<Arc<Mutex<UnixStream>>>,
     log_io: bool,
+    /// Set once a signer has answered lightningd's `hsmd_init` (chain following starts then).
+    init_done: tokio::sync::watch::Sender<bool>,
 }
 
 impl HsmdServer {
@@ -78,7 +80,13 @@ impl HsmdServer {
             }
             None => None,
         };
-        Ok(HsmdServer { relay, network, status, log_io })
+        let (init_done, _) = tokio::sync::watch::channel(false);
+        Ok(HsmdServer { relay, network, status, log_io, init_done })
+    }
+
+    /// Becomes `true` once a signer has answered lightningd's `hsmd_init`.
+    pub fn init_done(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.init_done.subscribe()
     }
 
     /// Serves the root connection (fd 3).
@@ -123,10 +131,11 @@ impl HsmdServer {
                         .call(ClientContext::ROOT, msg)
                         .await
                         .map_err(|error| HsmdError::RootRequest { msg_type, error })?;
+                    write_msg(&mut root, &reply).await?;
                     if msg_type == hsmd::HSMD_INIT {
                         info!("signer answered hsmd_init");
+                        self.init_done.send_replace(true);
                     }
-                    write_msg(&mut root, &reply).await?;
                 }
             }
         }

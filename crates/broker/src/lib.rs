@@ -6,6 +6,7 @@
 //! back through [`signer_link`] → [`relay`] matches it by sequence number → [`hsmd`] writes it.
 #![warn(missing_docs)]
 
+pub mod chain;
 pub mod config;
 pub mod hsmd;
 pub mod mqtt;

@@ -1,0 +1,676 @@
+//! Integration tests of the embedded MQTT server, over real sockets on 127.0.0.1.
+//!
+//! Synchronisation is always by awaiting something (an event, a packet, EOF); the timeouts in
+//! the helpers only turn a hang into a failure.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{self, Packet};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, QoS, SubscribeFilter,
+    SubscribeReasonCode,
+};
+use sphinx_broker::mqtt::{
+    self, Authenticator, Limits, MqttConfig, MqttError, MqttEvent, MqttHandle,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Accepts `username == password` (as a token) with identity = username.
+struct TokenAuth;
+
+impl Authenticator for TokenAuth {
+    fn authenticate(
+        &self,
+        _client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<String, String> {
+        match (username, password) {
+            (Some(u), Some(p)) if u.as_bytes() == p => Ok(u.to_string()),
+            (Some(u), _) => Err(format!("bad token for {u}")),
+            (None, _) => Err("no username".into()),
+        }
+    }
+}
+
+fn config() -> MqttConfig {
+    MqttConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_payload: 4096,
+        max_clients: 8,
+        keep_alive_max: 60,
+        event_capacity: 64,
+    }
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "sphinx_broker=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+async fn server_with(cfg: MqttConfig, limits: Limits) -> (MqttHandle, mpsc::Receiver<MqttEvent>) {
+    init_tracing();
+    mqtt::start_with_limits(cfg, Arc::new(TokenAuth), limits).await.unwrap()
+}
+
+async fn server() -> (MqttHandle, mpsc::Receiver<MqttEvent>) {
+    server_with(config(), Limits::default()).await
+}
+
+async fn next_event(rx: &mut mpsc::Receiver<MqttEvent>) -> MqttEvent {
+    tokio::time::timeout(WAIT, rx.recv()).await.expect("timed out waiting for an event").expect("event channel closed")
+}
+
+async fn expect_connected(rx: &mut mpsc::Receiver<MqttEvent>, who: &str) -> u64 {
+    match next_event(rx).await {
+        MqttEvent::Connected { identity, conn_id } if identity == who => conn_id,
+        other => panic!("expected Connected({who}), got {other:?}"),
+    }
+}
+
+async fn expect_disconnected(rx: &mut mpsc::Receiver<MqttEvent>, who: &str, conn: u64) {
+    match next_event(rx).await {
+        MqttEvent::Disconnected { identity, conn_id } if identity == who && conn_id == conn => {}
+        other => panic!("expected Disconnected({who}, {conn}), got {other:?}"),
+    }
+}
+
+async fn expect_message(rx: &mut mpsc::Receiver<MqttEvent>) -> (String, String, Bytes) {
+    match next_event(rx).await {
+        MqttEvent::Message { identity, topic, payload, .. } => (identity, topic, payload),
+        other => panic!("expected Message, got {other:?}"),
+    }
+}
+
+/// A rumqttc client whose event loop runs in a task and stops at its first error (so it never
+/// auto-reconnects behind the test's back).
+struct Client {
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Result<Event, ConnectionError>>,
+}
+
+fn client(h: &MqttHandle, id: &str, creds: Option<(&str, &str)>) -> Client {
+    let addr = h.local_addr();
+    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    if let Some((u, p)) = creds {
+        opts.set_credentials(u, p);
+    }
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    let (tx, events) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let ev = el.poll().await;
+            let stop = ev.is_err();
+            if tx.send(ev).is_err() || stop {
+                break;
+            }
+        }
+    });
+    Client { client, events }
+}
+
+impl Client {
+    async fn next(&mut self) -> Result<Event, ConnectionError> {
+        tokio::time::timeout(WAIT, self.events.recv()).await.expect("timed out waiting for client event").expect("client loop ended")
+    }
+
+    /// Next incoming packet (outgoing notifications skipped); panics on error.
+    async fn incoming(&mut self) -> Packet {
+        loop {
+            match self.next().await {
+                Ok(Event::Incoming(p)) => return p,
+                Ok(Event::Outgoing(_)) => {}
+                Err(e) => panic!("client error: {e:?}"),
+            }
+        }
+    }
+
+    /// Waits for the connection to end with an error (server closed it).
+    async fn closed(&mut self) -> ConnectionError {
+        loop {
+            match self.next().await {
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+    }
+
+    async fn connack(&mut self) -> Result<(), ConnectionError> {
+        match self.next().await? {
+            Event::Incoming(Packet::ConnAck(c)) if c.code == ConnectReturnCode::Success => Ok(()),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+}
+
+/// Connects `name` with a valid token, waits for CONNACK and for its Connected event.
+async fn connect(h: &MqttHandle, rx: &mut mpsc::Receiver<MqttEvent>, name: &str) -> (Client, u64) {
+    let mut c = client(h, name, Some((name, name)));
+    c.connack().await.unwrap();
+    let conn = expect_connected(rx, name).await;
+    (c, conn)
+}
+
+// ---------- raw-socket helpers (encode with the same codec) ----------
+
+fn frame(p: Packet) -> BytesMut {
+    let mut b = BytesMut::new();
+    match p {
+        Packet::Connect(c) => c.write(&mut b),
+        Packet::Publish(p) => p.write(&mut b),
+        Packet::PubAck(p) => p.write(&mut b),
+        Packet::Subscribe(s) => s.write(&mut b),
+        Packet::PingReq => v4::PingReq.write(&mut b),
+        Packet::Disconnect => v4::Disconnect.write(&mut b),
+        other => panic!("not needed: {other:?}"),
+    }
+    .unwrap();
+    b
+}
+
+struct Raw {
+    s: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn open(h: &MqttHandle) -> Raw {
+        let s = TcpStream::connect(h.local_addr()).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw { s, buf: BytesMut::new() }
+    }
+
+    async fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).await.unwrap();
+    }
+
+    async fn connect(h: &MqttHandle, name: &str, keep_alive: u16) -> Raw {
+        let mut r = Raw::open(h).await;
+        let mut c = v4::Connect::new(name);
+        c.keep_alive = keep_alive;
+        c.set_login(name, name);
+        r.send(&frame(Packet::Connect(c))).await;
+        match r.read().await {
+            Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::Success),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        r
+    }
+
+    /// Next packet, or `None` at EOF / connection reset.
+    async fn read(&mut self) -> Option<Packet> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match v4::read(&mut self.buf, 1 << 24) {
+                    Ok(p) => return Some(p),
+                    Err(rumqttc::Error::InsufficientBytes(_)) => {}
+                    Err(e) => panic!("bad packet from server: {e}"),
+                }
+                match self.s.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("timed out reading from server")
+    }
+
+    async fn expect_eof(&mut self) {
+        if let Some(p) = self.read().await {
+            panic!("expected the server to close, got {p:?}");
+        }
+    }
+}
+
+// ---------- tests ----------
+
+#[tokio::test]
+async fn auth_accepted_and_refused() {
+    let (h, mut rx) = server().await;
+
+    let mut bad = client(&h, "x", Some(("alice", "wrong")));
+    match bad.next().await {
+        Err(ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, ConnectReturnCode::BadUserNamePassword)
+        }
+        other => panic!("expected refusal, got {other:?}"),
+    }
+    let mut anon = client(&h, "y", None);
+    match anon.next().await {
+        Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, ConnectReturnCode::NotAuthorized),
+        other => panic!("expected refusal, got {other:?}"),
+    }
+
+    // Refused clients produce no events: the first event is the good client's.
+    let (_alice, _) = connect(&h, &mut rx, "alice").await;
+    assert_eq!(h.connected(), vec!["alice".to_string()]);
+}
+
+#[tokio::test]
+async fn identity_with_slash_is_refused() {
+    init_tracing();
+    let auth = |_: &str, u: Option<&str>, _: Option<&[u8]>| -> Result<String, String> { Ok(format!("{}/x", u.unwrap_or(""))) };
+    let (h, _rx) = mqtt::start(config(), Arc::new(auth)).await.unwrap();
+    let mut c = client(&h, "a", Some(("a", "a")));
+    match c.next().await {
+        Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, ConnectReturnCode::NotAuthorized),
+        other => panic!("expected refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn publish_under_own_prefix_is_an_event() {
+    let (h, mut rx) = server().await;
+    let (mut alice, conn) = connect(&h, &mut rx, "alice").await;
+    alice.client.publish("alice/vls-res", QoS::AtLeastOnce, false, b"reply".to_vec()).await.unwrap();
+    match next_event(&mut rx).await {
+        MqttEvent::Message { identity, conn_id, topic, payload } => {
+            assert_eq!((identity.as_str(), conn_id, topic.as_str()), ("alice", conn, "alice/vls-res"));
+            assert_eq!(&payload[..], b"reply");
+        }
+        other => panic!("expected Message, got {other:?}"),
+    }
+    assert!(matches!(alice.incoming().await, Packet::PubAck(_)));
+    alice.client.publish("alice/hello", QoS::AtMostOnce, false, b"hi".to_vec()).await.unwrap();
+    let (_, topic, _) = expect_message(&mut rx).await;
+    assert_eq!(topic, "alice/hello");
+}
+
+#[tokio::test]
+async fn publish_to_other_prefix_is_dropped() {
+    let (h, mut rx) = server().await;
+    let (mut alice, _) = connect(&h, &mut rx, "alice").await;
+    for t in ["bob/vls", "alice", "alicex/vls"] {
+        alice.client.publish(t, QoS::AtLeastOnce, false, b"sneaky".to_vec()).await.unwrap();
+    }
+    alice.client.publish("alice/marker", QoS::AtLeastOnce, false, b"m".to_vec()).await.unwrap();
+    // The marker, sent after the forbidden publishes on the same connection, arrives first.
+    let (_, topic, payload) = expect_message(&mut rx).await;
+    assert_eq!((topic.as_str(), &payload[..]), ("alice/marker", &b"m"[..]));
+    // The dropped QoS 1 publishes were still acknowledged, so the client does not stall.
+    let mut acks = 0;
+    while acks < 4 {
+        if let Packet::PubAck(_) = alice.incoming().await {
+            acks += 1;
+        }
+    }
+}
+
+#[tokio::test]
+async fn subscribe_own_topic_then_app_publish_reaches_client() {
+    let (h, mut rx) = server().await;
+    let (mut alice, _) = connect(&h, &mut rx, "alice").await;
+    assert!(!h.has_subscriber("alice/vls"));
+    assert_eq!(h.publish_count("alice/vls", Bytes::from_static(b"lost")), Ok(0));
+    alice.client.subscribe("alice/vls", QoS::AtLeastOnce).await.unwrap();
+    h.wait_subscriber("alice/vls").await;
+    match alice.incoming().await {
+        Packet::SubAck(s) => assert_eq!(s.return_codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    h.publish("alice/vls", Bytes::from_static(b"request")).await.unwrap();
+    match alice.incoming().await {
+        Packet::Publish(p) => {
+            assert_eq!(p.topic, "alice/vls");
+            assert_eq!(p.qos, QoS::AtLeastOnce);
+            assert_eq!(&p.payload[..], b"request");
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    // Not subscribed / other identity: nobody gets it, and that is not an error.
+    assert_eq!(h.publish_count("alice/control", Bytes::from_static(b"x")), Ok(0));
+    assert_eq!(h.publish_count("bob/vls", Bytes::from_static(b"x")), Ok(0));
+    // Bad topics and oversized payloads are refused.
+    assert!(matches!(h.publish("alice/#", Bytes::new()).await, Err(MqttError::InvalidTopic(_))));
+    assert!(matches!(
+        h.publish("alice/vls", Bytes::from(vec![0u8; 4097])).await,
+        Err(MqttError::PayloadTooLarge { size: 4097, max: 4096 })
+    ));
+}
+
+#[tokio::test]
+async fn qos0_subscription_gets_qos0() {
+    let (h, mut rx) = server().await;
+    let (mut alice, _) = connect(&h, &mut rx, "alice").await;
+    alice.client.subscribe("alice/+", QoS::AtMostOnce).await.unwrap();
+    assert!(matches!(alice.incoming().await, Packet::SubAck(_)));
+    assert_eq!(h.publish_count("alice/vls", Bytes::from_static(b"q0")), Ok(1));
+    match alice.incoming().await {
+        Packet::Publish(p) => assert_eq!((p.qos, &p.payload[..]), (QoS::AtMostOnce, &b"q0"[..])),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn client_publish_is_routed_to_matching_subscription() {
+    // One identity has one session, so the only other subscriber is the publisher itself.
+    let (h, mut rx) = server().await;
+    let (mut alice, _) = connect(&h, &mut rx, "alice").await;
+    alice.client.subscribe("alice/echo/#", QoS::AtLeastOnce).await.unwrap();
+    assert!(matches!(alice.incoming().await, Packet::SubAck(_)));
+    alice.client.publish("alice/echo/1", QoS::AtLeastOnce, false, b"loop".to_vec()).await.unwrap();
+    let (_, topic, _) = expect_message(&mut rx).await;
+    assert_eq!(topic, "alice/echo/1");
+    loop {
+        if let Packet::Publish(p) = alice.incoming().await {
+            assert_eq!((p.topic.as_str(), &p.payload[..]), ("alice/echo/1", &b"loop"[..]));
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn subscribe_outside_prefix_is_refused() {
+    let (h, mut rx) = server().await;
+    let (mut alice, _) = connect(&h, &mut rx, "alice").await;
+    let filters = ["bob/#", "#", "+/vls", "$SYS/#", "alice", "alice/#"];
+    alice
+        .client
+        .subscribe_many(filters.iter().map(|f| SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce)))
+        .await
+        .unwrap();
+    match alice.incoming().await {
+        Packet::SubAck(s) => {
+            let mut want = vec![SubscribeReasonCode::Failure; 5];
+            want.push(SubscribeReasonCode::Success(QoS::AtLeastOnce));
+            assert_eq!(s.return_codes, want);
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // Bob's traffic does not reach alice.
+    let (mut bob, _) = connect(&h, &mut rx, "bob").await;
+    bob.client.subscribe("bob/vls", QoS::AtLeastOnce).await.unwrap();
+    assert!(matches!(bob.incoming().await, Packet::SubAck(_)));
+    assert_eq!(h.publish_count("bob/vls", Bytes::from_static(b"for bob")), Ok(1));
+    assert_eq!(h.publish_count("alice/x", Bytes::from_static(b"for alice")), Ok(1));
+    match alice.incoming().await {
+        Packet::Publish(p) => assert_eq!(p.topic, "alice/x"),
+        other => panic!("expected alice's PUBLISH, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn same_identity_takes_over() {
+    let (h, mut rx) = server().await;
+    let (mut first, c1) = connect(&h, &mut rx, "alice").await;
+    first.client.subscribe("alice/vls", QoS::AtLeastOnce).await.unwrap();
+    assert!(matches!(first.incoming().await, Packet::SubAck(_)));
+
+    let mut second = client(&h, "alice-2", Some(("alice", "alice")));
+    second.connack().await.unwrap();
+    // The old connection's end is reported before the new one's start.
+    expect_disconnected(&mut rx, "alice", c1).await;
+    let c2 = expect_connected(&mut rx, "alice").await;
+    assert_ne!(c1, c2);
+    first.closed().await;
+    assert_eq!(h.connected(), vec!["alice".to_string()]);
+
+    // Clean session: the old subscription is gone with the old connection.
+    assert!(!h.has_subscriber("alice/vls"));
+    second.client.subscribe("alice/vls", QoS::AtLeastOnce).await.unwrap();
+    assert!(matches!(second.incoming().await, Packet::SubAck(_)));
+    h.publish("alice/vls", Bytes::from_static(b"to the new one")).await.unwrap();
+    match second.incoming().await {
+        Packet::Publish(p) => assert_eq!(&p.payload[..], b"to the new one"),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn app_disconnect_drops_client() {
+    let (h, mut rx) = server().await;
+    let (mut alice, c) = connect(&h, &mut rx, "alice").await;
+    h.disconnect("alice");
+    assert!(h.connected().is_empty());
+    expect_disconnected(&mut rx, "alice", c).await;
+    alice.closed().await;
+    h.disconnect("nobody");
+}
+
+#[tokio::test]
+async fn oversized_payload_closes_connection() {
+    let (h, mut rx) = server().await;
+    let (mut alice, c) = connect(&h, &mut rx, "alice").await;
+    alice.client.publish("alice/big", QoS::AtLeastOnce, false, vec![7u8; 4097]).await.unwrap();
+    expect_disconnected(&mut rx, "alice", c).await;
+    alice.closed().await;
+
+    // A packet whose remaining length exceeds every limit is refused from its header alone.
+    let mut r = Raw::connect(&h, "bob", 30).await;
+    let cb = expect_connected(&mut rx, "bob").await;
+    r.send(&[0x30, 0xff, 0xff, 0xff, 0x7f]).await;
+    r.expect_eof().await;
+    expect_disconnected(&mut rx, "bob", cb).await;
+}
+
+#[tokio::test]
+async fn garbage_closes_connection_and_server_keeps_serving() {
+    let (h, mut rx) = server().await;
+
+    let mut r = Raw::open(&h).await;
+    r.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    r.expect_eof().await;
+
+    let mut r = Raw::open(&h).await;
+    r.send(&[0x10, 0xff, 0xff, 0xff, 0xff, 0xff]).await; // malformed remaining length
+    r.expect_eof().await;
+
+    let mut r = Raw::open(&h).await;
+    r.send(&frame(Packet::PingReq)).await; // not CONNECT first
+    r.expect_eof().await;
+
+    // Garbage after a good CONNECT.
+    let mut r = Raw::connect(&h, "bob", 30).await;
+    let cb = expect_connected(&mut rx, "bob").await;
+    r.send(&[0x00, 0x00, 0xde, 0xad, 0xbe, 0xef]).await;
+    r.expect_eof().await;
+    expect_disconnected(&mut rx, "bob", cb).await;
+
+    // Still serving.
+    let (alice, _) = connect(&h, &mut rx, "alice").await;
+    alice.client.publish("alice/ok", QoS::AtLeastOnce, false, b"still here".to_vec()).await.unwrap();
+    let (_, topic, _) = expect_message(&mut rx).await;
+    assert_eq!(topic, "alice/ok");
+}
+
+#[tokio::test]
+async fn mqtt5_connect_refused_with_protocol_version() {
+    let (h, _rx) = server().await;
+    let mut r = Raw::open(&h).await;
+    let mut c = v4::Connect::new("v5");
+    c.protocol = rumqttc::mqttbytes::Protocol::V5;
+    c.set_login("alice", "alice");
+    r.send(&frame(Packet::Connect(c))).await;
+    // Note: a real MQTT 5 CONNECT also has properties; the level byte is what matters here.
+    match r.read().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::RefusedProtocolVersion),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    r.expect_eof().await;
+}
+
+#[tokio::test]
+async fn connect_timeout_closes_silent_socket() {
+    let limits = Limits { connect_timeout: Duration::from_millis(300), ..Limits::default() };
+    let (h, _rx) = server_with(config(), limits).await;
+    let mut r = Raw::open(&h).await;
+    let t = Instant::now();
+    r.expect_eof().await;
+    assert!(t.elapsed() >= Duration::from_millis(250), "closed too early: {:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn keep_alive_ping_and_timeout() {
+    let (h, mut rx) = server().await;
+    let mut r = Raw::connect(&h, "alice", 1).await;
+    let c = expect_connected(&mut rx, "alice").await;
+    r.send(&frame(Packet::PingReq)).await;
+    assert_eq!(r.read().await, Some(Packet::PingResp));
+    // Silence for 1.5 × keep-alive drops the client.
+    let t = Instant::now();
+    expect_disconnected(&mut rx, "alice", c).await;
+    r.expect_eof().await;
+    assert!(t.elapsed() >= Duration::from_millis(1200), "dropped too early: {:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn qos2_publish_disconnects() {
+    let (h, mut rx) = server().await;
+    let mut r = Raw::connect(&h, "alice", 30).await;
+    let c = expect_connected(&mut rx, "alice").await;
+    let mut p = v4::Publish::new("alice/x", QoS::ExactlyOnce, b"q2".to_vec());
+    p.pkid = 9;
+    r.send(&frame(Packet::Publish(p))).await;
+    r.expect_eof().await;
+    expect_disconnected(&mut rx, "alice", c).await;
+}
+
+#[tokio::test]
+async fn clean_disconnect_and_max_clients() {
+    let cfg = MqttConfig { max_clients: 1, ..config() };
+    let (h, mut rx) = server_with(cfg, Limits::default()).await;
+    let mut r = Raw::connect(&h, "alice", 30).await;
+    let c = expect_connected(&mut rx, "alice").await;
+
+    let mut bob = client(&h, "bob", Some(("bob", "bob")));
+    match bob.next().await {
+        Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, ConnectReturnCode::ServiceUnavailable),
+        other => panic!("expected refusal, got {other:?}"),
+    }
+
+    r.send(&frame(Packet::Disconnect)).await;
+    expect_disconnected(&mut rx, "alice", c).await;
+    r.expect_eof().await;
+    let (_bob, _) = connect(&h, &mut rx, "bob").await;
+}
+
+#[tokio::test]
+async fn slow_client_is_dropped() {
+    let limits = Limits { outbound_queue: 4, ..Limits::default() };
+    let (h, mut rx) = server_with(config(), limits).await;
+    let mut r = Raw::connect(&h, "alice", 30).await;
+    let c = expect_connected(&mut rx, "alice").await;
+    let mut s = v4::Subscribe::new("alice/vls", QoS::AtMostOnce);
+    s.pkid = 1;
+    r.send(&frame(Packet::Subscribe(s))).await;
+    assert!(matches!(r.read().await, Some(Packet::SubAck(_))));
+    // Never read: the socket buffers fill, then the queue, then the server gives up.
+    let payload = Bytes::from(vec![1u8; 4096]);
+    let mut sent = 0usize;
+    while h.publish_count("alice/vls", payload.clone()) == Ok(1) {
+        sent += 1;
+        tokio::task::yield_now().await;
+        assert!(sent < 1_000_000, "client never dropped");
+    }
+    expect_disconnected(&mut rx, "alice", c).await;
+}
+
+#[tokio::test]
+async fn qos1_round_trip_latency() {
+    // App → client QoS 1 request, client → app QoS 1 reply, like the relay does.
+    let (h, mut rx) = server().await;
+    let mut r = Raw::connect(&h, "alice", 30).await;
+    expect_connected(&mut rx, "alice").await;
+    let mut s = v4::Subscribe::new("alice/vls", QoS::AtLeastOnce);
+    s.pkid = 1;
+    r.send(&frame(Packet::Subscribe(s))).await;
+    assert!(matches!(r.read().await, Some(Packet::SubAck(_))));
+    let n = 200u32;
+    let t = Instant::now();
+    for i in 0..n {
+        h.publish("alice/vls", Bytes::from(i.to_be_bytes().to_vec())).await.unwrap();
+        let req = match r.read().await {
+            Some(Packet::Publish(p)) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        };
+        // PUBACK and the reply as two separate writes, as a naive client would.
+        r.send(&frame(Packet::PubAck(v4::PubAck::new(req.pkid)))).await;
+        let mut reply = v4::Publish::from_bytes("alice/vls-res", QoS::AtLeastOnce, req.payload.clone());
+        reply.pkid = (i % 60000 + 1) as u16;
+        r.send(&frame(Packet::Publish(reply))).await;
+        let (_, topic, payload) = expect_message(&mut rx).await;
+        assert_eq!((topic.as_str(), &payload[..]), ("alice/vls-res", &i.to_be_bytes()[..]));
+        assert!(matches!(r.read().await, Some(Packet::PubAck(_))));
+    }
+    let per = t.elapsed() / n;
+    println!("QoS 1 request/response round trip: {per:?} average over {n}");
+    // Nagle + delayed ACK would make this ~40-90 ms; generous bound for a loaded machine.
+    assert!(per < Duration::from_millis(15), "round trip too slow: {per:?}");
+}
+
+#[tokio::test]
+async fn shutdown_closes_everything() {
+    let (h, mut rx) = server().await;
+    let (mut alice, c) = connect(&h, &mut rx, "alice").await;
+    h.shutdown();
+    expect_disconnected(&mut rx, "alice", c).await;
+    alice.closed().await;
+    assert!(h.connected().is_empty());
+}
+
+/// Foreign clients: mosquitto_pub / mosquitto_sub (Debian `mosquitto-clients`), if installed.
+#[tokio::test]
+async fn mosquitto_clients_interoperate() {
+    let have = |cmd: &str| {
+        std::process::Command::new(cmd).arg("--help").output().is_ok()
+    };
+    if !have("mosquitto_pub") || !have("mosquitto_sub") {
+        println!("SKIPPED mosquitto_clients_interoperate: mosquitto_pub/mosquitto_sub not on PATH (apt-get install mosquitto-clients)");
+        return;
+    }
+    let (h, mut rx) = server().await;
+    let port = h.local_addr().port().to_string();
+
+    // Subscriber: waits for one message on carol/vls.
+    let sub = tokio::process::Command::new("mosquitto_sub")
+        .args(["-V", "mqttv311", "-h", "127.0.0.1", "-p", &port, "-i", "carol-sub"])
+        .args(["-u", "carol", "-P", "carol", "-q", "1", "-t", "carol/vls", "-C", "1"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let c = expect_connected(&mut rx, "carol").await;
+    tokio::time::timeout(WAIT, h.wait_subscriber("carol/vls")).await.unwrap();
+    h.publish("carol/vls", Bytes::from_static(b"hello from the broker")).await.unwrap();
+    let out = tokio::time::timeout(WAIT, sub.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success(), "mosquitto_sub failed: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), "hello from the broker");
+    expect_disconnected(&mut rx, "carol", c).await;
+
+    // Publisher: QoS 1 to its own prefix becomes an event.
+    let status = tokio::process::Command::new("mosquitto_pub")
+        .args(["-V", "mqttv311", "-h", "127.0.0.1", "-p", &port, "-i", "carol-pub"])
+        .args(["-u", "carol", "-P", "carol", "-q", "1", "-t", "carol/vls-res", "-m", "signed"])
+        .kill_on_drop(true)
+        .status();
+    let status = tokio::time::timeout(WAIT, status).await.unwrap().unwrap();
+    assert!(status.success());
+    let c = expect_connected(&mut rx, "carol").await;
+    let (id, topic, payload) = expect_message(&mut rx).await;
+    assert_eq!((id.as_str(), topic.as_str(), &payload[..]), ("carol", "carol/vls-res", &b"signed"[..]));
+    expect_disconnected(&mut rx, "carol", c).await;
+
+    // A wrong password is refused (mosquitto_pub exits non-zero), with no events.
+    let status = tokio::process::Command::new("mosquitto_pub")
+        .args(["-V", "mqttv311", "-h", "127.0.0.1", "-p", &port, "-u", "carol", "-P", "nope"])
+        .args(["-t", "carol/x", "-m", "x"])
+        .kill_on_drop(true)
+        .status();
+    let status = tokio::time::timeout(WAIT, status).await.unwrap().unwrap();
+    assert!(!status.success());
+    assert!(rx.try_recv().is_err());
+}

@@ -1,0 +1,1 @@
+//! Stand-in for `bitcoind -regtest` (see docs/chain.md).
