@@ -133,6 +133,18 @@ mod tests {
     }
 
     #[test]
+    fn verifies_upstream_sphinx_auther_tokens() {
+        // Tokens made by upstream sphinx-auther's own tests (key [0xcd; 32], and a tribe key).
+        let (_, user) = key(0xcd);
+        let t = "YvM0wyAZBWdHaVsS4sqy-ub3X0JRx7zVTY9O6aL0q_CIV9zOKykO_grPE4DSelinHNX9pTFZ3wEoLhg5QT7EVZpOlj0x";
+        let ts = 0x62f334c3u64;
+        assert!(verify(&user, t.as_bytes(), ts, 0).is_ok());
+        let tribe = "XuOp5B9kC3CcL52svtl_LJJJFbV1OTgnq7thtOjdKJMnOuETIw_hlLkVfonozVIwz5wADlya_i946GiKFZAgMto0cDuk";
+        let tribe_key = "02290714deafd0cb33d2be3b634fc977a98a9c9fa1dd6c53cf17d99b350c08c67b";
+        assert!(verify(tribe_key, tribe.as_bytes(), 0x5ee3a9e4, 0).is_ok());
+    }
+
+    #[test]
     fn matches_ldk_message_signing_layout() {
         // bob's recorded signmessage is zbase32 of the same 65-byte layout; check the header byte range.
         let (sk, _) = key(0x42);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use sphinx_standin::lightningd::{BrokerOutput, FdPassing, SpawnOptions};
 use sphinx_standin::replay::{self, judge_against_recorded, ReplayOptions, Step, Verdict};
-use sphinx_standin::trace::{self, Trace};
+use sphinx_standin::trace::Trace;
 
 /// Replay a recorded Core Lightning hsmd trace through a broker spawned exactly as lightningd
 /// v25.12.1 spawns its hsmd (`--version` check, status socket on fd 0, requests on fd 3, client
@@ -81,9 +81,9 @@ fn oracle_steps(cli: &Cli, tr: &Trace) -> anyhow::Result<Option<Vec<replay::Orac
             let b = hex::decode(h)?;
             Some(<[u8; 32]>::try_from(b.as_slice()).map_err(|_| anyhow::anyhow!("--seed-hex must be 32 bytes"))?)
         }
-        None => trace::seed_for_path(&cli.trace),
+        None => sphinx_standin::trace::seed_for_path(&cli.trace),
     };
-    let clock = cli.fixed_clock.or_else(|| trace::scenario_for_path(&cli.trace).map(|s| s.fixed_clock()));
+    let clock = cli.fixed_clock.or_else(|| sphinx_standin::trace::scenario_for_path(&cli.trace).map(|s| s.fixed_clock()));
     let (Some(seed), Some(clock)) = (seed, clock) else {
         eprintln!("note: no oracle (give --seed-hex and --fixed-clock for a trace outside testdata/traces)");
         return Ok(None);
