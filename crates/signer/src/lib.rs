@@ -166,6 +166,41 @@ pub enum Error {
     /// The node could not be built from the persisted state.
     #[error("signer state unavailable: {0}")]
     Unavailable(String),
+    /// The MQTT payload is not a serial request frame.
+    #[error("bad request frame: {0}")]
+    Frame(#[from] sphinx_wire::serial::Error),
+}
+
+/// A failed request as reported on the `{id}/error` topic.
+#[derive(Debug)]
+pub struct FrameError {
+    /// Sequence number of the request (read from the frame header; 0 if it is too short).
+    pub seq: u16,
+    /// What failed.
+    pub error: Error,
+}
+
+impl FrameError {
+    /// The `{id}/error` payload: `seq u16 BE | utf8 error text`.
+    pub fn payload(&self) -> Vec<u8> {
+        error_payload(self.seq, &self.error.to_string())
+    }
+}
+
+/// Builds an `{id}/error` payload: `seq u16 BE | utf8 text`.
+pub fn error_payload(seq: u16, text: &str) -> Vec<u8> {
+    let mut out = seq.to_be_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+/// Splits an `{id}/error` payload into `(seq, text)`; `None` if shorter than 2 bytes.
+pub fn parse_error_payload(payload: &[u8]) -> Option<(u16, String)> {
+    if payload.len() < 2 {
+        return None;
+    }
+    let seq = u16::from_be_bytes([payload[0], payload[1]]);
+    Some((seq, String::from_utf8_lossy(&payload[2..]).into_owned()))
 }
 
 /// Counters, for tests and the status endpoint.
@@ -432,6 +467,14 @@ impl Signer {
             self.core = Some(self.build_core()?);
         }
         Ok(self.core.as_ref().expect("just built"))
+    }
+
+    /// Handles one MQTT `vls` payload (a serial request frame) and returns the encoded reply
+    /// frame for `vls-res`, or the error to publish on `error`.
+    pub fn handle_frame(&mut self, frame: &[u8]) -> Result<Vec<u8>, FrameError> {
+        let seq = if frame.len() >= 4 { u16::from_be_bytes([frame[2], frame[3]]) } else { 0 };
+        let req = Request::decode(frame).map_err(|e| FrameError { seq, error: e.into() })?;
+        self.handle(&req).map(|r| r.encode()).map_err(|error| FrameError { seq, error })
     }
 
     /// Handles one request; all state it changed is durably committed (fsync) BEFORE this returns Ok.

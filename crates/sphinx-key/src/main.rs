@@ -1,1 +1,251 @@
-fn main() {}
+//! `sphinx-key`: the signer device for Linux. `init` creates the seed; `run` connects to the
+//! broker over MQTT and answers hsmd requests with the VLS signer (`sphinx_signer`).
+//!
+//! Settings come from, in order of precedence: command-line flags, `SPHINX_KEY_*` environment
+//! variables, the TOML config file (`--config`, else `{data_dir}/sphinx-key.toml` if present),
+//! and built-in defaults. See docs/signer.md.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod client;
+mod indicator;
+mod seed;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bitcoin::Network;
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+use sphinx_signer::{ClockConfig, PolicyConfig, Signer, SignerConfig, Status, StatusIndicator};
+
+/// Name of the config file looked for in the data directory.
+const CONFIG_FILE: &str = "sphinx-key.toml";
+/// Name of the VLS state directory inside the data directory.
+const STATE_DIR: &str = "state";
+
+#[derive(Parser, Debug)]
+#[command(name = "sphinx-key", version, about = "Remote Lightning signer device: VLS over MQTT")]
+struct Cli {
+    /// TOML config file (default: {data_dir}/sphinx-key.toml if it exists).
+    #[arg(long, env = "SPHINX_KEY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Data directory: seed and state (default: $HOME/.sphinx-key).
+    #[arg(long, env = "SPHINX_KEY_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Bitcoin network: bitcoin, testnet, testnet4, signet, regtest (default: regtest).
+    #[arg(long, env = "SPHINX_KEY_NETWORK", global = true)]
+    network: Option<String>,
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `sphinx_key=debug` (default: info).
+    #[arg(long, env = "SPHINX_KEY_LOG", global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create the seed file (0600) in the data directory and print the node id.
+    Init {
+        /// Import a BIP39 mnemonic (seed = first 32 bytes of its BIP39 seed, empty passphrase).
+        #[arg(long, env = "SPHINX_KEY_MNEMONIC", conflicts_with = "seed_hex")]
+        mnemonic: Option<String>,
+        /// Import a raw 32-byte seed in hex (e.g. a legacy CLN hsm_secret).
+        #[arg(long)]
+        seed_hex: Option<String>,
+    },
+    /// Print the node id of the existing seed.
+    NodeId,
+    /// Connect to the broker and sign.
+    Run {
+        /// Broker address HOST:PORT (default: 127.0.0.1:1883).
+        #[arg(long, env = "SPHINX_KEY_BROKER")]
+        broker: Option<String>,
+        /// Demote policy violations to warnings and approve everything (operators only).
+        #[arg(long, env = "SPHINX_KEY_PERMISSIVE")]
+        permissive: bool,
+        /// Freeze the signer's clock at UNIX_SECS (tests and replays only).
+        #[arg(long, value_name = "UNIX_SECS", env = "SPHINX_KEY_DEV_FIXED_CLOCK")]
+        dev_fixed_clock: Option<u64>,
+        /// Status indicator: `terminal`, `led:NAME` (/sys/class/leds/NAME) or `none`.
+        #[arg(long, env = "SPHINX_KEY_STATUS")]
+        status: Option<String>,
+    },
+}
+
+/// The TOML config file. Every key is optional; flags and environment variables override it.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    network: Option<String>,
+    log: Option<String>,
+    broker: Option<String>,
+    permissive: Option<bool>,
+    dev_fixed_clock: Option<u64>,
+    status: Option<String>,
+    keep_alive_secs: Option<u64>,
+    backoff_max_secs: Option<u64>,
+    sweep_min_feerate_per_kw: Option<u32>,
+    approve_payments: Option<bool>,
+    approve_onchain: Option<bool>,
+    allowlist: Option<Vec<String>>,
+}
+
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".sphinx-key")
+}
+
+fn parse_network(s: &str) -> Result<Network> {
+    let s = s.trim().to_ascii_lowercase();
+    let s = if s == "mainnet" { "bitcoin".to_string() } else { s };
+    Network::from_str(&s).map_err(|_| {
+        anyhow::anyhow!("unknown network {s:?} (expected bitcoin, testnet, testnet4, signet or regtest)")
+    })
+}
+
+fn load_file(cli: &Cli) -> Result<FileConfig> {
+    let (path, explicit) = match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (cli.data_dir.clone().unwrap_or_else(default_data_dir).join(CONFIG_FILE), false),
+    };
+    if !explicit && !path.exists() {
+        return Ok(FileConfig::default());
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+fn parse_broker(s: &str) -> Result<(String, u16)> {
+    let (h, p) = s
+        .rsplit_once(':')
+        .with_context(|| format!("broker {s:?} must be HOST:PORT"))?;
+    let port = p.parse().with_context(|| format!("bad broker port in {s:?}"))?;
+    let host = h.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        bail!("broker {s:?} has no host");
+    }
+    Ok((host.to_string(), port))
+}
+
+fn indicator(spec: &str) -> Result<Box<dyn StatusIndicator>> {
+    Ok(match spec {
+        "terminal" => Box::new(indicator::Terminal::default()),
+        "none" => Box::new(sphinx_signer::NoIndicator),
+        s if s.starts_with("led:") && s.len() > 4 => Box::new(indicator::Led::new(&s[4..])),
+        s => bail!("unknown status indicator {s:?} (expected terminal, led:NAME or none)"),
+    })
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = real_main(cli) {
+        eprintln!("sphinx-key: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    let file = load_file(&cli)?;
+    let log = cli.log.clone().or(file.log.clone()).unwrap_or_else(|| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let data_dir = cli.data_dir.clone().or(file.data_dir.clone()).unwrap_or_else(default_data_dir);
+    let network = parse_network(cli.network.as_deref().or(file.network.as_deref()).unwrap_or("regtest"))?;
+
+    match cli.cmd {
+        Cmd::Init { mnemonic, seed_hex } => init(&data_dir, network, mnemonic, seed_hex),
+        Cmd::NodeId => {
+            let seed = seed::read(&data_dir)?;
+            println!("{}", hex::encode(sphinx_signer::node_id_for_seed(&seed, network)));
+            Ok(())
+        }
+        Cmd::Run { broker, permissive, dev_fixed_clock, status } => {
+            let broker = broker.or(file.broker.clone()).unwrap_or_else(|| "127.0.0.1:1883".into());
+            let (host, port) = parse_broker(&broker)?;
+            let status = status.or(file.status.clone()).unwrap_or_else(|| "terminal".into());
+            let mut ind = indicator(&status)?;
+            ind.set(Status::Starting);
+            let defaults = PolicyConfig::default();
+            let policy = PolicyConfig {
+                permissive: permissive || file.permissive.unwrap_or(false),
+                sweep_min_feerate_per_kw: file
+                    .sweep_min_feerate_per_kw
+                    .unwrap_or(defaults.sweep_min_feerate_per_kw),
+                approve_payments: file.approve_payments.unwrap_or(defaults.approve_payments),
+                approve_onchain: file.approve_onchain.unwrap_or(defaults.approve_onchain),
+                allowlist: file.allowlist.clone().unwrap_or_default(),
+            };
+            if policy.permissive {
+                tracing::warn!("PERMISSIVE policy: violations are only logged and everything is approved");
+            }
+            let clock = match dev_fixed_clock.or(file.dev_fixed_clock) {
+                Some(t) => {
+                    tracing::warn!(t, "signer clock frozen (--dev-fixed-clock): not for real use");
+                    ClockConfig::Fixed(t)
+                }
+                None => ClockConfig::System,
+            };
+            let cfg = SignerConfig { network, policy, clock };
+            let seed = seed::read(&data_dir)?;
+            let signer = Signer::open(seed, &data_dir.join(STATE_DIR), &cfg)
+                .context("cannot open signer state")?;
+            let rc = client::RunConfig {
+                host,
+                port,
+                keep_alive: Duration::from_secs(file.keep_alive_secs.unwrap_or(10).max(1)),
+                backoff_min: Duration::from_millis(250),
+                backoff_max: Duration::from_secs(file.backoff_max_secs.unwrap_or(30).max(1)),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(client::run(signer, ind, rc))
+        }
+    }
+}
+
+fn init(data_dir: &Path, network: Network, mnemonic: Option<String>, seed_hex: Option<String>) -> Result<()> {
+    let seed = match (mnemonic, seed_hex) {
+        (Some(m), _) => seed::seed_from_mnemonic(&m)?,
+        (None, Some(h)) => seed::seed_from_hex(&h)?,
+        (None, None) => {
+            let mut s = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut s);
+            s
+        }
+    };
+    let path = seed::write_new(data_dir, &seed)?;
+    tracing::info!(seed = %path.display(), "seed written");
+    println!("{}", hex::encode(sphinx_signer::node_id_for_seed(&seed, network)));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from([
+            "sphinx-key", "run", "--broker", "127.0.0.1:1884", "--permissive", "--dev-fixed-clock", "5",
+            "--status", "led:x", "--network", "regtest",
+        ])
+        .unwrap();
+        assert!(matches!(c.cmd, Cmd::Run { permissive: true, dev_fixed_clock: Some(5), .. }));
+        assert_eq!(parse_broker("127.0.0.1:1883").unwrap(), ("127.0.0.1".into(), 1883));
+        assert_eq!(parse_broker("[::1]:1883").unwrap(), ("::1".into(), 1883));
+        assert!(parse_broker("nope").is_err());
+        assert_eq!(parse_network("mainnet").unwrap(), Network::Bitcoin);
+        assert!(parse_network("x").is_err());
+        let f: FileConfig = toml::from_str("broker = \"h:1\"\nsweep_min_feerate_per_kw = 200\n").unwrap();
+        assert_eq!(f.sweep_min_feerate_per_kw, Some(200));
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+}

@@ -255,11 +255,23 @@ pub fn describe_status(s: &ExitStatus) -> String {
 
 /// Runs `broker --version` as lightningd does and checks its output.
 pub fn check_version(broker: &Path, expected: &str, timeout: Duration) -> Result<()> {
+    check_version_env(broker, std::iter::empty::<(OsString, OsString)>(), expected, timeout)
+}
+
+/// [`check_version`] with extra environment (lightningd runs `--version` and the hsmd with the
+/// same environment).
+pub fn check_version_env<E, K, V>(broker: &Path, envs: E, expected: &str, timeout: Duration) -> Result<()>
+where
+    E: IntoIterator<Item = (K, V)>,
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
     // lightningd: pipecmd(&outfd, NULL, &outfd, path, "--version") — stdout and stderr on one pipe.
     let (mut ours, theirs) = UnixStream::pair().map_err(io_err("socketpair"))?;
     let theirs2 = theirs.try_clone().map_err(io_err("dup"))?;
     let child = Command::new(broker)
         .arg("--version")
+        .envs(envs)
         .stdin(Stdio::null())
         .stdout(Stdio::from(OwnedFd::from(theirs)))
         .stderr(Stdio::from(OwnedFd::from(theirs2)))
@@ -592,7 +604,9 @@ impl FakeLightningd {
         V: AsRef<OsStr>,
     {
         let broker = broker.as_ref().to_path_buf();
-        check_version(&broker, &opts.expected_version, opts.process_timeout)?;
+        let envs: Vec<(OsString, OsString)> =
+            envs.into_iter().map(|(k, v)| (k.as_ref().to_os_string(), v.as_ref().to_os_string())).collect();
+        check_version_env(&broker, envs.iter().cloned(), &opts.expected_version, opts.process_timeout)?;
 
         let (status_ours, status_theirs) = UnixStream::pair().map_err(io_err("socketpair (status)"))?;
         let (hsm_ours, hsm_theirs) = UnixStream::pair().map_err(io_err("socketpair (hsm)"))?;

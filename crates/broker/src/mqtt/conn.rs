@@ -79,7 +79,10 @@ pub(super) async fn run(
     .await
     {
         Err(_) => {
-            warn!("no CONNECT within {:?}; closing", shared.limits.connect_timeout);
+            warn!(
+                "no CONNECT within {:?}; closing",
+                shared.limits.connect_timeout
+            );
             return;
         }
         Ok(Err(why)) => {
@@ -103,7 +106,10 @@ pub(super) async fn run(
         ),
         None => (None, None),
     };
-    let identity = match shared.auth.authenticate(&connect.client_id, username, password) {
+    let identity = match shared
+        .auth
+        .authenticate(&connect.client_id, username, password)
+    {
         Ok(id) => id,
         Err(why) => {
             let code = if username.is_some() {
@@ -133,7 +139,10 @@ pub(super) async fn run(
         if *shared.shutdown.borrow() {
             Err(())
         } else if !map.contains_key(&identity) && map.len() >= shared.cfg.max_clients {
-            warn!("refused: {} sessions already (max_clients)", shared.cfg.max_clients);
+            warn!(
+                "refused: {} sessions already (max_clients)",
+                shared.cfg.max_clients
+            );
             Err(())
         } else {
             let old = map.remove(&identity);
@@ -167,7 +176,10 @@ pub(super) async fn run(
             .await
             .is_err()
         {
-            warn!(old_conn = old.conn_id, "previous connection did not finish closing in time; proceeding");
+            warn!(
+                old_conn = old.conn_id,
+                "previous connection did not finish closing in time; proceeding"
+            );
         }
     }
 
@@ -181,11 +193,22 @@ pub(super) async fn run(
     }
     drop(permit);
     info!(client_id = %connect.client_id.escape_debug(), keep_alive = ?ka, "connected");
-    shared.emit(MqttEvent::Connected { identity: identity.clone(), conn_id }).await;
+    shared
+        .emit(MqttEvent::Connected {
+            identity: identity.clone(),
+            conn_id,
+        })
+        .await;
 
     let (mut rd, wr) = stream.into_split();
     let writer = tokio::spawn(write_loop(wr, out_rx, kill.clone()));
-    let mut session = Session { shared: &shared, identity: &identity, conn_id, out: out_tx, inflight };
+    let mut session = Session {
+        shared: &shared,
+        identity: &identity,
+        conn_id,
+        out: out_tx,
+        inflight,
+    };
     let mut shutdown = shared.shutdown.subscribe();
 
     let limit = ka.map(|k| Duration::from_millis(u64::from(k) * 1500));
@@ -233,7 +256,12 @@ pub(super) async fn run(
     writer.abort();
     drop(rd);
     unregister(&shared, &identity, conn_id);
-    shared.emit(MqttEvent::Disconnected { identity: identity.clone(), conn_id }).await;
+    shared
+        .emit(MqttEvent::Disconnected {
+            identity: identity.clone(),
+            conn_id,
+        })
+        .await;
     let _ = done_tx.send(true);
 }
 
@@ -297,7 +325,9 @@ struct Session<'a> {
 impl Session<'_> {
     fn send(&self, frame: Bytes) -> Result<(), Reason> {
         self.out.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => "outbound queue full (client not keeping up)".into(),
+            mpsc::error::TrySendError::Full(_) => {
+                "outbound queue full (client not keeping up)".into()
+            }
             mpsc::error::TrySendError::Closed(_) => "writer gone".into(),
         })
     }
@@ -339,7 +369,9 @@ impl Session<'_> {
                 Ok(())
             }
             Packet::PubAck(_) => {
-                let _ = self.inflight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+                let _ = self
+                    .inflight
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
                 Ok(())
             }
             Packet::Subscribe(s) => {
@@ -347,7 +379,9 @@ impl Session<'_> {
                 let mut changed = false;
                 {
                     let mut map = lock(&self.shared.sessions);
-                    let entry = map.get_mut(self.identity).filter(|e| e.conn_id == self.conn_id);
+                    let entry = map
+                        .get_mut(self.identity)
+                        .filter(|e| e.conn_id == self.conn_id);
                     let Some(entry) = entry else {
                         return Err("session was replaced".into());
                     };
@@ -357,7 +391,11 @@ impl Session<'_> {
                             codes.push(SubscribeReasonCode::Failure);
                             continue;
                         }
-                        let granted = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                        let granted = if f.qos == QoS::AtMostOnce {
+                            QoS::AtMostOnce
+                        } else {
+                            QoS::AtLeastOnce
+                        };
                         if let Some(existing) = entry.subs.iter_mut().find(|(p, _)| *p == f.path) {
                             existing.1 = granted;
                         } else if entry.subs.len() >= self.shared.limits.max_subscriptions {
@@ -383,7 +421,10 @@ impl Session<'_> {
             Packet::Unsubscribe(u) => {
                 let removed = {
                     let mut map = lock(&self.shared.sessions);
-                    match map.get_mut(self.identity).filter(|e| e.conn_id == self.conn_id) {
+                    match map
+                        .get_mut(self.identity)
+                        .filter(|e| e.conn_id == self.conn_id)
+                    {
                         Some(entry) => {
                             let before = entry.subs.len();
                             entry.subs.retain(|(f, _)| !u.topics.contains(f));
@@ -403,9 +444,12 @@ impl Session<'_> {
             Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
                 Err("QoS 2 flow (PUBREC/PUBREL/PUBCOMP) is not supported".into())
             }
-            p @ (Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp) => {
-                Err(format!("server-to-client packet received from client: {p:?}"))
-            }
+            p @ (Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp) => Err(format!(
+                "server-to-client packet received from client: {p:?}"
+            )),
         }
     }
 }

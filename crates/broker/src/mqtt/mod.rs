@@ -250,7 +250,9 @@ impl Shared {
     /// Largest remaining length the codec accepts after CONNECT: the payload limit plus the
     /// largest PUBLISH variable header (topic length prefix, 65535-byte topic, packet id).
     fn max_packet(&self) -> usize {
-        self.cfg.max_payload.saturating_add(2 + usize::from(u16::MAX) + 2)
+        self.cfg
+            .max_payload
+            .saturating_add(2 + usize::from(u16::MAX) + 2)
     }
 
     async fn emit(&self, ev: MqttEvent) {
@@ -262,9 +264,13 @@ impl Shared {
     /// Delivers a publish to every session with a matching subscription, at
     /// `min(qos, granted)`. Returns how many sessions it was queued for.
     fn route(&self, topic: &str, payload: &Bytes, qos: QoS) -> usize {
-        let Some(owner) = topic::owner(topic) else { return 0 };
+        let Some(owner) = topic::owner(topic) else {
+            return 0;
+        };
         let mut map = lock(&self.sessions);
-        let Some(s) = map.get_mut(owner) else { return 0 };
+        let Some(s) = map.get_mut(owner) else {
+            return 0;
+        };
         if s.killed {
             return 0;
         }
@@ -277,7 +283,11 @@ impl Shared {
         else {
             return 0;
         };
-        let qos = if qos_rank(qos) < qos_rank(granted) { qos } else { granted };
+        let qos = if qos_rank(qos) < qos_rank(granted) {
+            qos
+        } else {
+            granted
+        };
         let mut publish = Publish::from_bytes(topic, qos, payload.clone());
         if qos == QoS::AtLeastOnce {
             if s.inflight.load(Ordering::Relaxed) >= self.limits.max_inflight {
@@ -297,7 +307,13 @@ impl Shared {
                 if qos == QoS::AtLeastOnce {
                     s.inflight.fetch_add(1, Ordering::Relaxed);
                 }
-                debug!(identity = owner, conn = s.conn_id, topic, bytes = payload.len(), "routed");
+                debug!(
+                    identity = owner,
+                    conn = s.conn_id,
+                    topic,
+                    bytes = payload.len(),
+                    "routed"
+                );
                 1
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -309,7 +325,9 @@ impl Shared {
     }
 
     fn has_subscriber(&self, topic: &str) -> bool {
-        let Some(owner) = topic::owner(topic) else { return false };
+        let Some(owner) = topic::owner(topic) else {
+            return false;
+        };
         lock(&self.sessions)
             .get(owner)
             .is_some_and(|s| !s.killed && s.subs.iter().any(|(f, _)| topic::matches(topic, f)))
@@ -328,7 +346,9 @@ pub struct MqttHandle {
 
 impl std::fmt::Debug for MqttHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MqttHandle").field("local_addr", &self.shared.local_addr).finish()
+        f.debug_struct("MqttHandle")
+            .field("local_addr", &self.shared.local_addr)
+            .finish()
     }
 }
 

@@ -61,7 +61,9 @@ pub fn matches(topic: &str, filter: &str) -> bool {
 
 /// The part of `s` after `{identity}/`, if it is non-empty.
 fn own_suffix<'a>(identity: &str, s: &'a str) -> Option<&'a str> {
-    s.strip_prefix(identity)?.strip_prefix('/').filter(|rest| !rest.is_empty())
+    s.strip_prefix(identity)?
+        .strip_prefix('/')
+        .filter(|rest| !rest.is_empty())
 }
 
 /// ACL for PUBLISH: `topic` is a valid topic name under `{identity}/`.

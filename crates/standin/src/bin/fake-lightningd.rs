@@ -58,6 +58,14 @@ struct Cli {
     broker_args: Vec<OsString>,
 }
 
+/// `println!` that ignores a closed stdout (e.g. piped into `head`) instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.001))
 }
@@ -128,14 +136,14 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         ..SpawnOptions::default()
     };
 
-    println!(
+    out!(
         "replaying {} ({} requests, {} hsmd run(s)) through {}",
         cli.trace.display(),
         tr.request_count(),
         tr.runs(),
         cli.broker.display()
     );
-    println!("{:>4} {:>4} {:>5} {:<40} {:>10}  verdict", "#", "conn", "type", "name", "latency_ms");
+    out!("{:>4} {:>4} {:>5} {:<40} {:>10}  verdict", "#", "conn", "type", "name", "latency_ms");
 
     let mut failures = 0usize;
     let mut counts: std::collections::BTreeMap<&'static str, usize> = Default::default();
@@ -143,7 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     let quiet = cli.quiet;
     let mut on_step = |s: &Step| {
         if s.run != last_run {
-            println!("---- lightningd restarted: fresh broker (run {}) ----", s.run);
+            out!("---- lightningd restarted: fresh broker (run {}) ----", s.run);
             last_run = s.run;
         }
         let v = judge_against_recorded(s.msg_type, &s.reply, s.recorded_reply.as_deref());
@@ -177,7 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         if !quiet || bad {
             let translated =
                 if s.msg_type != s.recorded_type { format!(" (recorded {})", s.recorded_type) } else { String::new() };
-            println!(
+            out!(
                 "{:>4} {:>4} {:>5} {:<40} {:>10.3}  {}{}",
                 s.index,
                 s.conn,
@@ -198,23 +206,23 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     let mut lat: Vec<f64> = report.steps.iter().filter(|s| s.reply.is_ok()).map(|s| s.latency.as_secs_f64() * 1000.0).collect();
     lat.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * p).round() as usize] };
-    println!("---- summary ----");
-    println!("requests: {}   failures: {}", report.steps.len(), failures);
-    println!(
+    out!("---- summary ----");
+    out!("requests: {}   failures: {}", report.steps.len(), failures);
+    out!(
         "vs recorded CLN replies: {}",
         counts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
     );
     if oracle.is_some() {
-        println!("vs in-process oracle: {} differ", failures);
+        out!("vs in-process oracle: {} differ", failures);
     }
-    println!("latency ms: p50 {:.3}  p90 {:.3}  max {:.3}", pct(0.5), pct(0.9), pct(1.0));
+    out!("latency ms: p50 {:.3}  p90 {:.3}  max {:.3}", pct(0.5), pct(0.9), pct(1.0));
     for (i, e) in report.broker_exits.iter().enumerate() {
         match e {
-            Ok(s) => println!("broker run {i}: {s} after fd 3 closed ({} status messages)", report.status_messages[i]),
-            Err(e) => println!("broker run {i}: FAILED to exit cleanly: {e}"),
+            Ok(s) => out!("broker run {i}: {s} after fd 3 closed ({} status messages)", report.status_messages[i]),
+            Err(e) => out!("broker run {i}: FAILED to exit cleanly: {e}"),
         }
     }
     let ok = failures == 0 && report.brokers_exited_cleanly();
-    println!("{}", if ok { "RESULT: PASS" } else { "RESULT: FAIL" });
+    out!("{}", if ok { "RESULT: PASS" } else { "RESULT: FAIL" });
     Ok(ok)
 }

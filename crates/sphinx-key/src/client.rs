@@ -1,0 +1,211 @@
+//! The MQTT side: connect with a fresh token, subscribe, say hello, hand each `vls` payload to the
+//! signer in order, publish the reply (or the error), reconnect with capped exponential backoff.
+//! All protocol logic is in `sphinx_signer`; this is I/O only.
+
+use std::io::ErrorKind;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS,
+};
+use sphinx_signer::{Signer, Status, StatusIndicator};
+use sphinx_wire::topics;
+use tracing::{debug, error, info, warn};
+
+/// How to reach the broker.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Broker host name or address.
+    pub host: String,
+    /// Broker TCP port.
+    pub port: u16,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// First reconnect delay (doubles after each failure).
+    pub backoff_min: Duration,
+    /// Cap of the reconnect delay.
+    pub backoff_max: Duration,
+}
+
+/// Largest payload accepted or sent: an hsmd message (16 MiB) plus the serial header.
+const MAX_PACKET: usize = 16 * 1024 * 1024 + 256;
+
+fn now_secs() -> u32 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0)
+}
+
+/// One connection attempt's options, with a fresh login token.
+fn options(signer: &Signer, rc: &RunConfig) -> MqttOptions {
+    let id = signer.node_id_hex();
+    let mut o = MqttOptions::new(id.clone(), rc.host.clone(), rc.port);
+    o.set_credentials(id, signer.login_token(now_secs()));
+    o.set_keep_alive(rc.keep_alive);
+    o.set_clean_session(true);
+    o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    o.set_request_channel_capacity(64);
+    o
+}
+
+fn network_options() -> NetworkOptions {
+    let mut n = NetworkOptions::new();
+    // Nagle + delayed ACK would add ~90 ms to every QoS 1 request/reply pair.
+    n.set_tcp_nodelay(true);
+    n.set_connection_timeout(5);
+    n
+}
+
+/// The state a connection error leaves the device in.
+fn status_for(e: &ConnectionError) -> Status {
+    match e {
+        ConnectionError::Io(io) => match io.kind() {
+            ErrorKind::NetworkUnreachable
+            | ErrorKind::HostUnreachable
+            | ErrorKind::NetworkDown
+            | ErrorKind::AddrNotAvailable
+            | ErrorKind::Other => Status::NoNetwork,
+            _ => Status::ConnectingToBroker,
+        },
+        _ => Status::ConnectingToBroker,
+    }
+}
+
+/// Why a connection ended.
+enum End {
+    /// The connection failed or dropped: reconnect.
+    Lost,
+    /// Ctrl-C / SIGTERM: stop.
+    Shutdown,
+}
+
+/// Runs until interrupted: connects, serves, reconnects.
+pub async fn run(
+    mut signer: Signer,
+    mut ind: Box<dyn StatusIndicator>,
+    rc: RunConfig,
+) -> Result<()> {
+    let id = signer.node_id_hex();
+    info!(node_id = %id, broker = %format!("{}:{}", rc.host, rc.port), "sphinx-key running");
+    let mut backoff = rc.backoff_min;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        ind.set(Status::ConnectingToBroker);
+        let (client, mut el) = AsyncClient::new(options(&signer, &rc), 64);
+        el.set_network_options(network_options());
+        let end = tokio::select! {
+            end = serve(&mut signer, ind.as_mut(), &id, &client, &mut el, &mut backoff, &rc) => end,
+            _ = tokio::signal::ctrl_c() => End::Shutdown,
+            _ = sigterm.recv() => End::Shutdown,
+        };
+        match end {
+            End::Shutdown => {
+                info!("shutting down");
+                let _ = client.try_publish(topics::topic(&id, topics::BYE), QoS::AtMostOnce, false, Vec::new());
+                let _ = client.try_disconnect();
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                    while el.poll().await.is_ok() {}
+                })
+                .await;
+                return Ok(());
+            }
+            End::Lost => {
+                debug!(?backoff, "reconnecting after backoff");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = sigterm.recv() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(rc.backoff_max);
+            }
+        }
+    }
+}
+
+/// Serves one connection until it ends.
+async fn serve(
+    signer: &mut Signer,
+    ind: &mut dyn StatusIndicator,
+    id: &str,
+    client: &AsyncClient,
+    el: &mut EventLoop,
+    backoff: &mut Duration,
+    rc: &RunConfig,
+) -> End {
+    let vls = topics::topic(id, topics::VLS);
+    let control = topics::topic(id, topics::CONTROL);
+    let vls_res = topics::topic(id, topics::VLS_RES);
+    let err_topic = topics::topic(id, topics::ERROR);
+    loop {
+        let ev = match el.poll().await {
+            Ok(ev) => ev,
+            Err(e) => {
+                let s = status_for(&e);
+                ind.set(s);
+                match &e {
+                    ConnectionError::ConnectionRefused(code) => {
+                        error!(?code, "broker refused the login (token, clock or node id not accepted)")
+                    }
+                    _ => warn!(error = %e, "broker connection lost"),
+                }
+                return End::Lost;
+            }
+        };
+        match ev {
+            Event::Incoming(Packet::ConnAck(_)) => {
+                info!("connected to broker; subscribing");
+                *backoff = rc.backoff_min;
+                let subs = [
+                    rumqttc::SubscribeFilter::new(vls.clone(), QoS::AtLeastOnce),
+                    rumqttc::SubscribeFilter::new(control.clone(), QoS::AtLeastOnce),
+                ];
+                if let Err(e) = client.try_subscribe_many(subs) {
+                    warn!(error = %e, "cannot subscribe");
+                    return End::Lost;
+                }
+            }
+            Event::Incoming(Packet::SubAck(_)) => {
+                // Subscribed: now the broker may send requests.
+                if let Err(e) =
+                    client.try_publish(topics::topic(id, topics::HELLO), QoS::AtLeastOnce, false, Vec::new())
+                {
+                    warn!(error = %e, "cannot publish hello");
+                    return End::Lost;
+                }
+                ind.set(Status::Connected);
+                info!("subscribed; said hello");
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                let topic = String::from_utf8_lossy(p.topic.as_ref()).into_owned();
+                if topic == vls {
+                    ind.set(Status::Signing);
+                    let t = std::time::Instant::now();
+                    match signer.handle_frame(&p.payload) {
+                        Ok(reply) => {
+                            debug!(elapsed_us = t.elapsed().as_micros() as u64, "request handled");
+                            if let Err(e) = client.try_publish(&vls_res, QoS::AtLeastOnce, false, reply) {
+                                warn!(error = %e, "cannot publish reply");
+                                return End::Lost;
+                            }
+                            ind.set(Status::Connected);
+                        }
+                        Err(fe) => {
+                            warn!(seq = fe.seq, error = %fe.error, "request failed");
+                            if let Err(e) =
+                                client.try_publish(&err_topic, QoS::AtLeastOnce, false, fe.payload())
+                            {
+                                warn!(error = %e, "cannot publish error");
+                                return End::Lost;
+                            }
+                            ind.set(Status::Error);
+                        }
+                    }
+                } else if topic == control {
+                    warn!(bytes = p.payload.len(), "control messages are not supported yet; ignored");
+                } else {
+                    debug!(%topic, "ignoring message on unexpected topic");
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! End to end, the project's main oracle:
+//!
+//! FakeLightningd ──fd 3──▶ sphinx-broker ──MQTT──▶ sphinx-key run ──▶ VLS (redb state)
+//!
+//! Every request of each recorded trace is replayed through the real broker and signer binaries,
+//! and every reply must be byte-identical to what `sphinx_signer::Signer::in_memory` answers in
+//! process for the same request sequence (same seed, regtest, same fixed clock, same policy
+//! defaults). Refusals must agree too (both sides refuse). The broker must exit 0 by itself once
+//! fd 3 is closed; bob's force-close trace restarts the broker midway (a second `hsmd_init`).
+//!
+//! Needs the binaries next to this test's directory (`target/release/{sphinx-broker,sphinx-key}`):
+//! `cargo build --release -p sphinx-broker -p sphinx-key` before
+//! `cargo test --release -p sphinx-standin --features oracle --test e2e_replay`.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{trace_path, TempDir};
+use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions, CLN_VERSION};
+use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions};
+use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
+
+/// `target/<profile>/`: the test executable lives in `target/<profile>/deps/`.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} not found: build it first (cargo build --release -p sphinx-broker -p sphinx-key)",
+        p.display()
+    );
+    p
+}
+
+/// A free loopback port (bound and released; the broker binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills and reaps the signer process when the test ends, however it ends.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tail(path: &Path, max: usize) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    let start = s.len().saturating_sub(max);
+    let start = (start..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
+    s[start..].to_string()
+}
+
+fn run_e2e(scenario: &str, node: &str) {
+    let path = trace_path(scenario, node);
+    let tr = Trace::load(&path).unwrap();
+    let seed = seed_for_path(&path).unwrap();
+    let clock = scenario_for_path(&path).unwrap().fixed_clock();
+    let d = TempDir::new(&format!("e2e-{scenario}-{node}"));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let key = bin("sphinx-key");
+    let broker = bin("sphinx-broker");
+    let signer_dir = d.join("signer");
+    let signer_log = d.join("signer.log");
+    let broker_log = d.join("broker.log");
+
+    let st = Command::new(&key)
+        .args(["init", "--data-dir"])
+        .arg(&signer_dir)
+        .args(["--network", "regtest", "--seed-hex", &hex::encode(seed)])
+        .status()
+        .unwrap();
+    assert!(st.success(), "sphinx-key init: {st}");
+
+    // The signer connects (with backoff) to the broker that the replay is about to spawn;
+    // the broker holds hsmd_init until the signer answers it.
+    let log = std::fs::File::create(&signer_log).unwrap();
+    let _signer = Reap(
+        Command::new(&key)
+            .args(["run", "--data-dir"])
+            .arg(&signer_dir)
+            .args(["--broker", &listen, "--network", "regtest", "--dev-fixed-clock", &clock.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+
+    let mut opts = ReplayOptions::new(&broker);
+    opts.envs = [
+        ("SPHINX_BROKER_CLN_VERSION", CLN_VERSION.to_string()),
+        ("SPHINX_BROKER_NETWORK", "regtest".to_string()),
+        ("SPHINX_BROKER_DATA_DIR", d.join("broker").display().to_string()),
+        ("SPHINX_BROKER_MQTT_LISTEN", listen.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.into(), v.into()))
+    .collect();
+    opts.spawn = SpawnOptions {
+        call_timeout: Duration::from_secs(20),
+        init_timeout: Duration::from_secs(60),
+        output: BrokerOutput::File(broker_log.clone()),
+        ..SpawnOptions::default()
+    };
+    let report = replay::replay(&tr, &opts, &mut |_| {}).unwrap_or_else(|e| {
+        panic!("{e}\n--- broker log ---\n{}\n--- signer log ---\n{}", tail(&broker_log, 4000), tail(&signer_log, 4000))
+    });
+
+    let cfg = replay::signer::replay_config(clock, Default::default());
+    let mut signer = replay::signer::in_memory(seed, &cfg).unwrap();
+    let expected = oracle_replay(&tr, &mut signer, true);
+    let mismatches = compare_with_oracle(&report.steps, &expected);
+
+    let lat: Vec<f64> = report.steps.iter().map(|s| s.latency.as_secs_f64() * 1e3).collect();
+    let total: f64 = lat.iter().sum();
+    eprintln!(
+        "{scenario}/{node}: {} requests, {} mismatches, {:.1} ms total, broker exits {:?}",
+        report.steps.len(),
+        mismatches.len(),
+        total,
+        report.broker_exits
+    );
+    if !mismatches.is_empty() || !report.brokers_exited_cleanly() {
+        let list: Vec<String> = mismatches.iter().take(30).map(|m| format!("  #{} conn {} type {}: {}", m.index, m.conn, m.msg_type, m.what)).collect();
+        panic!(
+            "{scenario}/{node}: {} mismatches vs the in-process signer, broker exits {:?}\n{}\n--- broker log ---\n{}\n--- signer log ---\n{}",
+            mismatches.len(),
+            report.broker_exits,
+            list.join("\n"),
+            tail(&broker_log, 4000),
+            tail(&signer_log, 4000)
+        );
+    }
+    assert_eq!(report.steps.len(), tr.request_count());
+}
+
+#[test]
+fn e2e_open_pay_close_alice() {
+    run_e2e("open-pay-close", "alice");
+}
+
+#[test]
+fn e2e_open_pay_close_bob() {
+    run_e2e("open-pay-close", "bob");
+}
+
+#[test]
+fn e2e_force_close_alice() {
+    run_e2e("force-close", "alice");
+}
+
+/// Includes lightningd's restart: the broker is replaced while the signer stays up and reconnects.
+#[test]
+fn e2e_force_close_bob() {
+    run_e2e("force-close", "bob");
+}
