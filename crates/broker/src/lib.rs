@@ -35,7 +35,7 @@ pub struct Broker {
 /// Starts the MQTT server and the relay.
 pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
     let pin = Arc::new(PinStore::open(&cfg.data_dir)?);
-    let auth = Arc::new(signer_link::TokenAuth { pin: pin.clone(), window: cfg.mqtt.token_window });
+    let auth = Arc::new(signer_link::TokenAuth::new(pin.clone(), cfg.mqtt.token_window));
     let mqtt_cfg = mqtt::MqttConfig { max_payload: cfg.mqtt.max_payload, ..mqtt::MqttConfig::new(cfg.mqtt.listen) };
     let (mqtt, mqtt_events) = mqtt::start(mqtt_cfg, auth)
         .await

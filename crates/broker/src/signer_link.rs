@@ -3,7 +3,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sphinx_wire::{token, topics};
@@ -16,11 +17,30 @@ use crate::relay::{LinkEvent, SignerLink};
 
 /// Signer login: a fresh sphinx-key token for the key in the username, which must be the
 /// pinned node id once there is one. The identity (topic prefix) is the node id in hex.
+///
+/// Each token is accepted once: a token seen within the window is refused, so a captured
+/// password cannot be replayed while it is still fresh. (A signer reconnecting within the same
+/// second makes the same token; it is refused and retries after its backoff with a new one.)
 pub struct TokenAuth {
-    /// Pinned node id.
-    pub pin: Arc<PinStore>,
-    /// Accepted distance between the token's timestamp and our clock.
-    pub window: Duration,
+    pin: Arc<PinStore>,
+    window: Duration,
+    /// Tokens accepted within the window, with the unix time they expire from memory.
+    seen: Mutex<HashMap<Vec<u8>, u64>>,
+}
+
+impl TokenAuth {
+    /// Tokens must be within `window` of our clock and signed by the pinned key (if any).
+    pub fn new(pin: Arc<PinStore>, window: Duration) -> Self {
+        TokenAuth { pin, window, seen: Mutex::new(HashMap::new()) }
+    }
+
+    /// Records a token as used; false if it was used before.
+    fn first_use(&self, token: &[u8], now: u64) -> bool {
+        let Ok(mut seen) = self.seen.lock() else { return false };
+        seen.retain(|_, forget_at| *forget_at > now);
+        // Remembered for two windows: a token is valid from ts - window to ts + window.
+        seen.insert(token.to_vec(), now + 2 * self.window.as_secs() + 1).is_none()
+    }
 }
 
 impl Authenticator for TokenAuth {
@@ -34,6 +54,9 @@ impl Authenticator for TokenAuth {
             return Err(format!("username must be the node id in lowercase hex ({id})"));
         }
         self.pin.allows(&id).map_err(|e| e.to_string())?;
+        if !self.first_use(pass, now) {
+            return Err("token already used (replayed login)".into());
+        }
         Ok(id)
     }
 }
@@ -77,5 +100,36 @@ pub async fn forward_events(mut from: mpsc::Receiver<MqttEvent>, to: mpsc::Sende
         if to.send(out).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
+
+    #[test]
+    fn token_login_fresh_once_pinned_key_only() {
+        let dir = std::env::temp_dir().join(format!("auth-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pin = Arc::new(PinStore::open(&dir).unwrap());
+        let auth = TokenAuth::new(pin.clone(), Duration::from_secs(300));
+        let sk = SecretKey::from_slice(&[0x41; 32]).unwrap();
+        let id = PublicKey::from_secret_key(&Secp256k1::new(), &sk).to_string();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let tok = token::make(&sk, now as u32);
+        assert_eq!(auth.authenticate("c", Some(&id), Some(tok.as_bytes())).unwrap(), id);
+        assert!(auth.authenticate("c", Some(&id), Some(tok.as_bytes())).unwrap_err().contains("already used"));
+        let stale = token::make(&sk, (now - 3600) as u32);
+        assert!(auth.authenticate("c", Some(&id), Some(stale.as_bytes())).is_err());
+        assert!(auth.authenticate("c", None, None).is_err());
+        assert!(auth.authenticate("c", Some(&id), Some(b"wrong")).is_err());
+        // Another key is fine until a node id is pinned, refused after.
+        let other = SecretKey::from_slice(&[0x42; 32]).unwrap();
+        let other_id = PublicKey::from_secret_key(&Secp256k1::new(), &other).to_string();
+        let t2 = token::make(&other, now as u32);
+        pin.pin(&id).unwrap();
+        assert!(auth.authenticate("c", Some(&other_id), Some(t2.as_bytes())).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
