@@ -41,11 +41,11 @@ impl Authenticator for TokenAuth {
 
 fn config() -> MqttConfig {
     MqttConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
         max_payload: 4096,
         max_clients: 8,
         keep_alive_max: 60,
         event_capacity: 64,
+        ..MqttConfig::new("127.0.0.1:0".parse().unwrap())
     }
 }
 

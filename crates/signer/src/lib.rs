@@ -454,6 +454,9 @@ impl Signer {
             // Reopen redb from disk if nothing else holds it (it is then closed by the drop).
             if store.as_ref().is_some_and(|s| s.is_unique()) {
                 *store = None;
+                debug!("reopening redb for the rebuild");
+            } else {
+                debug!("redb still referenced; rebuilding on the open handle");
             }
         }
         match self.build_core() {
@@ -643,4 +646,13 @@ fn commit(p: &Persister) -> Result<(), Error> {
 fn load_record(p: &Persister, key: &str) -> Option<ReplyRecord> {
     let (_, v) = p.get(key).ok()??;
     serde_json::from_slice(&v).ok()
+}
+
+#[cfg(test)]
+mod send_check {
+    #[test]
+    fn signer_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<super::Signer>();
+    }
 }

@@ -224,7 +224,7 @@ fn garbage_and_truncated_messages_are_errors_not_panics() {
         }
         // Well-formed messages with nonsense contents (all-0xff body of the same length).
         let mut junk = m[..2].to_vec();
-        junk.extend(std::iter::repeat(0xff).take(m.len() - 2));
+        junk.extend(std::iter::repeat_n(0xff, m.len() - 2));
         let _ = s.handle(&Request { seq: next(), message: junk, ..st.req.clone() });
     }
     // A channel request for a channel that does not exist.
@@ -271,4 +271,29 @@ fn login_token_verifies_as_node_id() {
         sphinx_signer::node_id_for_seed(&ALICE_SEED, bitcoin::Network::Regtest),
         s.node_id()
     );
+}
+
+#[test]
+fn redb_signer_recovers_from_vls_panic_with_state_from_disk() {
+    let trace = load("open-pay-close/alice.jsonl");
+    let cfg = config(T0_OPEN_PAY_CLOSE + 100);
+    let expected = {
+        let mut m = Signer::in_memory(ALICE_SEED, &cfg).unwrap();
+        replay_all(&mut m, &trace, false)
+    };
+    let dir = temp_dir("panic");
+    let mut s = Signer::open(ALICE_SEED, &dir, &cfg).unwrap();
+    // ecdh (1) with a point that is not a public key: VLS `expect`s and panics.
+    let mut bad = vec![0u8, 1];
+    bad.extend_from_slice(&[0xff; 33]);
+    for (i, st) in trace.iter().enumerate() {
+        if i == trace.len() / 2 {
+            let r = Request { seq: 50000, peer_id: [0; 33], dbid: 0, message: bad.clone() };
+            assert!(matches!(s.handle(&r), Err(Error::Panic { msg_type: 1, .. })));
+            assert_eq!(s.stats().rebuilds, 1);
+            assert!(s.is_initialized());
+        }
+        assert_eq!(s.handle(&st.req).unwrap().message, expected[i], "#{i}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -23,6 +23,8 @@ use sphinx_signer::{ClockConfig, PolicyConfig, Signer, SignerConfig, Status, Sta
 
 /// Name of the config file looked for in the data directory.
 const CONFIG_FILE: &str = "sphinx-key.toml";
+/// Default log filter: our crates at info, VLS's per-request chatter at warn.
+const DEFAULT_LOG: &str = "info,lightning_signer=warn,vls_protocol_signer=warn,vls_persist=warn";
 /// Name of the VLS state directory inside the data directory.
 const STATE_DIR: &str = "state";
 
@@ -38,7 +40,7 @@ struct Cli {
     /// Bitcoin network: bitcoin, testnet, testnet4, signet, regtest (default: regtest).
     #[arg(long, env = "SPHINX_KEY_NETWORK", global = true)]
     network: Option<String>,
-    /// Log filter (tracing env-filter syntax), e.g. `info` or `sphinx_key=debug` (default: info).
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `sphinx_key=debug` (default: info, VLS crates at warn).
     #[arg(long, env = "SPHINX_KEY_LOG", global = true)]
     log: Option<String>,
     #[command(subcommand)]
@@ -150,12 +152,14 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<()> {
     let file = load_file(&cli)?;
-    let log = cli.log.clone().or(file.log.clone()).unwrap_or_else(|| "info".into());
+    let log = cli.log.clone().or(file.log.clone()).unwrap_or_else(|| DEFAULT_LOG.into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // The signer catches VLS panics and carries on; log them instead of printing raw backtraces.
+    std::panic::set_hook(Box::new(|info| tracing::error!("panic: {info}")));
     let data_dir = cli.data_dir.clone().or(file.data_dir.clone()).unwrap_or_else(default_data_dir);
     let network = parse_network(cli.network.as_deref().or(file.network.as_deref()).unwrap_or("regtest"))?;
 

@@ -783,7 +783,10 @@ impl FakeLightningd {
             Some(s) => s,
             None => {
                 let _ = self.proc.kill();
-                return Err(Error::Timeout { what: format!("{} to exit after fd 3 was closed", self.broker.display()), after: t });
+                return Err(Error::Timeout {
+                    what: format!("{} to exit after fd 3 was closed", self.broker.display()),
+                    after: t,
+                });
             }
         };
         self.join_status();

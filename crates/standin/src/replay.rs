@@ -272,13 +272,19 @@ pub fn judge_against_recorded(msg_type: u16, reply: &Result<Vec<u8>, String>, re
         return Verdict::Mismatch(format!("reply type {ot}, recorded {rt}"));
     }
     match ot {
-        hsmd::HSMD_INIT_REPLY_V4 => {
-            match (hsmd::parse_init_reply_node_id(ours), hsmd::parse_init_reply_node_id(rec)) {
-                (Ok(a), Ok(b)) if a == b => Verdict::Expected("init_reply: same node id, other capabilities"),
-                (Ok(a), Ok(_)) => Verdict::Mismatch(format!("init_reply node id {}", hex::encode(a))),
-                _ => Verdict::Mismatch("unparsable init_reply".into()),
+        hsmd::HSMD_INIT_REPLY_V4 => match (init_reply_identity(ours), init_reply_identity(rec)) {
+            (Some(a), Some(b)) if a == b => {
+                Verdict::Expected("init_reply: same version, node id, bip32 and bolt12 keys; other capabilities")
             }
-        }
+            (Some(a), Some(b)) => Verdict::Mismatch(format!(
+                "init_reply identity differs: version {} node id {} (recorded version {} node id {})",
+                a.0,
+                hex::encode(&a.1[..33]),
+                b.0,
+                hex::encode(&b.1[..33])
+            )),
+            _ => Verdict::Mismatch("unparsable init_reply".into()),
+        },
         // cupdate_sig, cannouncement, node_announcement: nonce differs, both verify.
         103 | 104 | 106 if ours.len() == rec.len() => Verdict::Expected("gossip signature nonce"),
         // sign_commitment_tx, sign_tx_reply: CLN grinds low-R, VLS does not.
@@ -287,6 +293,19 @@ pub fn judge_against_recorded(msg_type: u16, reply: &Result<Vec<u8>, String>, re
         107 => Verdict::Expected("withdrawal PSBT shape"),
         _ => Verdict::Mismatch(format!("{} bytes vs recorded {}", ours.len(), rec.len())),
     }
+}
+
+/// `hsmd_init_reply_v4` (114) without its capability list and trailing TLV:
+/// `(hsm_version, node_id[33] | bip32 ext_key[78] | bolt12 pubkey[33])`.
+pub fn init_reply_identity(msg: &[u8]) -> Option<(u32, Vec<u8>)> {
+    if hsmd::msg_type(msg).ok()? != hsmd::HSMD_INIT_REPLY_V4 || msg.len() < 8 {
+        return None;
+    }
+    let version = u32::from_be_bytes(msg[2..6].try_into().ok()?);
+    let ncaps = u16::from_be_bytes([msg[6], msg[7]]) as usize;
+    let off = 8 + 4 * ncaps;
+    let ident = msg.get(off..off + 33 + 78 + 33)?;
+    Some((version, ident.to_vec()))
 }
 
 /// The signer as the replay's oracle: one hsmd request in, one reply out.

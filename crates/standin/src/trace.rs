@@ -161,8 +161,7 @@ struct RawRecord {
 
 /// Parses one trace line (`line` is its 1-based number, for errors).
 pub fn parse_line(text: &str, line: usize) -> Result<Record, TraceError> {
-    let raw: RawRecord =
-        serde_json::from_str(text).map_err(|e| line_err(line, format!("bad JSON record: {e}")))?;
+    let raw: RawRecord = serde_json::from_str(text).map_err(|e| line_err(line, format!("bad JSON record: {e}")))?;
     let dir = match raw.dir.as_str() {
         "req" => Dir::Req,
         "rep" => Dir::Rep,
@@ -204,8 +203,8 @@ impl Trace {
     /// Reads and parses a trace file.
     pub fn load(path: impl AsRef<Path>) -> Result<Trace, TraceError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| TraceError::Io { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| TraceError::Io { path: path.to_path_buf(), source })?;
         let mut t = Trace::parse(&text)?;
         t.path = Some(path.to_path_buf());
         Ok(t)

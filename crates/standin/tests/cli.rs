@@ -23,7 +23,7 @@ fn pass_with_canned_replies_across_a_restart() {
     let d = TempDir::new("cli");
     let trace = trace_path("force-close", "bob");
     let o = Command::new(BIN)
-        .args(["--broker", ECHO, "--trace"])
+        .args(["--broker", ECHO, "--no-oracle", "--trace"])
         .arg(&trace)
         .env("FAKE_HSMD_CANNED", &trace)
         .env("FAKE_HSMD_RUN_FILE", d.join("runs"))

@@ -137,7 +137,11 @@ fn run_e2e(scenario: &str, node: &str) {
         report.broker_exits
     );
     if !mismatches.is_empty() || !report.brokers_exited_cleanly() {
-        let list: Vec<String> = mismatches.iter().take(30).map(|m| format!("  #{} conn {} type {}: {}", m.index, m.conn, m.msg_type, m.what)).collect();
+        let list: Vec<String> = mismatches
+            .iter()
+            .take(30)
+            .map(|m| format!("  #{} conn {} type {}: {}", m.index, m.conn, m.msg_type, m.what))
+            .collect();
         panic!(
             "{scenario}/{node}: {} mismatches vs the in-process signer, broker exits {:?}\n{}\n--- broker log ---\n{}\n--- signer log ---\n{}",
             mismatches.len(),

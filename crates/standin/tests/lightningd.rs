@@ -131,7 +131,8 @@ fn child_gets_exactly_fds_0_to_3() {
     // SAFETY: clearing FD_CLOEXEC on an fd we own.
     unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
     let fds_file = d.join("fds");
-    let ld = FakeLightningd::spawn_with(ECHO, NO_ARGS, [("FAKE_HSMD_FDS_FILE", fds_file.as_os_str())], quick()).unwrap();
+    let ld =
+        FakeLightningd::spawn_with(ECHO, NO_ARGS, [("FAKE_HSMD_FDS_FILE", fds_file.as_os_str())], quick()).unwrap();
     // The file is written before the hsmd reads fd 3; shutdown waits for it to exit.
     assert_eq!(ld.shutdown().unwrap().code(), Some(0));
     let mut fds: Vec<i32> = std::fs::read_to_string(&fds_file).unwrap().lines().map(|l| l.parse().unwrap()).collect();

@@ -75,10 +75,7 @@ fn canned_cln_replies_are_exact_and_match_an_in_process_oracle() {
         let path = trace_path(scenario, node);
         let tr = Trace::load(&path).unwrap();
         let d = TempDir::new("canned");
-        let o = opts(vec![
-            ("FAKE_HSMD_CANNED", path.clone().into()),
-            ("FAKE_HSMD_RUN_FILE", d.join("runs").into()),
-        ]);
+        let o = opts(vec![("FAKE_HSMD_CANNED", path.clone().into()), ("FAKE_HSMD_RUN_FILE", d.join("runs").into())]);
         let report = replay(&tr, &o, &mut |_| {}).unwrap();
         for s in &report.steps {
             let v = judge_against_recorded(s.msg_type, &s.reply, s.recorded_reply.as_deref());
@@ -125,8 +122,28 @@ fn oracle_contexts_are_the_connections() {
             19 | 35 | 36 | 40 | 31 | 32 | 37 | 14 | 20 | 21 => {
                 assert_eq!((peer.to_vec(), dbid), (bob.clone(), 1), "type {t}")
             }
-            28 | 27 | 11 | 30 | 10 | 38 | 39 | 8 | 5 | 6 | 7 | 4 | 3 => assert_eq!((peer, dbid), ([0; 33], 0), "type {t}"),
+            28 | 27 | 11 | 30 | 10 | 38 | 39 | 8 | 5 | 6 | 7 | 4 | 3 => {
+                assert_eq!((peer, dbid), ([0; 33], 0), "type {t}")
+            }
             _ => {}
         }
     }
+}
+
+#[test]
+fn init_reply_judged_by_identity_not_capabilities() {
+    let tr = Trace::load(trace_path("open-pay-close", "alice")).unwrap();
+    let rec = tr.exchanges[0].reply.clone().unwrap();
+    // Same identity, one capability fewer, no TLV: the documented VLS difference.
+    let ncaps = u16::from_be_bytes([rec[6], rec[7]]) as usize;
+    let mut fewer = rec[..6].to_vec();
+    fewer.extend_from_slice(&((ncaps - 1) as u16).to_be_bytes());
+    fewer.extend_from_slice(&rec[8 + 4..8 + 4 * ncaps + 144]);
+    assert!(matches!(judge_against_recorded(114, &Ok(fewer.clone()), Some(&rec)), Verdict::Expected(_)));
+    // A different bolt12 key (last identity byte) is a mismatch.
+    let mut other = fewer;
+    let last = other.len() - 1;
+    other[last] ^= 1;
+    assert!(matches!(judge_against_recorded(114, &Ok(other), Some(&rec)), Verdict::Mismatch(_)));
+    assert!(matches!(judge_against_recorded(114, &Err("x".into()), Some(&rec)), Verdict::Error(_)));
 }

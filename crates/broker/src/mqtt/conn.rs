@@ -1,5 +1,6 @@
 //! One client connection: CONNECT handshake, then the read/dispatch loop; a writer task drains
-//! the session's outbound queue.
+//! the session's outbound queue. Generic over the stream, so plaintext TCP and TLS (after its
+//! handshake in `super::serve`) share this code.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,9 +13,7 @@ use rumqttc::mqttbytes::v4::{
     SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 use tracing::{debug, info, warn};
 
@@ -25,7 +24,10 @@ type Reason = String;
 
 /// Reads the CONNECT packet. The first byte must be a CONNECT fixed header (0x10), checked as soon
 /// as it arrives so garbage is refused without waiting for a whole "frame".
-async fn read_connect(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Connect, Reason> {
+async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<Connect, Reason> {
     loop {
         if let Some(&b) = buf.first() {
             if b != 0x10 {
@@ -55,28 +57,34 @@ fn encode(write: impl FnOnce(&mut BytesMut) -> Result<usize, CodecError>) -> Byt
     b.freeze()
 }
 
-async fn refuse(stream: &mut TcpStream, code: ConnectReturnCode) {
+/// Writes `frame` and flushes it (a TLS stream may hold written data until flushed).
+async fn send_now<S: AsyncWrite + Unpin>(stream: &mut S, frame: &[u8]) -> std::io::Result<()> {
+    stream.write_all(frame).await?;
+    stream.flush().await
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, code: ConnectReturnCode) {
     let frame = encode(|b| ConnAck::new(code, false).write(b));
-    if let Err(e) = stream.write_all(&frame).await {
+    if let Err(e) = send_now(stream, &frame).await {
         debug!("cannot send CONNACK {code:?}: {e}");
     }
     let _ = stream.shutdown().await;
 }
 
-/// Runs one connection to its end. `permit` is a handshake slot, released after CONNACK.
-pub(super) async fn run(
+/// Runs one connection to its end. `permit` is a handshake slot, released after CONNACK; the
+/// CONNECT must have arrived by `deadline`.
+pub(super) async fn run<S>(
     shared: Arc<Shared>,
-    mut stream: TcpStream,
+    mut stream: S,
     peer: SocketAddr,
     conn_id: u64,
     permit: OwnedSemaphorePermit,
-) {
+    deadline: tokio::time::Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut buf = BytesMut::with_capacity(4096);
-    let connect = match tokio::time::timeout(
-        shared.limits.connect_timeout,
-        read_connect(&mut stream, &mut buf),
-    )
-    .await
+    let connect = match tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut buf)).await
     {
         Err(_) => {
             warn!(
@@ -185,7 +193,7 @@ pub(super) async fn run(
 
     let ka = effective_keep_alive(connect.keep_alive, shared.cfg.keep_alive_max);
     let connack = encode(|b| ConnAck::new(ConnectReturnCode::Success, false).write(b));
-    if let Err(e) = stream.write_all(&connack).await {
+    if let Err(e) = send_now(&mut stream, &connack).await {
         warn!("cannot send CONNACK: {e}");
         unregister(&shared, &identity, conn_id);
         let _ = done_tx.send(true);
@@ -200,7 +208,7 @@ pub(super) async fn run(
         })
         .await;
 
-    let (mut rd, wr) = stream.into_split();
+    let (mut rd, wr) = tokio::io::split(stream);
     let writer = tokio::spawn(write_loop(wr, out_rx, kill.clone()));
     let mut session = Session {
         shared: &shared,
@@ -287,7 +295,11 @@ fn unregister(shared: &Shared, identity: &str, conn_id: u64) {
     }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>, kill: Arc<Notify>) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Bytes>,
+    kill: Arc<Notify>,
+) {
     let mut batch = BytesMut::new();
     while let Some(frame) = rx.recv().await {
         // Coalesce whatever is already queued into one write.
@@ -301,9 +313,9 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>, kill:
                     Err(_) => break,
                 }
             }
-            wr.write_all(&batch).await
+            send_now(&mut wr, &batch).await
         } else {
-            wr.write_all(&frame).await
+            send_now(&mut wr, &frame).await
         };
         if let Err(e) = res {
             debug!("write error: {e}");

@@ -9,7 +9,13 @@
 //!   `TCP_NODELAY` and its own **connection task**; the number of connections still in the
 //!   CONNECT handshake and the number of authenticated sessions are each capped at
 //!   [`MqttConfig::max_clients`].
-//! * The connection task reads the CONNECT (within [`Limits::connect_timeout`]), asks the
+//! * With [`MqttConfig::tls`] set, the connection task first runs the TLS handshake (rustls,
+//!   `ring` provider, certificate chain and key from PEM files); TCP and TLS then share one code
+//!   path, generic over the stream (`AsyncRead + AsyncWrite`). A plaintext listener on an address
+//!   that is not loopback is refused by [`start`] unless
+//!   [`MqttConfig::allow_plaintext_non_loopback`] is set.
+//! * The connection task reads the CONNECT (TLS handshake and CONNECT together within
+//!   [`Limits::connect_timeout`]), asks the
 //!   [`Authenticator`] for the client's **identity**, and registers a session under that identity.
 //!   One identity has at most one session: a second CONNECT for the same identity takes over
 //!   (the old connection is closed and its [`MqttEvent::Disconnected`] is emitted *before* the new
@@ -36,7 +42,8 @@ mod conn;
 pub mod topic;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -44,7 +51,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
@@ -65,11 +73,58 @@ pub struct MqttConfig {
     pub keep_alive_max: u16,
     /// Capacity of the [`MqttEvent`] channel returned by [`start`].
     pub event_capacity: usize,
+    /// Serve MQTT over TLS with this certificate and key (`None`: plaintext TCP).
+    pub tls: Option<TlsSettings>,
+    /// Allow a plaintext (non-TLS) listener on an address that is not loopback. Off by default:
+    /// [`start`] then refuses such a configuration with [`StartError::PlaintextNonLoopback`], so
+    /// tokens and signing requests never cross a network in clear text by accident.
+    pub allow_plaintext_non_loopback: bool,
+}
+
+/// The TLS identity of the server: PEM files, read once at [`start`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Certificate chain, PEM, the server's certificate first (then intermediates, if any).
+    pub cert_chain: PathBuf,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: PathBuf,
+}
+
+/// Why [`start`] could not start the server.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Plaintext on a non-loopback address without [`MqttConfig::allow_plaintext_non_loopback`].
+    #[error(
+        "refusing to serve MQTT without TLS on non-loopback address {0}: configure a TLS \
+         certificate and key, listen on 127.0.0.1/::1, or explicitly allow plaintext on \
+         non-loopback addresses"
+    )]
+    PlaintextNonLoopback(SocketAddr),
+    /// The TLS certificate or key could not be loaded or used.
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] sphinx_tls::Error),
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// True for 127.0.0.0/8, `::1` and IPv4-mapped loopback (`::ffff:127.x.y.z`).
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
 }
 
 impl MqttConfig {
     /// A configuration listening on `listen` with the defaults: 1 MiB payloads, 64 clients,
-    /// keep-alive at most 120 s, 1024 queued events.
+    /// keep-alive at most 120 s, 1024 queued events, plaintext (no TLS), and plaintext allowed
+    /// on loopback addresses only.
     pub fn new(listen: SocketAddr) -> Self {
         MqttConfig {
             listen,
@@ -77,6 +132,8 @@ impl MqttConfig {
             max_clients: 64,
             keep_alive_max: 120,
             event_capacity: 1024,
+            tls: None,
+            allow_plaintext_non_loopback: false,
         }
     }
 }
@@ -438,10 +495,14 @@ impl MqttHandle {
 
 /// Binds, spawns the accept loop, returns a handle (cloneable) and the event stream for the
 /// broker application. Uses [`Limits::default`].
+///
+/// Fails if the TLS files cannot be loaded, if the listener would be plaintext on a
+/// non-loopback address without [`MqttConfig::allow_plaintext_non_loopback`], or if the address
+/// cannot be bound.
 pub async fn start(
     cfg: MqttConfig,
     auth: Arc<dyn Authenticator>,
-) -> std::io::Result<(MqttHandle, mpsc::Receiver<MqttEvent>)> {
+) -> Result<(MqttHandle, mpsc::Receiver<MqttEvent>), StartError> {
     start_with_limits(cfg, auth, Limits::default()).await
 }
 
@@ -450,9 +511,26 @@ pub async fn start_with_limits(
     cfg: MqttConfig,
     auth: Arc<dyn Authenticator>,
     limits: Limits,
-) -> std::io::Result<(MqttHandle, mpsc::Receiver<MqttEvent>)> {
-    let listener = TcpListener::bind(cfg.listen).await?;
-    let local_addr = listener.local_addr()?;
+) -> Result<(MqttHandle, mpsc::Receiver<MqttEvent>), StartError> {
+    let tls = match &cfg.tls {
+        Some(t) => Some(TlsAcceptor::from(sphinx_tls::server_config(
+            &t.cert_chain,
+            &t.private_key,
+        )?)),
+        None if !is_loopback(cfg.listen.ip()) && !cfg.allow_plaintext_non_loopback => {
+            return Err(StartError::PlaintextNonLoopback(cfg.listen));
+        }
+        None => None,
+    };
+    if tls.is_none() && !is_loopback(cfg.listen.ip()) {
+        warn!(listen = %cfg.listen, "MQTT without TLS on a non-loopback address (explicitly allowed): tokens and requests travel in clear text");
+    }
+    let bind_err = |source| StartError::Bind {
+        addr: cfg.listen,
+        source,
+    };
+    let listener = TcpListener::bind(cfg.listen).await.map_err(bind_err)?;
+    let local_addr = listener.local_addr().map_err(bind_err)?;
     let (events, rx) = mpsc::channel(cfg.event_capacity.max(1));
     let limits = Limits {
         outbound_queue: limits.outbound_queue.max(1),
@@ -471,12 +549,12 @@ pub async fn start_with_limits(
         subs_changed: watch::channel(0).0,
         shutdown: watch::channel(false).0,
     });
-    info!(%local_addr, "MQTT server listening");
-    tokio::spawn(accept_loop(shared.clone(), listener));
+    info!(%local_addr, tls = tls.is_some(), "MQTT server listening");
+    tokio::spawn(accept_loop(shared.clone(), listener, tls));
     Ok((MqttHandle { shared }, rx))
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<TlsAcceptor>) {
     let mut shutdown = shared.shutdown.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -506,9 +584,48 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             peer = %peer,
             identity = tracing::field::Empty
         );
-        tokio::spawn(conn::run(shared.clone(), stream, peer, conn_id, permit).instrument(span));
+        tokio::spawn(serve(shared.clone(), tls.clone(), stream, peer, conn_id, permit).instrument(span));
     }
     info!("MQTT server stopped accepting");
+}
+
+/// Runs one accepted connection: the TLS handshake if configured, then [`conn::run`]. The
+/// handshake and the CONNECT share one deadline ([`Limits::connect_timeout`]) and the
+/// handshake slot (`permit`).
+async fn serve(
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let deadline = tokio::time::Instant::now() + shared.limits.connect_timeout;
+    let Some(acceptor) = tls else {
+        conn::run(shared, stream, peer, conn_id, permit, deadline).await;
+        return;
+    };
+    let mut shutdown = shared.shutdown.subscribe();
+    let handshake = tokio::select! {
+        r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => r,
+        _ = shutdown.wait_for(|v| *v) => return,
+    };
+    match handshake {
+        Ok(Ok(stream)) => {
+            let (_, session) = stream.get_ref();
+            debug!(
+                version = ?session.protocol_version(),
+                cipher = ?session.negotiated_cipher_suite().map(|c| c.suite()),
+                "TLS handshake done"
+            );
+            conn::run(shared, stream, peer, conn_id, permit, deadline).await;
+        }
+        Ok(Err(e)) => warn!("TLS handshake failed: {e}"),
+        Err(_) => warn!(
+            "TLS handshake not finished within {:?}; closing",
+            shared.limits.connect_timeout
+        ),
+    }
 }
 
 #[cfg(test)]

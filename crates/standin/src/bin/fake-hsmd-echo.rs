@@ -96,7 +96,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--version") {
         let v = std::env::var("FAKE_HSMD_VERSION").unwrap_or_else(|_| "v25.12.1".into());
-        print!("{v}\n");
+        println!("{v}");
         return;
     }
     if let Ok(p) = std::env::var("FAKE_HSMD_FDS_FILE") {

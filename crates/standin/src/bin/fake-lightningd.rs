@@ -21,7 +21,11 @@ use sphinx_standin::trace::Trace;
 /// init capabilities, withdrawal PSBT shape). With the `oracle` feature, replies are also
 /// compared byte for byte with an in-process signer built from the seed ("oracle" column).
 #[derive(Parser, Debug)]
-#[command(name = "fake-lightningd", version, after_help = "Example:\n  fake-lightningd --broker target/release/sphinx-broker \\\n      --trace testdata/traces/open-pay-close/alice.jsonl -- --log-io")]
+#[command(
+    name = "fake-lightningd",
+    version,
+    after_help = "Example:\n  fake-lightningd --broker target/release/sphinx-broker \\\n      --trace testdata/traces/open-pay-close/alice.jsonl -- --log-io"
+)]
 struct Cli {
     /// The hsmd to run (normally sphinx-broker).
     #[arg(long)]
@@ -35,6 +39,9 @@ struct Cli {
     /// Fixed signer clock (unix seconds) for the oracle; default: the scenario's end.
     #[arg(long)]
     fixed_clock: Option<u64>,
+    /// Do not run the in-process oracle; judge only against the recorded CLN replies.
+    #[arg(long)]
+    no_oracle: bool,
     /// Deadline of each request, seconds.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
@@ -84,6 +91,9 @@ fn main() -> ExitCode {
 
 #[cfg(feature = "oracle")]
 fn oracle_steps(cli: &Cli, tr: &Trace) -> anyhow::Result<Option<Vec<replay::OracleStep>>> {
+    if cli.no_oracle {
+        return Ok(None);
+    }
     let seed = match &cli.seed_hex {
         Some(h) => {
             let b = hex::decode(h)?;
@@ -91,7 +101,8 @@ fn oracle_steps(cli: &Cli, tr: &Trace) -> anyhow::Result<Option<Vec<replay::Orac
         }
         None => sphinx_standin::trace::seed_for_path(&cli.trace),
     };
-    let clock = cli.fixed_clock.or_else(|| sphinx_standin::trace::scenario_for_path(&cli.trace).map(|s| s.fixed_clock()));
+    let clock =
+        cli.fixed_clock.or_else(|| sphinx_standin::trace::scenario_for_path(&cli.trace).map(|s| s.fixed_clock()));
     let (Some(seed), Some(clock)) = (seed, clock) else {
         eprintln!("note: no oracle (give --seed-hex and --fixed-clock for a trace outside testdata/traces)");
         return Ok(None);
@@ -173,7 +184,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             text = if same { format!("{text} oracle=ok") } else { "MISMATCH oracle".to_string() };
             if !same {
                 detail = Some(match &o.reply {
-                    Ok(b) => format!("oracle replied {} bytes type {}", b.len(), sphinx_wire::hsmd::msg_type(b).unwrap_or(0)),
+                    Ok(b) => {
+                        format!("oracle replied {} bytes type {}", b.len(), sphinx_wire::hsmd::msg_type(b).unwrap_or(0))
+                    }
                     Err(e) => format!("oracle refused: {e}"),
                 });
             }
@@ -203,15 +216,13 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     };
     let report = replay::replay(&tr, &opts, &mut on_step)?;
 
-    let mut lat: Vec<f64> = report.steps.iter().filter(|s| s.reply.is_ok()).map(|s| s.latency.as_secs_f64() * 1000.0).collect();
+    let mut lat: Vec<f64> =
+        report.steps.iter().filter(|s| s.reply.is_ok()).map(|s| s.latency.as_secs_f64() * 1000.0).collect();
     lat.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * p).round() as usize] };
     out!("---- summary ----");
     out!("requests: {}   failures: {}", report.steps.len(), failures);
-    out!(
-        "vs recorded CLN replies: {}",
-        counts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
-    );
+    out!("vs recorded CLN replies: {}", counts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
     if oracle.is_some() {
         out!("vs in-process oracle: {} differ", failures);
     }
