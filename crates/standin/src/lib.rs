@@ -6,6 +6,7 @@
 //! - [`replay`]: replays a trace end to end and in process (the oracle), and compares.
 #![warn(missing_docs)]
 
+pub mod harness;
 pub mod lightningd;
 pub mod replay;
 pub mod trace;

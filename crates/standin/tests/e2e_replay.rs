@@ -14,104 +14,33 @@
 
 mod common;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{trace_path, TempDir};
-use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions, CLN_VERSION};
+use common::trace_path;
+use sphinx_standin::harness::{bin, broker_envs, free_port, init_signer, tail, SignerProcess, TempDir};
+use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions};
 use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions};
 use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
-
-/// `target/<profile>/`: the test executable lives in `target/<profile>/deps/`.
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = bin_dir().join(name);
-    assert!(
-        p.is_file(),
-        "{} not found: build it first (cargo build --release -p sphinx-broker -p sphinx-key)",
-        p.display()
-    );
-    p
-}
-
-/// A free loopback port (bound and released; the broker binds it right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Kills and reaps the signer process when the test ends, however it ends.
-struct Reap(Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn tail(path: &Path, max: usize) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut s);
-    }
-    let start = s.len().saturating_sub(max);
-    let start = (start..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
-    s[start..].to_string()
-}
 
 fn run_e2e(scenario: &str, node: &str) {
     let path = trace_path(scenario, node);
     let tr = Trace::load(&path).unwrap();
     let seed = seed_for_path(&path).unwrap();
     let clock = scenario_for_path(&path).unwrap().fixed_clock();
-    let d = TempDir::new(&format!("e2e-{scenario}-{node}"));
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let key = bin("sphinx-key");
-    let broker = bin("sphinx-broker");
+    let d = TempDir::new(&format!("e2e-{scenario}-{node}")).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let key = bin("sphinx-key").unwrap();
+    let broker = bin("sphinx-broker").unwrap();
     let signer_dir = d.join("signer");
-    let signer_log = d.join("signer.log");
     let broker_log = d.join("broker.log");
-
-    let st = Command::new(&key)
-        .args(["init", "--data-dir"])
-        .arg(&signer_dir)
-        .args(["--network", "regtest", "--seed-hex", &hex::encode(seed)])
-        .status()
-        .unwrap();
-    assert!(st.success(), "sphinx-key init: {st}");
+    init_signer(&key, &signer_dir, seed).unwrap();
 
     // The signer connects (with backoff) to the broker that the replay is about to spawn;
     // the broker holds hsmd_init until the signer answers it.
-    let log = std::fs::File::create(&signer_log).unwrap();
-    let _signer = Reap(
-        Command::new(&key)
-            .args(["run", "--data-dir"])
-            .arg(&signer_dir)
-            .args(["--broker", &listen, "--network", "regtest", "--dev-fixed-clock", &clock.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let signer_proc = SignerProcess::start(&key, &signer_dir, &listen, clock, &d.join("signer.log"), &[]).unwrap();
 
     let mut opts = ReplayOptions::new(&broker);
-    opts.envs = [
-        ("SPHINX_BROKER_CLN_VERSION", CLN_VERSION.to_string()),
-        ("SPHINX_BROKER_NETWORK", "regtest".to_string()),
-        ("SPHINX_BROKER_DATA_DIR", d.join("broker").display().to_string()),
-        ("SPHINX_BROKER_MQTT_LISTEN", listen.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.into(), v.into()))
-    .collect();
+    opts.envs = broker_envs(&d.join("broker"), &listen);
     opts.spawn = SpawnOptions {
         call_timeout: Duration::from_secs(20),
         init_timeout: Duration::from_secs(60),
@@ -119,7 +48,7 @@ fn run_e2e(scenario: &str, node: &str) {
         ..SpawnOptions::default()
     };
     let report = replay::replay(&tr, &opts, &mut |_| {}).unwrap_or_else(|e| {
-        panic!("{e}\n--- broker log ---\n{}\n--- signer log ---\n{}", tail(&broker_log, 4000), tail(&signer_log, 4000))
+        panic!("{e}\n--- broker log ---\n{}\n--- signer log ---\n{}", tail(&broker_log, 4000), signer_proc.log_tail(4000))
     });
 
     let cfg = replay::signer::replay_config(clock, Default::default());
@@ -148,7 +77,7 @@ fn run_e2e(scenario: &str, node: &str) {
             report.broker_exits,
             list.join("\n"),
             tail(&broker_log, 4000),
-            tail(&signer_log, 4000)
+            signer_proc.log_tail(4000)
         );
     }
     assert_eq!(report.steps.len(), tr.request_count());
