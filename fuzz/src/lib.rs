@@ -1,0 +1,11 @@
+//! The checks behind the fuzz targets, one function per target. Each takes arbitrary bytes,
+//! feeds them to a parser that reads outside input, and asserts the parser's properties (no
+//! panic, and round trips or invariants where the format has them).
+//!
+//! The same files are compiled into the main workspace's tests with `#[path]`
+//! (`crates/wire/tests/fuzz_corpus.rs`, `crates/broker/tests/mqtt_fuzz_corpus.rs`), which replay
+//! every file of `fuzz/corpus/<target>/` so CI exercises the corpora without a nightly toolchain.
+#![warn(missing_docs)]
+
+pub mod broker_checks;
+pub mod wire_checks;
