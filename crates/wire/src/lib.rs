@@ -5,11 +5,13 @@
 //!   (`0xAA55`/`0x5AA5`, compatible with upstream sphinx-key and `vls_protocol::msgs::SerialRequestHeader`).
 //! - [`topics`]: MQTT topic names.
 //! - [`token`]: the MQTT login token (node key signature over a timestamp).
+//! - [`control`]: the owner's signed control messages and the device's signed responses.
 //!
 //! Every parser here takes untrusted bytes and returns an error, never panics.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod control;
 pub mod hsmd;
 pub mod serial;
 pub mod token;

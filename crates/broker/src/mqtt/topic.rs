@@ -78,7 +78,7 @@ pub fn filter_allowed(identity: &str, filter: &str) -> bool {
 }
 
 /// The identity a topic belongs to: its first level (identities contain no `/`).
-pub(crate) fn owner(topic: &str) -> Option<&str> {
+pub fn owner(topic: &str) -> Option<&str> {
     topic.split_once('/').map(|(id, _)| id)
 }
 

@@ -1,0 +1,103 @@
+//! Checks of `sphinx_wire`'s parsers (fuzz targets `serial_request`, `serial_reply`, `token`,
+//! `hsmd`). Depends on `sphinx_wire` only, so `crates/wire/tests/fuzz_corpus.rs` can include it.
+
+use sphinx_wire::{hsmd, serial, token};
+
+/// `serial_request`: a request frame from the network (the signer parses the broker's
+/// `{id}/vls` payloads). A frame that decodes must re-encode to the same bytes, and is never
+/// also a reply.
+pub fn serial_request(data: &[u8]) {
+    if let Ok(r) = serial::Request::decode(data) {
+        assert_eq!(r.encode(), data, "request does not round-trip");
+        assert!(r.message.len() >= 2);
+        assert!(serial::Reply::decode(data).is_err(), "a request decoded as a reply");
+    }
+}
+
+/// `serial_reply`: a reply frame from the network (the broker parses the signer's
+/// `{id}/vls-res` payloads). A frame that decodes must re-encode to the same bytes.
+pub fn serial_reply(data: &[u8]) {
+    if let Ok(r) = serial::Reply::decode(data) {
+        assert_eq!(r.encode(), data, "reply does not round-trip");
+        assert!(r.message.len() >= 2);
+        assert!(serial::Request::decode(data).is_err(), "a reply decoded as a request");
+    }
+}
+
+/// `token`: an MQTT login. Input: `username \n password [\n now]` (`now` in decimal seconds;
+/// without it the token's own timestamp is used, so a valid seed token verifies). An accepted
+/// login names the key that signed it, with a timestamp inside the window.
+pub fn token(data: &[u8]) {
+    let mut parts = data.splitn(3, |b| *b == b'\n');
+    let username = String::from_utf8_lossy(parts.next().unwrap_or_default());
+    let password = parts.next().unwrap_or_default();
+    let now: Option<u64> = parts
+        .next()
+        .and_then(|n| std::str::from_utf8(n).ok())
+        .and_then(|n| n.trim().parse().ok());
+    // The raw signature path, on whatever the password holds.
+    if password.len() >= 4 {
+        let _ = token::recover(&password[..4], &password[4..]);
+    }
+    let window = 300;
+    let now = now.unwrap_or_else(|| token_ts(password).unwrap_or(0));
+    if let Ok(pk) = token::verify(&username, password, now, window) {
+        assert!(pk.to_string().eq_ignore_ascii_case(&username), "accepted key is not the username");
+        let ts = token_ts(password).unwrap_or(u64::MAX);
+        assert!(now.abs_diff(ts) <= window, "accepted a token outside the window");
+    }
+}
+
+/// The timestamp inside a well-formed token (for the default `now`).
+fn token_ts(password: &[u8]) -> Option<u64> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    // Decode just the first 6 base64url characters (36 bits ≥ the 32-bit timestamp).
+    let mut acc: u64 = 0;
+    for c in password.get(..6)? {
+        let v = ALPHABET.iter().position(|a| a == c)? as u64;
+        acc = (acc << 6) | v;
+    }
+    Some(acc >> 4)
+}
+
+/// `hsmd`: Core Lightning's hsmd wire. The input is a message (type + body) for the body parsers
+/// and, when it has 4 bytes, also a length prefix for `frame_len`.
+pub fn hsmd(data: &[u8]) {
+    if let Some(prefix) = data.get(..4) {
+        let prefix = [prefix[0], prefix[1], prefix[2], prefix[3]];
+        if let Ok(len) = hsmd::frame_len(prefix) {
+            assert!((2..=hsmd::MAX_MESSAGE_LEN).contains(&len));
+            assert_eq!(len, u32::from_be_bytes(prefix) as usize);
+        }
+    }
+    let ty = hsmd::msg_type(data);
+    assert_eq!(ty.is_ok(), data.len() >= 2);
+    if let Ok(ctx) = hsmd::parse_client_hsmfd(data) {
+        assert_eq!(ty, Ok(hsmd::CLIENT_HSMFD));
+        let mut m = hsmd::CLIENT_HSMFD.to_be_bytes().to_vec();
+        m.extend_from_slice(&ctx.peer_id);
+        m.extend_from_slice(&ctx.dbid.to_be_bytes());
+        m.extend_from_slice(&ctx.permissions.to_be_bytes());
+        assert!(data.starts_with(&m), "client_hsmfd fields do not match the bytes");
+    }
+    if let Ok(chain) = hsmd::parse_init_chain_hash(data) {
+        assert_eq!(ty, Ok(hsmd::HSMD_INIT));
+        assert_eq!(data.get(10..42), Some(&chain[..]));
+    }
+    let node = hsmd::parse_init_reply_node_id(data);
+    let caps = hsmd::parse_init_reply_capabilities(data);
+    if node.is_ok() {
+        let caps = caps.as_ref().map(Vec::len);
+        assert!(caps.is_ok(), "node id parsed but capabilities did not");
+    }
+    if let Ok(caps) = &caps {
+        assert!(caps.len() <= usize::from(u16::MAX));
+    }
+    // Framing a message and reading its prefix back gives its length (when in range).
+    if data.len() <= 4096 {
+        let framed = hsmd::frame(data);
+        assert_eq!(&framed[4..], data);
+        let prefix = [framed[0], framed[1], framed[2], framed[3]];
+        assert_eq!(hsmd::frame_len(prefix).ok(), (data.len() >= 2).then_some(data.len()));
+    }
+}
