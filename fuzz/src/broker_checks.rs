@@ -58,7 +58,10 @@ pub fn mqtt_packet(data: &[u8]) {
         let before = buf.len();
         match v4::read(&mut buf, MAX_PACKET) {
             Ok(p) => {
-                assert!(buf.len() < before, "codec returned a packet without consuming input");
+                assert!(
+                    buf.len() < before,
+                    "codec returned a packet without consuming input"
+                );
                 match p {
                     Packet::Publish(p) => {
                         if valid_topic(&p.topic) {
@@ -93,7 +96,11 @@ fn acl_invariants(id: &str, topic: &str, filter: &str) {
     }
     if topic_allowed(id, topic) {
         assert!(valid_topic(topic));
-        assert_eq!(owner(topic), Some(id), "publish allowed outside the identity's prefix");
+        assert_eq!(
+            owner(topic),
+            Some(id),
+            "publish allowed outside the identity's prefix"
+        );
     }
     if filter_allowed(id, filter) {
         assert!(valid_filter(filter));

@@ -57,6 +57,14 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
 pub async fn run_hsmd(cfg: &Config, root: StdUnixStream, status: Option<StdUnixStream>, log_io: bool) -> anyhow::Result<()> {
     let broker = start(cfg).await?;
     let server = Arc::new(hsmd::HsmdServer::new(broker.relay.clone(), cfg.network, status, log_io)?);
-    server.serve_root(root).await?;
+    // Chain tracking: follows bitcoind once a signer has answered lightningd's hsmd_init.
+    let follower = chain::spawn(
+        chain::FollowerConfig::new(cfg.bitcoind.clone(), cfg.network).with_data_dir(&cfg.data_dir),
+        broker.relay.clone(),
+        server.init_done(),
+    );
+    let served = server.serve_root(root).await;
+    follower.task.abort();
+    served?;
     Ok(())
 }

@@ -48,6 +48,12 @@ struct Cli {
     /// Per-request reply bound, seconds.
     #[arg(long, env = "SPHINX_BROKER_REQUEST_TIMEOUT")]
     request_timeout: Option<u64>,
+    /// bitcoind JSON-RPC URL to follow (http://user:password@host:port); chain tracking is off without one.
+    #[arg(long, env = "SPHINX_BROKER_BITCOIND_URL")]
+    bitcoind_url: Option<String>,
+    /// bitcoind's .cookie file, used when the URL carries no user:password.
+    #[arg(long, env = "SPHINX_BROKER_BITCOIND_COOKIE")]
+    bitcoind_cookie: Option<PathBuf>,
     /// Log every hsmd message (lightningd passes this with --log-level=io).
     #[arg(long)]
     log_io: bool,
@@ -83,6 +89,13 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     if let Some(t) = cli.request_timeout {
         cfg.relay.request_timeout = std::time::Duration::from_secs(t);
     }
+    if let Some(u) = &cli.bitcoind_url {
+        cfg.bitcoind.url = Some(u.clone());
+    }
+    if let Some(c) = &cli.bitcoind_cookie {
+        cfg.bitcoind.cookie_file = Some(c.clone());
+    }
+    cfg.bitcoind.check(cfg.network).map_err(|e| e.to_string())?;
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
 }

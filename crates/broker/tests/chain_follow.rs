@@ -69,6 +69,8 @@ struct Harness {
     journal: Shared<Journal>,
     node_hex: String,
     init_done: watch::Sender<bool>,
+    /// Makes the signer stall once on the next message of a type (a slow signer).
+    stall: Shared<Option<(u16, Duration)>>,
     _dir: TempDir,
 }
 
@@ -93,6 +95,19 @@ fn signer_config() -> SignerConfig {
 impl Harness {
     /// Relay + signer (in memory, or on disk under `state`), signer connected, `hsmd_init` done.
     async fn new(name: &str, on_disk: bool) -> Harness {
+        Self::with_timeout(name, on_disk, Duration::from_secs(60)).await
+    }
+
+    async fn with_timeout(name: &str, on_disk: bool, request_timeout: Duration) -> Harness {
+        let h = Self::uninitialised(name, on_disk, request_timeout).await;
+        let init = trace_requests().into_iter().find(|(_, m)| m[..2] == [0, 11]).unwrap().1;
+        h.relay.call(ClientContext::ROOT, init).await.expect("hsmd_init");
+        h
+    }
+
+    /// Relay and connected signer, before lightningd's `hsmd_init`.
+    async fn uninitialised(name: &str, on_disk: bool, request_timeout: Duration) -> Harness {
+        init_logs();
         let dir = temp_dir(name);
         let signer = if on_disk {
             Signer::open(ALICE_SEED, &dir.0.join("signer"), &signer_config()).unwrap()
@@ -104,12 +119,28 @@ impl Harness {
         let journal: Shared<Journal> = Default::default();
         let (events, ev_rx) = mpsc::channel(4096);
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let stall: Shared<Option<(u16, Duration)>> = Default::default();
         {
             let (signer, journal, events, id) = (signer.clone(), journal.clone(), events.clone(), node_hex.clone());
+            let stall = stall.clone();
             std::thread::spawn(move || {
                 while let Ok(frame) = jobs_rx.recv() {
                     let Ok(req) = Request::decode(&frame) else { continue };
                     let ty = u16::from_be_bytes([req.message[0], req.message[1]]);
+                    let pause = {
+                        let mut st = stall.lock().unwrap();
+                        match *st {
+                            Some((t, d)) if t == ty => {
+                                *st = None;
+                                Some(d)
+                            }
+                            _ => None,
+                        }
+                    };
+                    if let Some(d) = pause {
+                        // Simulated slowness of the signer (not synchronisation).
+                        std::thread::sleep(d);
+                    }
                     let result = {
                         let mut s = signer.lock().unwrap();
                         match s.as_mut() {
@@ -136,21 +167,23 @@ impl Harness {
         let cfg = RelayConfig {
             queue_capacity: 1000,
             max_inflight: 64,
-            request_timeout: Duration::from_secs(60),
+            request_timeout,
             waiting_log_interval: Duration::from_secs(3600),
         };
         let relay = relay::spawn(cfg, Arc::new(SignerBehindLink { jobs: jobs_tx }), ev_rx, pin);
         events.send(LinkEvent::Hello(node_hex.clone())).await.unwrap();
         let (init_done, _) = watch::channel(false);
-        let h = Harness { relay, events, signer, journal, node_hex, init_done, _dir: dir };
-        let init = trace_requests().into_iter().find(|(_, m)| m[..2] == [0, 11]).unwrap().1;
-        h.relay.call(ClientContext::ROOT, init).await.expect("hsmd_init");
-        h
+        Harness { relay, events, signer, journal, node_hex, init_done, stall, _dir: dir }
     }
 
     /// Starts the follower against `settings` (fast polling, heartbeat on every poll).
     fn follow(&self, settings: BitcoindSettings) -> FollowerHandle {
+        self.follow_with_cache(settings, None)
+    }
+
+    fn follow_with_cache(&self, settings: BitcoindSettings, cache: Option<PathBuf>) -> FollowerHandle {
         let mut cfg = FollowerConfig::new(settings, Network::Regtest);
+        cfg.filter_cache = cache;
         cfg.poll_interval = Duration::from_millis(20);
         cfg.heartbeat_interval = Duration::ZERO;
         cfg.backoff_min = Duration::from_millis(20);
@@ -168,6 +201,17 @@ impl Harness {
     fn types(&self) -> Vec<u16> {
         self.journal.lock().unwrap().types.clone()
     }
+}
+
+/// Logs to the test output (`RUST_LOG=sphinx_broker=debug cargo test … -- --nocapture`).
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("sphinx_broker::chain=info")),
+        )
+        .with_test_writer()
+        .try_init();
 }
 
 /// Root-connection and client requests of alice's open-pay-close trace: (context, message).
@@ -505,5 +549,124 @@ async fn chain_block_confirming_the_traced_funding_tx_updates_watches() {
         outpoints.iter().any(|o| o.txid == funding_txid),
         "after the confirming block the signer watches the funding outpoint: {outpoints:?}"
     );
+    f.task.abort();
+}
+
+/// A signer that stalls past the request bound: the follower's call fails, it backs off, reads
+/// the signer's tip again and carries on; no block is skipped or added twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_slow_signer_timeouts_are_retried_from_the_signers_tip() {
+    let h = Harness::with_timeout("slow", false, Duration::from_millis(300)).await;
+    let btc = fake(true, None).await;
+    btc.mine(5);
+    // The third AddBlock takes longer than the relay's bound.
+    *h.stall.lock().unwrap() = Some((2005, Duration::from_millis(900)));
+    let mut f = h.follow(settings(btc.url_with_login("alice", "s3cret"), None));
+    let s = wait_status(&mut f, "timeout reported", |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("no reply from the signer"))
+    })
+    .await;
+    eprintln!("slow signer: {:?}", s.last_error);
+    let s = wait_synced(&mut f, btc.tip()).await;
+    assert!(s.failures_total >= 1);
+    // The late AddBlock was applied by the signer; the follower noticed from TipInfo.
+    let adds = h.types().iter().filter(|t| **t == 2005).count();
+    assert_eq!(adds, 5, "each block added exactly once");
+    assert_eq!(h.chain().tip().await.unwrap(), btc.tip());
+    f.task.abort();
+}
+
+/// A restarted broker resumes from the signer's tip: from its filter-header file without any
+/// header walk, or, without it, by recomputing filter headers back to genesis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_follower_restart_resumes_from_the_signers_tip() {
+    let h = Harness::new("resume", false).await;
+    let btc = fake(true, None).await;
+    btc.mine(30);
+    let cache = h._dir.0.join("chain-filter-headers");
+    let url = btc.url_with_login("alice", "s3cret");
+    let mut f = h.follow_with_cache(settings(url.clone(), None), Some(cache.clone()));
+    wait_synced(&mut f, btc.tip()).await;
+    f.task.abort();
+    assert!(cache.exists(), "filter headers saved");
+
+    btc.mine(3);
+    let mut f = h.follow_with_cache(settings(url.clone(), None), Some(cache.clone()));
+    wait_synced(&mut f, btc.tip()).await;
+    f.task.abort();
+    assert_eq!(btc.calls("getblockheader"), 0, "resumed from the saved filter headers");
+
+    btc.mine(2);
+    let blocks_before = btc.calls("getblock");
+    let mut f = h.follow(settings(url, None));
+    wait_synced(&mut f, btc.tip()).await;
+    f.task.abort();
+    assert_eq!(btc.calls("getblockheader"), 33, "walked back from the signer's tip to genesis");
+    assert_eq!(btc.calls("getblock") - blocks_before, 33 + 2, "recomputed 33 filter headers, then added 2 blocks");
+    assert_eq!(h.chain().tip().await.unwrap(), btc.tip());
+}
+
+/// bitcoind behind the signer while it syncs (reindex, initial download) is waited for, not
+/// taken for a reorg: nothing is removed from the signer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_bitcoind_behind_and_syncing_is_not_a_reorg() {
+    let h = Harness::new("behind", false).await;
+    let btc = fake(true, None).await;
+    let hashes = btc.mine(10);
+    let mut f = h.follow(settings(btc.url_with_login("alice", "s3cret"), None));
+    wait_synced(&mut f, btc.tip()).await;
+    let tip = btc.tip();
+    btc.pop(3);
+    btc.set_syncing(Some(3));
+    let s = wait_status(&mut f, "waiting for bitcoind", |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("still syncing"))
+    })
+    .await;
+    eprintln!("behind: {:?}", s.last_error);
+    assert_eq!(h.chain().tip().await.unwrap(), tip);
+    for hash in &hashes[7..] {
+        btc.push_unchecked(btc.block(hash).unwrap());
+    }
+    btc.set_syncing(None);
+    wait_synced(&mut f, tip).await;
+    assert!(!h.types().contains(&2006), "no RemoveBlock");
+    f.task.abort();
+}
+
+/// The wiring the broker uses: the follower waits for `HsmdServer::init_done()`, i.e. until a
+/// signer has answered lightningd's `hsmd_init` on fd 3, then follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_follower_starts_when_lightningds_init_is_answered() {
+    use std::io::{Read, Write};
+    let h = Harness::uninitialised("wiring", false, Duration::from_secs(60)).await;
+    let btc = fake(true, None).await;
+    btc.mine(3);
+    let server = Arc::new(sphinx_broker::hsmd::HsmdServer::new(h.relay.clone(), Network::Regtest, None, false).unwrap());
+    let mut cfg = FollowerConfig::new(settings(btc.url_with_login("alice", "s3cret"), None), Network::Regtest);
+    cfg.poll_interval = Duration::from_millis(20);
+    let mut f = chain::spawn(cfg, h.relay.clone(), server.init_done());
+    let (mut lightningd, hsmd_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    let serving = tokio::spawn(server.clone().serve_root(hsmd_end));
+    wait_status(&mut f, "waiting for init", |s| s.phase == Phase::WaitingForInit).await;
+    assert!(h.types().is_empty(), "no chain request before hsmd_init");
+    // lightningd sends hsmd_init on fd 3 and reads the reply.
+    let init = trace_requests().into_iter().find(|(_, m)| m[..2] == [0, 11]).unwrap().1;
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut frame = (init.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&init);
+        lightningd.write_all(&frame).unwrap();
+        let mut len = [0u8; 4];
+        lightningd.read_exact(&mut len).unwrap();
+        let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+        lightningd.read_exact(&mut reply).unwrap();
+        (lightningd, reply)
+    })
+    .await
+    .unwrap();
+    assert_eq!(&reply.1[..2], &[0, 114], "init_reply_v4");
+    wait_synced(&mut f, btc.tip()).await;
+    assert_eq!(h.types()[0], 11, "hsmd_init first, then chain traffic");
+    drop(reply.0); // lightningd closes fd 3: the hsmd server ends
+    serving.await.unwrap().unwrap();
     f.task.abort();
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::v4::{Connect, Login};
+use rumqttc::mqttbytes::v4::{self, Connect, Login};
 use rumqttc_tls::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration,
     Transport,
@@ -71,8 +71,8 @@ struct Cert {
 }
 
 fn self_signed(dir: &Dir, name: &str) -> Cert {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-        .unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     Cert {
         crt: dir.write(&format!("{name}.crt"), &ck.cert.pem()),
         key: dir.write(&format!("{name}.key"), &ck.key_pair.serialize_pem()),
@@ -272,7 +272,11 @@ async fn plaintext_client_on_tls_port_is_closed_and_server_keeps_serving() {
     if let Err(e) = r {
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     }
-    assert_ne!(got.first(), Some(&0x20), "got a CONNACK in clear text: {got:02x?}");
+    assert_ne!(
+        got.first(),
+        Some(&0x20),
+        "got a CONNACK in clear text: {got:02x?}"
+    );
 
     round_trip(&h, &mut rx, "alice", &ServerTrust::CaFile(cert.crt.clone())).await;
 }
@@ -302,7 +306,11 @@ async fn plaintext_on_non_loopback_needs_opt_in() {
         match mqtt::start(cfg, Arc::new(auth)).await {
             Err(e @ StartError::PlaintextNonLoopback(_)) => {
                 let msg = e.to_string();
-                assert!(msg.contains("TLS") && msg.contains(listen.trim_end_matches(":0").trim_matches(['[', ']'])), "{msg}");
+                assert!(
+                    msg.contains("TLS")
+                        && msg.contains(listen.trim_end_matches(":0").trim_matches(['[', ']'])),
+                    "{msg}"
+                );
             }
             Err(e) => panic!("expected PlaintextNonLoopback for {listen}, got {e}"),
             Ok(_) => panic!("plaintext on {listen} was accepted without opt-in"),
@@ -346,4 +354,105 @@ async fn plaintext_on_non_loopback_needs_opt_in() {
         Err(e) => panic!("expected a TLS error, got {e}"),
         Ok(_) => panic!("a key that does not match the certificate was accepted"),
     }
+}
+
+/// A raw client over TLS (tokio-rustls + the v4 codec), with TCP_NODELAY.
+struct RawTls {
+    s: tokio_rustls::client::TlsStream<TcpStream>,
+    buf: BytesMut,
+}
+
+impl RawTls {
+    async fn connect(h: &MqttHandle, trust: &ServerTrust, name: &str) -> RawTls {
+        let tcp = TcpStream::connect(h.local_addr()).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(sphinx_tls::client_config(trust).unwrap());
+        let server_name = sphinx_tls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let s = connector.connect(server_name, tcp).await.unwrap();
+        let mut r = RawTls {
+            s,
+            buf: BytesMut::new(),
+        };
+        let mut c = Connect::new(name);
+        c.keep_alive = 30;
+        c.login = Some(Login::new(name, name));
+        r.send(|b| c.write(b)).await;
+        assert!(matches!(r.read().await, v4::Packet::ConnAck(_)));
+        r
+    }
+
+    async fn send(&mut self, enc: impl FnOnce(&mut BytesMut) -> Result<usize, rumqttc::Error>) {
+        let mut b = BytesMut::new();
+        enc(&mut b).unwrap();
+        self.s.write_all(&b).await.unwrap();
+        self.s.flush().await.unwrap();
+    }
+
+    async fn read(&mut self) -> v4::Packet {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match v4::read(&mut self.buf, 1 << 24) {
+                    Ok(p) => return p,
+                    Err(rumqttc::Error::InsufficientBytes(_)) => {}
+                    Err(e) => panic!("bad packet from server: {e}"),
+                }
+                let n = self.s.read_buf(&mut self.buf).await.unwrap();
+                assert!(n > 0, "server closed the connection");
+            }
+        })
+        .await
+        .expect("timed out reading from the server")
+    }
+}
+
+/// The relay's round trip (application QoS 1 publish → client PUBACK and QoS 1 reply as two
+/// writes → `Message` event → server PUBACK), over TLS: TLS must not bring Nagle back (every
+/// write is flushed, sockets have TCP_NODELAY).
+#[tokio::test]
+async fn qos1_round_trip_latency_over_tls() {
+    let dir = Dir::new();
+    let cert = self_signed(&dir, "broker");
+    let (h, mut rx) = tls_server(&cert, Limits::default()).await;
+    let mut r = RawTls::connect(&h, &ServerTrust::Pinned(cert.fingerprint), "alice").await;
+    assert!(matches!(
+        next_event(&mut rx).await,
+        MqttEvent::Connected { .. }
+    ));
+    let mut sub = v4::Subscribe::new("alice/vls", rumqttc::mqttbytes::QoS::AtLeastOnce);
+    sub.pkid = 1;
+    r.send(|b| sub.write(b)).await;
+    assert!(matches!(r.read().await, v4::Packet::SubAck(_)));
+    let n = 200u32;
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        h.publish("alice/vls", Bytes::from(i.to_be_bytes().to_vec()))
+            .await
+            .unwrap();
+        let req = match r.read().await {
+            v4::Packet::Publish(p) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        };
+        r.send(|b| v4::PubAck::new(req.pkid).write(b)).await;
+        let mut reply = v4::Publish::from_bytes(
+            "alice/vls-res",
+            rumqttc::mqttbytes::QoS::AtLeastOnce,
+            req.payload.clone(),
+        );
+        reply.pkid = (i % 60000 + 1) as u16;
+        r.send(|b| reply.write(b)).await;
+        match next_event(&mut rx).await {
+            MqttEvent::Message { topic, payload, .. } => {
+                assert_eq!(topic, "alice/vls-res");
+                assert_eq!(&payload[..], &i.to_be_bytes()[..]);
+            }
+            other => panic!("expected Message, got {other:?}"),
+        }
+        assert!(matches!(r.read().await, v4::Packet::PubAck(_)));
+    }
+    let per = t.elapsed() / n;
+    println!("QoS 1 request/response round trip over TLS: {per:?} average over {n}");
+    assert!(
+        per < Duration::from_millis(15),
+        "round trip too slow: {per:?}"
+    );
 }

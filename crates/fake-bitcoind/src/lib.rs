@@ -165,7 +165,7 @@ impl Chain {
 /// Builds (unmined) a regtest block at `height` on `prev`: BIP34 coinbase paying `payout`,
 /// witness commitment, then `txs`.
 fn assemble(prev: BlockHash, height: u32, time: u32, extra: u32, payout: &ScriptBuf, txs: Vec<Transaction>) -> Block {
-    let subsidy = Amount::from_sat(50 * 100_000_000u64 >> (height / 150).min(63));
+    let subsidy = Amount::from_sat((50 * 100_000_000u64) >> (height / 150).min(63));
     let script_sig = Builder::new().push_int(height as i64).push_int(extra as i64).into_script();
     let coinbase = Transaction {
         version: transaction::Version::TWO,
@@ -232,6 +232,8 @@ struct Inner {
     /// When set, every call fails with -28 and this message (bitcoind warming up).
     warmup: Mutex<Option<String>>,
     calls: Mutex<HashMap<String, u64>>,
+    /// While `Some(n)`, bitcoind reports `n` more headers than blocks and initial block download.
+    syncing: Mutex<Option<u32>>,
 }
 
 /// A running (or stopped) fake bitcoind. Cheap to clone; all clones share the chain.
@@ -261,6 +263,7 @@ impl FakeBitcoind {
             cookie: Mutex::new(None),
             warmup: Mutex::new(None),
             calls: Mutex::new(HashMap::new()),
+            syncing: Mutex::new(None),
         });
         let fake = FakeBitcoind { inner, addr, server: Arc::new(Mutex::new(None)) };
         fake.serve(listener)?;
@@ -329,6 +332,12 @@ impl FakeBitcoind {
     /// While `Some`, every call fails with bitcoind's warm-up error (-28) and this message.
     pub fn set_warmup(&self, message: Option<&str>) {
         *lock(&self.inner.warmup) = message.map(str::to_string);
+    }
+
+    /// While `Some(n)`, `getblockchaininfo` says bitcoind is syncing: `headers` is `blocks + n`
+    /// and `initialblockdownload` is true (as during a reindex or initial download).
+    pub fn set_syncing(&self, headers_ahead: Option<u32>) {
+        *lock(&self.inner.syncing) = headers_ahead;
     }
 
     /// How many times `method` was called.
@@ -676,10 +685,11 @@ fn dispatch(inner: &Inner, method: &str, params: &[Value]) -> Result<Value, RpcE
             arity(method, params, 0, 0, "")?;
             let (height, hash) = c.tip();
             let e = c.entry(&hash).ok_or((-1, "no tip".to_string()))?;
+            let syncing = *lock(&inner.syncing);
             Ok(json!({
                 "chain": "regtest",
                 "blocks": height,
-                "headers": height,
+                "headers": height + syncing.unwrap_or(0),
                 "bestblockhash": hash.to_string(),
                 "bits": format!("{:08x}", e.block.header.bits.to_consensus()),
                 "target": work_hex_target(e.block.header.target()),
@@ -687,7 +697,7 @@ fn dispatch(inner: &Inner, method: &str, params: &[Value]) -> Result<Value, RpcE
                 "time": e.block.header.time,
                 "mediantime": c.median_time(height),
                 "verificationprogress": 1,
-                "initialblockdownload": height == 0,
+                "initialblockdownload": height == 0 || syncing.is_some(),
                 "chainwork": work_hex(e.chainwork),
                 "size_on_disk": 293 * (height as u64 + 1),
                 "pruned": false,
@@ -788,7 +798,8 @@ mod tests {
             }
             prev = *h;
         }
-        assert!(!f.bad_pow_block().header.validate_pow(f.bad_pow_block().header.target()).is_ok());
+        let bad = f.bad_pow_block();
+        assert!(bad.header.validate_pow(bad.header.target()).is_err());
         assert_eq!(f.call("getblockhash", &[json!(21)]), Err((-8, "Block height out of range".into())));
         assert_eq!(f.call("getblock", &[json!("00")]).unwrap_err().0, -8);
         assert_eq!(f.call("nosuch", &[]).unwrap_err().0, -32601);

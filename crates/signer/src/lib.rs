@@ -424,6 +424,7 @@ impl Signer {
         };
         commit(&persister)?;
         let node = init.node().clone();
+        restore_velocity(&persister, &node);
         if node.get_id() != self.node_id {
             return Err(Error::WrongSeed {
                 found: node.get_id().to_string(),
@@ -508,6 +509,7 @@ impl Signer {
             return Err(Error::NotInitialized(msg_type, msg_name(msg_type)));
         };
         let persister = core.persister.clone();
+        let node = core.node.clone();
         begin(&persister)?;
         let res = catch_unwind(AssertUnwindSafe(|| {
             let r = if req.dbid == 0 {
@@ -524,6 +526,7 @@ impl Signer {
                 let rec = ReplyRecord { seq: req.seq, hash, reply: hex::encode(&reply) };
                 let value = serde_json::to_vec(&rec).expect("record serializes");
                 let done = catch_unwind(AssertUnwindSafe(|| {
+                    sync_node_state(&persister, &node)?;
                     persister.put(&slot_key, value)?;
                     persister.commit()
                 }));
@@ -542,7 +545,8 @@ impl Signer {
             Ok(Err(e)) => {
                 // A failed operation must not change state; if it left writes, discard them
                 // together with the in-memory node.
-                let stranded = !persister.prepare().is_empty();
+                let stranded = !persister.prepare().is_empty()
+                    || !matches!(catch_unwind(AssertUnwindSafe(|| node_state_on_disk(&persister, &node))), Ok(Ok(true)));
                 if stranded || commit(&persister).is_err() {
                     warn!(msg_type, "refused request left changes; reloading state");
                     self.rebuild();
@@ -611,6 +615,68 @@ fn run_init(
         }
         Err(p) => Err(Error::Panic { msg_type, name: msg_name(msg_type), reason: panic_text(p) }),
     }
+}
+
+/// VLS 1.0.0-rc.1 restores a node's velocity controls from disk and then replaces them with
+/// fresh ones from the policy (`Node::new_full`), so a restarted signer would forget what it
+/// spent in the current interval: a restart would reset the owner's limits. Put the persisted
+/// controls back, unless the policy's limit or interval changed since (then VLS's reset stands,
+/// as it does for a spec change at run time).
+fn restore_velocity(p: &Persister, node: &Node) {
+    let stored = match p.get(&node_state_key(node)) {
+        Ok(Some((_, v))) => v,
+        _ => return,
+    };
+    let entry: vls_persist::model::NodeStateEntry =
+        match <vls_persist::kvv::JsonFormat as vls_persist::kvv::ValueFormat>::de_value(&stored) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!("stored node state unreadable for velocity restore: {e:?}");
+                return;
+            }
+        };
+    let same_spec = |a: &lightning_signer::util::velocity::VelocityControl,
+                     b: &lightning_signer::util::velocity::VelocityControl| {
+        a.limit == b.limit && a.bucket_interval == b.bucket_interval && a.buckets.len() == b.buckets.len()
+    };
+    let mut st = node.get_state();
+    let vc: lightning_signer::util::velocity::VelocityControl = entry.velocity_control.into();
+    if same_spec(&vc, &st.velocity_control) {
+        st.velocity_control = vc;
+    }
+    let fc: lightning_signer::util::velocity::VelocityControl = entry.fee_velocity_control.into();
+    if same_spec(&fc, &st.fee_velocity_control) {
+        st.fee_velocity_control = fc;
+    }
+}
+
+/// KVV key of the node state, as vls-persist names it.
+fn node_state_key(node: &Node) -> String {
+    format!("node/state/{}", hex::encode(node.get_id().serialize()))
+}
+
+/// The node state as vls-persist would write it.
+fn node_state_value(node: &Node) -> Result<Vec<u8>, lightning_signer::persist::Error> {
+    let entry: vls_persist::model::NodeStateEntry = (&*node.get_state()).into();
+    <vls_persist::kvv::JsonFormat as vls_persist::kvv::ValueFormat>::ser_value(&entry)
+}
+
+/// Is the in-memory node state the one on disk (or in the open transaction)?
+fn node_state_on_disk(p: &Persister, node: &Node) -> Result<bool, lightning_signer::persist::Error> {
+    let value = node_state_value(node)?;
+    Ok(matches!(p.get(&node_state_key(node))?, Some((_, v)) if v == value))
+}
+
+/// VLS changes some node state in memory without persisting it (seen: the fee velocity of
+/// `sign_withdrawal`, payment velocity and issued invoices), to be written with the next node
+/// update. A crash before that update would lose it, and a restarted signer would have forgotten
+/// what it spent. So every request's transaction also carries the node state whenever it differs
+/// from what is stored: nothing the device answered for is ever only in memory.
+fn sync_node_state(p: &Persister, node: &Node) -> Result<(), lightning_signer::persist::Error> {
+    if node_state_on_disk(p, node)? {
+        return Ok(());
+    }
+    p.put(&node_state_key(node), node_state_value(node)?)
 }
 
 fn vls_error_text(e: &vls_protocol_signer::handler::Error) -> String {

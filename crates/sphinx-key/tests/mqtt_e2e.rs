@@ -20,8 +20,14 @@ fn trace_requests() -> Vec<Request> {
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let ty = v["type"].as_u64().unwrap();
-        if v["dir"] != "req" || ty == 9 || ty == 33 || ty == 51 || ty == 52 {
+        if v["dir"] != "req" || ty == 9 || ty == 33 {
             continue;
+        }
+        let mut message = hex::decode(v["hex"].as_str().unwrap()).unwrap();
+        if ty == 51 || ty == 52 {
+            // CLN's own preapprove_*_check: VLS speaks 38/39, without the check_only byte.
+            message.pop();
+            message[1] = if ty == 51 { 38 } else { 39 };
         }
         let mut peer_id = [0u8; 33];
         if let Some(p) = v["ctx"]["peer_id"].as_str() {
@@ -31,7 +37,7 @@ fn trace_requests() -> Vec<Request> {
             seq: out.len() as u16,
             peer_id,
             dbid: v["ctx"]["dbid"].as_u64().unwrap(),
-            message: hex::decode(v["hex"].as_str().unwrap()).unwrap(),
+            message,
         });
     }
     out

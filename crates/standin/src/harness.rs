@@ -2,7 +2,8 @@
 //! environment that makes `sphinx-broker` (spawned by [`crate::lightningd::FakeLightningd`]) serve it.
 //!
 //! Child processes get `PR_SET_PDEATHSIG = SIGKILL`, so a test that dies (panic, timeout, ^C)
-//! leaves no signer running, and they are killed and reaped on drop.
+//! leaves no signer running, and they are killed and reaped on drop. The kernel ties that signal
+//! to the *thread* that spawned the child: spawn from a thread that outlives the process.
 
 use std::ffi::OsString;
 use std::fs::File;

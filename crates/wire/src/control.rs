@@ -159,6 +159,13 @@ pub enum Error {
         /// Highest acceptable.
         max: u64,
     },
+    /// The last accepted nonce is `u64::MAX`: no nonce is above it, so nothing more can be
+    /// accepted (taking `u64::MAX` again would let anyone replay the last message).
+    #[error("nonce {got} rejected: the last accepted nonce is u64::MAX, no nonce can be above it")]
+    NonceExhausted {
+        /// Offered.
+        got: u64,
+    },
     /// The nonce of a response is not that of the request.
     #[error("response is for nonce {got}, expected {expected}")]
     ResponseNonce {
@@ -223,7 +230,11 @@ pub fn parse_request(input: &[u8], owner: &PublicKey) -> Result<(ControlMessage,
 
 /// A nonce is accepted only above the last accepted one and at most [`NONCE_WINDOW`] above it.
 pub fn check_nonce(last: u64, nonce: u64) -> Result<(), Error> {
-    let min = last.saturating_add(1);
+    // Not `saturating_add`: with `last == u64::MAX` that made `min == last`, so the last
+    // message's nonce was accepted again (a replay). Found by the `control` fuzz target.
+    let Some(min) = last.checked_add(1) else {
+        return Err(Error::NonceExhausted { got: nonce });
+    };
     let max = last.saturating_add(NONCE_WINDOW);
     if nonce < min || nonce > max {
         return Err(Error::Nonce { got: nonce, min, max });
@@ -250,6 +261,21 @@ pub fn parse_response(input: &[u8], device: &PublicKey, nonce: u64) -> Result<Co
 mod tests {
     use super::*;
     use bitcoin::secp256k1::Secp256k1;
+
+    /// Regression (fuzz target `control`): at `last == u64::MAX` the same nonce was accepted
+    /// again, so the last message could be replayed forever.
+    #[test]
+    fn nonce_never_accepted_twice_even_at_the_top() {
+        assert_eq!(check_nonce(u64::MAX, u64::MAX), Err(Error::NonceExhausted { got: u64::MAX }));
+        assert!(check_nonce(u64::MAX, 0).is_err());
+        assert!(check_nonce(u64::MAX - 1, u64::MAX).is_ok());
+        assert!(check_nonce(u64::MAX - 1, u64::MAX - 1).is_err());
+        assert!(check_nonce(u64::MAX - NONCE_WINDOW, u64::MAX).is_ok());
+        for last in [0, 1, 1000, u64::MAX - 30, u64::MAX - 1] {
+            assert!(check_nonce(last, last).is_err(), "{last}");
+            assert!(check_nonce(last, last.wrapping_sub(1)).is_err(), "{last}");
+        }
+    }
 
     fn keys(b: u8) -> (SecretKey, PublicKey) {
         let sk = SecretKey::from_slice(&[b; 32]).unwrap();

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bitcoin::consensus::encode::deserialize_hex;
 use bitcoin::hash_types::FilterHeader;
 use bitcoin::hashes::Hash;
 use bitcoin::key::Keypair;
@@ -61,6 +60,9 @@ pub enum FollowError {
     /// The signer's tip cannot be related to bitcoind's chain.
     #[error("{0}")]
     Unrelated(String),
+    /// bitcoind is behind the signer and still syncing: nothing to do until it catches up.
+    #[error("{0}")]
+    Waiting(String),
 }
 
 /// Exponential backoff between retries.
@@ -167,7 +169,7 @@ impl FilterHeaders {
         self.dirty = false;
         let Some(path) = &self.file else { return };
         let mut entries: Vec<_> = self.map.iter().map(|(b, (h, f))| (*h, *b, *f)).collect();
-        entries.sort_by(|a, b| b.0.cmp(&a.0));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.0));
         entries.truncate(300);
         let text: String = entries.iter().map(|(h, b, f)| format!("{h} {b} {f}\n")).collect();
         let tmp = path.with_extension("tmp");
@@ -353,7 +355,7 @@ impl Follower {
             self.catching_up = true;
             info!(signer = h, bitcoind = info.blocks, "catching up with bitcoind");
             self.set(|s| s.phase = Phase::CatchingUp);
-        } else if self.catching_up && h % 500 == 0 {
+        } else if self.catching_up && h % 500 == 0 && h < info.blocks {
             info!(signer = h, bitcoind = info.blocks, "catching up with bitcoind");
         }
         if info.best == tip {
@@ -446,6 +448,10 @@ impl Follower {
         let proof = self.prove(height, &block, &prev_fh, fh, &watches);
         self.signer.add_block(&block, proof).await?;
         self.filters.insert(hash, height, fh);
+        if height % 100 == 0 {
+            // A long catch-up keeps its place across a broker restart.
+            self.filters.save();
+        }
         self.tip = Some((height, hash));
         debug!(height, %hash, txs = block.txdata.len(), "block added to the signer's tracker");
         self.set(|s| {
@@ -461,10 +467,11 @@ impl Follower {
                 "the signer's genesis block {tip} is not bitcoind's: wrong network?"
             )));
         }
-        if info.ibd && info.blocks < height {
-            return Err(FollowError::Unrelated(format!(
-                "bitcoind is in initial block download at height {} (the signer is at {height}); waiting",
-                info.blocks
+        if info.blocks < height && (info.ibd || info.headers > info.blocks) {
+            // Not a reorg: bitcoind is still syncing (initial download, reindex, catching up).
+            return Err(FollowError::Waiting(format!(
+                "bitcoind is behind the signer and still syncing (blocks {}, headers {}, signer at {height}); waiting",
+                info.blocks, info.headers
             )));
         }
         let block = self.rpc.block(&tip).await.map_err(|e| match e {
@@ -473,6 +480,7 @@ impl Follower {
             )),
             e => e.into(),
         })?;
+        check_block(&block, self.cfg.network).map_err(|reason| FollowError::BadBlock { height, hash: tip, reason })?;
         let prev_hash = block.header.prev_blockhash;
         let prev_header = self.rpc.header(&prev_hash).await?;
         let prev_fh = self.filter_header(height - 1, prev_hash).await?;
@@ -509,9 +517,4 @@ pub fn check_block(block: &Block, network: Network) -> Result<(), String> {
         return Err("the witness commitment does not match the transactions".into());
     }
     Ok(())
-}
-
-/// Decodes a hex block, for tests and tools.
-pub fn block_from_hex(hex: &str) -> Result<Block, String> {
-    deserialize_hex(hex).map_err(|e| e.to_string())
 }

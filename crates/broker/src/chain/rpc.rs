@@ -206,6 +206,8 @@ pub struct ChainInfo {
     pub chain: String,
     /// Height of the best block.
     pub blocks: u32,
+    /// Height of the best header bitcoind knows (above `blocks` while it is still syncing).
+    pub headers: u32,
     /// Its hash.
     pub best: BlockHash,
     /// bitcoind's `initialblockdownload`.
@@ -295,12 +297,10 @@ impl RpcClient {
         self.next_id += 1;
         let body = json!({"jsonrpc": "1.0", "id": self.next_id, "method": method, "params": params}).to_string();
         // A kept-alive connection may have been closed by bitcoind: retry once on a fresh one.
-        let (status, bytes) = match self.exchange(&body).await {
+        let reused = self.conn.is_some();
+        let (status, bytes) = match self.exchange(method, &body).await {
             Ok(r) => r,
-            Err(_) if self.conn.is_none() => {
-                self.connect().await?;
-                self.exchange(&body).await?
-            }
+            Err(RpcError::Unreachable { .. }) if reused => self.exchange(method, &body).await?,
             Err(e) => return Err(e),
         };
         if status == 401 {
@@ -325,7 +325,7 @@ impl RpcClient {
 
     /// Sends one request on the current connection (connecting first if there is none) and
     /// reads the response. Any failure drops the connection.
-    async fn exchange(&mut self, body: &str) -> Result<(u16, Vec<u8>), RpcError> {
+    async fn exchange(&mut self, method: &str, body: &str) -> Result<(u16, Vec<u8>), RpcError> {
         if self.conn.is_none() {
             self.connect().await?;
         }
@@ -351,7 +351,11 @@ impl RpcClient {
             }
             Err(e) => {
                 self.conn = None;
-                Err(RpcError::Unreachable { addr, reason: e.to_string() })
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    Err(RpcError::BadReply { method: method.to_string(), reason: format!("bad HTTP response: {e}") })
+                } else {
+                    Err(RpcError::Unreachable { addr, reason: e.to_string() })
+                }
             }
         }
     }
@@ -366,7 +370,8 @@ impl RpcClient {
         let best = BlockHash::from_str(best).map_err(|_| bad("bad bestblockhash"))?;
         let ibd = v.get("initialblockdownload").and_then(Value::as_bool).unwrap_or(false);
         let blocks = u32::try_from(blocks).map_err(|_| bad("height out of range"))?;
-        Ok(ChainInfo { chain, blocks, best, ibd })
+        let headers = v.get("headers").and_then(Value::as_u64).and_then(|h| u32::try_from(h).ok()).unwrap_or(blocks);
+        Ok(ChainInfo { chain, blocks, headers, best, ibd })
     }
 
     /// `getblockhash`: `None` when `height` is above bitcoind's tip (error -8).

@@ -133,7 +133,7 @@ impl SignerChain {
     }
 
     fn unexpected(request: &'static str, m: &Message) -> SignerCallError {
-        SignerCallError::BadReply { request, reason: format!("{}", message_name(m)) }
+        SignerCallError::BadReply { request, reason: message_name(m) }
     }
 
     /// `TipInfo`: the tracker's height and tip hash.

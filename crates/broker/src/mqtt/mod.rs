@@ -52,8 +52,8 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 /// Server configuration.
@@ -117,7 +117,9 @@ pub enum StartError {
 pub fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -584,7 +586,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls
             peer = %peer,
             identity = tracing::field::Empty
         );
-        tokio::spawn(serve(shared.clone(), tls.clone(), stream, peer, conn_id, permit).instrument(span));
+        tokio::spawn(
+            serve(shared.clone(), tls.clone(), stream, peer, conn_id, permit).instrument(span),
+        );
     }
     info!("MQTT server stopped accepting");
 }

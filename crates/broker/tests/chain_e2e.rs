@@ -1,0 +1,182 @@
+//! Chain tracking over the real request path: the broker's embedded MQTT server and relay
+//! (`sphinx_broker::start`), a `sphinx-key run` signer process (VLS on redb) connected over MQTT,
+//! and the fake bitcoind.
+//!
+//! Needs the `sphinx-key` binary next to this test's directory (`target/release/sphinx-key`):
+//! `cargo build --release -p sphinx-key` first (scripts/test builds every binary before testing).
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bitcoin::Network;
+use fake_bitcoind::{Config as FakeConfig, FakeBitcoind};
+use sphinx_broker::chain::signer::SignerChain;
+use sphinx_broker::chain::{self, BitcoindSettings, FollowerConfig, FollowerStatus, Phase};
+use sphinx_broker::config::Config;
+use sphinx_wire::ClientContext;
+use tokio::sync::watch;
+
+const ALICE_SEED: &str = "4141414141414141414141414141414141414141414141414141414141414141";
+const CLOCK: u64 = 1_795_466_257;
+const BOUND: Duration = Duration::from_secs(120);
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `sphinx-key run`, killed and reaped on drop (and killed by the kernel if this test dies).
+struct SignerProc(Child, PathBuf);
+impl Drop for SignerProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+impl SignerProc {
+    fn log(&self) -> String {
+        let t = std::fs::read_to_string(&self.1).unwrap_or_default();
+        t[t.len().saturating_sub(4000)..].to_string()
+    }
+}
+
+fn key_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
+    let p = dir.join("sphinx-key");
+    assert!(p.is_file(), "{} not found: cargo build --release -p sphinx-key first", p.display());
+    p
+}
+
+fn start_signer(data: &Path, broker: &str) -> SignerProc {
+    let key = key_bin();
+    let out = Command::new(&key)
+        .args(["init", "--data-dir"])
+        .arg(data)
+        .args(["--network", "regtest", "--seed-hex", ALICE_SEED])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sphinx-key init: {}", String::from_utf8_lossy(&out.stderr));
+    let log = data.with_extension("log");
+    let f = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(&key);
+    cmd.args(["run", "--data-dir"])
+        .arg(data)
+        .args(["--broker", broker, "--network", "regtest", "--status", "none"])
+        .args(["--dev-fixed-clock", &CLOCK.to_string()])
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f);
+    // SAFETY: only asks the kernel to SIGKILL the child when this process dies.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+    SignerProc(cmd.spawn().unwrap(), log)
+}
+
+fn trace_request(ty: u16) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/traces/open-pay-close/alice.jsonl");
+    let text = std::fs::read_to_string(path).unwrap();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["dir"] == "req" && v["type"] == ty && v["ctx"]["dbid"] == 0 {
+            return hex::decode(v["hex"].as_str().unwrap()).unwrap();
+        }
+    }
+    panic!("no request of type {ty}");
+}
+
+async fn wait(
+    rx: &mut watch::Receiver<FollowerStatus>,
+    what: &str,
+    f: impl FnMut(&FollowerStatus) -> bool,
+) -> FollowerStatus {
+    let r = match tokio::time::timeout(BOUND, rx.wait_for(f)).await {
+        Ok(Ok(s)) => Some(s.clone()),
+        _ => None,
+    };
+    r.unwrap_or_else(|| panic!("timed out waiting for {what}: {:?}", *rx.borrow()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_e2e_over_mqtt_with_a_signer_process() {
+    let dir = std::env::temp_dir().join(format!("sphinx-chain-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _guard = Dir(dir.clone());
+
+    let mut cfg = Config { network: Network::Regtest, data_dir: dir.join("broker"), ..Config::default() };
+    cfg.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    let broker = sphinx_broker::start(&cfg).await.unwrap();
+    let listen = broker.mqtt.local_addr().to_string();
+    let signer = start_signer(&dir.join("key"), &listen);
+
+    // lightningd's hsmd_init, held by the relay until the signer connects and answers it.
+    let reply = tokio::time::timeout(BOUND, broker.relay.call(ClientContext::ROOT, trace_request(11)))
+        .await
+        .unwrap_or_else(|_| panic!("no init reply; signer log:\n{}", signer.log()))
+        .unwrap();
+    assert_eq!(&reply[..2], &[0, 114]);
+
+    let btc = FakeBitcoind::start(FakeConfig { users: vec![("u".into(), "p".into())], ..FakeConfig::default() })
+        .await
+        .unwrap();
+    btc.mine(300);
+    let mut fc = FollowerConfig::new(
+        BitcoindSettings { url: Some(btc.url_with_login("u", "p")), cookie_file: None },
+        Network::Regtest,
+    )
+    .with_data_dir(&cfg.data_dir);
+    fc.poll_interval = Duration::from_millis(20);
+    fc.heartbeat_interval = Duration::ZERO;
+    let (init_done, init_rx) = watch::channel(true);
+    let mut f = chain::spawn(fc, broker.relay.clone(), init_rx);
+
+    // CLN requests keep flowing over MQTT while 300 blocks are caught up.
+    let check_pubkey = trace_request(28);
+    let mut during = 0;
+    let mut max = Duration::ZERO;
+    let target = btc.tip();
+    loop {
+        let t = Instant::now();
+        let r = broker.relay.call(ClientContext::ROOT, check_pubkey.clone()).await.unwrap();
+        max = max.max(t.elapsed());
+        assert_eq!(&r[..2], &[0, 128]);
+        let s = f.status.borrow().clone();
+        if s.signer_tip.is_some_and(|t| t.0 > 0 && t.0 < 300) {
+            during += 1;
+        }
+        if s.phase == Phase::Synced && s.signer_tip == Some(target) {
+            break;
+        }
+    }
+    eprintln!("over MQTT: {during} CLN requests answered during the catch-up, max latency {max:?}");
+    assert!(during >= 10, "{during}");
+
+    // A reorg and a bad block, over the same path.
+    btc.reorg(3, 5);
+    wait(&mut f.status, "reorg followed", |s| s.phase == Phase::Synced && s.signer_tip == Some(btc.tip())).await;
+    let tip = btc.tip();
+    btc.push_unchecked(btc.bad_pow_block());
+    wait(&mut f.status, "bad PoW refused", |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("bad proof of work"))
+    })
+    .await;
+    let chain = SignerChain::new(broker.relay.clone());
+    assert_eq!(chain.tip().await.unwrap(), tip);
+    let s = f.status.borrow().clone();
+    assert_eq!(s.blocks_removed, 3);
+    let hb = chain::fetch_heartbeat(&broker.relay).await.unwrap();
+    assert!(hb.verified);
+    assert_eq!((hb.chain_height, hb.chain_tip), tip);
+    f.task.abort();
+    drop(init_done);
+    drop(signer);
+}
