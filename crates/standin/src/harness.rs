@@ -186,3 +186,15 @@ pub fn tail(path: &Path, max: usize) -> String {
     let s = String::from_utf8_lossy(&b[b.len().saturating_sub(max)..]).into_owned();
     s
 }
+
+/// Every VLS key → value of a signer's redb state directory (the signer's own bookkeeping under
+/// `sphinx/` — reply log, stored init — left out), to compare two runs' durable state.
+#[cfg(feature = "oracle")]
+pub fn signer_state(state_dir: &Path) -> io::Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    use vls_persist::kvv::KVVStore;
+    // RedbKVVStore::new panics on an unusable directory.
+    let store = std::panic::catch_unwind(|| vls_persist::kvv::redb::RedbKVVStore::new(state_dir))
+        .map_err(|_| io::Error::other(format!("cannot open redb state in {}", state_dir.display())))?;
+    let all = store.get_prefix("").map_err(|e| io::Error::other(format!("reading state: {e:?}")))?;
+    Ok(all.map(|kvv| kvv.into_inner()).filter(|(k, _)| !k.starts_with("sphinx/")).map(|(k, (_, v))| (k, v)).collect())
+}

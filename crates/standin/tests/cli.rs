@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{script, trace_path, TempDir};
+use common::{script, tempdir, trace_path};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fake-lightningd");
 const ECHO: &str = env!("CARGO_BIN_EXE_fake-hsmd-echo");
@@ -20,7 +20,7 @@ fn help() {
 
 #[test]
 fn pass_with_canned_replies_across_a_restart() {
-    let d = TempDir::new("cli");
+    let d = tempdir("cli");
     let trace = trace_path("force-close", "bob");
     let o = Command::new(BIN)
         .args(["--broker", ECHO, "--no-oracle", "--trace"])
@@ -46,7 +46,7 @@ fn fail_on_wrong_replies_and_on_bad_version() {
     assert_eq!(o.status.code(), Some(1), "{s}");
     assert!(s.contains("MISMATCH") && s.contains("RESULT: FAIL"), "{s}");
 
-    let d = TempDir::new("cli-bad");
+    let d = tempdir("cli-bad");
     let wrong = script(&d, "old-broker", "echo v24.11");
     let o = Command::new(BIN).arg("--broker").arg(&wrong).arg("--trace").arg(&trace).output().unwrap();
     assert_eq!(o.status.code(), Some(2));

@@ -16,17 +16,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use common::trace_path;
-use sphinx_standin::harness::{bin, broker_envs, free_port, init_signer, SignerProcess, TempDir};
+use sphinx_standin::harness::{bin, broker_envs, free_port, init_signer, signer_state, SignerProcess, TempDir};
 use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions};
 use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions, ReplayReport};
 use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
-use vls_persist::kvv::redb::RedbKVVStore;
-use vls_persist::kvv::KVVStore;
 
 /// xorshift64*: deterministic kill points without a dependency.
 struct Rng(u64);
@@ -74,18 +70,6 @@ impl Loop {
             )
         })
     }
-}
-
-/// Every VLS key → value in a signer's redb state (reply log and stored init excluded).
-fn state(data_dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let store = RedbKVVStore::new(data_dir.join("state"));
-    store
-        .get_prefix("")
-        .unwrap()
-        .map(|kvv| kvv.into_inner())
-        .filter(|(k, _)| !k.starts_with("sphinx/"))
-        .map(|(k, (_, v))| (k, v))
-        .collect()
 }
 
 #[test]
@@ -155,7 +139,8 @@ fn signer_killed_at_random_points_loses_nothing() {
     let mismatches = compare_with_oracle(&report.steps, &expected);
     assert!(mismatches.is_empty(), "replies differ from the uninterrupted signer: {mismatches:#?}");
 
-    let (a, b) = (state(&calm.dir.join("signer")), state(&rough.dir.join("signer")));
+    let state = |l: &Loop| signer_state(&l.dir.join("signer").join("state")).unwrap();
+    let (a, b) = (state(&calm), state(&rough));
     assert!(!a.is_empty());
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "same state keys");
     for (k, v) in &a {

@@ -6,7 +6,7 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use common::{script, TempDir};
+use common::{script, tempdir};
 use sphinx_standin::lightningd::{
     check_version, BrokerOutput, ClientConn, Error, FakeLightningd, FdPassing, SpawnOptions, CLN_VERSION,
 };
@@ -38,7 +38,7 @@ fn msg(t: u16, body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn version_check_accepts_exact_and_refuses_everything_else() {
-    let d = TempDir::new("version");
+    let d = tempdir("version");
     let t = Duration::from_secs(10);
     let good = script(&d, "good", "echo v25.12.1");
     check_version(&good, CLN_VERSION, t).unwrap();
@@ -82,7 +82,7 @@ fn version_check_accepts_exact_and_refuses_everything_else() {
 
 #[test]
 fn root_calls_clients_fd_passing_and_clean_exit() {
-    let d = TempDir::new("echo");
+    let d = tempdir("echo");
     let args_file = d.join("args");
     let mut ld = FakeLightningd::spawn_with(
         ECHO,
@@ -125,7 +125,7 @@ fn root_calls_clients_fd_passing_and_clean_exit() {
 
 #[test]
 fn child_gets_exactly_fds_0_to_3() {
-    let d = TempDir::new("fds");
+    let d = tempdir("fds");
     // Leak an fd without close-on-exec in this process: lightningd would not pass it on.
     let f = std::fs::File::open("/dev/null").unwrap();
     // SAFETY: clearing FD_CLOEXEC on an fd we own.
@@ -197,7 +197,7 @@ fn shutdown_reports_exit_codes_and_kills_a_broker_that_does_not_exit() {
 
 #[test]
 fn broker_that_dies_is_an_error_with_its_exit_status() {
-    let d = TempDir::new("dies");
+    let d = tempdir("dies");
     // Passes --version, then exits 5 without answering.
     let p = script(&d, "dies", "if [ \"$1\" = --version ]; then echo v25.12.1; exit 0; fi; exit 5");
     let mut ld = FakeLightningd::spawn_with(&p, NO_ARGS, NO_ENV, quick()).unwrap();
@@ -209,7 +209,7 @@ fn broker_that_dies_is_an_error_with_its_exit_status() {
 
 #[test]
 fn broker_output_can_go_to_a_file() {
-    let d = TempDir::new("out");
+    let d = tempdir("out");
     let p = script(
         &d,
         "talks",

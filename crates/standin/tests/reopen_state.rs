@@ -9,27 +9,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use common::trace_path;
 use sphinx_signer::Signer;
-use sphinx_standin::harness::TempDir;
+use sphinx_standin::harness::{signer_state, TempDir};
 use sphinx_standin::replay::{self, oracle_skips, translate_request};
 use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
 use sphinx_wire::serial;
-use vls_persist::kvv::redb::RedbKVVStore;
-use vls_persist::kvv::KVVStore;
-
-/// Every VLS key → value (the signer's own bookkeeping under `sphinx/` excluded).
-fn state(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    RedbKVVStore::new(dir)
-        .get_prefix("")
-        .unwrap()
-        .map(|k| k.into_inner())
-        .filter(|(k, _)| !k.starts_with("sphinx/"))
-        .map(|(k, (_, v))| (k, v))
-        .collect()
-}
 
 fn run(tr: &Trace, seed: [u8; 32], clock: u64, reopen_before: Option<usize>) -> BTreeMap<String, Vec<u8>> {
     let cfg = replay::signer::replay_config(clock, Default::default());
@@ -50,7 +36,7 @@ fn run(tr: &Trace, seed: [u8; 32], clock: u64, reopen_before: Option<usize>) -> 
         seq = seq.wrapping_add(1);
     }
     drop(s);
-    state(d.path())
+    signer_state(d.path()).unwrap()
 }
 
 #[test]

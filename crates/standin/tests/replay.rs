@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::time::Duration;
 
-use common::{trace_path, TempDir, ALL_TRACES};
+use common::{tempdir, trace_path, ALL_TRACES};
 use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions};
 use sphinx_standin::replay::{
     compare_with_oracle, judge_against_recorded, oracle_replay, replay, translate_request, FnOracle, ReplayOptions,
@@ -74,7 +74,7 @@ fn canned_cln_replies_are_exact_and_match_an_in_process_oracle() {
     for (scenario, node) in ALL_TRACES {
         let path = trace_path(scenario, node);
         let tr = Trace::load(&path).unwrap();
-        let d = TempDir::new("canned");
+        let d = tempdir("canned");
         let o = opts(vec![("FAKE_HSMD_CANNED", path.clone().into()), ("FAKE_HSMD_RUN_FILE", d.join("runs").into())]);
         let report = replay(&tr, &o, &mut |_| {}).unwrap();
         for s in &report.steps {
