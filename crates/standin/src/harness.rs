@@ -3,7 +3,8 @@
 //!
 //! Child processes get `PR_SET_PDEATHSIG = SIGKILL`, so a test that dies (panic, timeout, ^C)
 //! leaves no signer running, and they are killed and reaped on drop. The kernel ties that signal
-//! to the *thread* that spawned the child: spawn from a thread that outlives the process.
+//! to the *thread* that spawned the child, so every spawn goes through one keeper thread that
+//! lives as long as the process: a signer started from a short-lived thread stays up.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -101,6 +102,29 @@ pub fn init_signer(key_bin: &Path, data_dir: &Path, seed: [u8; 32]) -> io::Resul
     Ok(())
 }
 
+type SpawnJob = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
+
+/// Spawns `cmd` from the process-lifetime keeper thread (see the module docs).
+pub fn spawn_kept(cmd: Command) -> io::Result<Child> {
+    static KEEPER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>> = std::sync::OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        std::thread::spawn(move || {
+            for (mut cmd, reply) in rx {
+                let _ = reply.send(cmd.spawn());
+            }
+        });
+        std::sync::Mutex::new(tx)
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    keeper
+        .lock()
+        .map_err(|_| io::Error::other("spawn keeper poisoned"))?
+        .send((cmd, tx))
+        .map_err(|_| io::Error::other("spawn keeper gone"))?;
+    rx.recv().map_err(|_| io::Error::other("spawn keeper gone"))?
+}
+
 /// A running `sphinx-key run`, killed (SIGKILL) and reaped on drop.
 pub struct SignerProcess {
     child: Option<Child>,
@@ -139,7 +163,7 @@ impl SignerProcess {
                 Ok(())
             });
         }
-        let child = cmd.spawn()?;
+        let child = spawn_kept(cmd)?;
         Ok(SignerProcess { child: Some(child), log: log.to_path_buf() })
     }
 
@@ -197,4 +221,453 @@ pub fn signer_state(state_dir: &Path) -> io::Result<std::collections::BTreeMap<S
         .map_err(|_| io::Error::other(format!("cannot open redb state in {}", state_dir.display())))?;
     let all = store.get_prefix("").map_err(|e| io::Error::other(format!("reading state: {e:?}")))?;
     Ok(all.map(|kvv| kvv.into_inner()).filter(|(k, _)| !k.starts_with("sphinx/")).map(|(k, (_, v))| (k, v)).collect())
+}
+
+impl SignerProcess {
+    /// Sends `sig` to the process (e.g. `libc::SIGSTOP` / `libc::SIGCONT` to make a slow
+    /// device). The child is not reaped until [`kill`](Self::kill)/[`wait`](Self::wait), so the
+    /// pid cannot have been recycled.
+    pub fn signal(&self, sig: i32) -> io::Result<()> {
+        let pid = self.id().ok_or_else(|| io::Error::other("signer not running"))?;
+        // SAFETY: kill(2) on our own unreaped child.
+        if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        tail(&self.log, usize::MAX)
+    }
+}
+
+/// Waits (bounded) until `addr` accepts TCP connections, e.g. a broker's MQTT listener right
+/// after spawn. A refused connect returns at once, so this retries every 10 ms until `timeout`.
+pub fn wait_listening(addr: &str, timeout: std::time::Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(_) => return Ok(()),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("{addr} not listening after {timeout:?}: {e}")))
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}
+
+/// Waits (bounded) until a log file contains `needle`, returning the whole file. Only for
+/// facts that have no other observable event (a line a process writes about what it refused).
+pub fn wait_log(path: &Path, needle: &str, timeout: std::time::Duration) -> Result<String, String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let s = tail(path, usize::MAX);
+        if s.contains(needle) {
+            return Ok(s);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{} has no {needle:?} after {timeout:?}; last lines:\n{}",
+                path.display(),
+                tail(path, 3000)
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Direction of bytes through a [`TcpProxy`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Client (signer) → server (broker).
+    ToServer,
+    /// Server → client.
+    ToClient,
+}
+
+struct ProxyRule {
+    dir: Dir,
+    pattern: Vec<u8>,
+    cut: bool,
+    tx: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+struct ProxyInner {
+    upstream: std::net::SocketAddr,
+    conns: std::sync::Mutex<Vec<(std::net::TcpStream, std::net::TcpStream)>>,
+    rules: std::sync::Mutex<Vec<ProxyRule>>,
+    first_bytes: std::sync::Mutex<Vec<Vec<u8>>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// A loopback TCP proxy between a signer and the broker: the network in the middle. It can
+/// watch for a byte pattern in either direction (an event when e.g. a request frame reaches the
+/// signer's socket, or its reply leaves it), cut the connection exactly there (the chunk with the
+/// pattern is not forwarded), sever every connection, and it keeps the first bytes each client
+/// sent (its CONNECT, with the login token: what a network attacker would capture).
+pub struct TcpProxy {
+    addr: std::net::SocketAddr,
+    inner: std::sync::Arc<ProxyInner>,
+}
+
+impl TcpProxy {
+    /// Listens on a free loopback port and forwards each connection to `upstream`. A client
+    /// whose upstream connect fails is closed (as if the broker were down).
+    pub fn start(upstream: &str) -> io::Result<TcpProxy> {
+        use std::net::ToSocketAddrs;
+        let upstream = upstream.to_socket_addrs()?.next().ok_or_else(|| io::Error::other("no upstream address"))?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let inner = std::sync::Arc::new(ProxyInner {
+            upstream,
+            conns: Default::default(),
+            rules: Default::default(),
+            first_bytes: Default::default(),
+            stop: Default::default(),
+        });
+        let i2 = inner.clone();
+        std::thread::Builder::new().name("proxy-accept".into()).spawn(move || {
+            for c in listener.incoming() {
+                if i2.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = c else { continue };
+                let Ok(server) = std::net::TcpStream::connect_timeout(&i2.upstream, std::time::Duration::from_secs(2))
+                else {
+                    continue; // dropped: the client sees the connection close
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) =
+                    (client.try_clone(), server.try_clone(), client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                let idx = {
+                    let mut fb = i2.first_bytes.lock().unwrap_or_else(|p| p.into_inner());
+                    fb.push(Vec::new());
+                    fb.len() - 1
+                };
+                i2.conns.lock().unwrap_or_else(|p| p.into_inner()).push((c3, s3));
+                let (ia, ib) = (i2.clone(), i2.clone());
+                let _ = std::thread::Builder::new()
+                    .name("proxy-up".into())
+                    .spawn(move || pump(ia, client, server, Dir::ToServer, Some(idx)));
+                let _ = std::thread::Builder::new().name("proxy-down".into()).spawn(move || pump(ib, s2, c2, Dir::ToClient, None));
+            }
+        })?;
+        Ok(TcpProxy { addr, inner })
+    }
+
+    /// `127.0.0.1:PORT` to give the signer as its broker.
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// One-shot: the receiver gets the bytes around the match (the previous chunk's last 256
+    /// bytes and the chunk carrying it) the first time `pattern` passes in `dir`; bytes are
+    /// forwarded normally.
+    pub fn watch(&self, dir: Dir, pattern: &[u8]) -> std::sync::mpsc::Receiver<Vec<u8>> {
+        self.rule(dir, pattern, false)
+    }
+
+    /// One-shot: the first time `pattern` passes in `dir`, the chunk carrying it is dropped and
+    /// that connection is severed (both sockets shut down); then the receiver gets the bytes.
+    pub fn cut_on(&self, dir: Dir, pattern: &[u8]) -> std::sync::mpsc::Receiver<Vec<u8>> {
+        self.rule(dir, pattern, true)
+    }
+
+    fn rule(&self, dir: Dir, pattern: &[u8], cut: bool) -> std::sync::mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.inner.rules.lock().unwrap_or_else(|p| p.into_inner()).push(ProxyRule {
+            dir,
+            pattern: pattern.to_vec(),
+            cut,
+            tx,
+        });
+        rx
+    }
+
+    /// Severs every open connection now.
+    pub fn cut_all(&self) {
+        for (c, s) in self.inner.conns.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// The first bytes (up to 4 KiB) each client sent, one entry per connection, in order.
+    pub fn first_bytes(&self) -> Vec<Vec<u8>> {
+        self.inner.first_bytes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.cut_all();
+        let _ = std::net::TcpStream::connect(self.addr); // wakes the accept loop
+    }
+}
+
+fn pump(inner: std::sync::Arc<ProxyInner>, mut from: std::net::TcpStream, mut to: std::net::TcpStream, dir: Dir, capture: Option<usize>) {
+    use std::io::Write;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut window: Vec<u8> = Vec::new();
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        if let Some(i) = capture {
+            let mut fb = inner.first_bytes.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = fb.get_mut(i) {
+                let room = 4096usize.saturating_sub(v.len());
+                v.extend_from_slice(&chunk[..room.min(n)]);
+            }
+        }
+        // Match against the end of the previous chunk too: a pattern may straddle two reads.
+        window.extend_from_slice(chunk);
+        let mut cut = false;
+        let mut notify = Vec::new();
+        {
+            let mut rules = inner.rules.lock().unwrap_or_else(|p| p.into_inner());
+            let mut k = 0;
+            while k < rules.len() {
+                let r = &rules[k];
+                // Only matches that end in this chunk (older bytes were seen by older rules).
+                let from_at = window.len().saturating_sub(n + r.pattern.len().saturating_sub(1));
+                let hit = !r.pattern.is_empty()
+                    && window[from_at..].windows(r.pattern.len()).any(|w| w == r.pattern.as_slice());
+                if r.dir == dir && hit {
+                    let r = rules.remove(k);
+                    cut |= r.cut;
+                    if !r.cut {
+                        notify.push(r.tx); // after the chunk is forwarded
+                    } else {
+                        // Sever first, then tell: the receiver may rely on the cut having happened.
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = r.tx.send(window.clone());
+                    }
+                } else {
+                    k += 1;
+                }
+            }
+        }
+        if cut {
+            return;
+        }
+        let ok = to.write_all(chunk).is_ok();
+        for tx in notify {
+            let _ = tx.send(window.clone());
+        }
+        if !ok {
+            break;
+        }
+        let keep = 256.min(window.len());
+        window.drain(..window.len() - keep);
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// The password of the first MQTT 3.1.1 CONNECT in `bytes` whose username is `user` (what a
+/// network attacker on a plaintext link reads).
+pub fn connect_password(bytes: &[u8], user: &str) -> Option<Vec<u8>> {
+    let u = user.as_bytes();
+    let mut field = (u.len() as u16).to_be_bytes().to_vec();
+    field.extend_from_slice(u);
+    let at = bytes.windows(field.len()).position(|w| w == field.as_slice())? + field.len();
+    let len = u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]) as usize;
+    bytes.get(at + 2..at + 2 + len).map(|p| p.to_vec())
+}
+
+/// Replays a trace one request at a time through a [`crate::lightningd::FakeLightningd`], with
+/// exactly the rules of [`crate::replay::replay`] (same translation, a second `hsmd_init` on
+/// conn 0 restarts the broker), so that a test can act between requests (kill, stop or
+/// disconnect the signer, play a foreign client, open an extra client, …) and still compare the
+/// steps with the oracle ([`crate::replay::compare_with_oracle`]).
+pub struct Session {
+    opts: crate::replay::ReplayOptions,
+    exchanges: Vec<crate::trace::Exchange>,
+    ld: Option<crate::lightningd::FakeLightningd>,
+    clients: std::collections::HashMap<u64, crate::lightningd::ClientConn>,
+    seen_init: bool,
+    next: usize,
+    run: usize,
+    /// Steps done and broker exits, as [`crate::replay::replay`] reports them.
+    pub report: crate::replay::ReplayReport,
+    /// After each broker spawn, wait (bounded) until this address accepts connections.
+    pub wait_listen: Option<String>,
+    /// Restart lightningd at a second `hsmd_init` by SIGKILLing the old broker (a crash)
+    /// instead of closing fd 3.
+    pub restart_by_kill: bool,
+}
+
+impl Session {
+    /// Spawns the broker (run 0); no request is sent yet.
+    pub fn start(trace: &crate::trace::Trace, opts: crate::replay::ReplayOptions) -> Result<Session, String> {
+        let mut s = Session {
+            opts,
+            exchanges: trace.exchanges.clone(),
+            ld: None,
+            clients: Default::default(),
+            seen_init: false,
+            next: 0,
+            run: 0,
+            report: Default::default(),
+            wait_listen: None,
+            restart_by_kill: false,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let o = &self.opts;
+        let ld = crate::lightningd::FakeLightningd::spawn_with(
+            &o.broker,
+            &o.args,
+            o.envs.iter().map(|(k, v)| (k, v)),
+            o.spawn.clone(),
+        )
+        .map_err(|e| format!("spawning broker (run {}): {e}", self.run))?;
+        self.ld = Some(ld);
+        if let Some(a) = &self.wait_listen {
+            wait_listening(a, std::time::Duration::from_secs(20)).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Sets [`wait_listen`](Self::wait_listen) and waits for the current broker too.
+    pub fn set_wait_listen(&mut self, addr: &str) -> io::Result<()> {
+        self.wait_listen = Some(addr.to_string());
+        wait_listening(addr, std::time::Duration::from_secs(20))
+    }
+
+    /// The running lightningd stand-in.
+    pub fn ld(&mut self) -> &mut crate::lightningd::FakeLightningd {
+        self.ld.as_mut().expect("broker running")
+    }
+
+    /// The next request to be sent, if any.
+    pub fn peek(&self) -> Option<&crate::trace::Exchange> {
+        self.exchanges.get(self.next)
+    }
+
+    /// The client connection of a trace conn id, if open.
+    pub fn client(&mut self, conn: u64) -> Option<&mut crate::lightningd::ClientConn> {
+        self.clients.get_mut(&conn)
+    }
+
+    /// Which broker run is current (0, 1 after a restart).
+    pub fn run(&self) -> usize {
+        self.run
+    }
+
+    fn finish_run(&mut self) {
+        if let Some(ld) = self.ld.take() {
+            self.report.status_messages.push(ld.status_log().count);
+            let exit = if self.restart_by_kill {
+                ld.kill().map(|s| crate::lightningd::describe_status(&s)).map_err(|e| e.to_string())
+            } else {
+                ld.shutdown().map(|s| crate::lightningd::describe_status(&s)).map_err(|e| e.to_string())
+            };
+            self.report.broker_exits.push(exit);
+        }
+    }
+
+    /// Sends the next request and records its step; `None` when the trace is done.
+    pub fn step(&mut self) -> Option<&crate::replay::Step> {
+        use crate::replay::{translate_request, translated_name, Step};
+        use sphinx_wire::hsmd;
+        let ex = self.exchanges.get(self.next)?.clone();
+        self.next += 1;
+        if ex.conn == 0 && ex.msg_type == hsmd::HSMD_INIT {
+            if self.seen_init {
+                self.clients.clear();
+                self.finish_run();
+                self.run += 1;
+                if let Err(e) = self.spawn() {
+                    panic!("{e}");
+                }
+            }
+            self.seen_init = true;
+        }
+        let request = if self.opts.translate_preapprove { translate_request(&ex.request) } else { ex.request.clone() };
+        let msg_type = hsmd::msg_type(&request).unwrap_or(ex.msg_type);
+        let name = if msg_type != ex.msg_type {
+            translated_name(msg_type).map(str::to_string).unwrap_or_else(|| format!("type_{msg_type}"))
+        } else {
+            ex.name.clone()
+        };
+        let start = std::time::Instant::now();
+        let ld = self.ld.as_mut().expect("broker running");
+        let reply: Result<Vec<u8>, String> = if ex.conn == 0 {
+            if ex.msg_type == hsmd::CLIENT_HSMFD {
+                match ld.new_client_raw(&request) {
+                    Ok(c) => {
+                        if let Some(id) = ex.new_conn {
+                            self.clients.insert(id, c);
+                        }
+                        Ok(hsmd::client_hsmfd_reply())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            } else if ex.msg_type == hsmd::DEV_PREINIT {
+                ld.send_no_reply(&request).map(|()| Vec::new()).map_err(|e| e.to_string())
+            } else {
+                ld.root_call(&request).map_err(|e| e.to_string())
+            }
+        } else {
+            match self.clients.get_mut(&ex.conn) {
+                Some(c) => c.call(&request).map_err(|e| e.to_string()),
+                None => Err(format!("conn {} does not exist (its 9 failed?)", ex.conn)),
+            }
+        };
+        self.report.steps.push(Step {
+            index: ex.index,
+            run: self.run,
+            conn: ex.conn,
+            ctx: ex.ctx,
+            t: ex.t,
+            recorded_type: ex.msg_type,
+            msg_type,
+            name,
+            request,
+            reply,
+            recorded_reply: ex.reply.clone(),
+            latency: start.elapsed(),
+        });
+        self.report.steps.last()
+    }
+
+    /// Steps until the trace is done.
+    pub fn run_to_end(&mut self) {
+        while self.step().is_some() {}
+    }
+
+    /// Steps while `until(next exchange)` is false; returns the number of steps taken.
+    pub fn run_until(&mut self, until: impl Fn(&crate::trace::Exchange) -> bool) -> usize {
+        let mut n = 0;
+        while let Some(ex) = self.peek() {
+            if until(ex) {
+                break;
+            }
+            self.step();
+            n += 1;
+        }
+        n
+    }
+
+    /// Closes every client and lightningd's fd 3 (clean exit awaited) and returns the report.
+    pub fn finish(mut self) -> crate::replay::ReplayReport {
+        self.clients.clear();
+        self.restart_by_kill = false;
+        self.finish_run();
+        std::mem::take(&mut self.report)
+    }
 }

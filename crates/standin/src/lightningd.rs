@@ -472,6 +472,8 @@ pub struct StatusLog {
     pub types: Vec<u16>,
     /// Set if the stream was not valid framing.
     pub error: Option<String>,
+    /// The messages themselves (type + body, first 1,000), to check their content.
+    pub frames: Vec<Vec<u8>>,
 }
 
 fn drain_status(mut s: UnixStream, log: Arc<Mutex<StatusLog>>) {
@@ -509,6 +511,9 @@ fn drain_status(mut s: UnixStream, log: Arc<Mutex<StatusLog>>) {
                 if l.types.len() < 10_000 {
                     l.types.push(t);
                 }
+                if l.frames.len() < 1_000 {
+                    l.frames.push(buf[4..4 + len].to_vec());
+                }
             }
             buf.drain(..4 + len);
         }
@@ -539,6 +544,19 @@ impl ClientConn {
     pub fn call_timeout(&mut self, msg: &[u8], timeout: Duration) -> Result<Vec<u8>> {
         let what = format!("reply to type {} on client dbid {}", type_of(msg), self.ctx.dbid);
         self.conn.call(msg, timeout, &what)
+    }
+
+    /// Sends a request without waiting for its reply (a subdaemon that dies mid-request);
+    /// [`recv`](Self::recv) reads the reply.
+    pub fn send(&mut self, msg: &[u8]) -> Result<()> {
+        let what = format!("sending type {} on client dbid {}", type_of(msg), self.ctx.dbid);
+        self.conn.write_msg(msg, Instant::now() + self.timeout, &what)
+    }
+
+    /// Reads one reply with its own deadline (after [`send`](Self::send)).
+    pub fn recv(&mut self, timeout: Duration) -> Result<Vec<u8>> {
+        let what = format!("reply on client dbid {}", self.ctx.dbid);
+        self.conn.read_msg(Instant::now() + timeout, &what)
     }
 
     /// The context given in the 9 request.
