@@ -4,8 +4,12 @@
 //! One path for a request: [`hsmd`] reads it from a CLN connection → [`relay`] numbers it and
 //! publishes it to the signer through the embedded [`mqtt`] server → the signer's reply comes
 //! back through [`signer_link`] → [`relay`] matches it by sequence number → [`hsmd`] writes it.
+//!
+//! Beside it, the optional operator [`api`] (HTTP, loopback, bearer token) lists the signers,
+//! relays owner control messages and streams signer events, fed by [`signer_link::SignerHub`].
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod chain;
 pub mod config;
 pub mod hsmd;
@@ -30,19 +34,39 @@ pub struct Broker {
     pub mqtt: mqtt::MqttHandle,
     /// The pinned signer key.
     pub pin: Arc<PinStore>,
+    /// The signers' state and events (what the API shows).
+    pub hub: Arc<signer_link::SignerHub>,
+    /// The operator API, when configured (dropping it stops the API).
+    pub api: Option<api::ApiHandle>,
 }
 
-/// Starts the MQTT server and the relay.
+/// Starts the MQTT server, the relay and, when configured, the operator API.
+///
+/// The API's settings are checked before anything starts (an enabled API needs a token of at
+/// least 16 characters and a loopback address unless `api.allow_non_loopback`).
 pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
+    let api_cfg = api::ApiConfig::from_settings(&cfg.api).map_err(|e| anyhow::anyhow!("operator API: {e}"))?;
+    let tls = match (&cfg.mqtt.tls_cert, &cfg.mqtt.tls_key) {
+        (Some(cert), Some(key)) => Some(mqtt::TlsSettings { cert_chain: cert.clone(), private_key: key.clone() }),
+        (None, None) => None,
+        _ => anyhow::bail!("MQTT TLS needs both mqtt.tls_cert and mqtt.tls_key"),
+    };
     let pin = Arc::new(PinStore::open(&cfg.data_dir)?);
     let auth = Arc::new(signer_link::TokenAuth::new(pin.clone(), cfg.mqtt.token_window));
-    let mqtt_cfg = mqtt::MqttConfig { max_payload: cfg.mqtt.max_payload, ..mqtt::MqttConfig::new(cfg.mqtt.listen) };
+    let mqtt_cfg = mqtt::MqttConfig {
+        max_payload: cfg.mqtt.max_payload,
+        tls,
+        allow_plaintext_non_loopback: cfg.mqtt.allow_plaintext_non_loopback,
+        ..mqtt::MqttConfig::new(cfg.mqtt.listen)
+    };
+    let tls_on = mqtt_cfg.tls.is_some();
     let (mqtt, mqtt_events) = mqtt::start(mqtt_cfg, auth)
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the MQTT server on {}: {e}", cfg.mqtt.listen))?;
-    tracing::info!(listen = %mqtt.local_addr(), pinned = ?pin.get(), "embedded MQTT server listening");
+    tracing::info!(listen = %mqtt.local_addr(), tls = tls_on, pinned = ?pin.get(), "embedded MQTT server listening");
+    let hub = Arc::new(signer_link::SignerHub::new(cfg.api.event_capacity));
     let (link_tx, link_rx) = mpsc::channel(1024);
-    tokio::spawn(signer_link::forward_events(mqtt_events, link_tx));
+    tokio::spawn(signer_link::forward_events(mqtt_events, link_tx, hub.clone()));
     let relay_cfg = relay::RelayConfig {
         queue_capacity: cfg.relay.queue_capacity,
         max_inflight: cfg.relay.max_inflight,
@@ -50,7 +74,20 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
         waiting_log_interval: cfg.relay.waiting_log_interval,
     };
     let relay = relay::spawn(relay_cfg, Arc::new(mqtt.clone()), link_rx, pin.clone());
-    Ok(Broker { relay, mqtt, pin })
+    let api = match api_cfg {
+        None => None,
+        Some(c) => {
+            let state = api::ApiState { mqtt: mqtt.clone(), hub: hub.clone(), relay: relay.clone(), pin: pin.clone() };
+            match api::start(c, state).await {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    mqtt.shutdown();
+                    anyhow::bail!("cannot start the operator API: {e}");
+                }
+            }
+        }
+    };
+    Ok(Broker { relay, mqtt, pin, hub, api })
 }
 
 /// Runs as lightningd's hsmd on `root` (fd 3) until lightningd closes it.
@@ -65,6 +102,9 @@ pub async fn run_hsmd(cfg: &Config, root: StdUnixStream, status: Option<StdUnixS
     );
     let served = server.serve_root(root).await;
     follower.task.abort();
+    if let Some(api) = &broker.api {
+        api.shutdown();
+    }
     served?;
     Ok(())
 }

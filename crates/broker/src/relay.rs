@@ -198,10 +198,14 @@ impl Relay {
         self.jobs_probe.upgrade().map(|s| s.max_capacity() - s.capacity()).unwrap_or(0)
     }
 
-    fn on_tick(&mut self) {
-        // Callers that gave up (timeout, closed connection) need no answer: forget them so a
-        // reconnecting signer is not asked to sign for nobody.
+    /// Callers that gave up (timeout, closed connection) need no answer: forget their requests
+    /// so a reconnecting signer is not asked to sign for nobody.
+    fn forget_abandoned(&mut self) {
         self.inflight.retain(|p| p.kind != Kind::Cln || p.reply.as_ref().is_some_and(|r| !r.is_closed()));
+    }
+
+    fn on_tick(&mut self) {
+        self.forget_abandoned();
         if self.signer.is_none() {
             let waiting = self.queued() + self.inflight.len();
             if waiting > 0 {
@@ -259,6 +263,21 @@ impl Relay {
     }
 
     async fn on_hello(&mut self, id: String) {
+        // A client that logged in before a node id was pinned keeps its MQTT session after the
+        // pin (login is only checked at CONNECT). Without this check its `hello` would make it
+        // the current signer: requests would go to it and the real signer's replies would be
+        // ignored (hijack / denial of service). Proved by standin/tests/foreign_clients.rs.
+        if let Err(e) = self.pin.allows(&id) {
+            warn!(signer = %id, error = %e, "hello from a key that is not the pinned node id; disconnecting it");
+            self.link.disconnect(&id);
+            return;
+        }
+        // Forget requests whose callers gave up *before* re-sending: otherwise a request that
+        // timed out (CLN was told it failed and closed that client) would still be signed by
+        // the signer that comes back, e.g. advancing a channel's state for nobody. (Before,
+        // only the periodic tick did this.) Proved by standin/tests/failures.rs
+        // slow_signer_never_holds_a_caller_beyond_the_bound.
+        self.forget_abandoned();
         info!(signer = %id, resend = self.inflight.len(), "signer ready");
         self.signer = Some(id);
         self.inflight.retain(|p| p.kind != Kind::InitReplay);
@@ -495,6 +514,33 @@ mod tests {
         // No answer at all: the caller is released at the bound.
         let r = h.relay.call(ClientContext::ROOT, vec![0, 7]).await;
         assert!(matches!(r, Err(RelayError::Timeout(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn hello_from_a_key_other_than_the_pinned_one_is_refused() {
+        let mut h = harness("hellopin", Duration::from_secs(30));
+        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
+        let init = tokio::spawn({
+            let r = h.relay.clone();
+            async move { r.call(ClientContext::ROOT, init_msg()).await }
+        });
+        let q = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        h.events.send(reply(q.seq, init_reply(ID))).await.unwrap();
+        assert!(init.await.unwrap().is_ok());
+        // A client that logged in before the pin (still connected) says hello: refused, dropped,
+        // and the pinned signer stays the one requests go to.
+        let other = "02c0c171d21db07e402c123e72ecb9fb01ef764a1efe153fcf785a8885962d9bc1";
+        h.events.send(LinkEvent::Hello(other.into())).await.unwrap();
+        let call = tokio::spawn({
+            let r = h.relay.clone();
+            async move { r.call(ClientContext::ROOT, vec![0, 23, 1]).await }
+        });
+        let (topic, f) = h.out.recv().await.unwrap();
+        assert_eq!(topic, format!("{ID}/vls"));
+        assert_eq!(h.link.disconnected.lock().unwrap().as_slice(), &[other.to_string()]);
+        let q = Request::decode(&f).unwrap();
+        h.events.send(reply(q.seq, vec![0, 123])).await.unwrap();
+        assert_eq!(call.await.unwrap().unwrap(), vec![0, 123]);
     }
 
     #[tokio::test]

@@ -1,15 +1,22 @@
-//! Glue between the embedded MQTT server and the relay: who may log in, and what their
-//! messages mean.
+//! Glue between the embedded MQTT server and the rest of the broker: who may log in, and what
+//! their messages mean.
+//!
+//! [`forward_events`] turns MQTT events into relay events ([`LinkEvent`]) and, for the operator
+//! API, keeps the [`SignerHub`] up to date: the signers' state, a broadcast of connects,
+//! disconnects and errors, and the routing of `{id}/control-res` replies to the one control
+//! call waiting for them.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use serde::Serialize;
 use sphinx_wire::{token, topics};
-use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{debug, info, warn};
 
 use crate::mqtt::{Authenticator, MqttEvent, MqttHandle};
 use crate::pin::PinStore;
@@ -70,15 +77,281 @@ impl SignerLink for MqttHandle {
     }
 }
 
-/// Translates MQTT events into relay events until either side closes.
-pub async fn forward_events(mut from: mpsc::Receiver<MqttEvent>, to: mpsc::Sender<LinkEvent>) {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Longest error text kept from a signer's `{id}/error` report (characters).
+pub const MAX_ERROR_TEXT: usize = 2000;
+/// Signers remembered by the hub; beyond this, the longest-disconnected ones are forgotten.
+pub const MAX_REMEMBERED_SIGNERS: usize = 64;
+
+/// A signer's `{id}/error` report, decoded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SignerErrorReport {
+    /// The signer (node id, hex).
+    pub node_id: String,
+    /// The request it refers to (`None` if the payload was shorter than the 2-byte sequence).
+    pub seq: Option<u16>,
+    /// The signer's text (invalid UTF-8 replaced, at most [`MAX_ERROR_TEXT`] characters).
+    pub text: String,
+    /// When the broker received it (Unix seconds).
+    pub time: u64,
+}
+
+impl SignerErrorReport {
+    /// Decodes `seq u16 BE | utf8 text` (see docs/wire.md); never fails.
+    pub fn decode(node_id: &str, payload: &[u8], time: u64) -> SignerErrorReport {
+        let (seq, text) = match payload {
+            [a, b, rest @ ..] => (Some(u16::from_be_bytes([*a, *b])), rest),
+            _ => (None, payload),
+        };
+        let text = String::from_utf8_lossy(text).chars().take(MAX_ERROR_TEXT).collect();
+        SignerErrorReport { node_id: node_id.to_string(), seq, text, time }
+    }
+}
+
+/// What the hub broadcasts (to the API's `/v1/events` subscribers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SignerEvent {
+    /// A signer logged in (MQTT CONNECT accepted).
+    Connected {
+        /// Node id (hex).
+        node_id: String,
+        /// Unix seconds.
+        time: u64,
+    },
+    /// A signer subscribed and said `hello`: it can take requests.
+    Ready {
+        /// Node id (hex).
+        node_id: String,
+        /// Unix seconds.
+        time: u64,
+    },
+    /// A signer's connection ended (or it said `bye`).
+    Disconnected {
+        /// Node id (hex).
+        node_id: String,
+        /// Unix seconds.
+        time: u64,
+    },
+    /// A signer reported an error on `{id}/error`.
+    Error(SignerErrorReport),
+}
+
+/// One signer as the hub knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SignerStatus {
+    /// Node id (hex), also its MQTT identity.
+    pub node_id: String,
+    /// Has a live MQTT session.
+    pub connected: bool,
+    /// Said `hello` on its current session (subscribed, takes requests).
+    pub ready: bool,
+    /// When `connected` last changed (Unix seconds).
+    pub since: u64,
+    /// The last `{id}/error` report, kept across reconnects.
+    pub last_error: Option<SignerErrorReport>,
+}
+
+#[derive(Default)]
+struct HubState {
+    signers: BTreeMap<String, SignerStatus>,
+    /// The control call waiting for `{id}/control-res`, per signer, with its registration number.
+    control: HashMap<String, (u64, mpsc::Sender<Bytes>)>,
+    next_waiter: u64,
+}
+
+/// The signers' state for the operator API: who is connected, their last errors, a bounded
+/// broadcast of events, and the routing of control responses. Updated only by
+/// [`forward_events`]; nothing here blocks it (the broadcast drops events for subscribers
+/// that fall behind, who then see `RecvError::Lagged`).
+pub struct SignerHub {
+    state: Mutex<HubState>,
+    events: broadcast::Sender<SignerEvent>,
+}
+
+/// [`SignerHub::expect_control`] refused: another call is already waiting for this signer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a control call to this signer is already waiting for its response")]
+pub struct ControlBusy;
+
+/// A registered wait for a signer's next `{id}/control-res`. Dropping it unregisters it.
+pub struct ControlWaiter {
+    hub: Arc<SignerHub>,
+    node_id: String,
+    id: u64,
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl ControlWaiter {
+    /// The next control response from the signer (`None` only if the hub is gone).
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for ControlWaiter {
+    fn drop(&mut self) {
+        let mut st = self.hub.lock();
+        if st.control.get(&self.node_id).is_some_and(|(id, _)| *id == self.id) {
+            st.control.remove(&self.node_id);
+        }
+    }
+}
+
+impl SignerHub {
+    /// A hub whose broadcast keeps up to `event_capacity` events per subscriber.
+    pub fn new(event_capacity: usize) -> SignerHub {
+        let (events, _) = broadcast::channel(event_capacity.max(1));
+        SignerHub { state: Mutex::new(HubState::default()), events }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        // The state stays consistent even if a holder panicked (every update is one step).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new subscriber to signer events (from now on).
+    pub fn subscribe(&self) -> broadcast::Receiver<SignerEvent> {
+        self.events.subscribe()
+    }
+
+    /// Every remembered signer, by node id.
+    pub fn signers(&self) -> Vec<SignerStatus> {
+        self.lock().signers.values().cloned().collect()
+    }
+
+    /// One signer, if the hub has seen it.
+    pub fn signer(&self, node_id: &str) -> Option<SignerStatus> {
+        self.lock().signers.get(node_id).cloned()
+    }
+
+    /// Registers the (single) wait for `node_id`'s next control response. Register before
+    /// publishing the request, so that a fast answer is not missed.
+    pub fn expect_control(self: &Arc<Self>, node_id: &str) -> Result<ControlWaiter, ControlBusy> {
+        let mut st = self.lock();
+        if st.control.get(node_id).is_some_and(|(_, tx)| !tx.is_closed()) {
+            return Err(ControlBusy);
+        }
+        st.next_waiter += 1;
+        let id = st.next_waiter;
+        let (tx, rx) = mpsc::channel(4);
+        st.control.insert(node_id.to_string(), (id, tx));
+        Ok(ControlWaiter { hub: self.clone(), node_id: node_id.to_string(), id, rx })
+    }
+
+    fn send(&self, ev: SignerEvent) {
+        // Err only means nobody is subscribed.
+        let _ = self.events.send(ev);
+    }
+
+    fn entry<'a>(st: &'a mut HubState, node_id: &str, now: u64) -> &'a mut SignerStatus {
+        if !st.signers.contains_key(node_id) && st.signers.len() >= MAX_REMEMBERED_SIGNERS {
+            let oldest = st.signers.values().filter(|s| !s.connected).min_by_key(|s| s.since).map(|s| s.node_id.clone());
+            if let Some(old) = oldest {
+                st.signers.remove(&old);
+            }
+        }
+        st.signers.entry(node_id.to_string()).or_insert_with(|| SignerStatus {
+            node_id: node_id.to_string(),
+            connected: false,
+            ready: false,
+            since: now,
+            last_error: None,
+        })
+    }
+
+    /// A session for `node_id` began.
+    pub fn on_connected(&self, node_id: &str) {
+        let now = unix_now();
+        {
+            let mut st = self.lock();
+            let s = Self::entry(&mut st, node_id, now);
+            s.connected = true;
+            s.ready = false;
+            s.since = now;
+        }
+        self.send(SignerEvent::Connected { node_id: node_id.to_string(), time: now });
+    }
+
+    /// `node_id` said hello.
+    pub fn on_ready(&self, node_id: &str) {
+        let now = unix_now();
+        {
+            let mut st = self.lock();
+            let s = Self::entry(&mut st, node_id, now);
+            if !s.connected {
+                s.connected = true;
+                s.since = now;
+            }
+            s.ready = true;
+        }
+        self.send(SignerEvent::Ready { node_id: node_id.to_string(), time: now });
+    }
+
+    /// `node_id`'s session ended (or it said bye).
+    pub fn on_disconnected(&self, node_id: &str) {
+        let now = unix_now();
+        let was_connected = {
+            let mut st = self.lock();
+            let s = Self::entry(&mut st, node_id, now);
+            let was = s.connected;
+            s.connected = false;
+            s.ready = false;
+            if was {
+                s.since = now;
+            }
+            // A control call waiting on this signer learns at once that no answer will come.
+            st.control.remove(node_id);
+            was
+        };
+        if was_connected {
+            self.send(SignerEvent::Disconnected { node_id: node_id.to_string(), time: now });
+        }
+    }
+
+    /// `node_id` published on `{id}/error`.
+    pub fn on_error(&self, node_id: &str, payload: &[u8]) {
+        let now = unix_now();
+        let report = SignerErrorReport::decode(node_id, payload, now);
+        {
+            let mut st = self.lock();
+            Self::entry(&mut st, node_id, now).last_error = Some(report.clone());
+        }
+        self.send(SignerEvent::Error(report));
+    }
+
+    /// `node_id` published on `{id}/control-res`: handed to the waiting control call, if any.
+    pub fn on_control_response(&self, node_id: &str, payload: Bytes) {
+        let st = self.lock();
+        match st.control.get(node_id) {
+            Some((_, tx)) => {
+                if tx.try_send(payload).is_err() {
+                    warn!(signer = %node_id, "control response while the caller is gone or flooded; dropped");
+                }
+            }
+            None => warn!(signer = %node_id, bytes = payload.len(), "control response with no call waiting (late or unsolicited); dropped"),
+        }
+    }
+}
+
+/// Translates MQTT events into relay events until either side closes, and keeps `hub` (the
+/// operator API's view) up to date. The relay sees exactly what it saw before the hub existed:
+/// connects are not relay events, `control-res` is not either, errors go to both.
+pub async fn forward_events(mut from: mpsc::Receiver<MqttEvent>, to: mpsc::Sender<LinkEvent>, hub: Arc<SignerHub>) {
     while let Some(ev) = from.recv().await {
         let out = match ev {
             MqttEvent::Connected { identity, .. } => {
                 debug!(%identity, "signer connected; waiting for its hello");
+                hub.on_connected(&identity);
                 continue;
             }
-            MqttEvent::Disconnected { identity, .. } => LinkEvent::Gone(identity),
+            MqttEvent::Disconnected { identity, .. } => {
+                hub.on_disconnected(&identity);
+                LinkEvent::Gone(identity)
+            }
             MqttEvent::Message { identity, topic, payload, .. } => {
                 let Some((prefix, suffix)) = topics::split(&topic) else { continue };
                 if prefix != identity {
@@ -86,10 +359,24 @@ pub async fn forward_events(mut from: mpsc::Receiver<MqttEvent>, to: mpsc::Sende
                     continue;
                 }
                 match suffix {
-                    topics::HELLO => LinkEvent::Hello(identity),
-                    topics::BYE => LinkEvent::Gone(identity),
+                    topics::HELLO => {
+                        hub.on_ready(&identity);
+                        LinkEvent::Hello(identity)
+                    }
+                    topics::BYE => {
+                        info!(%identity, "signer said bye");
+                        hub.on_disconnected(&identity);
+                        LinkEvent::Gone(identity)
+                    }
                     topics::VLS_RES => LinkEvent::Reply(identity, payload.to_vec()),
-                    topics::ERROR => LinkEvent::Error(identity, payload.to_vec()),
+                    topics::ERROR => {
+                        hub.on_error(&identity, &payload);
+                        LinkEvent::Error(identity, payload.to_vec())
+                    }
+                    topics::CONTROL_RES => {
+                        hub.on_control_response(&identity, payload);
+                        continue;
+                    }
                     other => {
                         debug!(%identity, suffix = other, "message not for the relay");
                         continue;
@@ -131,5 +418,68 @@ mod tests {
         pin.pin(&id).unwrap();
         assert!(auth.authenticate("c", Some(&other_id), Some(t2.as_bytes())).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn error_reports_decode_any_payload() {
+        let r = SignerErrorReport::decode("a", b"\x00\x07policy failure: x", 5);
+        assert_eq!((r.seq, r.text.as_str(), r.time), (Some(7), "policy failure: x", 5));
+        assert_eq!(SignerErrorReport::decode("a", b"x", 0).seq, None);
+        assert_eq!(SignerErrorReport::decode("a", b"", 0).text, "");
+        let r = SignerErrorReport::decode("a", b"\x00\x01\xff\xfe", 0);
+        assert_eq!(r.text, "\u{fffd}\u{fffd}");
+        let long = vec![b'a'; 10_000];
+        assert_eq!(SignerErrorReport::decode("a", &long, 0).text.len(), MAX_ERROR_TEXT);
+    }
+
+    #[tokio::test]
+    async fn hub_tracks_state_and_routes_control_to_one_waiter() {
+        let hub = Arc::new(SignerHub::new(4));
+        let mut sub = hub.subscribe();
+        hub.on_connected("a");
+        hub.on_ready("a");
+        hub.on_error("a", b"\x00\x02no");
+        let s = hub.signer("a").unwrap();
+        assert!(s.connected && s.ready);
+        assert_eq!(s.last_error.as_ref().map(|e| e.seq), Some(Some(2)));
+        assert!(matches!(sub.recv().await.unwrap(), SignerEvent::Connected { .. }));
+        assert!(matches!(sub.recv().await.unwrap(), SignerEvent::Ready { .. }));
+        assert!(matches!(sub.recv().await.unwrap(), SignerEvent::Error(_)));
+        // One waiter per signer; a response goes to it; dropped waiter frees the slot.
+        let mut w = hub.expect_control("a").unwrap();
+        assert_eq!(hub.expect_control("a").err(), Some(ControlBusy));
+        hub.on_control_response("a", Bytes::from_static(b"r1"));
+        hub.on_control_response("b", Bytes::from_static(b"other"));
+        assert_eq!(w.recv().await.unwrap(), Bytes::from_static(b"r1"));
+        drop(w);
+        hub.on_control_response("a", Bytes::from_static(b"late"));
+        let mut w2 = hub.expect_control("a").unwrap();
+        hub.on_control_response("a", Bytes::from_static(b"r2"));
+        assert_eq!(w2.recv().await.unwrap(), Bytes::from_static(b"r2"));
+        drop(w2);
+        let mut w3 = hub.expect_control("a").unwrap();
+        hub.on_disconnected("a");
+        assert_eq!(w3.recv().await, None, "a disconnect ends the wait");
+        assert!(!hub.signer("a").unwrap().connected);
+        assert!(hub.signer("a").unwrap().last_error.is_some());
+        // A slow subscriber lags instead of blocking.
+        for _ in 0..10 {
+            hub.on_error("a", b"\x00\x01x");
+        }
+        assert!(matches!(sub.recv().await, Err(broadcast::error::RecvError::Lagged(7))));
+        assert!(matches!(sub.recv().await, Ok(SignerEvent::Error(_))));
+    }
+
+    #[test]
+    fn hub_forgets_oldest_disconnected_signers_beyond_the_bound() {
+        let hub = SignerHub::new(4);
+        for i in 0..MAX_REMEMBERED_SIGNERS + 10 {
+            let id = format!("s{i:03}");
+            hub.on_connected(&id);
+            hub.on_disconnected(&id);
+        }
+        hub.on_connected("live");
+        assert_eq!(hub.signers().len(), MAX_REMEMBERED_SIGNERS);
+        assert!(hub.signer("live").unwrap().connected);
     }
 }

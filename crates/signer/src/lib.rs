@@ -16,9 +16,12 @@
 //! - Nothing from the network or the disk may crash the process: VLS panics are caught, turned
 //!   into [`Error`]s, and the node is rebuilt from the persisted state without the failed
 //!   request's mutations.
+//! - Owner control messages ([`Signer::handle_control`], see docs/control.md) are checked
+//!   against the owner key and the nonce window and committed in the same kind of transaction.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod control;
 mod policy;
 pub mod status;
 mod store;
@@ -46,6 +49,7 @@ use vls_protocol::msgs::{Message, DEFAULT_MAX_PROTOCOL_VERSION};
 use vls_protocol_signer::approver::Approve;
 use vls_protocol_signer::handler::{Handler, HandlerBuilder, InitHandler, RootHandler};
 
+pub use control::{ControlAction, ControlOutcome, NONCE_KEY, POLICY_KEY};
 pub use policy::{PolicyConfig, DEFAULT_SWEEP_MIN_FEERATE_PER_KW};
 pub use status::{NoIndicator, RecordingIndicator, Status, StatusIndicator};
 
@@ -234,6 +238,8 @@ struct Core {
     node: Arc<Node>,
     approver: Arc<dyn Approve>,
     root: Option<RootHandler>,
+    /// The owner's limits in force (stored `sphinx/policy`, else the configured ones).
+    limits: sphinx_wire::control::Policy,
 }
 
 /// The signing core: one VLS node, its persisted state, and the request rules above.
@@ -245,6 +251,10 @@ pub struct Signer {
     node_id: PublicKey,
     node_secret: SecretKey,
     stats: SignerStats,
+    /// The key that signs control messages (default: the node key).
+    owner: PublicKey,
+    /// Set once the owner reset the keys: the signer then refuses every request.
+    reset: Option<ControlAction>,
 }
 
 struct FixedStartingTime(u64);
@@ -275,6 +285,13 @@ fn msg_name(msg_type: u16) -> String {
 fn node_keys(seed: &[u8; 32], network: Network) -> (PublicKey, SecretKey) {
     let style = NodeConfig::new(network).key_derivation_style;
     key_derive(style, network).node_keys(seed, &Secp256k1::new())
+}
+
+/// The node key pair of `seed` on `network` (as VLS derives it): the device key that signs
+/// control responses and, unless a separate owner key is set, the owner key that signs control
+/// requests (`sphinx-key ctl` uses it with the seed in the data directory).
+pub fn node_keys_for_seed(seed: &[u8; 32], network: Network) -> (PublicKey, SecretKey) {
+    node_keys(seed, network)
 }
 
 /// The node id (compressed public key) of `seed` on `network`, without opening any state.
@@ -324,6 +341,8 @@ impl Signer {
             node_id,
             node_secret,
             stats: SignerStats::default(),
+            owner: node_id,
+            reset: None,
         };
         s.core = Some(s.build_core()?);
         info!(node_id = %s.node_id, initialized = s.is_initialized(), "signer opened");
@@ -361,7 +380,7 @@ impl Signer {
         self.stats
     }
 
-    fn services(&self, persister: Arc<Persister>) -> NodeServices {
+    fn services(&self, persister: Arc<Persister>, policy: &PolicyConfig) -> NodeServices {
         let (clock, starting_time_factory): (Arc<dyn Clock>, Arc<dyn StartingTimeFactory>) =
             match self.cfg.clock {
                 ClockConfig::System => (Arc::new(StandardClock()), ClockStartingTimeFactory::new()),
@@ -371,7 +390,7 @@ impl Signer {
                 ),
             };
         NodeServices {
-            validator_factory: self.cfg.policy.validator_factory(self.cfg.network),
+            validator_factory: policy.validator_factory(self.cfg.network),
             starting_time_factory,
             persister,
             clock,
@@ -408,8 +427,11 @@ impl Signer {
             }
         }
 
-        let approver = self.cfg.policy.approver();
-        let services = self.services(persister.clone());
+        // The owner's limits: stored by an UpdatePolicy, else the configured ones.
+        let limits = control::stored_limits(&persister)?.unwrap_or(self.cfg.policy.limits);
+        let policy = PolicyConfig { limits, ..self.cfg.policy.clone() };
+        let approver = policy.approver();
+        let services = self.services(persister.clone(), &policy);
         begin(&persister)?;
         let built = catch_unwind(AssertUnwindSafe(|| {
             HandlerBuilder::new(self.cfg.network, 0, services, self.seed)
@@ -431,7 +453,7 @@ impl Signer {
                 expected: self.node_id.to_string(),
             });
         }
-        let mut core = Core { persister, node, approver, root: None };
+        let mut core = Core { persister, node, approver, root: None, limits };
 
         // Resume the last negotiated protocol.
         if let Ok(Some((_, raw))) = core.persister.get(INIT_KEY) {
@@ -483,6 +505,11 @@ impl Signer {
 
     /// Handles one request; all state it changed is durably committed (fsync) BEFORE this returns Ok.
     pub fn handle(&mut self, req: &Request) -> Result<Reply, Error> {
+        if let Some(r) = self.reset {
+            return Err(Error::Unavailable(format!(
+                "the owner reset this device ({r:?}): it signs nothing until it is initialised again (`sphinx-key init`)"
+            )));
+        }
         let msg_type = sphinx_wire::hsmd::msg_type(&req.message)
             .map_err(|_| Error::NoType(req.message.len()))?;
         if msg_type == CLIENT_HSMFD {

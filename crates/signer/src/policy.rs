@@ -1,6 +1,7 @@
 //! The signer's VLS policy: a non-permissive `SimplePolicy` by default, with one named, narrow
 //! exception for the minimum feerate of sweeps (see [`PolicyConfig::sweep_min_feerate_per_kw`]
-//! and docs/signer.md), and the approver for payments and on-chain sends.
+//! and docs/signer.md), the owner's limits (velocity and HTLC value, [`PolicyConfig::limits`]),
+//! and the approver for payments and on-chain sends.
 
 use std::sync::Arc;
 
@@ -26,8 +27,10 @@ use lightning_signer::policy::Policy;
 use lightning_signer::prelude::Mutex;
 use lightning_signer::signer::vls_channel_signer::VlsChannelSigner;
 use lightning_signer::tx::tx::{CommitmentInfo, CommitmentInfo2};
+use lightning_signer::util::velocity::{VelocityControlIntervalType, VelocityControlSpec};
 use lightning_signer::wallet::Wallet;
 use lightning_signer::SendSync;
+use sphinx_wire::control::{Interval, Policy as Limits};
 use vls_protocol_signer::approver::{Approve, WarningPositiveApprover};
 
 /// Default minimum feerate (sat/kw, as VLS estimates it) for sweeps of our own outputs.
@@ -57,6 +60,13 @@ pub struct PolicyConfig {
     pub approve_onchain: bool,
     /// Initial allowlist (addresses or `xpub` entries, VLS syntax); used when the node is created.
     pub allowlist: Vec<String>,
+    /// The owner's limits until the owner sets them with an `UpdatePolicy` control message
+    /// (from then on the stored ones, `sphinx/policy`, are used): `msat_per_interval` and
+    /// `interval` become VLS's node velocity control (`global_velocity_control`, checked when a
+    /// payment is pre-approved), `htlc_limit_msat` VLS's `max_htlc_value_sat` (the in-flight
+    /// HTLC value of a commitment, `policy-commitment-htlc-inflight-limit`). Default: upstream
+    /// sphinx-key's [`Limits::default`].
+    pub limits: Limits,
 }
 
 impl Default for PolicyConfig {
@@ -67,7 +77,19 @@ impl Default for PolicyConfig {
             approve_payments: true,
             approve_onchain: false,
             allowlist: Vec::new(),
+            limits: Limits::default(),
         }
+    }
+}
+
+/// The VLS velocity spec of the owner's limits.
+pub(crate) fn velocity_spec(limits: &Limits) -> VelocityControlSpec {
+    VelocityControlSpec {
+        limit_msat: limits.msat_per_interval,
+        interval_type: match limits.interval {
+            Interval::Hourly => VelocityControlIntervalType::Hourly,
+            Interval::Daily => VelocityControlIntervalType::Daily,
+        },
     }
 }
 
@@ -78,6 +100,8 @@ impl PolicyConfig {
         if self.permissive {
             p.filter = PolicyFilter::new_permissive();
         }
+        p.max_htlc_value_sat = self.limits.htlc_limit_msat / 1000;
+        p.global_velocity_control = velocity_spec(&self.limits);
         p
     }
 
@@ -413,5 +437,11 @@ mod tests {
         assert_eq!(sweep.min_feerate_per_kw, DEFAULT_SWEEP_MIN_FEERATE_PER_KW);
         assert_eq!(sweep.max_feerate_per_kw, main.max_feerate_per_kw);
         assert!(main.filter.rules.is_empty(), "strict: every violation is an error");
+        // The owner's limits reach both validators (upstream's defaults until the owner sets them).
+        for p in [&main, &sweep] {
+            assert_eq!(p.max_htlc_value_sat, 1_000_000);
+            assert_eq!(p.global_velocity_control.limit_msat, 21_000_000_000);
+            assert!(matches!(p.global_velocity_control.interval_type, VelocityControlIntervalType::Daily));
+        }
     }
 }

@@ -1,15 +1,20 @@
-//! The MQTT side: connect with a fresh token, subscribe, say hello, hand each `vls` payload to the
-//! signer in order, publish the reply (or the error), reconnect with capped exponential backoff.
-//! All protocol logic is in `sphinx_signer`; this is I/O only.
+//! The MQTT side: connect (plain TCP or TLS) with a fresh token, subscribe, say hello, hand each
+//! `vls` payload to the signer in order, publish the reply (or the error), answer owner control
+//! messages, reconnect with capped exponential backoff. All protocol logic is in
+//! `sphinx_signer`; this is I/O only (plus the file deletions of an owner's reset).
 
 use std::io::ErrorKind;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS,
+    TlsConfiguration, Transport,
 };
-use sphinx_signer::{Signer, Status, StatusIndicator};
+use sphinx_signer::{ControlAction, Signer, Status, StatusIndicator};
+use sphinx_wire::control::ControlResponse;
 use sphinx_wire::topics;
 use tracing::{debug, error, info, warn};
 
@@ -26,7 +31,14 @@ pub struct RunConfig {
     pub backoff_min: Duration,
     /// Cap of the reconnect delay.
     pub backoff_max: Duration,
+    /// TLS client configuration (`None`: plaintext TCP).
+    pub tls: Option<Arc<sphinx_tls::rustls::ClientConfig>>,
+    /// The data directory (seed and owner key files, deleted by an owner's reset).
+    pub data_dir: PathBuf,
 }
+
+/// How long to wait for the broker to acknowledge a reset's response before acting on it.
+const RESET_ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// Largest payload accepted or sent: an hsmd message (16 MiB) plus the serial header.
 const MAX_PACKET: usize = 16 * 1024 * 1024 + 256;
@@ -44,6 +56,9 @@ fn options(signer: &Signer, rc: &RunConfig) -> MqttOptions {
     o.set_clean_session(true);
     o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     o.set_request_channel_capacity(64);
+    if let Some(cfg) = &rc.tls {
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(cfg.clone())));
+    }
     o
 }
 
@@ -76,6 +91,15 @@ enum End {
     Lost,
     /// Ctrl-C / SIGTERM: stop.
     Shutdown,
+    /// The owner reset the keys (or everything): carry it out, then send the response and stop.
+    Reset {
+        /// ResetKeys or ResetAll.
+        action: ControlAction,
+        /// The signed acknowledgement, sent once the files are deleted.
+        ack: Vec<u8>,
+        /// A signed error response, sent instead if deleting fails.
+        failed: Vec<u8>,
+    },
 }
 
 /// Runs until interrupted: connects, serves, reconnects.
@@ -85,7 +109,7 @@ pub async fn run(
     rc: RunConfig,
 ) -> Result<()> {
     let id = signer.node_id_hex();
-    info!(node_id = %id, broker = %format!("{}:{}", rc.host, rc.port), "sphinx-key running");
+    info!(node_id = %id, broker = %format!("{}:{}", rc.host, rc.port), tls = rc.tls.is_some(), "sphinx-key running");
     let mut backoff = rc.backoff_min;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -108,6 +132,36 @@ pub async fn run(
                 .await;
                 return Ok(());
             }
+            End::Reset { action, ack, failed } => {
+                ind.set(Status::Reset);
+                // Do it first, so that an acknowledgement always means "done"; the signer
+                // already refuses every request.
+                let done = reset(signer, action, &rc);
+                let response = match &done {
+                    Ok(()) => ack,
+                    Err(e) => {
+                        error!(error = %format!("{e:#}"), "reset failed");
+                        failed
+                    }
+                };
+                let control_res = topics::topic(&id, topics::CONTROL_RES);
+                match client.try_publish(control_res, QoS::AtLeastOnce, false, response) {
+                    Ok(()) => wait_puback(&mut el).await,
+                    Err(e) => warn!(error = %e, "cannot publish the reset's response"),
+                }
+                let _ = client.try_publish(topics::topic(&id, topics::BYE), QoS::AtMostOnce, false, Vec::new());
+                let _ = client.try_disconnect();
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                    while el.poll().await.is_ok() {}
+                })
+                .await;
+                done?;
+                error!(?action, "the owner reset this device; it stops signing");
+                return Err(crate::seed::NeedsInit(format!(
+                    "the owner reset this device ({action:?}): run `sphinx-key init` to set it up again"
+                ))
+                .into());
+            }
             End::Lost => {
                 debug!(?backoff, "reconnecting after backoff");
                 tokio::select! {
@@ -118,6 +172,35 @@ pub async fn run(
                 backoff = (backoff * 2).min(rc.backoff_max);
             }
         }
+    }
+}
+
+/// Carries out an owner's reset: deletes the seed (ResetKeys), or the seed, the owner key and
+/// the state directory (ResetAll).
+fn reset(signer: Signer, action: ControlAction, rc: &RunConfig) -> Result<()> {
+    let all = action == ControlAction::ResetAll;
+    crate::seed::delete(&rc.data_dir, all)?;
+    if all {
+        signer.destroy_state()?;
+    }
+    Ok(())
+}
+
+/// Polls until the broker acknowledges a QoS 1 publish (or the wait ends): a reset's response
+/// should be out before the seed is deleted.
+async fn wait_puback(el: &mut EventLoop) {
+    let r = tokio::time::timeout(RESET_ACK_WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    if !matches!(r, Ok(true)) {
+        warn!("the broker did not acknowledge the reset's response; resetting anyway");
     }
 }
 
@@ -133,6 +216,7 @@ async fn serve(
 ) -> End {
     let vls = topics::topic(id, topics::VLS);
     let control = topics::topic(id, topics::CONTROL);
+    let control_res = topics::topic(id, topics::CONTROL_RES);
     let vls_res = topics::topic(id, topics::VLS_RES);
     let err_topic = topics::topic(id, topics::ERROR);
     loop {
@@ -200,7 +284,22 @@ async fn serve(
                         }
                     }
                 } else if topic == control {
-                    warn!(bytes = p.payload.len(), "control messages are not supported yet; ignored");
+                    let out = signer.control(&p.payload);
+                    debug!(answer = ?out.answer, nonce = out.nonce, "control message handled");
+                    if let Some(action @ (ControlAction::ResetKeys | ControlAction::ResetAll)) = out.action {
+                        let failed = signer.sign_control_response(
+                            &ControlResponse::Error("the reset failed on the device: see its log".into()),
+                            out.nonce,
+                        );
+                        return End::Reset { action, ack: out.response, failed };
+                    }
+                    if out.action == Some(ControlAction::ResetWifi) {
+                        info!("ResetWifi: no network settings to forget on Linux (acknowledged)");
+                    }
+                    if let Err(e) = client.try_publish(&control_res, QoS::AtLeastOnce, false, out.response) {
+                        warn!(error = %e, "cannot publish control response");
+                        return End::Lost;
+                    }
                 } else {
                     debug!(%topic, "ignoring message on unexpected topic");
                 }

@@ -1,5 +1,6 @@
 //! `sphinx-key`: the signer device for Linux. `init` creates the seed; `run` connects to the
-//! broker over MQTT and answers hsmd requests with the VLS signer (`sphinx_signer`).
+//! broker over MQTT (optionally TLS) and answers hsmd requests and owner control messages with
+//! the VLS signer (`sphinx_signer`); `ctl` is the owner's tool for control messages.
 //!
 //! Settings come from, in order of precedence: command-line flags, `SPHINX_KEY_*` environment
 //! variables, the TOML config file (`--config`, else `{data_dir}/sphinx-key.toml` if present),
@@ -8,6 +9,8 @@
 #![warn(missing_docs)]
 
 mod client;
+mod ctl;
+mod http;
 mod indicator;
 mod seed;
 
@@ -57,6 +60,9 @@ enum Cmd {
         /// Import a raw 32-byte seed in hex (e.g. a legacy CLN hsm_secret).
         #[arg(long)]
         seed_hex: Option<String>,
+        /// Owner public key (33 bytes, hex) that signs control messages; default: the node key.
+        #[arg(long, env = "SPHINX_KEY_OWNER_PUBKEY")]
+        owner_pubkey: Option<String>,
     },
     /// Print the node id of the existing seed.
     NodeId,
@@ -74,7 +80,18 @@ enum Cmd {
         /// Status indicator: `terminal`, `led:NAME` (/sys/class/leds/NAME) or `none`.
         #[arg(long, env = "SPHINX_KEY_STATUS")]
         status: Option<String>,
+        /// Connect with TLS, trusting the CA certificate(s) in this PEM file (the broker's host
+        /// name or IP must be in its certificate).
+        #[arg(long, value_name = "FILE", env = "SPHINX_KEY_TLS_CA", conflicts_with = "tls_fingerprint")]
+        tls_ca: Option<PathBuf>,
+        /// Connect with TLS, accepting exactly the broker certificate with this SHA-256
+        /// fingerprint (hex, `AB:CD:…` as openssl prints it).
+        #[arg(long, value_name = "HEX", env = "SPHINX_KEY_TLS_FINGERPRINT")]
+        tls_fingerprint: Option<String>,
     },
+    /// Owner control: sign a control message, send it through the broker API, verify and print
+    /// the device's answer as JSON (exit code 1 if the device refused it).
+    Ctl(ctl::CtlArgs),
 }
 
 /// The TOML config file. Every key is optional; flags and environment variables override it.
@@ -94,6 +111,12 @@ struct FileConfig {
     approve_payments: Option<bool>,
     approve_onchain: Option<bool>,
     allowlist: Option<Vec<String>>,
+    tls_ca: Option<PathBuf>,
+    tls_fingerprint: Option<String>,
+    /// Initial owner limits (used until the owner sends an UpdatePolicy).
+    msat_per_interval: Option<u64>,
+    interval: Option<sphinx_wire::control::Interval>,
+    htlc_limit_msat: Option<u64>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -146,7 +169,8 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = real_main(cli) {
         eprintln!("sphinx-key: {e:#}");
-        std::process::exit(1);
+        let code = if e.downcast_ref::<seed::NeedsInit>().is_some() { seed::EXIT_NEEDS_INIT } else { 1 };
+        std::process::exit(code);
     }
 }
 
@@ -164,13 +188,33 @@ fn real_main(cli: Cli) -> Result<()> {
     let network = parse_network(cli.network.as_deref().or(file.network.as_deref()).unwrap_or("regtest"))?;
 
     match cli.cmd {
-        Cmd::Init { mnemonic, seed_hex } => init(&data_dir, network, mnemonic, seed_hex),
+        Cmd::Init { mnemonic, seed_hex, owner_pubkey } => {
+            let owner = owner_pubkey.map(|h| seed::parse_pubkey(&h).context("--owner-pubkey")).transpose()?;
+            init(&data_dir, network, mnemonic, seed_hex, owner)
+        }
+        Cmd::Ctl(args) => {
+            let seed = if args.node_id.is_some() && args.owner_key_file.is_some() {
+                None
+            } else {
+                match seed::read(&data_dir) {
+                    Ok(s) => Some(s),
+                    Err(e) if e.downcast_ref::<seed::NeedsInit>().is_some() => None,
+                    Err(e) => return Err(e),
+                }
+            };
+            let r = ctl::run(args, seed, network)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            if let sphinx_wire::control::ControlResponse::Error(e) = r {
+                bail!("the device refused the request: {e}");
+            }
+            Ok(())
+        }
         Cmd::NodeId => {
             let seed = seed::read(&data_dir)?;
             println!("{}", hex::encode(sphinx_signer::node_id_for_seed(&seed, network)));
             Ok(())
         }
-        Cmd::Run { broker, permissive, dev_fixed_clock, status } => {
+        Cmd::Run { broker, permissive, dev_fixed_clock, status, tls_ca, tls_fingerprint } => {
             let broker = broker.or(file.broker.clone()).unwrap_or_else(|| "127.0.0.1:1883".into());
             let (host, port) = parse_broker(&broker)?;
             let status = status.or(file.status.clone()).unwrap_or_else(|| "terminal".into());
@@ -185,6 +229,11 @@ fn real_main(cli: Cli) -> Result<()> {
                 approve_payments: file.approve_payments.unwrap_or(defaults.approve_payments),
                 approve_onchain: file.approve_onchain.unwrap_or(defaults.approve_onchain),
                 allowlist: file.allowlist.clone().unwrap_or_default(),
+                limits: sphinx_wire::control::Policy {
+                    msat_per_interval: file.msat_per_interval.unwrap_or(defaults.limits.msat_per_interval),
+                    interval: file.interval.unwrap_or(defaults.limits.interval),
+                    htlc_limit_msat: file.htlc_limit_msat.unwrap_or(defaults.limits.htlc_limit_msat),
+                },
             };
             if policy.permissive {
                 tracing::warn!("PERMISSIVE policy: violations are only logged and everything is approved");
@@ -198,14 +247,36 @@ fn real_main(cli: Cli) -> Result<()> {
             };
             let cfg = SignerConfig { network, policy, clock };
             let seed = seed::read(&data_dir)?;
-            let signer = Signer::open(seed, &data_dir.join(STATE_DIR), &cfg)
-                .context("cannot open signer state")?;
+            let state_dir = data_dir.join(STATE_DIR);
+            let mut signer = match Signer::open(seed, &state_dir, &cfg) {
+                Ok(s) => s,
+                Err(e @ sphinx_signer::Error::WrongSeed { .. }) => bail!(
+                    "{e}. The state directory {} belongs to another node (was the seed reset by the owner and a \
+                     new one created?): re-import that node's seed, or move the state directory away to start a new node",
+                    state_dir.display()
+                ),
+                Err(e) => return Err(e).context("cannot open signer state"),
+            };
+            if let Some(owner) = seed::read_owner(&data_dir)? {
+                tracing::info!(%owner, "control messages must be signed by the owner key");
+                signer.set_owner_key(owner);
+            }
+            let tls = match (tls_ca.or(file.tls_ca.clone()), tls_fingerprint.or(file.tls_fingerprint.clone())) {
+                (Some(_), Some(_)) => bail!("give either a TLS CA file or a certificate fingerprint, not both"),
+                (Some(ca), None) => Some(sphinx_tls::ServerTrust::CaFile(ca)),
+                (None, Some(fp)) => Some(sphinx_tls::ServerTrust::Pinned(
+                    fp.parse().context("bad --tls-fingerprint")?,
+                )),
+                (None, None) => None,
+            };
             let rc = client::RunConfig {
                 host,
                 port,
                 keep_alive: Duration::from_secs(file.keep_alive_secs.unwrap_or(10).max(1)),
                 backoff_min: Duration::from_millis(250),
                 backoff_max: Duration::from_secs(file.backoff_max_secs.unwrap_or(30).max(1)),
+                tls: tls.map(|t| sphinx_tls::client_config(&t).context("TLS configuration")).transpose()?,
+                data_dir: data_dir.clone(),
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(client::run(signer, ind, rc))
@@ -213,7 +284,13 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
-fn init(data_dir: &Path, network: Network, mnemonic: Option<String>, seed_hex: Option<String>) -> Result<()> {
+fn init(
+    data_dir: &Path,
+    network: Network,
+    mnemonic: Option<String>,
+    seed_hex: Option<String>,
+    owner: Option<bitcoin::secp256k1::PublicKey>,
+) -> Result<()> {
     let seed = match (mnemonic, seed_hex) {
         (Some(m), _) => seed::seed_from_mnemonic(&m)?,
         (None, Some(h)) => seed::seed_from_hex(&h)?,
@@ -225,6 +302,19 @@ fn init(data_dir: &Path, network: Network, mnemonic: Option<String>, seed_hex: O
     };
     let path = seed::write_new(data_dir, &seed)?;
     tracing::info!(seed = %path.display(), "seed written");
+    match owner {
+        Some(o) => {
+            let p = seed::write_owner(data_dir, &o)?;
+            tracing::info!(owner = %o, file = %p.display(), "owner key written");
+        }
+        None => {
+            // A stale owner key (e.g. after ResetKeys) must not outlive the seed it was set with.
+            let p = data_dir.join(seed::OWNER_FILE);
+            if p.exists() {
+                tracing::warn!(file = %p.display(), "an owner key from before is kept: control messages must be signed by it");
+            }
+        }
+    }
     println!("{}", hex::encode(sphinx_signer::node_id_for_seed(&seed, network)));
     Ok(())
 }
@@ -242,6 +332,14 @@ mod tests {
             "--status", "led:x", "--network", "regtest",
         ])
         .unwrap();
+        assert!(Cli::try_parse_from(["sphinx-key", "run", "--tls-ca", "a", "--tls-fingerprint", "b"]).is_err());
+        let c2 = Cli::try_parse_from([
+            "sphinx-key", "ctl", "--token", "t", "--nonce", "3", "update-policy", "--msat-per-interval", "5",
+            "--interval", "hourly",
+        ])
+        .unwrap();
+        assert!(matches!(c2.cmd, Cmd::Ctl(ctl::CtlArgs { nonce: Some(3), msg: ctl::CtlCmd::UpdatePolicy { .. }, .. })));
+        assert!(Cli::try_parse_from(["sphinx-key", "ctl", "update-allowlist", "a", "b"]).is_ok());
         assert!(matches!(c.cmd, Cmd::Run { permissive: true, dev_fixed_clock: Some(5), .. }));
         assert_eq!(parse_broker("127.0.0.1:1883").unwrap(), ("127.0.0.1".into(), 1883));
         assert_eq!(parse_broker("[::1]:1883").unwrap(), ("::1".into(), 1883));
@@ -249,6 +347,9 @@ mod tests {
         assert_eq!(parse_network("mainnet").unwrap(), Network::Bitcoin);
         assert!(parse_network("x").is_err());
         let f: FileConfig = toml::from_str("broker = \"h:1\"\nsweep_min_feerate_per_kw = 200\n").unwrap();
+        let g: FileConfig =
+            toml::from_str("interval = \"hourly\"\nmsat_per_interval = 5\ntls_fingerprint = \"ab\"\n").unwrap();
+        assert_eq!(g.interval, Some(sphinx_wire::control::Interval::Hourly));
         assert_eq!(f.sweep_min_feerate_per_kw, Some(200));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
     }

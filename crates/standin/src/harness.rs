@@ -257,12 +257,33 @@ pub fn wait_listening(addr: &str, timeout: std::time::Duration) -> io::Result<()
     }
 }
 
+/// A log file's text without ANSI colour sequences (tracing colours its output by default).
+pub fn log_text(path: &Path) -> String {
+    let raw = tail(path, usize::MAX);
+    let mut out = String::with_capacity(raw.len());
+    let mut it = raw.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' && it.peek() == Some(&'[') {
+            it.next();
+            // CSI: parameters and intermediates, then one final byte in @..~
+            for d in it.by_ref() {
+                if ('@'..='~').contains(&d) {
+                    break;
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Waits (bounded) until a log file contains `needle`, returning the whole file. Only for
 /// facts that have no other observable event (a line a process writes about what it refused).
 pub fn wait_log(path: &Path, needle: &str, timeout: std::time::Duration) -> Result<String, String> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let s = tail(path, usize::MAX);
+        let s = log_text(path);
         if s.contains(needle) {
             return Ok(s);
         }
@@ -270,7 +291,7 @@ pub fn wait_log(path: &Path, needle: &str, timeout: std::time::Duration) -> Resu
             return Err(format!(
                 "{} has no {needle:?} after {timeout:?}; last lines:\n{}",
                 path.display(),
-                tail(path, 3000)
+                log_text(path).chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect::<String>()
             ));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -480,7 +501,8 @@ pub fn connect_password(bytes: &[u8], user: &str) -> Option<Vec<u8>> {
     let u = user.as_bytes();
     let mut field = (u.len() as u16).to_be_bytes().to_vec();
     field.extend_from_slice(u);
-    let at = bytes.windows(field.len()).position(|w| w == field.as_slice())? + field.len();
+    // The client id may be the same string: the username is the last occurrence.
+    let at = bytes.windows(field.len()).rposition(|w| w == field.as_slice())? + field.len();
     let len = u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]) as usize;
     bytes.get(at + 2..at + 2 + len).map(|p| p.to_vec())
 }
@@ -665,6 +687,11 @@ impl Session {
 
     /// Closes every client and lightningd's fd 3 (clean exit awaited) and returns the report.
     pub fn finish(mut self) -> crate::replay::ReplayReport {
+        self.close()
+    }
+
+    /// [`finish`](Self::finish) in place (the session is done afterwards: no broker runs).
+    pub fn close(&mut self) -> crate::replay::ReplayReport {
         self.clients.clear();
         self.restart_by_kill = false;
         self.finish_run();

@@ -26,7 +26,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -476,7 +476,7 @@ pub struct StatusLog {
     pub frames: Vec<Vec<u8>>,
 }
 
-fn drain_status(mut s: UnixStream, log: Arc<Mutex<StatusLog>>) {
+fn drain_status(mut s: UnixStream, log: Arc<Mutex<StatusLog>>, cv: Arc<Condvar>) {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -515,6 +515,7 @@ fn drain_status(mut s: UnixStream, log: Arc<Mutex<StatusLog>>) {
                     l.frames.push(buf[4..4 + len].to_vec());
                 }
             }
+            cv.notify_all();
             buf.drain(..4 + len);
         }
     }
@@ -588,6 +589,8 @@ pub struct FakeLightningd {
     proc: Proc,
     root: Conn,
     status: Arc<Mutex<StatusLog>>,
+    /// Notified after each status message is logged.
+    status_cv: Arc<Condvar>,
     status_thread: Option<JoinHandle<()>>,
     opts: SpawnOptions,
     broker: PathBuf,
@@ -667,15 +670,18 @@ impl FakeLightningd {
 
         let status = Arc::new(Mutex::new(StatusLog::default()));
         let s2 = status.clone();
+        let status_cv = Arc::new(Condvar::new());
+        let cv2 = status_cv.clone();
         let status_thread = std::thread::Builder::new()
             .name("status-drain".into())
-            .spawn(move || drain_status(status_ours, s2))
+            .spawn(move || drain_status(status_ours, s2, cv2))
             .map_err(io_err("spawning status thread"))?;
 
         Ok(FakeLightningd {
             proc,
             root: Conn { stream: hsm_ours, poisoned: None },
             status,
+            status_cv,
             status_thread: Some(status_thread),
             opts,
             broker,
@@ -695,6 +701,22 @@ impl FakeLightningd {
     /// What the broker wrote on its status socket so far.
     pub fn status_log(&self) -> StatusLog {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits (bounded) until at least `count` status messages have been read; the log then, or
+    /// `None` at the deadline. (The drain thread reads fd 0 on its own, so a message the broker
+    /// wrote before closing a client may still be in flight when the client sees EOF.)
+    pub fn wait_status(&self, count: usize, timeout: Duration) -> Option<StatusLog> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        while g.count < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            g = self.status_cv.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        Some(g.clone())
     }
 
     /// Adds the broker's exit status to a `Closed` error if it has exited (waits up to 1 s).

@@ -209,7 +209,7 @@ fn open<'a>(input: &'a [u8], key: &PublicKey) -> Result<(&'a [u8], u64), Error> 
 fn decode_exact<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Error> {
     let mut de = rmp_serde::Deserializer::new(body);
     let v = T::deserialize(&mut de).map_err(|e| Error::Decode(e.to_string()))?;
-    if de.get_ref().len() != 0 {
+    if !de.get_ref().is_empty() {
         return Err(Error::Decode(format!("{} trailing bytes", de.get_ref().len())));
     }
     Ok(v)

@@ -66,13 +66,16 @@ fn own_suffix<'a>(identity: &str, s: &'a str) -> Option<&'a str> {
         .filter(|rest| !rest.is_empty())
 }
 
-/// ACL for PUBLISH: `topic` is a valid topic name under `{identity}/`.
+/// ACL for PUBLISH: `topic` is a valid topic name under `{identity}/`. `identity` must be a
+/// [`valid_identity`] (the server refuses any other at CONNECT): an identity containing `/` would
+/// allow topics another identity owns.
 pub fn topic_allowed(identity: &str, topic: &str) -> bool {
     valid_topic(topic) && own_suffix(identity, topic).is_some()
 }
 
 /// ACL for SUBSCRIBE: `filter` is a valid filter that starts with `{identity}/` literally, so
 /// wildcards can only appear after the client's own prefix (`#`, `+/vls`, `$SYS/#` are refused).
+/// `identity` must be a [`valid_identity`], as for [`topic_allowed`].
 pub fn filter_allowed(identity: &str, filter: &str) -> bool {
     valid_filter(filter) && own_suffix(identity, filter).is_some()
 }
@@ -111,6 +114,39 @@ mod tests {
         assert!(matches("$SYS/x", "$SYS/#"));
         // Would panic in rumqttc's `matches`.
         assert!(!matches("é/x", "a/#"));
+    }
+
+    /// The property the `mqtt_packet` fuzz target checks, on a small exhaustive set: a filter
+    /// granted to a valid identity only matches that identity's topics (or the bare identity,
+    /// which has no owner and is never routed).
+    #[test]
+    fn granted_filters_never_match_foreign_topics() {
+        let ids = ["a", "ab", "02ab", "é"];
+        let parts = ["a", "ab", "b", "é", "+", "#", "", "$SYS"];
+        let mut names = Vec::new();
+        for x in parts {
+            names.push(x.to_string());
+            for y in parts {
+                names.push(format!("{x}/{y}"));
+                for z in parts {
+                    names.push(format!("{x}/{y}/{z}"));
+                }
+            }
+        }
+        for id in ids {
+            assert!(valid_identity(id));
+            for f in names.iter().filter(|f| filter_allowed(id, f)) {
+                for t in names.iter().filter(|t| valid_topic(t) && matches(t, f)) {
+                    assert!(
+                        t == id || owner(t) == Some(id),
+                        "{f:?} of {id:?} matches {t:?}"
+                    );
+                }
+            }
+            for t in names.iter().filter(|t| topic_allowed(id, t)) {
+                assert_eq!(owner(t), Some(id));
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,744 @@
+//! The operator HTTP API: list the signers, relay an owner control message to a signer and
+//! return its response, and stream signer events. Off unless `api.listen` is configured;
+//! loopback only unless explicitly allowed; every request needs `Authorization: Bearer <token>`.
+//! See docs/api.md for the endpoints and the reasons behind them.
+//!
+//! HTTP/1.1 on hyper 1 (no framework): four routes do not need a router, and the server side
+//! stays small (hyper, hyper-util's tokio glue, http-body-util).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use sphinx_wire::control::MAX_CONTROL_LEN;
+use sphinx_wire::topics;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::{ApiSettings, ApiToken, ConfigError};
+use crate::mqtt::{MqttError, MqttHandle};
+use crate::pin::PinStore;
+use crate::relay::RelayHandle;
+use crate::signer_link::{SignerEvent, SignerHub};
+
+/// Largest control request body accepted (the signer refuses anything larger anyway).
+pub const MAX_CONTROL_BODY: usize = MAX_CONTROL_LEN;
+/// Nonces of timed-out control calls remembered per signer, to drop their late responses.
+const LATE_NONCES: usize = 16;
+/// `nonce u64 | sig65` after the msgpack of a control request or response.
+const CONTROL_TRAILER: usize = 8 + 65;
+
+/// The API server's settings (built from [`ApiSettings`] by [`ApiConfig::from_settings`]).
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Listen address (port 0 picks one; see [`ApiHandle::local_addr`]).
+    pub listen: SocketAddr,
+    /// Allow a non-loopback `listen`.
+    pub allow_non_loopback: bool,
+    /// The bearer token.
+    pub token: ApiToken,
+    /// Bound of a control call (waiting for another call to the same signer included).
+    pub control_timeout: Duration,
+    /// Simultaneous HTTP connections; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Simultaneous `/v1/events` streams; more get 503.
+    pub max_event_streams: usize,
+    /// Interval of SSE keep-alive comments.
+    pub keepalive: Duration,
+    /// A client must send a request's headers within this time, and its body within it too.
+    pub read_timeout: Duration,
+}
+
+impl ApiConfig {
+    /// The server settings of an enabled, valid `[api]`; `Ok(None)` if the API is off.
+    pub fn from_settings(s: &ApiSettings) -> Result<Option<ApiConfig>, ConfigError> {
+        s.check()?;
+        let Some(listen) = s.listen else { return Ok(None) };
+        let Some(token) = s.token.clone() else {
+            return Err(ConfigError::Invalid("api.token", "required when the API is enabled".into()));
+        };
+        Ok(Some(ApiConfig {
+            listen,
+            allow_non_loopback: s.allow_non_loopback,
+            token,
+            control_timeout: s.control_timeout,
+            max_connections: 32,
+            max_event_streams: 8,
+            keepalive: Duration::from_secs(15),
+            read_timeout: Duration::from_secs(10),
+        }))
+    }
+}
+
+/// What the API reads and drives: the broker's parts.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The embedded MQTT server (publishes control requests, tells who is subscribed).
+    pub mqtt: MqttHandle,
+    /// The signers' state and events.
+    pub hub: Arc<SignerHub>,
+    /// The request path (queue length; heartbeat).
+    pub relay: RelayHandle,
+    /// The pinned node id.
+    pub pin: Arc<PinStore>,
+}
+
+/// Why the API did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The settings are not acceptable (no token, non-loopback without opt-in, …).
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running API server. Dropping it (or [`ApiHandle::shutdown`]) stops the server: the
+/// listener closes and open connections and event streams end.
+pub struct ApiHandle {
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+}
+
+impl ApiHandle {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops the server.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+impl std::fmt::Debug for ApiHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiHandle").field("local_addr", &self.local_addr).finish()
+    }
+}
+
+/// Per-signer control state, behind an async mutex: one control call in flight per signer.
+#[derive(Default)]
+struct ControlSlot {
+    /// Nonces of calls that timed out; a response carrying one is late and is dropped.
+    late: VecDeque<u64>,
+}
+
+struct Shared {
+    cfg: ApiConfig,
+    state: ApiState,
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ControlSlot>>>>,
+    streams: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn slots(&self) -> MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<ControlSlot>>>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn slot(&self, node_id: &str) -> Arc<tokio::sync::Mutex<ControlSlot>> {
+        let mut slots = self.slots();
+        if slots.len() > 128 {
+            // Forget idle slots of signers that are gone (nobody holds or waits for them).
+            slots.retain(|_, s| Arc::strong_count(s) > 1 || s.try_lock().map(|g| !g.late.is_empty()).unwrap_or(true));
+        }
+        slots.entry(node_id.to_string()).or_default().clone()
+    }
+}
+
+/// Binds the API and serves it in the background. Refuses settings that [`ApiSettings::check`]
+/// refuses (an enabled API without a token, or on a non-loopback address without opt-in).
+pub async fn start(cfg: ApiConfig, state: ApiState) -> Result<ApiHandle, ApiError> {
+    if !crate::mqtt::is_loopback(cfg.listen.ip()) && !cfg.allow_non_loopback {
+        return Err(ApiError::Config(ConfigError::Invalid(
+            "api.listen",
+            format!("{} is not a loopback address and api.allow_non_loopback is not set", cfg.listen),
+        )));
+    }
+    if cfg.control_timeout.is_zero() || cfg.max_connections == 0 {
+        return Err(ApiError::Config(ConfigError::Invalid("api", "bounds must be positive".into())));
+    }
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|source| ApiError::Bind { addr: cfg.listen, source })?;
+    let local_addr = listener.local_addr().map_err(|source| ApiError::Bind { addr: cfg.listen, source })?;
+    if !crate::mqtt::is_loopback(local_addr.ip()) {
+        warn!(listen = %local_addr, "operator API on a non-loopback address (explicitly allowed): plain HTTP, the token travels in clear text");
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        streams: Arc::new(Semaphore::new(cfg.max_event_streams)),
+        cfg,
+        state,
+        slots: Mutex::new(HashMap::new()),
+        shutdown: shutdown_rx.clone(),
+    });
+    info!(listen = %local_addr, "operator API listening");
+    tokio::spawn(accept_loop(listener, shared, shutdown_rx));
+    Ok(ApiHandle { local_addr, shutdown: shutdown_tx })
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let conns = Arc::new(Semaphore::new(shared.cfg.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = conns.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let mut shutdown = shutdown.clone();
+        let span = tracing::debug_span!("api", %peer);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let svc_shared = shared.clone();
+                let svc = service_fn(move |req| {
+                    let shared = svc_shared.clone();
+                    async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(shared.cfg.read_timeout)
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    r = conn => if let Err(e) = r {
+                        debug!(error = %e, "API connection ended with an error");
+                    },
+                    _ = shutdown.changed() => debug!("API shutting down; connection closed"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+    info!("operator API stopped");
+}
+
+/// Response bodies: a whole buffer or an event stream.
+type ApiBody = BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> ApiBody {
+    Full::new(b.into()).boxed()
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: ApiBody) -> Response<ApiBody> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ApiBody> {
+    match serde_json::to_vec(value) {
+        Ok(v) => response(status, "application/json", full(v)),
+        Err(e) => {
+            warn!(error = %e, "cannot encode a JSON response");
+            response(StatusCode::INTERNAL_SERVER_ERROR, "application/json", full(&b"{\"error\":\"internal error\"}"[..]))
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<ApiBody> {
+    json(status, &ErrorBody { error: msg })
+}
+
+fn unauthorized(msg: &str) -> Response<ApiBody> {
+    let mut r = error(StatusCode::UNAUTHORIZED, msg);
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"sphinx-broker\""));
+    r
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<ApiBody> {
+    let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// The token of a single `Authorization: Bearer <token>` header (scheme case-insensitive).
+fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
+    let mut all = headers.get_all(header::AUTHORIZATION).iter();
+    let v = all.next()?;
+    if all.next().is_some() {
+        return None;
+    }
+    let v = v.as_bytes();
+    let sp = v.iter().position(|b| *b == b' ')?;
+    let (scheme, rest) = v.split_at(sp);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    Some(rest.trim_ascii())
+}
+
+async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<ApiBody> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let authorized = match bearer(req.headers()) {
+        Some(t) => shared.cfg.token.matches(t),
+        None => false,
+    };
+    if !authorized {
+        let had = req.headers().contains_key(header::AUTHORIZATION);
+        warn!(%peer, %method, %path, "API request refused: {} bearer token", if had { "wrong" } else { "no" });
+        return unauthorized(if had { "invalid bearer token" } else { "bearer token required" });
+    }
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let resp = match (&method, segs.as_slice()) {
+        (&Method::GET, ["v1", "signers"]) => signers(shared),
+        (&Method::POST, ["v1", "signers", id, "control"]) => {
+            let id = id.to_ascii_lowercase();
+            control(shared, &id, req).await
+        }
+        (&Method::GET, ["v1", "events"]) => events(shared),
+        (&Method::GET, ["v1", "chain", "heartbeat"]) => heartbeat(shared).await,
+        (_, ["v1", "signers"]) | (_, ["v1", "events"]) | (_, ["v1", "chain", "heartbeat"]) => method_not_allowed("GET"),
+        (_, ["v1", "signers", _, "control"]) => method_not_allowed("POST"),
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    };
+    debug!(%peer, %method, %path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "API request");
+    resp
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /v1/signers
+
+#[derive(Serialize)]
+struct SignerJson {
+    node_id: String,
+    connected: bool,
+    ready: bool,
+    since: Option<u64>,
+    pinned: bool,
+    last_error: Option<ErrorJson>,
+}
+
+#[derive(Serialize)]
+struct ErrorJson {
+    seq: Option<u16>,
+    text: String,
+    time: u64,
+}
+
+#[derive(Serialize)]
+struct RelayJson {
+    queued: usize,
+}
+
+#[derive(Serialize)]
+struct SignersJson {
+    signers: Vec<SignerJson>,
+    pinned: Option<String>,
+    relay: RelayJson,
+}
+
+fn signers(shared: &Shared) -> Response<ApiBody> {
+    let pinned = shared.state.pin.get();
+    let mut list: Vec<SignerJson> = shared
+        .state
+        .hub
+        .signers()
+        .into_iter()
+        .map(|s| SignerJson {
+            pinned: pinned.as_deref() == Some(s.node_id.as_str()),
+            connected: s.connected,
+            ready: s.ready,
+            since: Some(s.since),
+            last_error: s.last_error.map(|e| ErrorJson { seq: e.seq, text: e.text, time: e.time }),
+            node_id: s.node_id,
+        })
+        .collect();
+    if let Some(p) = &pinned {
+        if !list.iter().any(|s| &s.node_id == p) {
+            list.push(SignerJson {
+                node_id: p.clone(),
+                connected: false,
+                ready: false,
+                since: None,
+                pinned: true,
+                last_error: None,
+            });
+        }
+    }
+    json(StatusCode::OK, &SignersJson { signers: list, pinned, relay: RelayJson { queued: shared.state.relay.queued() } })
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /v1/signers/{node_id}/control
+
+/// The nonce in a control message's trailer (`msgpack | nonce u64 BE | sig65`), if it has one.
+fn control_nonce(msg: &[u8]) -> Option<u64> {
+    if msg.len() <= CONTROL_TRAILER {
+        return None;
+    }
+    let at = msg.len() - CONTROL_TRAILER;
+    let b: [u8; 8] = msg.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}
+
+fn is_node_id(id: &str) -> bool {
+    id.len() == 66 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Response<ApiBody>> {
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let essence = ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if essence != "application/octet-stream" {
+            return Err(error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the body must be application/octet-stream (the raw control message)"));
+        }
+    }
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, &format!("control messages are at most {MAX_CONTROL_BODY} bytes"));
+    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if len > MAX_CONTROL_BODY as u64 {
+            return Err(too_large());
+        }
+    }
+    let body = Limited::new(req.into_body(), MAX_CONTROL_BODY);
+    match tokio::time::timeout(shared.cfg.read_timeout, body.collect()).await {
+        Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time")),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}"))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+async fn control(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<ApiBody> {
+    let deadline = tokio::time::Instant::now() + shared.cfg.control_timeout;
+    if !is_node_id(id) {
+        return error(StatusCode::BAD_REQUEST, "the node id must be 33 bytes in hex");
+    }
+    let body = match read_body(shared, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if body.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "empty control message");
+    }
+    let known = shared.state.hub.signer(id);
+    let pinned = shared.state.pin.get().as_deref() == Some(id);
+    match &known {
+        None if !pinned => return error(StatusCode::NOT_FOUND, "unknown signer"),
+        Some(s) if s.connected => {}
+        _ => return error(StatusCode::SERVICE_UNAVAILABLE, "signer not connected"),
+    }
+    let topic = topics::topic(id, topics::CONTROL);
+    if !shared.state.mqtt.has_subscriber(&topic) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "signer connected but not subscribed to its control topic");
+    }
+
+    // One control call per signer at a time: the response topic carries no request id.
+    let slot = shared.slot(id);
+    let Ok(mut slot) = tokio::time::timeout_at(deadline, slot.lock_owned()).await else {
+        warn!(signer = %id, "control call gave up waiting for another call to the same signer");
+        return error(StatusCode::CONFLICT, "another control call to this signer is in progress; this one was not sent");
+    };
+    let mut waiter = match shared.state.hub.expect_control(id) {
+        Ok(w) => w,
+        Err(e) => return error(StatusCode::CONFLICT, &e.to_string()),
+    };
+    let nonce = control_nonce(&body);
+    let len = body.len();
+    match shared.state.mqtt.publish_count(&topic, body) {
+        Ok(0) => return error(StatusCode::SERVICE_UNAVAILABLE, "signer not subscribed to its control topic"),
+        Ok(_) => {}
+        Err(e @ MqttError::PayloadTooLarge { .. }) => return error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+    info!(signer = %id, bytes = len, ?nonce, "control request relayed to the signer");
+    loop {
+        match tokio::time::timeout_at(deadline, waiter.recv()).await {
+            Err(_) => {
+                if let Some(n) = nonce {
+                    if slot.late.len() >= LATE_NONCES {
+                        slot.late.pop_front();
+                    }
+                    slot.late.push_back(n);
+                }
+                warn!(signer = %id, ?nonce, timeout = ?shared.cfg.control_timeout, "no control response in time");
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "no response from the signer in time (the request was delivered and may still be applied)",
+                );
+            }
+            Ok(None) => {
+                warn!(signer = %id, ?nonce, "signer disconnected before answering a control request");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the signer disconnected before answering (the request may or may not have been applied)",
+                );
+            }
+            Ok(Some(resp)) => {
+                let got = control_nonce(&resp);
+                if got.is_some() && got != nonce && got.is_some_and(|g| slot.late.contains(&g)) {
+                    warn!(signer = %id, late_nonce = ?got, "late response to an earlier, timed-out control call; dropped");
+                    continue;
+                }
+                info!(signer = %id, bytes = resp.len(), nonce = ?got, "control response relayed to the caller");
+                return response(StatusCode::OK, "application/octet-stream", full(resp));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /v1/events
+
+/// A response body fed by a channel (the event stream).
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.get_mut().rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[derive(Serialize)]
+struct NodeTime<'a> {
+    node_id: &'a str,
+    time: u64,
+}
+
+#[derive(Serialize)]
+struct Lagged {
+    missed: u64,
+}
+
+fn sse<T: Serialize>(event: &str, data: &T) -> Bytes {
+    // serde_json's compact output has no newline, so one `data:` line carries it.
+    let data = serde_json::to_string(data).unwrap_or_else(|_| "{}".into());
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+/// The SSE frame of a signer event.
+fn sse_frame(ev: &SignerEvent) -> Bytes {
+    match ev {
+        SignerEvent::Connected { node_id, time } => sse("signer-connected", &NodeTime { node_id, time: *time }),
+        SignerEvent::Ready { node_id, time } => sse("signer-ready", &NodeTime { node_id, time: *time }),
+        SignerEvent::Disconnected { node_id, time } => sse("signer-disconnected", &NodeTime { node_id, time: *time }),
+        SignerEvent::Error(e) => sse("signer-error", e),
+    }
+}
+
+#[derive(Clone, Copy)]
+struct PumpTiming {
+    /// Interval of keep-alive comments.
+    keepalive: Duration,
+    /// A client that does not take a frame within this time loses its stream.
+    send_timeout: Duration,
+}
+
+/// Feeds one `/v1/events` stream: a hello comment, then each hub event as an SSE frame,
+/// `lagged` when this subscriber fell behind the bounded broadcast, and keep-alive comments.
+/// Ends when the client goes away, stops reading, or the API shuts down.
+async fn event_pump(
+    mut rx: broadcast::Receiver<SignerEvent>,
+    tx: mpsc::Sender<Bytes>,
+    timing: PumpTiming,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if tx.send(Bytes::from_static(b": sphinx-broker signer events\n\n")).await.is_err() {
+        return;
+    }
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + timing.keepalive, timing.keepalive);
+    loop {
+        let frame = tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(ev) => sse_frame(&ev),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(missed = n, "event subscriber too slow; events dropped for it");
+                    sse("lagged", &Lagged { missed: n })
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = tick.tick() => Bytes::from_static(b": keep-alive\n\n"),
+            _ = tx.closed() => break,
+            _ = shutdown.changed() => break,
+        };
+        // A client that stops reading loses its stream (never the broker's time).
+        match tokio::time::timeout(timing.send_timeout, tx.send(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                warn!("event subscriber not reading; stream closed");
+                break;
+            }
+        }
+    }
+    debug!("event stream ended");
+}
+
+fn events(shared: &Shared) -> Response<ApiBody> {
+    let Ok(permit) = shared.streams.clone().try_acquire_owned() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "too many event streams open");
+    };
+    // Subscribed before the response goes out: once a client has the headers, it gets every
+    // event from then on.
+    let rx = shared.state.hub.subscribe();
+    let (tx, body_rx) = mpsc::channel::<Bytes>(16);
+    let timing = PumpTiming { keepalive: shared.cfg.keepalive, send_timeout: shared.cfg.read_timeout.max(Duration::from_secs(30)) };
+    let shutdown = shared.shutdown.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        event_pump(rx, tx, timing, shutdown).await;
+    });
+    let mut r = response(StatusCode::OK, "text/event-stream", ChannelBody { rx: body_rx }.boxed());
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /v1/chain/heartbeat
+
+#[derive(Serialize)]
+struct HeartbeatJson {
+    node_id: String,
+    chain_tip: String,
+    chain_height: u32,
+    chain_timestamp: u32,
+    current_timestamp: u32,
+    signature: String,
+    verified: bool,
+    raw: String,
+}
+
+async fn heartbeat(shared: &Shared) -> Response<ApiBody> {
+    // Only through the pinned (lightningd-initialised) signer, and only while it is there:
+    // otherwise the request would wait in the relay's queue.
+    let Some(node_id) = shared.state.pin.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no signer has been initialised by lightningd yet");
+    };
+    if !shared.state.hub.signer(&node_id).is_some_and(|s| s.ready) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "signer not connected");
+    }
+    match tokio::time::timeout(shared.cfg.control_timeout, crate::chain::fetch_heartbeat(&shared.state.relay)).await {
+        Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "no heartbeat from the signer in time"),
+        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, &e.to_string()),
+        Ok(Ok(hb)) => json(
+            StatusCode::OK,
+            &HeartbeatJson {
+                node_id,
+                chain_tip: hb.chain_tip.to_string(),
+                chain_height: hb.chain_height,
+                chain_timestamp: hb.chain_timestamp,
+                current_timestamp: hb.current_timestamp,
+                signature: hb.signature,
+                verified: hb.verified,
+                raw: hb.raw,
+            },
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_header_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        assert_eq!(bearer(&h), Some(&b"abc"[..]));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer   abc  "));
+        assert_eq!(bearer(&h), Some(&b"abc"[..]));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer"));
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert_eq!(bearer(&h), None, "two Authorization headers are refused");
+    }
+
+    #[test]
+    fn nonce_of_a_control_message() {
+        let mut m = vec![0xa5];
+        m.extend_from_slice(&42u64.to_be_bytes());
+        m.extend_from_slice(&[0; 65]);
+        assert_eq!(control_nonce(&m), Some(42));
+        assert_eq!(control_nonce(&m[1..]), None);
+        assert_eq!(control_nonce(b""), None);
+    }
+
+    #[test]
+    fn node_ids_are_lowercase_hex_of_33_bytes() {
+        assert!(is_node_id(&format!("02{}", "ab".repeat(32))));
+        assert!(!is_node_id(&format!("02{}", "AB".repeat(32))));
+        assert!(!is_node_id("02ab"));
+        assert!(!is_node_id(&format!("02{}", "zz".repeat(32))));
+    }
+
+    #[tokio::test]
+    async fn a_slow_event_subscriber_gets_lagged_then_the_newest_events() {
+        let hub = SignerHub::new(2);
+        let rx = hub.subscribe();
+        for i in 0..5u8 {
+            hub.on_error("a", &[0, i, b'x']);
+        }
+        let (tx, mut out) = mpsc::channel(16);
+        let (stop, shutdown) = watch::channel(false);
+        let timing = PumpTiming { keepalive: Duration::from_secs(3600), send_timeout: Duration::from_secs(5) };
+        let pump = tokio::spawn(event_pump(rx, tx, timing, shutdown));
+        let mut frames = Vec::new();
+        for _ in 0..4 {
+            let b = tokio::time::timeout(Duration::from_secs(5), out.recv()).await.ok().flatten();
+            frames.push(b.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default());
+        }
+        assert!(frames[0].starts_with(':'), "{frames:?}");
+        assert_eq!(frames[1], "event: lagged\ndata: {\"missed\":3}\n\n");
+        assert!(frames[2].starts_with("event: signer-error\ndata: {\"node_id\":\"a\",\"seq\":3,"), "{frames:?}");
+        assert!(frames[3].contains("\"seq\":4"), "{frames:?}");
+        stop.send_replace(true);
+        assert!(tokio::time::timeout(Duration::from_secs(5), pump).await.is_ok(), "the pump ends on shutdown");
+    }
+}
