@@ -21,6 +21,9 @@ pub struct Config {
     pub network: Network,
     /// Where the broker keeps its state (the pinned signer key).
     pub data_dir: PathBuf,
+    /// The signer's node id, if the operator knows it (`sphinx-key node-id`): pinned at start, so
+    /// no other key can log in even before the first `hsmd_init` (no trust on first use).
+    pub signer_node_id: Option<String>,
     /// Embedded MQTT server.
     pub mqtt: MqttSettings,
     /// The request path to the signer.
@@ -189,6 +192,7 @@ impl Default for Config {
             cln_version: None,
             network: Network::Regtest,
             data_dir: PathBuf::from("sphinx-broker"),
+            signer_node_id: None,
             mqtt: MqttSettings {
                 listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
                 max_payload: 1024 * 1024,
@@ -219,6 +223,8 @@ pub struct FileConfig {
     pub network: Option<String>,
     /// See [`Config::data_dir`].
     pub data_dir: Option<PathBuf>,
+    /// See [`Config::signer_node_id`].
+    pub signer_node_id: Option<String>,
     /// `[mqtt]` table.
     #[serde(default)]
     pub mqtt: FileMqtt,
@@ -334,6 +340,9 @@ impl Config {
         if let Some(d) = f.data_dir {
             self.data_dir = d;
         }
+        if let Some(id) = f.signer_node_id {
+            self.signer_node_id = Some(id);
+        }
         if let Some(l) = f.mqtt.listen {
             self.mqtt.listen = l;
         }
@@ -430,6 +439,13 @@ impl Config {
 
     /// Rejects values the broker cannot run with.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.signer_node_id {
+            let ok = bitcoin::secp256k1::PublicKey::from_slice(&hex::decode(id).unwrap_or_default())
+                .is_ok_and(|k| k.to_string() == *id);
+            if !ok {
+                return Err(ConfigError::Invalid("signer_node_id", "expected a node id: 33-byte public key in lowercase hex".into()));
+            }
+        }
         if self.mqtt.tls_cert.is_some() != self.mqtt.tls_key.is_some() {
             return Err(ConfigError::Invalid(
                 "mqtt.tls_cert/mqtt.tls_key",
@@ -453,6 +469,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signer_node_id_must_be_a_node_id() {
+        let mut c = Config::default();
+        c.signer_node_id = Some("029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46".into());
+        assert!(c.validate().is_ok());
+        c.signer_node_id = Some("029E41168D807AC2A06BD2C6025ACA1BF0C6401E9683BE9BC66B06F07C54A0EF46".into());
+        assert!(c.validate().is_err(), "lowercase hex, as topics use it");
+        c.signer_node_id = Some("xyz".into());
+        assert!(c.validate().is_err());
+    }
 
     #[test]
     fn file_overrides_defaults_and_rejects_unknown_keys() {

@@ -52,6 +52,10 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
         _ => anyhow::bail!("MQTT TLS needs both mqtt.tls_cert and mqtt.tls_key"),
     };
     let pin = Arc::new(PinStore::open(&cfg.data_dir)?);
+    if let Some(id) = &cfg.signer_node_id {
+        // Configured: pin now (or check the existing pin) instead of trusting the first signer.
+        pin.pin(id).map_err(|e| anyhow::anyhow!("signer_node_id: {e}"))?;
+    }
     let auth = Arc::new(signer_link::TokenAuth::new(pin.clone(), cfg.mqtt.token_window));
     let mqtt_cfg = mqtt::MqttConfig {
         max_payload: cfg.mqtt.max_payload,

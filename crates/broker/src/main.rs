@@ -44,6 +44,9 @@ struct Cli {
     /// State directory (pinned signer key).
     #[arg(long, env = "SPHINX_BROKER_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The signer's node id (`sphinx-key node-id`): pinned at start instead of on first use.
+    #[arg(long, env = "SPHINX_BROKER_SIGNER_NODE_ID")]
+    signer_node_id: Option<String>,
     /// Embedded MQTT listen address.
     #[arg(long, env = "SPHINX_BROKER_MQTT_LISTEN")]
     mqtt_listen: Option<std::net::SocketAddr>,
@@ -108,6 +111,9 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     }
     if let Some(d) = &cli.data_dir {
         cfg.data_dir = d.clone();
+    }
+    if let Some(id) = &cli.signer_node_id {
+        cfg.signer_node_id = Some(id.clone());
     }
     if let Some(l) = cli.mqtt_listen {
         cfg.mqtt.listen = l;

@@ -122,3 +122,28 @@ fn requests_wait_for_a_signer_broker_answers_its_own_and_exits_cleanly() {
     let status = ld.shutdown().unwrap();
     assert_eq!(status.code(), Some(0), "clean exit when lightningd closes fd 3\n{}", tail(&log, 3000));
 }
+
+#[test]
+fn a_configured_signer_node_id_is_pinned_before_any_signer_connects() {
+    let path = trace_path("open-pay-close", "alice");
+    let clock = scenario_for_path(&path).unwrap().fixed_clock();
+    let bob = "02c0c171d21db07e402c123e72ecb9fb01ef764a1efe153fcf785a8885962d9bc1";
+    let d = tempdir("prepin");
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut envs = broker_envs(&d.join("broker"), &listen);
+    envs.push(("SPHINX_BROKER_SIGNER_NODE_ID".into(), bob.into()));
+    let log = d.join("broker.log");
+    let opts = SpawnOptions { output: BrokerOutput::File(log.clone()), ..SpawnOptions::default() };
+    let mut ld = FakeLightningd::spawn_with(bin("sphinx-broker").unwrap(), Vec::<String>::new(), envs, opts).unwrap();
+    ld.root_call(&hsmd::DEV_MEMLEAK.to_be_bytes()).unwrap();
+    assert_eq!(std::fs::read_to_string(d.join("broker/pinned-node-id")).unwrap().trim(), bob);
+
+    // Alice's signer (another key) is refused at login, so lightningd's init is not answered by it.
+    let key = bin("sphinx-key").unwrap();
+    init_signer(&key, &d.join("signer"), seed_for_path(&path).unwrap()).unwrap();
+    let _alice = SignerProcess::start(&key, &d.join("signer"), &listen, clock, &d.join("signer.log"), &[]).unwrap();
+    let r = ld.root_call_timeout(&init_request(), Duration::from_secs(3));
+    assert!(r.is_err(), "only the configured node may answer");
+    assert!(tail(&log, 20000).contains("is not the pinned node"), "{}", tail(&log, 3000));
+    let _ = ld.kill();
+}
