@@ -56,7 +56,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
         // Configured: pin now (or check the existing pin) instead of trusting the first signer.
         pin.pin(id).map_err(|e| anyhow::anyhow!("signer_node_id: {e}"))?;
     }
-    let auth = Arc::new(signer_link::TokenAuth::new(pin.clone(), cfg.mqtt.token_window));
+    let auth = Arc::new(signer_link::TokenAuth::new(pin.clone(), cfg.mqtt.token_window, &cfg.data_dir));
     let mqtt_cfg = mqtt::MqttConfig {
         max_payload: cfg.mqtt.max_payload,
         tls,

@@ -26,19 +26,24 @@ use crate::relay::{LinkEvent, SignerLink};
 /// pinned node id once there is one. The identity (topic prefix) is the node id in hex.
 ///
 /// Each token is accepted once: a token seen within the window is refused, so a captured
-/// password cannot be replayed while it is still fresh. (A signer reconnecting within the same
-/// second makes the same token; it is refused and retries after its backoff with a new one.)
+/// password cannot be replayed while it is still fresh. For the pinned key this holds across
+/// broker restarts too: its last accepted token time is kept on disk and a login must carry a
+/// later one. (A signer reconnecting within the same second makes the same token; it is refused
+/// and retries after its backoff with a new one.)
 pub struct TokenAuth {
     pin: Arc<PinStore>,
     window: Duration,
     /// Tokens accepted within the window, with the unix time they expire from memory.
     seen: Mutex<HashMap<Vec<u8>, u64>>,
+    /// `data_dir/pinned-last-login`: the pinned key's last accepted token time.
+    last_login_path: std::path::PathBuf,
 }
 
 impl TokenAuth {
-    /// Tokens must be within `window` of our clock and signed by the pinned key (if any).
-    pub fn new(pin: Arc<PinStore>, window: Duration) -> Self {
-        TokenAuth { pin, window, seen: Mutex::new(HashMap::new()) }
+    /// Tokens must be within `window` of our clock and signed by the pinned key (if any);
+    /// `data_dir` keeps the pinned key's last login time.
+    pub fn new(pin: Arc<PinStore>, window: Duration, data_dir: &std::path::Path) -> Self {
+        TokenAuth { pin, window, seen: Mutex::new(HashMap::new()), last_login_path: data_dir.join("pinned-last-login") }
     }
 
     /// Records a token as used; false if it was used before.
@@ -47,6 +52,25 @@ impl TokenAuth {
         seen.retain(|_, forget_at| *forget_at > now);
         // Remembered for two windows: a token is valid from ts - window to ts + window.
         seen.insert(token.to_vec(), now + 2 * self.window.as_secs() + 1).is_none()
+    }
+
+    /// For the pinned key: the token must be later than the last accepted one, durably.
+    fn advance_pinned_login(&self, ts: u32) -> Result<(), String> {
+        let last = std::fs::read_to_string(&self.last_login_path).ok().and_then(|s| s.trim().parse::<u32>().ok());
+        if let Some(last) = last {
+            if ts <= last {
+                return Err(format!("token time {ts} is not after the last login ({last}): replayed or clock went back"));
+            }
+        }
+        let tmp = self.last_login_path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(format!("{ts}\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.last_login_path)
+        };
+        write().map_err(|e| format!("cannot record the login time in {}: {e}", self.last_login_path.display()))
     }
 }
 
@@ -63,6 +87,10 @@ impl Authenticator for TokenAuth {
         self.pin.allows(&id).map_err(|e| e.to_string())?;
         if !self.first_use(pass, now) {
             return Err("token already used (replayed login)".into());
+        }
+        if self.pin.get().as_deref() == Some(id.as_str()) {
+            let ts = token::timestamp(pass).map_err(|e| e.to_string())?;
+            self.advance_pinned_login(ts)?;
         }
         Ok(id)
     }
@@ -400,7 +428,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("auth-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let pin = Arc::new(PinStore::open(&dir).unwrap());
-        let auth = TokenAuth::new(pin.clone(), Duration::from_secs(300));
+        let auth = TokenAuth::new(pin.clone(), Duration::from_secs(300), &dir);
         let sk = SecretKey::from_slice(&[0x41; 32]).unwrap();
         let id = PublicKey::from_secret_key(&Secp256k1::new(), &sk).to_string();
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
@@ -417,6 +445,14 @@ mod tests {
         let t2 = token::make(&other, now as u32);
         pin.pin(&id).unwrap();
         assert!(auth.authenticate("c", Some(&other_id), Some(t2.as_bytes())).is_err());
+        // The pinned key's logins must move forward in time, across broker restarts.
+        let t3 = token::make(&sk, now as u32 + 1);
+        assert!(auth.authenticate("c", Some(&id), Some(t3.as_bytes())).is_ok());
+        let restarted = TokenAuth::new(pin.clone(), Duration::from_secs(300), &dir);
+        let err = restarted.authenticate("c", Some(&id), Some(t3.as_bytes())).unwrap_err();
+        assert!(err.contains("not after the last login"), "{err}");
+        let t4 = token::make(&sk, now as u32 + 2);
+        assert!(restarted.authenticate("c", Some(&id), Some(t4.as_bytes())).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -88,6 +88,10 @@ enum Cmd {
         /// fingerprint (hex, `AB:CD:…` as openssl prints it).
         #[arg(long, value_name = "HEX", env = "SPHINX_KEY_TLS_FINGERPRINT")]
         tls_fingerprint: Option<String>,
+        /// Allow a plaintext connection to a broker that is not on loopback (off by default:
+        /// on an open network, the login token and every request would travel in the clear).
+        #[arg(long, env = "SPHINX_KEY_ALLOW_PLAINTEXT")]
+        allow_plaintext: bool,
     },
     /// Owner control: sign a control message, send it through the broker API, verify and print
     /// the device's answer as JSON (exit code 1 if the device refused it).
@@ -113,6 +117,7 @@ struct FileConfig {
     allowlist: Option<Vec<String>>,
     tls_ca: Option<PathBuf>,
     tls_fingerprint: Option<String>,
+    allow_plaintext: Option<bool>,
     /// Initial owner limits (used until the owner sends an UpdatePolicy).
     msat_per_interval: Option<u64>,
     interval: Option<sphinx_wire::control::Interval>,
@@ -142,6 +147,11 @@ fn load_file(cli: &Cli) -> Result<FileConfig> {
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// `localhost` or a loopback IP: the only hosts a plaintext connection goes to by default.
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn parse_broker(s: &str) -> Result<(String, u16)> {
@@ -214,7 +224,7 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("{}", hex::encode(sphinx_signer::node_id_for_seed(&seed, network)));
             Ok(())
         }
-        Cmd::Run { broker, permissive, dev_fixed_clock, status, tls_ca, tls_fingerprint } => {
+        Cmd::Run { broker, permissive, dev_fixed_clock, status, tls_ca, tls_fingerprint, allow_plaintext } => {
             let broker = broker.or(file.broker.clone()).unwrap_or_else(|| "127.0.0.1:1883".into());
             let (host, port) = parse_broker(&broker)?;
             let status = status.or(file.status.clone()).unwrap_or_else(|| "terminal".into());
@@ -269,6 +279,12 @@ fn real_main(cli: Cli) -> Result<()> {
                 )),
                 (None, None) => None,
             };
+            if tls.is_none() && !is_loopback_host(&host) && !(allow_plaintext || file.allow_plaintext.unwrap_or(false)) {
+                bail!(
+                    "broker {host} is not on loopback: connect with TLS (--tls-ca FILE or --tls-fingerprint HEX), \
+                     or pass --allow-plaintext if the link is already protected (VPN, SSH tunnel)"
+                );
+            }
             let rc = client::RunConfig {
                 host,
                 port,
@@ -344,6 +360,8 @@ mod tests {
         assert_eq!(parse_broker("127.0.0.1:1883").unwrap(), ("127.0.0.1".into(), 1883));
         assert_eq!(parse_broker("[::1]:1883").unwrap(), ("::1".into(), 1883));
         assert!(parse_broker("nope").is_err());
+        assert!(is_loopback_host("127.0.0.1") && is_loopback_host("::1") && is_loopback_host("localhost"));
+        assert!(!is_loopback_host("10.0.0.1") && !is_loopback_host("cln-host.example"));
         assert_eq!(parse_network("mainnet").unwrap(), Network::Bitcoin);
         assert!(parse_network("x").is_err());
         let f: FileConfig = toml::from_str("broker = \"h:1\"\nsweep_min_feerate_per_kw = 200\n").unwrap();

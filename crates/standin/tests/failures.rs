@@ -362,6 +362,23 @@ fn refusal_reaches_cln_as_a_bad_request() {
     assert_eq!(msg, req, "the report carries the request");
     wait_log(&r.blog(), "bad request; closing this client connection as CLN's hsmd does", Duration::from_secs(5)).unwrap();
 
+    // A policy violation on a live channel: its first remote commitment signed again after the
+    // channel moved on (a revoked state). Refused the same way; the channel's state is
+    // untouched (the rest of the session still matches the oracle, which never saw this).
+    let first = r.find(at + 1, 19);
+    let old = r.tr.exchanges.iter().find(|e| e.index == first).unwrap().clone();
+    let later = r.tr.exchanges.iter().filter(|e| e.conn == old.conn && e.msg_type == 36).nth(1).unwrap().index;
+    r.sess.run_until(|ex| ex.index > later);
+    let before = r.sess.ld().status_log();
+    let mut c = r.sess.ld().new_client(&old.ctx.client_context()).unwrap();
+    let res = c.call(&old.request);
+    assert!(matches!(res, Err(LdError::Closed { .. })), "signing a revoked commitment again is refused: {res:?}\n{}", r.logs());
+    let after = r.sess.ld().wait_status(before.count + 1, Duration::from_secs(5)).expect("a status message");
+    let (peer, text, msg) = parse_bad_request(after.frames.last().unwrap());
+    assert_eq!((peer, msg), (old.ctx.client_context().peer_id, old.request.clone()));
+    eprintln!("revoked commitment refused: {text}");
+    assert!(text.contains("policy") || text.contains("VLS refused"), "{text}");
+
     // The rest of the session: root and every other client unaffected.
     r.sess.run_to_end();
     assert!(r.sess.ld().try_exit_status().is_none());

@@ -87,6 +87,15 @@ pub fn make(key: &SecretKey, ts: u32) -> String {
     URL_SAFE.encode(buf)
 }
 
+/// The timestamp inside a token (unverified: call [`verify`] first).
+pub fn timestamp(password: &[u8]) -> Result<u32, Error> {
+    let raw = URL_SAFE.decode(password).map_err(|_| Error::Encoding)?;
+    if raw.len() != 69 {
+        return Err(Error::Length(raw.len()));
+    }
+    Ok(u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]))
+}
+
 /// Checks a login: the token must be signed by the key named in `username` at a time within
 /// `window` seconds of `now`. Returns that key.
 pub fn verify(username: &str, password: &[u8], now: u64, window: u64) -> Result<PublicKey, Error> {

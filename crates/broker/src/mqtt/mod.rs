@@ -96,8 +96,9 @@ pub enum StartError {
     /// Plaintext on a non-loopback address without [`MqttConfig::allow_plaintext_non_loopback`].
     #[error(
         "refusing to serve MQTT without TLS on non-loopback address {0}: configure a TLS \
-         certificate and key, listen on 127.0.0.1/::1, or explicitly allow plaintext on \
-         non-loopback addresses"
+         certificate and key ([mqtt] tls_cert and tls_key), listen on 127.0.0.1 or ::1, or \
+         explicitly allow plaintext on non-loopback addresses ([mqtt] \
+         allow_plaintext_non_loopback = true)"
     )]
     PlaintextNonLoopback(SocketAddr),
     /// The TLS certificate or key could not be loaded or used.
