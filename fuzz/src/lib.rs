@@ -5,6 +5,7 @@
 //! The same files are compiled into the main workspace's tests with `#[path]`
 //! (`crates/wire/tests/fuzz_corpus.rs`, `crates/broker/tests/mqtt_fuzz_corpus.rs`), which replay
 //! every file of `fuzz/corpus/<target>/` so CI exercises the corpora without a nightly toolchain.
+//! Those tests share the replay loop, `corpus.rs`, which is not a module of this library.
 #![warn(missing_docs)]
 
 pub mod broker_checks;

@@ -434,26 +434,55 @@ mod tests {
         LinkEvent::Reply(ID.into(), Reply { seq, message }.encode())
     }
 
+    /// A node id other than [`ID`].
+    const OTHER: &str = "02c0c171d21db07e402c123e72ecb9fb01ef764a1efe153fcf785a8885962d9bc1";
+
+    impl Harness {
+        /// `msg` called through the relay in a task of its own, as lightningd's hsmd would.
+        fn call(&self, msg: Vec<u8>) -> tokio::task::JoinHandle<Result<Vec<u8>, RelayError>> {
+            let r = self.relay.clone();
+            tokio::spawn(async move { r.call(ClientContext::ROOT, msg).await })
+        }
+
+        /// The signer `id` says hello.
+        async fn hello(&self, id: &str) {
+            self.events.send(LinkEvent::Hello(id.into())).await.unwrap();
+        }
+
+        /// The next request the relay publishes, decoded (its topic not checked).
+        async fn next_request(&mut self) -> Request {
+            Request::decode(&self.out.recv().await.unwrap().1).unwrap()
+        }
+
+        /// The signer answers `seq` with `message`.
+        async fn answer(&self, seq: u16, message: Vec<u8>) {
+            self.events.send(reply(seq, message)).await.unwrap();
+        }
+
+        /// [`ID`] says hello and answers an init for [`ID`], which pins it.
+        async fn initialise(&mut self) {
+            self.hello(ID).await;
+            let init = self.call(init_msg());
+            let q = self.next_request().await;
+            self.answer(q.seq, init_reply(ID)).await;
+            assert!(init.await.unwrap().is_ok());
+        }
+    }
+
     #[tokio::test]
     async fn requests_wait_for_a_signer_then_go_in_order_and_match_by_seq() {
         let mut h = harness("order", Duration::from_secs(30));
-        let r1 = tokio::spawn({
-            let r = h.relay.clone();
-            async move { r.call(ClientContext::ROOT, vec![0, 28, 1]).await }
-        });
+        let r1 = h.call(vec![0, 28, 1]);
         // Let the first request reach the queue before the second: order must be preserved.
         while h.relay.queued() < 1 {
             tokio::task::yield_now().await;
         }
-        let r2 = tokio::spawn({
-            let r = h.relay.clone();
-            async move { r.call(ClientContext::ROOT, vec![0, 28, 2]).await }
-        });
+        let r2 = h.call(vec![0, 28, 2]);
         while h.relay.queued() < 2 {
             tokio::task::yield_now().await;
         }
         assert!(h.out.try_recv().is_err(), "nothing may be sent before a signer says hello");
-        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
+        h.hello(ID).await;
         let (t1, f1) = h.out.recv().await.unwrap();
         let (_, f2) = h.out.recv().await.unwrap();
         assert_eq!(t1, format!("{ID}/vls"));
@@ -462,8 +491,8 @@ mod tests {
         assert_eq!(q1.message, vec![0, 28, 1]);
         assert_eq!(q2.message, vec![0, 28, 2]);
         // Answer out of order: each caller still gets its own reply.
-        h.events.send(reply(q2.seq, vec![0, 128, 2])).await.unwrap();
-        h.events.send(reply(q1.seq, vec![0, 128, 1])).await.unwrap();
+        h.answer(q2.seq, vec![0, 128, 2]).await;
+        h.answer(q1.seq, vec![0, 128, 1]).await;
         assert_eq!(r1.await.unwrap().unwrap(), vec![0, 128, 1]);
         assert_eq!(r2.await.unwrap().unwrap(), vec![0, 128, 2]);
     }
@@ -471,42 +500,29 @@ mod tests {
     #[tokio::test]
     async fn reconnect_replays_init_then_resends_unanswered_requests() {
         let mut h = harness("resend", Duration::from_secs(30));
-        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
-        let init = tokio::spawn({
-            let r = h.relay.clone();
-            async move { r.call(ClientContext::ROOT, init_msg()).await }
-        });
-        let q = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
-        h.events.send(reply(q.seq, init_reply(ID))).await.unwrap();
-        assert!(init.await.unwrap().is_ok());
+        h.initialise().await;
 
-        let pending = tokio::spawn({
-            let r = h.relay.clone();
-            async move { r.call(ClientContext::ROOT, vec![0, 23, 9]).await }
-        });
-        let first = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        let pending = h.call(vec![0, 23, 9]);
+        let first = h.next_request().await;
         h.events.send(LinkEvent::Gone(ID.into())).await.unwrap();
-        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
-        let replayed_init = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        h.hello(ID).await;
+        let replayed_init = h.next_request().await;
         assert_eq!(replayed_init.message, init_msg(), "init is replayed first");
-        let resent = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        let resent = h.next_request().await;
         assert_eq!(resent, first, "the unanswered request is resent unchanged (same seq)");
-        h.events.send(reply(replayed_init.seq, init_reply(ID))).await.unwrap();
-        h.events.send(reply(resent.seq, vec![0, 123])).await.unwrap();
+        h.answer(replayed_init.seq, init_reply(ID)).await;
+        h.answer(resent.seq, vec![0, 123]).await;
         // A duplicate reply for the same seq is ignored.
-        h.events.send(reply(resent.seq, vec![0, 124])).await.unwrap();
+        h.answer(resent.seq, vec![0, 124]).await;
         assert_eq!(pending.await.unwrap().unwrap(), vec![0, 123]);
     }
 
     #[tokio::test]
     async fn refusal_and_timeout_reach_the_caller() {
         let mut h = harness("refuse", Duration::from_millis(300));
-        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
-        let call = tokio::spawn({
-            let r = h.relay.clone();
-            async move { r.call(ClientContext::ROOT, vec![0, 7]).await }
-        });
-        let q = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        h.hello(ID).await;
+        let call = h.call(vec![0, 7]);
+        let q = h.next_request().await;
         let mut err = q.seq.to_be_bytes().to_vec();
         err.extend_from_slice(b"policy failure: nope");
         h.events.send(LinkEvent::Error(ID.into(), err)).await.unwrap();
@@ -519,47 +535,32 @@ mod tests {
     #[tokio::test]
     async fn hello_from_a_key_other_than_the_pinned_one_is_refused() {
         let mut h = harness("hellopin", Duration::from_secs(30));
-        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
-        let init = tokio::spawn({
-            let r = h.relay.clone();
-            async move { r.call(ClientContext::ROOT, init_msg()).await }
-        });
-        let q = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
-        h.events.send(reply(q.seq, init_reply(ID))).await.unwrap();
-        assert!(init.await.unwrap().is_ok());
+        h.initialise().await;
         // A client that logged in before the pin (still connected) says hello: refused, dropped,
         // and the pinned signer stays the one requests go to.
-        let other = "02c0c171d21db07e402c123e72ecb9fb01ef764a1efe153fcf785a8885962d9bc1";
-        h.events.send(LinkEvent::Hello(other.into())).await.unwrap();
-        let call = tokio::spawn({
-            let r = h.relay.clone();
-            async move { r.call(ClientContext::ROOT, vec![0, 23, 1]).await }
-        });
+        h.hello(OTHER).await;
+        let call = h.call(vec![0, 23, 1]);
         let (topic, f) = h.out.recv().await.unwrap();
         assert_eq!(topic, format!("{ID}/vls"));
-        assert_eq!(h.link.disconnected.lock().unwrap().as_slice(), &[other.to_string()]);
+        assert_eq!(h.link.disconnected.lock().unwrap().as_slice(), &[OTHER.to_string()]);
         let q = Request::decode(&f).unwrap();
-        h.events.send(reply(q.seq, vec![0, 123])).await.unwrap();
+        h.answer(q.seq, vec![0, 123]).await;
         assert_eq!(call.await.unwrap().unwrap(), vec![0, 123]);
     }
 
     #[tokio::test]
     async fn init_reply_for_another_node_is_rejected_and_the_signer_dropped() {
         let mut h = harness("wrongnode", Duration::from_secs(30));
-        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
-        let init = tokio::spawn({
-            let r = h.relay.clone();
-            async move { r.call(ClientContext::ROOT, init_msg()).await }
-        });
-        let q = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
-        let other = "02c0c171d21db07e402c123e72ecb9fb01ef764a1efe153fcf785a8885962d9bc1";
-        h.events.send(reply(q.seq, init_reply(other))).await.unwrap();
+        h.hello(ID).await;
+        let init = h.call(init_msg());
+        let q = h.next_request().await;
+        h.answer(q.seq, init_reply(OTHER)).await;
         // The request is still pending (not answered with a foreign node id): a good signer answers it.
-        h.events.send(LinkEvent::Hello(ID.into())).await.unwrap();
-        let again = Request::decode(&h.out.recv().await.unwrap().1).unwrap();
+        h.hello(ID).await;
+        let again = h.next_request().await;
         assert_eq!(again.message, init_msg());
         assert_eq!(h.link.disconnected.lock().unwrap().as_slice(), &[ID.to_string()]);
-        h.events.send(reply(again.seq, init_reply(ID))).await.unwrap();
+        h.answer(again.seq, init_reply(ID)).await;
         assert!(init.await.unwrap().is_ok());
     }
 }

@@ -6,74 +6,24 @@
 //! `cargo build --release -p sphinx-key` first; scripts/test builds every binary). Skipped with a
 //! printed notice if it is missing or has no `ctl` subcommand.
 
-use std::os::unix::process::CommandExt;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::{start_key, Dir};
 use sphinx_broker::config::{ApiToken, Config};
 use sphinx_broker::signer_link::SignerEvent;
 
-const ALICE_SEED: &str = "4141414141414141414141414141414141414141414141414141414141414141";
 const TOKEN: &str = "e2e-api-token-0123456789abcdef";
 const WAIT: Duration = Duration::from_secs(60);
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `sphinx-key run`, killed and reaped on drop (and killed by the kernel if this test dies).
-struct Device(Child, PathBuf);
-impl Drop for Device {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-impl Device {
-    fn log(&self) -> String {
-        let t = std::fs::read_to_string(&self.1).unwrap_or_default();
-        t[t.len().saturating_sub(4000)..].to_string()
-    }
-}
-
 /// The sphinx-key binary, if it is there and knows `ctl`.
 fn key_bin() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    let dir = if dir.ends_with("deps") { dir.parent()? } else { dir };
-    let p = dir.join("sphinx-key");
+    let p = common::key_bin_path()?;
     let ok = Command::new(&p).args(["ctl", "--help"]).output().map(|o| o.status.success()).unwrap_or(false);
     ok.then_some(p)
-}
-
-fn start_device(bin: &Path, data: &Path, broker: &str) -> Device {
-    let out = Command::new(bin)
-        .args(["init", "--data-dir"])
-        .arg(data)
-        .args(["--network", "regtest", "--seed-hex", ALICE_SEED])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "sphinx-key init: {}", String::from_utf8_lossy(&out.stderr));
-    let log = data.with_extension("log");
-    let f = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(bin);
-    cmd.args(["run", "--data-dir"])
-        .arg(data)
-        .args(["--broker", broker, "--network", "regtest", "--status", "none"])
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f);
-    // SAFETY: only asks the kernel to SIGKILL the child when this process dies.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
-        });
-    }
-    Device(cmd.spawn().unwrap(), log)
 }
 
 /// Runs `sphinx-key ctl` (blocking, off the runtime's threads): exit code, stdout, stderr.
@@ -91,20 +41,17 @@ async fn sphinx_key_ctl_through_the_broker_api_to_a_device() {
         println!("SKIPPED: target/release/sphinx-key with `ctl` not found (cargo build --release -p sphinx-key)");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("sphinx-api-ctl-e2e-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let _guard = Dir(dir.clone());
+    let dir = Dir::fresh("sphinx-api-ctl-e2e");
 
-    let mut cfg = Config { data_dir: dir.join("broker"), ..Config::default() };
+    let mut cfg = Config { data_dir: dir.0.join("broker"), ..Config::default() };
     cfg.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     cfg.api.listen = Some("127.0.0.1:0".parse().unwrap());
     cfg.api.token = Some(ApiToken::new(TOKEN).unwrap());
     let broker = sphinx_broker::start(&cfg).await.unwrap();
     let url = format!("http://{}", broker.api.as_ref().unwrap().local_addr());
     let mut events = broker.hub.subscribe();
-    let data = dir.join("key");
-    let device = start_device(&bin, &data, &broker.mqtt.local_addr().to_string());
+    let data = dir.0.join("key");
+    let device = start_key(&bin, &data, &broker.mqtt.local_addr().to_string(), &[]);
     // Ready = logged in with its token, subscribed to {id}/vls and {id}/control, said hello.
     let ready = tokio::time::timeout(WAIT, async {
         loop {

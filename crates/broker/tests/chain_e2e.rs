@@ -5,12 +5,13 @@
 //! Needs the `sphinx-key` binary next to this test's directory (`target/release/sphinx-key`):
 //! `cargo build --release -p sphinx-key` first (scripts/test builds every binary before testing).
 
-use std::os::unix::process::CommandExt;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bitcoin::Network;
+use common::{start_key, Dir, KeyProc};
 use fake_bitcoind::{Config as FakeConfig, FakeBitcoind};
 use sphinx_broker::chain::signer::SignerChain;
 use sphinx_broker::chain::{self, BitcoindSettings, FollowerConfig, FollowerStatus, Phase};
@@ -18,67 +19,17 @@ use sphinx_broker::config::Config;
 use sphinx_wire::ClientContext;
 use tokio::sync::watch;
 
-const ALICE_SEED: &str = "4141414141414141414141414141414141414141414141414141414141414141";
 const CLOCK: u64 = 1_795_466_257;
 const BOUND: Duration = Duration::from_secs(120);
 
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `sphinx-key run`, killed and reaped on drop (and killed by the kernel if this test dies).
-struct SignerProc(Child, PathBuf);
-impl Drop for SignerProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-impl SignerProc {
-    fn log(&self) -> String {
-        let t = std::fs::read_to_string(&self.1).unwrap_or_default();
-        t[t.len().saturating_sub(4000)..].to_string()
-    }
-}
-
 fn key_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap();
-    let dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
-    let p = dir.join("sphinx-key");
+    let p = common::key_bin_path().unwrap();
     assert!(p.is_file(), "{} not found: cargo build --release -p sphinx-key first", p.display());
     p
 }
 
-fn start_signer(data: &Path, broker: &str) -> SignerProc {
-    let key = key_bin();
-    let out = Command::new(&key)
-        .args(["init", "--data-dir"])
-        .arg(data)
-        .args(["--network", "regtest", "--seed-hex", ALICE_SEED])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "sphinx-key init: {}", String::from_utf8_lossy(&out.stderr));
-    let log = data.with_extension("log");
-    let f = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(&key);
-    cmd.args(["run", "--data-dir"])
-        .arg(data)
-        .args(["--broker", broker, "--network", "regtest", "--status", "none"])
-        .args(["--dev-fixed-clock", &CLOCK.to_string()])
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f);
-    // SAFETY: only asks the kernel to SIGKILL the child when this process dies.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
-        });
-    }
-    SignerProc(cmd.spawn().unwrap(), log)
+fn start_signer(data: &Path, broker: &str) -> KeyProc {
+    start_key(&key_bin(), data, broker, &["--dev-fixed-clock", &CLOCK.to_string()])
 }
 
 fn trace_request(ty: u16) -> Vec<u8> {
@@ -107,16 +58,13 @@ async fn wait(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chain_e2e_over_mqtt_with_a_signer_process() {
-    let dir = std::env::temp_dir().join(format!("sphinx-chain-e2e-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let _guard = Dir(dir.clone());
+    let dir = Dir::fresh("sphinx-chain-e2e");
 
-    let mut cfg = Config { network: Network::Regtest, data_dir: dir.join("broker"), ..Config::default() };
+    let mut cfg = Config { network: Network::Regtest, data_dir: dir.0.join("broker"), ..Config::default() };
     cfg.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     let broker = sphinx_broker::start(&cfg).await.unwrap();
     let listen = broker.mqtt.local_addr().to_string();
-    let signer = start_signer(&dir.join("key"), &listen);
+    let signer = start_signer(&dir.0.join("key"), &listen);
 
     // lightningd's hsmd_init, held by the relay until the signer connects and answers it.
     let reply = tokio::time::timeout(BOUND, broker.relay.call(ClientContext::ROOT, trace_request(11)))

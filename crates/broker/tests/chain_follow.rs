@@ -247,6 +247,11 @@ fn settings(url: String, cookie: Option<PathBuf>) -> BitcoindSettings {
     BitcoindSettings { url: Some(url), cookie_file: cookie }
 }
 
+/// `btc`'s URL with the login a `fake(true, _)` accepts.
+fn logged_in(btc: &FakeBitcoind) -> BitcoindSettings {
+    settings(btc.url_with_login("alice", "s3cret"), None)
+}
+
 async fn fake(users: bool, cookie_dir: Option<PathBuf>) -> FakeBitcoind {
     let mut cfg = FakeConfig::default();
     if users {
@@ -296,7 +301,7 @@ async fn chain_signer_tip_follows_new_blocks_with_heartbeats() {
     let h = Harness::new("follow", false).await;
     let btc = fake(true, None).await;
     btc.mine(5);
-    let mut f = h.follow(settings(btc.url_with_login("alice", "s3cret"), None));
+    let mut f = h.follow(logged_in(&btc));
     wait_synced(&mut f, btc.tip()).await;
     btc.mine(3);
     let s = wait_synced(&mut f, btc.tip()).await;
@@ -325,7 +330,7 @@ async fn chain_three_block_reorg_is_followed_remove_then_add() {
     let h = Harness::new("reorg", false).await;
     let btc = fake(true, None).await;
     btc.mine(10);
-    let mut f = h.follow(settings(btc.url_with_login("alice", "s3cret"), None));
+    let mut f = h.follow(logged_in(&btc));
     wait_synced(&mut f, btc.tip()).await;
     let before = h.types().len();
     let old_tip = btc.tip();
@@ -346,7 +351,7 @@ async fn chain_bad_pow_and_broken_parent_are_refused_and_state_unchanged() {
     let btc = fake(true, None).await;
     btc.mine(5);
     let tip5 = btc.tip();
-    let mut f = h.follow(settings(btc.url_with_login("alice", "s3cret"), None));
+    let mut f = h.follow(logged_in(&btc));
     wait_synced(&mut f, tip5).await;
 
     // bitcoind (lying) serves a block with bad proof of work: the follower refuses it.
@@ -445,7 +450,7 @@ async fn chain_cln_requests_keep_flowing_during_1000_block_catch_up() {
     let btc = fake(true, None).await;
     btc.mine(1000);
     let check_pubkey = trace_requests().into_iter().find(|(c, m)| c.dbid == 0 && m[..2] == [0, 28]).unwrap().1;
-    let f = h.follow(settings(btc.url_with_login("alice", "s3cret"), None));
+    let f = h.follow(logged_in(&btc));
     let target = btc.tip();
     let mut latencies = Vec::new();
     let mut during = 0usize;
@@ -491,7 +496,7 @@ async fn chain_tracker_state_persists_across_signer_restart() {
     let h = Harness::new("persist", true).await;
     let btc = fake(true, None).await;
     btc.mine(20);
-    let mut f = h.follow(settings(btc.url_with_login("alice", "s3cret"), None));
+    let mut f = h.follow(logged_in(&btc));
     wait_synced(&mut f, btc.tip()).await;
     // The signer process "restarts": state reopened from its redb directory.
     h.events.send(LinkEvent::Gone(h.node_hex.clone())).await.unwrap();
@@ -541,7 +546,7 @@ async fn chain_block_confirming_the_traced_funding_tx_updates_watches() {
     btc.mine(101);
     let funding_block = btc.mine_with(vec![tx]);
     btc.mine(5);
-    let mut f = h.follow(settings(btc.url_with_login("alice", "s3cret"), None));
+    let mut f = h.follow(logged_in(&btc));
     wait_synced(&mut f, btc.tip()).await;
     assert!(btc.block(&funding_block).unwrap().txdata.iter().any(|t| t.compute_txid() == funding_txid));
     let (_, outpoints) = h.chain().forward_watches().await.unwrap();
@@ -561,7 +566,7 @@ async fn chain_slow_signer_timeouts_are_retried_from_the_signers_tip() {
     btc.mine(5);
     // The third AddBlock takes longer than the relay's bound.
     *h.stall.lock().unwrap() = Some((2005, Duration::from_millis(900)));
-    let mut f = h.follow(settings(btc.url_with_login("alice", "s3cret"), None));
+    let mut f = h.follow(logged_in(&btc));
     let s = wait_status(&mut f, "timeout reported", |s| {
         s.last_error.as_deref().is_some_and(|e| e.contains("no reply from the signer"))
     })
@@ -613,7 +618,7 @@ async fn chain_bitcoind_behind_and_syncing_is_not_a_reorg() {
     let h = Harness::new("behind", false).await;
     let btc = fake(true, None).await;
     let hashes = btc.mine(10);
-    let mut f = h.follow(settings(btc.url_with_login("alice", "s3cret"), None));
+    let mut f = h.follow(logged_in(&btc));
     wait_synced(&mut f, btc.tip()).await;
     let tip = btc.tip();
     btc.pop(3);
@@ -642,7 +647,7 @@ async fn chain_follower_starts_when_lightningds_init_is_answered() {
     let btc = fake(true, None).await;
     btc.mine(3);
     let server = Arc::new(sphinx_broker::hsmd::HsmdServer::new(h.relay.clone(), Network::Regtest, None, false).unwrap());
-    let mut cfg = FollowerConfig::new(settings(btc.url_with_login("alice", "s3cret"), None), Network::Regtest);
+    let mut cfg = FollowerConfig::new(logged_in(&btc), Network::Regtest);
     cfg.poll_interval = Duration::from_millis(20);
     let mut f = chain::spawn(cfg, h.relay.clone(), server.init_done());
     let (mut lightningd, hsmd_end) = std::os::unix::net::UnixStream::pair().unwrap();

@@ -3,10 +3,13 @@
 //! Synchronisation is always by awaiting something (an event, a packet, EOF); the timeouts in
 //! the helpers only turn a hang into a failure.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use common::{init_tracing, next_event, WAIT};
 use rumqttc::mqttbytes::v4::{self, Packet};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, QoS, SubscribeFilter,
@@ -18,8 +21,6 @@ use sphinx_broker::mqtt::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-
-const WAIT: Duration = Duration::from_secs(10);
 
 /// Accepts `username == password` (as a token) with identity = username.
 struct TokenAuth;
@@ -49,16 +50,6 @@ fn config() -> MqttConfig {
     }
 }
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "sphinx_broker=debug".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
 async fn server_with(cfg: MqttConfig, limits: Limits) -> (MqttHandle, mpsc::Receiver<MqttEvent>) {
     init_tracing();
     mqtt::start_with_limits(cfg, Arc::new(TokenAuth), limits)
@@ -68,13 +59,6 @@ async fn server_with(cfg: MqttConfig, limits: Limits) -> (MqttHandle, mpsc::Rece
 
 async fn server() -> (MqttHandle, mpsc::Receiver<MqttEvent>) {
     server_with(config(), Limits::default()).await
-}
-
-async fn next_event(rx: &mut mpsc::Receiver<MqttEvent>) -> MqttEvent {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("timed out waiting for an event")
-        .expect("event channel closed")
 }
 
 async fn expect_connected(rx: &mut mpsc::Receiver<MqttEvent>, who: &str) -> u64 {
@@ -161,6 +145,28 @@ impl Client {
         }
     }
 
+    /// Publishes (not retained); the packet is only queued in the client's event loop.
+    async fn publish(&self, topic: &str, qos: QoS, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, qos, false, payload)
+            .await
+            .unwrap();
+    }
+
+    /// Waits for the server to refuse the connection with `want`.
+    async fn expect_refused(&mut self, want: ConnectReturnCode) {
+        match self.next().await {
+            Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, want),
+            other => panic!("expected refusal, got {other:?}"),
+        }
+    }
+
+    /// Subscribes to `filter` and waits for the SUBACK (its codes not checked).
+    async fn subscribe_acked(&mut self, filter: &str, qos: QoS) {
+        self.client.subscribe(filter, qos).await.unwrap();
+        assert!(matches!(self.incoming().await, Packet::SubAck(_)));
+    }
+
     async fn connack(&mut self) -> Result<(), ConnectionError> {
         match self.next().await? {
             Event::Incoming(Packet::ConnAck(c)) if c.code == ConnectReturnCode::Success => Ok(()),
@@ -175,6 +181,11 @@ async fn connect(h: &MqttHandle, rx: &mut mpsc::Receiver<MqttEvent>, name: &str)
     c.connack().await.unwrap();
     let conn = expect_connected(rx, name).await;
     (c, conn)
+}
+
+/// At least `min` has passed since `t`: the server did not act (`what`) too early.
+fn assert_not_before(t: Instant, min: Duration, what: &str) {
+    assert!(t.elapsed() >= min, "{what} too early: {:?}", t.elapsed());
 }
 
 // ---------- raw-socket helpers (encode with the same codec) ----------
@@ -213,7 +224,13 @@ impl Raw {
         self.s.write_all(b).await.unwrap();
     }
 
-    async fn connect(h: &MqttHandle, name: &str, keep_alive: u16) -> Raw {
+    /// Connects `name` with a valid token, waits for CONNACK and for its Connected event.
+    async fn connect(
+        h: &MqttHandle,
+        rx: &mut mpsc::Receiver<MqttEvent>,
+        name: &str,
+        keep_alive: u16,
+    ) -> (Raw, u64) {
         let mut r = Raw::open(h).await;
         let mut c = v4::Connect::new(name);
         c.keep_alive = keep_alive;
@@ -223,7 +240,16 @@ impl Raw {
             Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::Success),
             other => panic!("expected CONNACK, got {other:?}"),
         }
-        r
+        let conn = expect_connected(rx, name).await;
+        (r, conn)
+    }
+
+    /// Subscribes to `filter` (packet id 1) and waits for the SUBACK.
+    async fn subscribe(&mut self, filter: &str, qos: QoS) {
+        let mut s = v4::Subscribe::new(filter, qos);
+        s.pkid = 1;
+        self.send(&frame(Packet::Subscribe(s))).await;
+        assert!(matches!(self.read().await, Some(Packet::SubAck(_))));
     }
 
     /// Next packet, or `None` at EOF / connection reset.
@@ -259,19 +285,10 @@ async fn auth_accepted_and_refused() {
     let (h, mut rx) = server().await;
 
     let mut bad = client(&h, "x", Some(("alice", "wrong")));
-    match bad.next().await {
-        Err(ConnectionError::ConnectionRefused(code)) => {
-            assert_eq!(code, ConnectReturnCode::BadUserNamePassword)
-        }
-        other => panic!("expected refusal, got {other:?}"),
-    }
+    bad.expect_refused(ConnectReturnCode::BadUserNamePassword)
+        .await;
     let mut anon = client(&h, "y", None);
-    match anon.next().await {
-        Err(ConnectionError::ConnectionRefused(code)) => {
-            assert_eq!(code, ConnectReturnCode::NotAuthorized)
-        }
-        other => panic!("expected refusal, got {other:?}"),
-    }
+    anon.expect_refused(ConnectReturnCode::NotAuthorized).await;
 
     // Refused clients produce no events: the first event is the good client's.
     let (_alice, _) = connect(&h, &mut rx, "alice").await;
@@ -286,12 +303,7 @@ async fn identity_with_slash_is_refused() {
     };
     let (h, _rx) = mqtt::start(config(), Arc::new(auth)).await.unwrap();
     let mut c = client(&h, "a", Some(("a", "a")));
-    match c.next().await {
-        Err(ConnectionError::ConnectionRefused(code)) => {
-            assert_eq!(code, ConnectReturnCode::NotAuthorized)
-        }
-        other => panic!("expected refusal, got {other:?}"),
-    }
+    c.expect_refused(ConnectReturnCode::NotAuthorized).await;
 }
 
 #[tokio::test]
@@ -299,10 +311,8 @@ async fn publish_under_own_prefix_is_an_event() {
     let (h, mut rx) = server().await;
     let (mut alice, conn) = connect(&h, &mut rx, "alice").await;
     alice
-        .client
-        .publish("alice/vls-res", QoS::AtLeastOnce, false, b"reply".to_vec())
-        .await
-        .unwrap();
+        .publish("alice/vls-res", QoS::AtLeastOnce, b"reply".to_vec())
+        .await;
     match next_event(&mut rx).await {
         MqttEvent::Message {
             identity,
@@ -320,10 +330,8 @@ async fn publish_under_own_prefix_is_an_event() {
     }
     assert!(matches!(alice.incoming().await, Packet::PubAck(_)));
     alice
-        .client
-        .publish("alice/hello", QoS::AtMostOnce, false, b"hi".to_vec())
-        .await
-        .unwrap();
+        .publish("alice/hello", QoS::AtMostOnce, b"hi".to_vec())
+        .await;
     let (_, topic, _) = expect_message(&mut rx).await;
     assert_eq!(topic, "alice/hello");
 }
@@ -333,17 +341,11 @@ async fn publish_to_other_prefix_is_dropped() {
     let (h, mut rx) = server().await;
     let (mut alice, _) = connect(&h, &mut rx, "alice").await;
     for t in ["bob/vls", "alice", "alicex/vls"] {
-        alice
-            .client
-            .publish(t, QoS::AtLeastOnce, false, b"sneaky".to_vec())
-            .await
-            .unwrap();
+        alice.publish(t, QoS::AtLeastOnce, b"sneaky".to_vec()).await;
     }
     alice
-        .client
-        .publish("alice/marker", QoS::AtLeastOnce, false, b"m".to_vec())
-        .await
-        .unwrap();
+        .publish("alice/marker", QoS::AtLeastOnce, b"m".to_vec())
+        .await;
     // The marker, sent after the forbidden publishes on the same connection, arrives first.
     let (_, topic, payload) = expect_message(&mut rx).await;
     assert_eq!((topic.as_str(), &payload[..]), ("alice/marker", &b"m"[..]));
@@ -413,12 +415,7 @@ async fn subscribe_own_topic_then_app_publish_reaches_client() {
 async fn qos0_subscription_and_unsubscribe() {
     let (h, mut rx) = server().await;
     let (mut alice, _) = connect(&h, &mut rx, "alice").await;
-    alice
-        .client
-        .subscribe("alice/+", QoS::AtMostOnce)
-        .await
-        .unwrap();
-    assert!(matches!(alice.incoming().await, Packet::SubAck(_)));
+    alice.subscribe_acked("alice/+", QoS::AtMostOnce).await;
     assert_eq!(
         h.publish_count("alice/vls", Bytes::from_static(b"q0")),
         Ok(1)
@@ -442,16 +439,11 @@ async fn client_publish_is_routed_to_matching_subscription() {
     let (h, mut rx) = server().await;
     let (mut alice, _) = connect(&h, &mut rx, "alice").await;
     alice
-        .client
-        .subscribe("alice/echo/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    assert!(matches!(alice.incoming().await, Packet::SubAck(_)));
+        .subscribe_acked("alice/echo/#", QoS::AtLeastOnce)
+        .await;
     alice
-        .client
-        .publish("alice/echo/1", QoS::AtLeastOnce, false, b"loop".to_vec())
-        .await
-        .unwrap();
+        .publish("alice/echo/1", QoS::AtLeastOnce, b"loop".to_vec())
+        .await;
     let (_, topic, _) = expect_message(&mut rx).await;
     assert_eq!(topic, "alice/echo/1");
     loop {
@@ -489,11 +481,7 @@ async fn subscribe_outside_prefix_is_refused() {
     }
     // Bob's traffic does not reach alice.
     let (mut bob, _) = connect(&h, &mut rx, "bob").await;
-    bob.client
-        .subscribe("bob/vls", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    assert!(matches!(bob.incoming().await, Packet::SubAck(_)));
+    bob.subscribe_acked("bob/vls", QoS::AtLeastOnce).await;
     assert_eq!(
         h.publish_count("bob/vls", Bytes::from_static(b"for bob")),
         Ok(1)
@@ -512,12 +500,7 @@ async fn subscribe_outside_prefix_is_refused() {
 async fn same_identity_takes_over() {
     let (h, mut rx) = server().await;
     let (mut first, c1) = connect(&h, &mut rx, "alice").await;
-    first
-        .client
-        .subscribe("alice/vls", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    assert!(matches!(first.incoming().await, Packet::SubAck(_)));
+    first.subscribe_acked("alice/vls", QoS::AtLeastOnce).await;
 
     let mut second = client(&h, "alice-2", Some(("alice", "alice")));
     second.connack().await.unwrap();
@@ -530,12 +513,7 @@ async fn same_identity_takes_over() {
 
     // Clean session: the old subscription is gone with the old connection.
     assert!(!h.has_subscriber("alice/vls"));
-    second
-        .client
-        .subscribe("alice/vls", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    assert!(matches!(second.incoming().await, Packet::SubAck(_)));
+    second.subscribe_acked("alice/vls", QoS::AtLeastOnce).await;
     h.publish("alice/vls", Bytes::from_static(b"to the new one"))
         .await
         .unwrap();
@@ -561,16 +539,13 @@ async fn oversized_payload_closes_connection() {
     let (h, mut rx) = server().await;
     let (mut alice, c) = connect(&h, &mut rx, "alice").await;
     alice
-        .client
-        .publish("alice/big", QoS::AtLeastOnce, false, vec![7u8; 4097])
-        .await
-        .unwrap();
+        .publish("alice/big", QoS::AtLeastOnce, vec![7u8; 4097])
+        .await;
     expect_disconnected(&mut rx, "alice", c).await;
     alice.closed().await;
 
     // A packet whose remaining length exceeds every limit is refused from its header alone.
-    let mut r = Raw::connect(&h, "bob", 30).await;
-    let cb = expect_connected(&mut rx, "bob").await;
+    let (mut r, cb) = Raw::connect(&h, &mut rx, "bob", 30).await;
     r.send(&[0x30, 0xff, 0xff, 0xff, 0x7f]).await;
     r.expect_eof().await;
     expect_disconnected(&mut rx, "bob", cb).await;
@@ -593,8 +568,7 @@ async fn garbage_closes_connection_and_server_keeps_serving() {
     r.expect_eof().await;
 
     // Garbage after a good CONNECT.
-    let mut r = Raw::connect(&h, "bob", 30).await;
-    let cb = expect_connected(&mut rx, "bob").await;
+    let (mut r, cb) = Raw::connect(&h, &mut rx, "bob", 30).await;
     r.send(&[0x00, 0x00, 0xde, 0xad, 0xbe, 0xef]).await;
     r.expect_eof().await;
     expect_disconnected(&mut rx, "bob", cb).await;
@@ -602,10 +576,8 @@ async fn garbage_closes_connection_and_server_keeps_serving() {
     // Still serving.
     let (alice, _) = connect(&h, &mut rx, "alice").await;
     alice
-        .client
-        .publish("alice/ok", QoS::AtLeastOnce, false, b"still here".to_vec())
-        .await
-        .unwrap();
+        .publish("alice/ok", QoS::AtLeastOnce, b"still here".to_vec())
+        .await;
     let (_, topic, _) = expect_message(&mut rx).await;
     assert_eq!(topic, "alice/ok");
 }
@@ -636,36 +608,26 @@ async fn connect_timeout_closes_silent_socket() {
     let mut r = Raw::open(&h).await;
     let t = Instant::now();
     r.expect_eof().await;
-    assert!(
-        t.elapsed() >= Duration::from_millis(250),
-        "closed too early: {:?}",
-        t.elapsed()
-    );
+    assert_not_before(t, Duration::from_millis(250), "closed");
 }
 
 #[tokio::test]
 async fn keep_alive_ping_and_timeout() {
     let (h, mut rx) = server().await;
-    let mut r = Raw::connect(&h, "alice", 1).await;
-    let c = expect_connected(&mut rx, "alice").await;
+    let (mut r, c) = Raw::connect(&h, &mut rx, "alice", 1).await;
     r.send(&frame(Packet::PingReq)).await;
     assert_eq!(r.read().await, Some(Packet::PingResp));
     // Silence for 1.5 × keep-alive drops the client.
     let t = Instant::now();
     expect_disconnected(&mut rx, "alice", c).await;
     r.expect_eof().await;
-    assert!(
-        t.elapsed() >= Duration::from_millis(1200),
-        "dropped too early: {:?}",
-        t.elapsed()
-    );
+    assert_not_before(t, Duration::from_millis(1200), "dropped");
 }
 
 #[tokio::test]
 async fn qos2_publish_disconnects() {
     let (h, mut rx) = server().await;
-    let mut r = Raw::connect(&h, "alice", 30).await;
-    let c = expect_connected(&mut rx, "alice").await;
+    let (mut r, c) = Raw::connect(&h, &mut rx, "alice", 30).await;
     let mut p = v4::Publish::new("alice/x", QoS::ExactlyOnce, b"q2".to_vec());
     p.pkid = 9;
     r.send(&frame(Packet::Publish(p))).await;
@@ -680,16 +642,11 @@ async fn clean_disconnect_and_max_clients() {
         ..config()
     };
     let (h, mut rx) = server_with(cfg, Limits::default()).await;
-    let mut r = Raw::connect(&h, "alice", 30).await;
-    let c = expect_connected(&mut rx, "alice").await;
+    let (mut r, c) = Raw::connect(&h, &mut rx, "alice", 30).await;
 
     let mut bob = client(&h, "bob", Some(("bob", "bob")));
-    match bob.next().await {
-        Err(ConnectionError::ConnectionRefused(code)) => {
-            assert_eq!(code, ConnectReturnCode::ServiceUnavailable)
-        }
-        other => panic!("expected refusal, got {other:?}"),
-    }
+    bob.expect_refused(ConnectReturnCode::ServiceUnavailable)
+        .await;
 
     r.send(&frame(Packet::Disconnect)).await;
     expect_disconnected(&mut rx, "alice", c).await;
@@ -704,12 +661,8 @@ async fn slow_client_is_dropped() {
         ..Limits::default()
     };
     let (h, mut rx) = server_with(config(), limits).await;
-    let mut r = Raw::connect(&h, "alice", 30).await;
-    let c = expect_connected(&mut rx, "alice").await;
-    let mut s = v4::Subscribe::new("alice/vls", QoS::AtMostOnce);
-    s.pkid = 1;
-    r.send(&frame(Packet::Subscribe(s))).await;
-    assert!(matches!(r.read().await, Some(Packet::SubAck(_))));
+    let (mut r, c) = Raw::connect(&h, &mut rx, "alice", 30).await;
+    r.subscribe("alice/vls", QoS::AtMostOnce).await;
     // Never read: the socket buffers fill, then the queue, then the server gives up.
     let payload = Bytes::from(vec![1u8; 4096]);
     let mut sent = 0usize;
@@ -725,12 +678,8 @@ async fn slow_client_is_dropped() {
 async fn qos1_round_trip_latency() {
     // App → client QoS 1 request, client → app QoS 1 reply, like the relay does.
     let (h, mut rx) = server().await;
-    let mut r = Raw::connect(&h, "alice", 30).await;
-    expect_connected(&mut rx, "alice").await;
-    let mut s = v4::Subscribe::new("alice/vls", QoS::AtLeastOnce);
-    s.pkid = 1;
-    r.send(&frame(Packet::Subscribe(s))).await;
-    assert!(matches!(r.read().await, Some(Packet::SubAck(_))));
+    let (mut r, _) = Raw::connect(&h, &mut rx, "alice", 30).await;
+    r.subscribe("alice/vls", QoS::AtLeastOnce).await;
     let n = 200u32;
     let t = Instant::now();
     for i in 0..n {
@@ -774,6 +723,13 @@ async fn shutdown_closes_everything() {
     assert!(h.connected().is_empty());
 }
 
+/// `mosquitto_pub` or `mosquitto_sub` speaking MQTT 3.1.1 to 127.0.0.1:`port`.
+fn mosquitto(cmd: &str, port: &str) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(cmd);
+    c.args(["-V", "mqttv311", "-h", "127.0.0.1", "-p", port]);
+    c
+}
+
 /// Foreign clients: mosquitto_pub / mosquitto_sub (Debian `mosquitto-clients`), if installed.
 #[tokio::test]
 async fn mosquitto_clients_interoperate() {
@@ -791,18 +747,10 @@ async fn mosquitto_clients_interoperate() {
     let port = h.local_addr().port().to_string();
 
     // Subscriber: waits for one message on carol/vls.
-    let sub = tokio::process::Command::new("mosquitto_sub")
+    let sub = mosquitto("mosquitto_sub", &port)
         .args([
-            "-V",
-            "mqttv311",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
             "-i",
             "carol-sub",
-        ])
-        .args([
             "-u",
             "carol",
             "-P",
@@ -837,18 +785,10 @@ async fn mosquitto_clients_interoperate() {
     expect_disconnected(&mut rx, "carol", c).await;
 
     // Publisher: QoS 1 to its own prefix becomes an event.
-    let status = tokio::process::Command::new("mosquitto_pub")
+    let status = mosquitto("mosquitto_pub", &port)
         .args([
-            "-V",
-            "mqttv311",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
             "-i",
             "carol-pub",
-        ])
-        .args([
             "-u",
             "carol",
             "-P",
@@ -873,19 +813,8 @@ async fn mosquitto_clients_interoperate() {
     expect_disconnected(&mut rx, "carol", c).await;
 
     // A wrong password is refused (mosquitto_pub exits non-zero), with no events.
-    let status = tokio::process::Command::new("mosquitto_pub")
-        .args([
-            "-V",
-            "mqttv311",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-u",
-            "carol",
-            "-P",
-            "nope",
-        ])
+    let status = mosquitto("mosquitto_pub", &port)
+        .args(["-u", "carol", "-P", "nope"])
         .args(["-t", "carol/x", "-m", "x"])
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)

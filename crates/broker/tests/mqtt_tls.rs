@@ -5,12 +5,16 @@
 //! Synchronisation is always by awaiting something (an event, a packet, EOF); the timeouts only
 //! turn a hang into a failure.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+#[path = "../../tls/tests/common/mod.rs"]
+mod certs;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use certs::{self_signed, Cert, Dir};
+use common::{init_tracing, next_event, WAIT};
 use rumqttc::mqttbytes::v4::{self, Connect, Login};
 use rumqttc_tls::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration,
@@ -23,62 +27,6 @@ use sphinx_tls::{Fingerprint, ServerTrust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "sphinx_broker=debug".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new() -> Dir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "sphinx-mqtt-tls-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A self-signed certificate for `localhost` and `127.0.0.1`, written as PEM files.
-struct Cert {
-    crt: PathBuf,
-    key: PathBuf,
-    fingerprint: Fingerprint,
-}
-
-fn self_signed(dir: &Dir, name: &str) -> Cert {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    Cert {
-        crt: dir.write(&format!("{name}.crt"), &ck.cert.pem()),
-        key: dir.write(&format!("{name}.key"), &ck.key_pair.serialize_pem()),
-        fingerprint: Fingerprint::of(ck.cert.der().as_ref()),
-    }
-}
 
 /// identity = username, accepted when password == username.
 fn auth(_c: &str, u: Option<&str>, p: Option<&[u8]>) -> Result<String, String> {
@@ -103,13 +51,6 @@ async fn tls_server(cert: &Cert, limits: Limits) -> (MqttHandle, mpsc::Receiver<
     mqtt::start_with_limits(tls_config(cert, "127.0.0.1:0"), Arc::new(auth), limits)
         .await
         .unwrap()
-}
-
-async fn next_event(rx: &mut mpsc::Receiver<MqttEvent>) -> MqttEvent {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("timed out waiting for an event")
-        .expect("event channel closed")
 }
 
 fn tls_client(h: &MqttHandle, id: &str, trust: &ServerTrust) -> (AsyncClient, EventLoop) {
@@ -211,7 +152,7 @@ async fn round_trip(
 
 #[tokio::test]
 async fn tls_client_trusting_the_certificate_works() {
-    let dir = Dir::new();
+    let dir = Dir::new("sphinx-mqtt-tls");
     let cert = self_signed(&dir, "broker");
     let (h, mut rx) = tls_server(&cert, Limits::default()).await;
     round_trip(&h, &mut rx, "alice", &ServerTrust::CaFile(cert.crt.clone())).await;
@@ -224,7 +165,7 @@ async fn tls_client_trusting_the_certificate_works() {
 
 #[tokio::test]
 async fn client_trusting_another_ca_fails_and_no_event() {
-    let dir = Dir::new();
+    let dir = Dir::new("sphinx-mqtt-tls");
     let cert = self_signed(&dir, "broker");
     let other = self_signed(&dir, "other");
     let (h, mut rx) = tls_server(&cert, Limits::default()).await;
@@ -258,7 +199,7 @@ fn plaintext_connect() -> BytesMut {
 
 #[tokio::test]
 async fn plaintext_client_on_tls_port_is_closed_and_server_keeps_serving() {
-    let dir = Dir::new();
+    let dir = Dir::new("sphinx-mqtt-tls");
     let cert = self_signed(&dir, "broker");
     let (h, mut rx) = tls_server(&cert, Limits::default()).await;
 
@@ -283,7 +224,7 @@ async fn plaintext_client_on_tls_port_is_closed_and_server_keeps_serving() {
 
 #[tokio::test]
 async fn silent_client_is_closed_at_the_connect_deadline() {
-    let dir = Dir::new();
+    let dir = Dir::new("sphinx-mqtt-tls");
     let cert = self_signed(&dir, "broker");
     let limits = Limits {
         connect_timeout: Duration::from_millis(300),
@@ -328,7 +269,7 @@ async fn plaintext_on_non_loopback_needs_opt_in() {
     h.shutdown();
 
     // TLS on all interfaces needs no opt-in.
-    let dir = Dir::new();
+    let dir = Dir::new("sphinx-mqtt-tls");
     let cert = self_signed(&dir, "broker");
     let (h, _rx) = mqtt::start(tls_config(&cert, "0.0.0.0:0"), Arc::new(auth))
         .await
@@ -410,7 +351,7 @@ impl RawTls {
 /// write is flushed, sockets have TCP_NODELAY).
 #[tokio::test]
 async fn qos1_round_trip_latency_over_tls() {
-    let dir = Dir::new();
+    let dir = Dir::new("sphinx-mqtt-tls");
     let cert = self_signed(&dir, "broker");
     let (h, mut rx) = tls_server(&cert, Limits::default()).await;
     let mut r = RawTls::connect(&h, &ServerTrust::Pinned(cert.fingerprint), "alice").await;

@@ -3,14 +3,19 @@
 //! HTTP endpoint shaped like the broker API, the owner's resets, and TLS to the broker (CA file,
 //! pinned fingerprint, wrong fingerprint refused).
 
+mod common;
+#[path = "../../tls/tests/common/mod.rs"]
+mod certs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
 use bytes::Bytes;
+use certs::self_signed;
+use common::{auth, stop, trace_requests, ALICE, T};
 use sphinx_broker::mqtt::{self, MqttConfig, MqttEvent, MqttHandle, TlsSettings};
 use sphinx_wire::control::{
     build_request, parse_response, ControlMessage as M, ControlResponse as R, Interval, Policy,
@@ -18,8 +23,6 @@ use sphinx_wire::control::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::Receiver;
 
-const ALICE: &str = "029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46";
-const T: Duration = Duration::from_secs(20);
 const BIN: &str = env!("CARGO_BIN_EXE_sphinx-key");
 
 fn alice_keys() -> (PublicKey, SecretKey) {
@@ -77,15 +80,6 @@ fn spawn_signer(dir: &Path, addr: std::net::SocketAddr, extra: &[&str]) -> Child
         .unwrap()
 }
 
-fn auth() -> Arc<dyn mqtt::Authenticator> {
-    Arc::new(|_cid: &str, user: Option<&str>, pass: Option<&[u8]>| -> Result<String, String> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-        let user = user.ok_or("no username")?;
-        sphinx_wire::token::verify(user, pass.ok_or("no password")?, now, 120).map_err(|e| e.to_string())?;
-        Ok(user.to_string())
-    })
-}
-
 async fn server(tls: Option<TlsSettings>) -> (MqttHandle, Receiver<MqttEvent>) {
     let cfg = MqttConfig { tls, ..MqttConfig::new("127.0.0.1:0".parse().unwrap()) };
     mqtt::start(cfg, auth()).await.unwrap()
@@ -114,6 +108,13 @@ async fn expect_hello(rx: &mut Receiver<MqttEvent>) {
     }
 }
 
+/// `spawn_signer` with `extra`, returned once its hello has arrived.
+async fn start_signer(dir: &Path, h: &MqttHandle, rx: &mut Receiver<MqttEvent>, extra: &[&str]) -> Child {
+    let child = spawn_signer(dir, h.local_addr(), extra);
+    expect_hello(rx).await;
+    child
+}
+
 /// Publishes a control request and returns the verified answer from `{id}/control-res`.
 async fn control(h: &MqttHandle, rx: &mut Receiver<MqttEvent>, req: Vec<u8>, nonce: u64) -> R {
     h.publish(&format!("{ALICE}/control"), Bytes::from(req)).await.unwrap();
@@ -137,8 +138,7 @@ async fn control_messages_over_mqtt_and_reset_keys() {
     let dir = Dir::new("mqtt");
     init_alice(&dir.0, &[]);
     let (h, mut rx) = server(None).await;
-    let mut child = spawn_signer(&dir.0, h.local_addr(), &[]);
-    expect_hello(&mut rx).await;
+    let child = start_signer(&dir.0, &h, &mut rx, &[]).await;
     let (_, sk) = alice_keys();
 
     let p = Policy { msat_per_interval: 9_000_000, interval: Interval::Hourly, htlc_limit_msat: 3_000_000 };
@@ -154,10 +154,8 @@ async fn control_messages_over_mqtt_and_reset_keys() {
     assert!(matches!(r, R::Error(_)), "{r:?}");
 
     // The policy survives a restart of the device.
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let mut child = spawn_signer(&dir.0, h.local_addr(), &[]);
-    expect_hello(&mut rx).await;
+    stop(child);
+    let mut child = start_signer(&dir.0, &h, &mut rx, &[]).await;
     assert_eq!(control(&h, &mut rx, build_request(&M::QueryPolicy, 2, &sk).unwrap(), 2).await, R::PolicyCurrent(p));
 
     // ResetKeys: acknowledged first, then the seed is gone and the process stops with exit 3.
@@ -172,8 +170,7 @@ async fn control_messages_over_mqtt_and_reset_keys() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("sphinx-key init"), "{}", String::from_utf8_lossy(&out.stderr));
     // Re-importing the same seed continues with the same state (policy and nonce kept).
     init_alice(&dir.0, &[]);
-    let mut child = spawn_signer(&dir.0, h.local_addr(), &[]);
-    expect_hello(&mut rx).await;
+    let mut child = start_signer(&dir.0, &h, &mut rx, &[]).await;
     assert_eq!(control(&h, &mut rx, build_request(&M::Nonce, 0, &sk).unwrap(), 0).await, R::Nonce(3));
     assert_eq!(control(&h, &mut rx, build_request(&M::QueryPolicy, 4, &sk).unwrap(), 4).await, R::PolicyCurrent(p));
     // ResetAll: seed and state gone.
@@ -191,15 +188,13 @@ async fn separate_owner_key_set_at_init() {
     let owner_pk = hex::encode(PublicKey::from_secret_key(&Secp256k1::new(), &owner).serialize());
     init_alice(&dir.0, &["--owner-pubkey", &owner_pk]);
     let (h, mut rx) = server(None).await;
-    let mut child = spawn_signer(&dir.0, h.local_addr(), &[]);
-    expect_hello(&mut rx).await;
+    let child = start_signer(&dir.0, &h, &mut rx, &[]).await;
     let (_, node_sk) = alice_keys();
     let r = control(&h, &mut rx, build_request(&M::QueryPolicy, 1, &node_sk).unwrap(), 1).await;
     assert!(matches!(r, R::Error(ref t) if t.contains("signature")), "the node key is no longer the owner: {r:?}");
     let r = control(&h, &mut rx, build_request(&M::QueryPolicy, 1, &owner).unwrap(), 1).await;
     assert_eq!(r, R::PolicyCurrent(Policy::default()));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(child);
     h.shutdown();
 }
 
@@ -280,8 +275,7 @@ async fn ctl_cli_through_the_broker_api() {
     let dir = Dir::new("cli");
     init_alice(&dir.0, &[]);
     let (h, mut rx) = server(None).await;
-    let mut child = spawn_signer(&dir.0, h.local_addr(), &[]);
-    expect_hello(&mut rx).await;
+    let child = start_signer(&dir.0, &h, &mut rx, &[]).await;
     let api = fake_api(h.clone(), rx, "sekrit").await;
 
     let (code, out, err) = ctl(&dir.0, api, "sekrit", &["query-policy"]).await;
@@ -322,39 +316,26 @@ async fn ctl_cli_through_the_broker_api() {
     assert_eq!(code, Some(1));
     assert!(err.contains("signature"), "{err}");
 
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(child);
     h.shutdown();
-}
-
-/// A self-signed certificate for `127.0.0.1`, as PEM files.
-fn self_signed(dir: &Path, name: &str) -> (TlsSettings, sphinx_tls::Fingerprint) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let crt = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
-    std::fs::write(&crt, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
-    (TlsSettings { cert_chain: crt, private_key: key }, sphinx_tls::Fingerprint::of(ck.cert.der().as_ref()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_the_broker_with_ca_or_pinned_fingerprint() {
     let dir = Dir::new("tls");
     init_alice(&dir.0, &[]);
-    let (tls, fp) = self_signed(&dir.0, "broker");
-    let (_, other_fp) = self_signed(&dir.0, "other");
-    let ca = tls.cert_chain.clone();
-    let (h, mut rx) = server(Some(tls)).await;
+    let broker = self_signed(&dir.0, "broker");
+    let other_fp = self_signed(&dir.0, "other").fingerprint;
+    let (fp, ca) = (broker.fingerprint, broker.crt.clone());
+    let (h, mut rx) = server(Some(TlsSettings { cert_chain: broker.crt, private_key: broker.key })).await;
 
     for extra in [vec!["--tls-ca".to_string(), ca.to_string_lossy().into_owned()], vec!["--tls-fingerprint".into(), fp.to_string()]] {
         let args: Vec<&str> = extra.iter().map(|s| s.as_str()).collect();
-        let mut child = spawn_signer(&dir.0, h.local_addr(), &args);
-        expect_hello(&mut rx).await;
+        let child = start_signer(&dir.0, &h, &mut rx, &args).await;
         // And it serves over TLS.
         let (_, sk) = alice_keys();
         assert_eq!(control(&h, &mut rx, build_request(&M::Nonce, 0, &sk).unwrap(), 0).await, R::Nonce(0));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        stop(child);
     }
 
     // A wrong fingerprint: never connects, and says why.
@@ -365,41 +346,10 @@ async fn tls_to_the_broker_with_ca_or_pinned_fingerprint() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.to_lowercase().contains("certificate") || err.contains("Tls"), "{err}");
     // Plaintext to a TLS listener fails too.
-    let mut child = spawn_signer(&dir.0, h.local_addr(), &[]);
+    let child = spawn_signer(&dir.0, h.local_addr(), &[]);
     assert!(next_message(&mut rx, Duration::from_secs(2)).await.is_none());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(child);
     h.shutdown();
-}
-
-/// alice's recorded requests as the signer gets them (51/52 translated to 38/39).
-fn trace_requests() -> Vec<sphinx_wire::serial::Request> {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/traces/open-pay-close/alice.jsonl");
-    let text = std::fs::read_to_string(p).unwrap();
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let ty = v["type"].as_u64().unwrap();
-        if v["dir"] != "req" || ty == 9 || ty == 33 {
-            continue;
-        }
-        let mut message = hex::decode(v["hex"].as_str().unwrap()).unwrap();
-        if ty == 51 || ty == 52 {
-            message.pop();
-            message[1] = if ty == 51 { 38 } else { 39 };
-        }
-        let mut peer_id = [0u8; 33];
-        if let Some(p) = v["ctx"]["peer_id"].as_str() {
-            peer_id.copy_from_slice(&hex::decode(p).unwrap());
-        }
-        out.push(sphinx_wire::serial::Request {
-            seq: out.len() as u16,
-            peer_id,
-            dbid: v["ctx"]["dbid"].as_u64().unwrap(),
-            message,
-        });
-    }
-    out
 }
 
 fn msg_type(r: &sphinx_wire::serial::Request) -> u16 {
@@ -422,8 +372,7 @@ async fn owner_limits_bite_over_mqtt() {
     // is an ordinary reply (approved = false) that CLN turns into a failed payment.
     let dir = Dir::new("velocity");
     init_alice(&dir.0, &[]);
-    let mut child = spawn_signer(&dir.0, h.local_addr(), &[]);
-    expect_hello(&mut rx).await;
+    let child = start_signer(&dir.0, &h, &mut rx, &[]).await;
     let p = Policy { msat_per_interval: 50_500_000, ..Policy::default() };
     assert_eq!(control(&h, &mut rx, build_request(&M::UpdatePolicy(p), 1, &sk).unwrap(), 1).await, R::PolicyUpdated(p));
     let mut seen = 0;
@@ -445,15 +394,13 @@ async fn owner_limits_bite_over_mqtt() {
         }
     }
     assert_eq!(seen, 2);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(child);
 
     // HTLC limit below the traced 50,000 sat HTLC: the commitment carrying it is refused on
     // {id}/error with its sequence number.
     let dir = Dir::new("htlc");
     init_alice(&dir.0, &[]);
-    let mut child = spawn_signer(&dir.0, h.local_addr(), &[]);
-    expect_hello(&mut rx).await;
+    let child = start_signer(&dir.0, &h, &mut rx, &[]).await;
     let p = Policy { htlc_limit_msat: 40_000_000, ..Policy::default() };
     assert_eq!(control(&h, &mut rx, build_request(&M::UpdatePolicy(p), 1, &sk).unwrap(), 1).await, R::PolicyUpdated(p));
     let mut refused = None;
@@ -470,7 +417,6 @@ async fn owner_limits_bite_over_mqtt() {
     let (ty, text) = refused.expect("the HTLC over the limit is refused");
     assert!([19, 35, 5].contains(&ty), "type {ty}: {text}");
     assert!(text.contains("policy-commitment-htlc-inflight-limit") || text.contains("sum of HTLC values"), "{text}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(child);
     h.shutdown();
 }

@@ -1,47 +1,16 @@
 //! End to end over real MQTT: the `sphinx-key` binary against the broker's embedded MQTT server
 //! on 127.0.0.1 (token checked, topics ACL'd), driven with recorded CLN requests.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{auth, stop, trace_requests, ALICE, T};
 use sphinx_broker::mqtt::{self, MqttConfig, MqttEvent, MqttHandle};
 use sphinx_wire::serial::{Reply, Request};
 use tokio::sync::mpsc::Receiver;
-
-const ALICE: &str = "029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46";
-const T: Duration = Duration::from_secs(20);
-
-fn trace_requests() -> Vec<Request> {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/traces/open-pay-close/alice.jsonl");
-    let text = std::fs::read_to_string(p).unwrap();
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let ty = v["type"].as_u64().unwrap();
-        if v["dir"] != "req" || ty == 9 || ty == 33 {
-            continue;
-        }
-        let mut message = hex::decode(v["hex"].as_str().unwrap()).unwrap();
-        if ty == 51 || ty == 52 {
-            // CLN's own preapprove_*_check: VLS speaks 38/39, without the check_only byte.
-            message.pop();
-            message[1] = if ty == 51 { 38 } else { 39 };
-        }
-        let mut peer_id = [0u8; 33];
-        if let Some(p) = v["ctx"]["peer_id"].as_str() {
-            peer_id.copy_from_slice(&hex::decode(p).unwrap());
-        }
-        out.push(Request {
-            seq: out.len() as u16,
-            peer_id,
-            dbid: v["ctx"]["dbid"].as_u64().unwrap(),
-            message,
-        });
-    }
-    out
-}
 
 fn spawn_signer(dir: &std::path::Path, addr: std::net::SocketAddr) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sphinx-key"))
@@ -82,17 +51,10 @@ async fn signer_serves_over_mqtt_reconnects_and_reports_errors() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ALICE);
 
-    let auth = Arc::new(|_cid: &str, user: Option<&str>, pass: Option<&[u8]>| {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-        let user = user.ok_or("no username")?;
-        sphinx_wire::token::verify(user, pass.ok_or("no password")?, now, 120)
-            .map_err(|e| e.to_string())?;
-        Ok(user.to_string())
-    });
     let mut cfg = MqttConfig::new("127.0.0.1:0".parse().unwrap());
     cfg.max_payload = 17 << 20;
-    let (h, mut rx) = mqtt::start(cfg, auth).await.unwrap();
-    let mut child = spawn_signer(&dir, h.local_addr());
+    let (h, mut rx) = mqtt::start(cfg, auth()).await.unwrap();
+    let child = spawn_signer(&dir, h.local_addr());
 
     let (topic, _) = next_message(&mut rx).await;
     assert_eq!(topic, format!("{ALICE}/hello"));
@@ -125,9 +87,8 @@ async fn signer_serves_over_mqtt_reconnects_and_reports_errors() {
     // redelivered request from its reply log (identical bytes).
     let last = &reqs[n];
     let (_, before) = ask(&h, &mut rx, last).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let mut child = spawn_signer(&dir, h.local_addr());
+    stop(child);
+    let child = spawn_signer(&dir, h.local_addr());
     let (topic, _) = next_message(&mut rx).await;
     assert_eq!(topic, format!("{ALICE}/hello"));
     let (_, again) = ask(&h, &mut rx, last).await;
@@ -142,8 +103,7 @@ async fn signer_serves_over_mqtt_reconnects_and_reports_errors() {
     let (topic, _) = next_message(&mut rx).await;
     assert_eq!(topic, format!("{ALICE}/hello"));
 
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stop(child);
     h.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,59 +1,17 @@
 //! Real TLS handshakes (in memory, over `tokio::io::duplex`) between a [`sphinx_tls::server_config`]
 //! server and the client configurations, with certificates made by `rcgen` in the test.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use common::{self_signed, Dir};
+use rustls::pki_types::{PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use sphinx_tls::{client_config, rustls, Fingerprint, ServerTrust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-
-/// A fresh directory under the system temp dir (removed by [`Dir::drop`]).
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new() -> Dir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "sphinx-tls-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct Cert {
-    crt: PathBuf,
-    key: PathBuf,
-    der: CertificateDer<'static>,
-}
-
-fn self_signed(dir: &Dir, name: &str) -> Cert {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    Cert {
-        crt: dir.write(&format!("{name}.crt"), &ck.cert.pem()),
-        key: dir.write(&format!("{name}.key"), &ck.key_pair.serialize_pem()),
-        der: ck.cert.der().clone(),
-    }
-}
 
 /// Runs a handshake and a one-byte echo; `Err` carries the client's error.
 async fn handshake(
@@ -92,7 +50,7 @@ async fn handshake(
 
 #[tokio::test]
 async fn ca_file_and_pinned_fingerprint_accept_the_right_certificate() {
-    let dir = Dir::new();
+    let dir = Dir::new("sphinx-tls-test");
     let a = self_signed(&dir, "a");
     let server = sphinx_tls::server_config(&a.crt, &a.key).unwrap();
 
@@ -120,7 +78,7 @@ async fn ca_file_and_pinned_fingerprint_accept_the_right_certificate() {
 
 #[tokio::test]
 async fn other_ca_and_wrong_fingerprint_are_refused() {
-    let dir = Dir::new();
+    let dir = Dir::new("sphinx-tls-test");
     let a = self_signed(&dir, "a");
     let b = self_signed(&dir, "b");
     let server = sphinx_tls::server_config(&a.crt, &a.key).unwrap();
@@ -156,7 +114,7 @@ impl ResolvesServerCert for Fixed {
 /// pinned verifier still checks the handshake signature against the certificate's key.
 #[tokio::test]
 async fn pinned_certificate_with_another_key_is_refused() {
-    let dir = Dir::new();
+    let dir = Dir::new("sphinx-tls-test");
     let a = self_signed(&dir, "a");
     let other_key = rcgen::KeyPair::generate().unwrap();
     let provider = sphinx_tls::provider();

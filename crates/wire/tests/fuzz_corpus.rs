@@ -5,38 +5,12 @@
 #[path = "../../../fuzz/src/wire_checks.rs"]
 mod wire_checks;
 
-use std::path::{Path, PathBuf};
+#[path = "../../../fuzz/src/corpus.rs"]
+mod corpus;
 
-fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus")
-        .join(target);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
-        .map(|e| e.expect("directory entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "empty corpus {}", dir.display());
-    files
-        .into_iter()
-        .map(|p| {
-            let data =
-                std::fs::read(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
-            (p, data)
-        })
-        .collect()
-}
+use std::path::Path;
 
-fn replay(target: &str, check: fn(&[u8])) {
-    let files = corpus(target);
-    for (path, data) in &files {
-        if std::panic::catch_unwind(|| check(data)).is_err() {
-            panic!("{target}: {} fails its check", path.display());
-        }
-    }
-    println!("{target}: {} inputs replayed", files.len());
-}
+use corpus::{corpus, replay};
 
 #[test]
 fn serial_request_corpus() {

@@ -1,0 +1,60 @@
+//! Helpers shared by the `sphinx-key` end-to-end tests (`mod common;`).
+
+use std::process::Child;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sphinx_broker::mqtt;
+use sphinx_wire::serial::Request;
+
+/// alice's node id (seed 0x41 × 32, regtest).
+pub const ALICE: &str = "029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46";
+/// How long the tests wait for the device; only turns a hang into a failure.
+pub const T: Duration = Duration::from_secs(20);
+
+/// alice's recorded requests as the signer gets them (51/52 translated to 38/39).
+pub fn trace_requests() -> Vec<Request> {
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/traces/open-pay-close/alice.jsonl");
+    let text = std::fs::read_to_string(p).unwrap();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let ty = v["type"].as_u64().unwrap();
+        if v["dir"] != "req" || ty == 9 || ty == 33 {
+            continue;
+        }
+        let mut message = hex::decode(v["hex"].as_str().unwrap()).unwrap();
+        if ty == 51 || ty == 52 {
+            // CLN's own preapprove_*_check: VLS speaks 38/39, without the check_only byte.
+            message.pop();
+            message[1] = if ty == 51 { 38 } else { 39 };
+        }
+        let mut peer_id = [0u8; 33];
+        if let Some(p) = v["ctx"]["peer_id"].as_str() {
+            peer_id.copy_from_slice(&hex::decode(p).unwrap());
+        }
+        out.push(Request {
+            seq: out.len() as u16,
+            peer_id,
+            dbid: v["ctx"]["dbid"].as_u64().unwrap(),
+            message,
+        });
+    }
+    out
+}
+
+/// The broker's login check: the username is the node id, the password its token (120 s window).
+pub fn auth() -> Arc<dyn mqtt::Authenticator> {
+    Arc::new(|_cid: &str, user: Option<&str>, pass: Option<&[u8]>| -> Result<String, String> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let user = user.ok_or("no username")?;
+        sphinx_wire::token::verify(user, pass.ok_or("no password")?, now, 120).map_err(|e| e.to_string())?;
+        Ok(user.to_string())
+    })
+}
+
+/// Kills the device and reaps it.
+pub fn stop(mut child: Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
