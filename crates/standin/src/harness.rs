@@ -508,10 +508,11 @@ pub fn connect_password(bytes: &[u8], user: &str) -> Option<Vec<u8>> {
 }
 
 /// Replays a trace one request at a time through a [`crate::lightningd::FakeLightningd`], with
-/// exactly the rules of [`crate::replay::replay`] (same translation, a second `hsmd_init` on
-/// conn 0 restarts the broker), so that a test can act between requests (kill, stop or
-/// disconnect the signer, play a foreign client, open an extra client, …) and still compare the
-/// steps with the oracle ([`crate::replay::compare_with_oracle`]).
+/// the rules of the module [`crate::replay`] (same translation, a second `hsmd_init` on conn 0
+/// restarts the broker; [`crate::replay::replay`] is a session run to the end), so that a test
+/// can act between requests (kill, stop or disconnect the signer, play a foreign client, open an
+/// extra client, …) and still compare the steps with the oracle
+/// ([`crate::replay::compare_with_oracle`]).
 pub struct Session {
     opts: crate::replay::ReplayOptions,
     exchanges: Vec<crate::trace::Exchange>,
@@ -532,7 +533,14 @@ pub struct Session {
 impl Session {
     /// Spawns the broker (run 0); no request is sent yet.
     pub fn start(trace: &crate::trace::Trace, opts: crate::replay::ReplayOptions) -> Result<Session, String> {
-        let mut s = Session {
+        let mut s = Session::unstarted(trace, opts);
+        s.spawn()?;
+        Ok(s)
+    }
+
+    /// A session whose first broker is not spawned yet ([`spawn_broker`](Self::spawn_broker) does).
+    pub(crate) fn unstarted(trace: &crate::trace::Trace, opts: crate::replay::ReplayOptions) -> Session {
+        Session {
             opts,
             exchanges: trace.exchanges.clone(),
             ld: None,
@@ -543,12 +551,18 @@ impl Session {
             report: Default::default(),
             wait_listen: None,
             restart_by_kill: false,
-        };
-        s.spawn()?;
-        Ok(s)
+        }
     }
 
+    /// Spawns the broker of the current run and, if [`wait_listen`](Self::wait_listen) is set,
+    /// waits (bounded) until it listens.
     fn spawn(&mut self) -> Result<(), String> {
+        self.spawn_broker().map_err(spawn_message)?;
+        self.await_listen()
+    }
+
+    /// Spawns the broker of the current run, as lightningd spawns its hsmd.
+    pub(crate) fn spawn_broker(&mut self) -> Result<(), crate::replay::ReplayError> {
         let o = &self.opts;
         let ld = crate::lightningd::FakeLightningd::spawn_with(
             &o.broker,
@@ -556,8 +570,13 @@ impl Session {
             o.envs.iter().map(|(k, v)| (k, v)),
             o.spawn.clone(),
         )
-        .map_err(|e| format!("spawning broker (run {}): {e}", self.run))?;
+        .map_err(|source| crate::replay::ReplayError::Spawn { run: self.run, source })?;
         self.ld = Some(ld);
+        Ok(())
+    }
+
+    /// Waits (bounded) until [`wait_listen`](Self::wait_listen), if set, accepts connections.
+    fn await_listen(&self) -> Result<(), String> {
         if let Some(a) = &self.wait_listen {
             wait_listening(a, std::time::Duration::from_secs(20)).map_err(|e| e.to_string())?;
         }
@@ -603,17 +622,31 @@ impl Session {
     }
 
     /// Sends the next request and records its step; `None` when the trace is done.
+    /// Panics if the broker cannot be respawned at a restart.
     pub fn step(&mut self) -> Option<&crate::replay::Step> {
+        match self.try_step() {
+            Ok(true) => self.report.steps.last(),
+            Ok(false) => None,
+            Err(e) => panic!("{}", spawn_message(e)),
+        }
+    }
+
+    /// [`step`](Self::step) for [`crate::replay::replay`]: `Ok(true)` when a step was recorded
+    /// (last in [`report`](Self::report)), `Ok(false)` when the trace is done, `Err` when the
+    /// broker cannot be respawned at a restart.
+    pub(crate) fn try_step(&mut self) -> Result<bool, crate::replay::ReplayError> {
         use crate::replay::{translate_request, translated_name, Step};
         use sphinx_wire::hsmd;
-        let ex = self.exchanges.get(self.next)?.clone();
+        let Some(ex) = self.exchanges.get(self.next).cloned() else { return Ok(false) };
         self.next += 1;
         if ex.conn == 0 && ex.msg_type == hsmd::HSMD_INIT {
             if self.seen_init {
+                // lightningd restarted: its subdaemons and their hsm fds are gone, and so is the hsmd.
                 self.clients.clear();
                 self.finish_run();
                 self.run += 1;
-                if let Err(e) = self.spawn() {
+                self.spawn_broker()?;
+                if let Err(e) = self.await_listen() {
                     panic!("{e}");
                 }
             }
@@ -664,7 +697,7 @@ impl Session {
             recorded_reply: ex.reply.clone(),
             latency: start.elapsed(),
         });
-        self.report.steps.last()
+        Ok(true)
     }
 
     /// Steps until the trace is done.
@@ -696,5 +729,13 @@ impl Session {
         self.restart_by_kill = false;
         self.finish_run();
         std::mem::take(&mut self.report)
+    }
+}
+
+/// The message of a broker that could not be spawned (what [`Session::start`] returns and
+/// [`Session::step`] panics with).
+fn spawn_message(e: crate::replay::ReplayError) -> String {
+    match e {
+        crate::replay::ReplayError::Spawn { run, source } => format!("spawning broker (run {run}): {source}"),
     }
 }

@@ -537,8 +537,7 @@ impl std::fmt::Debug for ClientConn {
 impl ClientConn {
     /// Sends a request and waits (bounded) for its reply.
     pub fn call(&mut self, msg: &[u8]) -> Result<Vec<u8>> {
-        let what = format!("reply to type {} on client dbid {}", type_of(msg), self.ctx.dbid);
-        self.conn.call(msg, self.timeout, &what)
+        self.call_timeout(msg, self.timeout)
     }
 
     /// Sends a request with its own deadline.

@@ -1,6 +1,7 @@
-//! Replaying a recorded trace: end to end through a [`FakeLightningd`] (and so through the broker
-//! and whatever signer it relays to), and in process through an [`Oracle`] (the signer library),
-//! so that a test can demand byte-identical replies from both.
+//! Replaying a recorded trace: end to end through a
+//! [`FakeLightningd`](crate::lightningd::FakeLightningd) (and so through the broker and whatever
+//! signer it relays to), and in process through an [`Oracle`] (the signer library), so that a test
+//! can demand byte-identical replies from both.
 //!
 //! Rules (see `shared/traces/README.md`):
 //! - every request of the trace is sent, in recorded order (no two requests of a trace are ever in
@@ -17,12 +18,13 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sphinx_wire::hsmd;
 use sphinx_wire::serial;
 
-use crate::lightningd::{describe_status, ClientConn, FakeLightningd, SpawnOptions};
+use crate::harness::Session;
+use crate::lightningd::SpawnOptions;
 use crate::trace::{Ctx, Trace};
 
 /// `preapprove_invoice_check` (51) / `preapprove_keysend_check` (52) → 38 / 39 without the
@@ -143,90 +145,19 @@ pub enum ReplayError {
     },
 }
 
-fn spawn(opts: &ReplayOptions, run: usize) -> Result<FakeLightningd, ReplayError> {
-    FakeLightningd::spawn_with(&opts.broker, &opts.args, opts.envs.iter().map(|(k, v)| (k, v)), opts.spawn.clone())
-        .map_err(|source| ReplayError::Spawn { run, source })
-}
-
-fn finish(ld: FakeLightningd, report: &mut ReplayReport) {
-    report.status_messages.push(ld.status_log().count);
-    report.broker_exits.push(ld.shutdown().map(|s| describe_status(&s)).map_err(|e| e.to_string()));
-}
-
-/// Replays every request of `trace` through a broker spawned as lightningd spawns its hsmd.
-/// `on_step` sees each step as soon as it is done (for live output).
+/// Replays every request of `trace` through a broker spawned as lightningd spawns its hsmd:
+/// a [`Session`] run to the end. `on_step` sees each step as soon as it is done (for live output).
 pub fn replay(
     trace: &Trace,
     opts: &ReplayOptions,
     on_step: &mut dyn FnMut(&Step),
 ) -> Result<ReplayReport, ReplayError> {
-    let mut report = ReplayReport::default();
-    let mut run = 0usize;
-    let mut ld = spawn(opts, run)?;
-    let mut clients: HashMap<u64, ClientConn> = HashMap::new();
-    let mut seen_init = false;
-
-    for ex in &trace.exchanges {
-        if ex.conn == 0 && ex.msg_type == hsmd::HSMD_INIT {
-            if seen_init {
-                // lightningd restarted: its subdaemons and their hsm fds are gone, and so is the hsmd.
-                clients.clear();
-                finish(ld, &mut report);
-                run += 1;
-                ld = spawn(opts, run)?;
-            }
-            seen_init = true;
-        }
-        let request = if opts.translate_preapprove { translate_request(&ex.request) } else { ex.request.clone() };
-        let msg_type = hsmd::msg_type(&request).unwrap_or(ex.msg_type);
-        let name = if msg_type != ex.msg_type {
-            translated_name(msg_type).map(str::to_string).unwrap_or_else(|| format!("type_{msg_type}"))
-        } else {
-            ex.name.clone()
-        };
-        let start = Instant::now();
-        let reply: Result<Vec<u8>, String> = if ex.conn == 0 {
-            if ex.msg_type == hsmd::CLIENT_HSMFD {
-                match ld.new_client_raw(&request) {
-                    Ok(c) => {
-                        if let Some(id) = ex.new_conn {
-                            clients.insert(id, c);
-                        }
-                        Ok(hsmd::client_hsmfd_reply())
-                    }
-                    Err(e) => Err(e.to_string()),
-                }
-            } else if ex.msg_type == hsmd::DEV_PREINIT {
-                ld.send_no_reply(&request).map(|()| Vec::new()).map_err(|e| e.to_string())
-            } else {
-                ld.root_call(&request).map_err(|e| e.to_string())
-            }
-        } else {
-            match clients.get_mut(&ex.conn) {
-                Some(c) => c.call(&request).map_err(|e| e.to_string()),
-                None => Err(format!("conn {} does not exist (its 9 failed?)", ex.conn)),
-            }
-        };
-        let step = Step {
-            index: ex.index,
-            run,
-            conn: ex.conn,
-            ctx: ex.ctx,
-            t: ex.t,
-            recorded_type: ex.msg_type,
-            msg_type,
-            name,
-            request,
-            reply,
-            recorded_reply: ex.reply.clone(),
-            latency: start.elapsed(),
-        };
-        on_step(&step);
-        report.steps.push(step);
+    let mut sess = Session::unstarted(trace, opts.clone());
+    sess.spawn_broker()?;
+    while sess.try_step()? {
+        on_step(sess.report.steps.last().expect("a step was just recorded"));
     }
-    drop(clients);
-    finish(ld, &mut report);
-    Ok(report)
+    Ok(sess.finish())
 }
 
 /// How a reply compares with the one CLN's own hsmd gave.

@@ -16,7 +16,7 @@ use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
 use sphinx_wire::{hsmd, ClientContext};
 
 fn init_request() -> Vec<u8> {
-    let tr = Trace::load(&trace_path("open-pay-close", "alice")).unwrap();
+    let tr = Trace::load(trace_path("open-pay-close", "alice")).unwrap();
     tr.exchanges.iter().find(|e| e.msg_type == hsmd::HSMD_INIT).unwrap().request.clone()
 }
 

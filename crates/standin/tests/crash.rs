@@ -18,11 +18,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::trace_path;
+use common::recorded_session;
 use sphinx_standin::harness::{bin, broker_envs, free_port, init_signer, signer_state, SignerProcess, TempDir};
 use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions};
 use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions, ReplayReport};
-use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
+use sphinx_standin::trace::Trace;
 
 /// xorshift64*: deterministic kill points without a dependency.
 struct Rng(u64);
@@ -74,10 +74,7 @@ impl Loop {
 
 #[test]
 fn signer_killed_at_random_points_loses_nothing() {
-    let path = trace_path("open-pay-close", "alice");
-    let tr = Trace::load(&path).unwrap();
-    let seed = seed_for_path(&path).unwrap();
-    let clock = scenario_for_path(&path).unwrap().fixed_clock();
+    let (tr, seed, clock) = recorded_session("open-pay-close", "alice");
 
     // Reference: uninterrupted end to end.
     let calm = Loop::new("crash-calm", seed, clock);

@@ -16,17 +16,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::trace_path;
+use common::recorded_session;
 use sphinx_standin::harness::{bin, broker_envs, free_port, init_signer, tail, SignerProcess, TempDir};
 use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions};
 use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions};
-use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
 
 fn run_e2e(scenario: &str, node: &str) {
-    let path = trace_path(scenario, node);
-    let tr = Trace::load(&path).unwrap();
-    let seed = seed_for_path(&path).unwrap();
-    let clock = scenario_for_path(&path).unwrap().fixed_clock();
+    let (tr, seed, clock) = recorded_session(scenario, node);
     let d = TempDir::new(&format!("e2e-{scenario}-{node}")).unwrap();
     let listen = format!("127.0.0.1:{}", free_port().unwrap());
     let key = bin("sphinx-key").unwrap();

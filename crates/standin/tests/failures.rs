@@ -17,14 +17,14 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::trace_path;
+use common::recorded_session;
 use sphinx_standin::harness::{
     bin, broker_envs, free_port, init_signer, log_text, signer_state, tail, wait_log, Dir, Session, SignerProcess, TcpProxy,
     TempDir,
 };
 use sphinx_standin::lightningd::{BrokerOutput, Error as LdError, SpawnOptions};
 use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions, ReplayReport};
-use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
+use sphinx_standin::trace::Trace;
 use sphinx_wire::hsmd;
 use sphinx_wire::ClientContext;
 
@@ -46,10 +46,7 @@ struct Rig {
 impl Rig {
     /// Broker spawned (and listening), signer started behind the proxy; nothing sent yet.
     fn new(scenario: &str, node: &str, tag: &str, broker_env: &[(&str, &str)]) -> Rig {
-        let path = trace_path(scenario, node);
-        let tr = Trace::load(&path).unwrap();
-        let seed = seed_for_path(&path).unwrap();
-        let clock = scenario_for_path(&path).unwrap().fixed_clock();
+        let (tr, seed, clock) = recorded_session(scenario, node);
         let d = TempDir::new(tag).unwrap();
         let listen = format!("127.0.0.1:{}", free_port().unwrap());
         let key_bin = bin("sphinx-key").unwrap();

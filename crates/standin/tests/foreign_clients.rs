@@ -21,14 +21,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
-use common::trace_path;
+use common::recorded_session;
 use sphinx_standin::harness::{
     bin, broker_envs, connect_password, free_port, init_signer, log_text, tail, wait_log, Dir, Session, SignerProcess, TcpProxy,
     TempDir,
 };
 use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions};
 use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions};
-use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
 use sphinx_wire::token;
 
 fn now() -> u32 {
@@ -205,10 +204,7 @@ fn foreign_clients_are_refused_while_the_signer_keeps_signing() {
         eprintln!("SKIPPED: mosquitto_pub/mosquitto_sub not installed (apt-get install mosquitto-clients)");
         return;
     }
-    let path = trace_path("open-pay-close", "alice");
-    let tr = Trace::load(&path).unwrap();
-    let seed = seed_for_path(&path).unwrap();
-    let clock = scenario_for_path(&path).unwrap().fixed_clock();
+    let (tr, seed, clock) = recorded_session("open-pay-close", "alice");
     let cfg = replay::signer::replay_config(clock, Default::default());
     let me = replay::signer::in_memory(seed, &cfg).unwrap();
     let sid = me.node_id_hex();

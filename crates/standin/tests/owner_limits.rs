@@ -14,21 +14,17 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{tempdir, trace_path};
+use common::{recorded_session, tempdir};
 use sphinx_standin::harness::{bin, broker_envs, free_port, init_signer, tail, SignerProcess};
 use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions};
 use sphinx_standin::replay::{self, ReplayOptions};
-use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
 use sphinx_wire::hsmd;
 
 const TOKEN: &str = "owner-limits-test-token-0123456789";
 
 #[test]
 fn velocity_limit_set_by_the_owner_refuses_the_payment_over_it() {
-    let path = trace_path("open-pay-close", "alice");
-    let tr = Trace::load(&path).unwrap();
-    let seed = seed_for_path(&path).unwrap();
-    let clock = scenario_for_path(&path).unwrap().fixed_clock();
+    let (tr, seed, clock) = recorded_session("open-pay-close", "alice");
     let d = tempdir("owner-limits");
     let listen = format!("127.0.0.1:{}", free_port().unwrap());
     let api = format!("127.0.0.1:{}", free_port().unwrap());

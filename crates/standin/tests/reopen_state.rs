@@ -10,11 +10,11 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::trace_path;
+use common::recorded_session;
 use sphinx_signer::Signer;
 use sphinx_standin::harness::{signer_state, TempDir};
 use sphinx_standin::replay::{self, oracle_skips, translate_request};
-use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
+use sphinx_standin::trace::Trace;
 use sphinx_wire::serial;
 
 fn run(tr: &Trace, seed: [u8; 32], clock: u64, reopen_before: Option<usize>) -> BTreeMap<String, Vec<u8>> {
@@ -41,10 +41,7 @@ fn run(tr: &Trace, seed: [u8; 32], clock: u64, reopen_before: Option<usize>) -> 
 
 #[test]
 fn restart_at_any_point_leaves_the_same_state() {
-    let path = trace_path("open-pay-close", "alice");
-    let tr = Trace::load(&path).unwrap();
-    let seed = seed_for_path(&path).unwrap();
-    let clock = scenario_for_path(&path).unwrap().fixed_clock();
+    let (tr, seed, clock) = recorded_session("open-pay-close", "alice");
     let calm = run(&tr, seed, clock, None);
     let velocity = |st: &BTreeMap<String, Vec<u8>>| {
         let (_, v) = st.iter().find(|(k, _)| k.starts_with("node/state/")).expect("node state");

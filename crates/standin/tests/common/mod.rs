@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 pub use sphinx_standin::harness::TempDir;
+use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
 
 /// A temporary directory for a test (panics if the system has none).
 pub fn tempdir(tag: &str) -> TempDir {
@@ -11,17 +12,37 @@ pub fn tempdir(tag: &str) -> TempDir {
 }
 
 /// Writes an executable shell script.
+///
+/// A child process (`sh -c 'cat > …'`) writes it, so that this multi-threaded test process never
+/// holds the file open for writing: a child that another test thread forks meanwhile would inherit
+/// that fd until its exec, and executing the script then fails with ETXTBSY ("Text file busy").
 pub fn script(dir: &TempDir, name: &str, body: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
     let p = dir.join(name);
-    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut writer = Command::new("sh")
+        .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
+        .arg(&p)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writer.stdin.take().unwrap().write_all(format!("#!/bin/sh\n{body}\n").as_bytes()).unwrap();
+    assert!(writer.wait().unwrap().success(), "writing {}", p.display());
     p
 }
 
 /// `testdata/traces/<scenario>/<node>.jsonl`.
 pub fn trace_path(scenario: &str, node: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/traces").join(scenario).join(format!("{node}.jsonl"))
+}
+
+/// The recorded session `<scenario>/<node>`: its trace, its node's seed and its scenario's fixed clock.
+pub fn recorded_session(scenario: &str, node: &str) -> (Trace, [u8; 32], u64) {
+    let path = trace_path(scenario, node);
+    let tr = Trace::load(&path).unwrap();
+    let seed = seed_for_path(&path).unwrap();
+    let clock = scenario_for_path(&path).unwrap().fixed_clock();
+    (tr, seed, clock)
 }
 
 pub const ALL_TRACES: [(&str, &str); 4] =
