@@ -58,10 +58,7 @@ pub fn mqtt_packet(data: &[u8]) {
         let before = buf.len();
         match v4::read(&mut buf, MAX_PACKET) {
             Ok(p) => {
-                assert!(
-                    buf.len() < before,
-                    "codec returned a packet without consuming input"
-                );
+                assert!(buf.len() < before, "codec returned a packet without consuming input");
                 match p {
                     Packet::Publish(p) => {
                         if valid_topic(&p.topic) {
@@ -98,11 +95,7 @@ fn acl_invariants(id: &str, topic: &str, filter: &str) {
     // at CONNECT), so the ACL invariants are stated for those.
     if id_ok && topic_allowed(id, topic) {
         assert!(valid_topic(topic));
-        assert_eq!(
-            owner(topic),
-            Some(id),
-            "publish allowed outside the identity's prefix"
-        );
+        assert_eq!(owner(topic), Some(id), "publish allowed outside the identity's prefix");
     }
     if id_ok && filter_allowed(id, filter) {
         assert!(valid_filter(filter));
@@ -113,10 +106,7 @@ fn acl_invariants(id: &str, topic: &str, filter: &str) {
     // (the session `route` delivers to) is the identity, or the topic is the bare identity
     // (`id/#` matches `id`), which has no owner and is never routed.
     if id_ok && filter_allowed(id, filter) && valid_topic(topic) && m {
-        assert!(
-            topic == id || owner(topic) == Some(id),
-            "filter {filter:?} of {id:?} matches foreign topic {topic:?}"
-        );
+        assert!(topic == id || owner(topic) == Some(id), "filter {filter:?} of {id:?} matches foreign topic {topic:?}");
     }
     if valid_topic(topic) {
         assert!(matches(topic, topic), "a topic name must match itself");

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Every file of `fuzz/corpus/<target>/` with its bytes, sorted by path; panics if there are none.
 pub fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus")
-        .join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
         .map(|e| e.expect("directory entry").path())
@@ -20,8 +18,7 @@ pub fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     files
         .into_iter()
         .map(|p| {
-            let data =
-                std::fs::read(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+            let data = std::fs::read(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
             (p, data)
         })
         .collect()

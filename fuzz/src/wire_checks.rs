@@ -14,10 +14,7 @@ pub fn serial_request(data: &[u8]) {
     if let Ok(r) = serial::Request::decode(data) {
         assert_eq!(r.encode(), data, "request does not round-trip");
         assert!(r.message.len() >= 2);
-        assert!(
-            serial::Reply::decode(data).is_err(),
-            "a request decoded as a reply"
-        );
+        assert!(serial::Reply::decode(data).is_err(), "a request decoded as a reply");
     }
 }
 
@@ -27,10 +24,7 @@ pub fn serial_reply(data: &[u8]) {
     if let Ok(r) = serial::Reply::decode(data) {
         assert_eq!(r.encode(), data, "reply does not round-trip");
         assert!(r.message.len() >= 2);
-        assert!(
-            serial::Request::decode(data).is_err(),
-            "a reply decoded as a request"
-        );
+        assert!(serial::Request::decode(data).is_err(), "a reply decoded as a request");
     }
 }
 
@@ -41,10 +35,7 @@ pub fn token(data: &[u8]) {
     let mut parts = data.splitn(3, |b| *b == b'\n');
     let username = String::from_utf8_lossy(parts.next().unwrap_or_default());
     let password = parts.next().unwrap_or_default();
-    let now: Option<u64> = parts
-        .next()
-        .and_then(|n| std::str::from_utf8(n).ok())
-        .and_then(|n| n.trim().parse().ok());
+    let now: Option<u64> = parts.next().and_then(|n| std::str::from_utf8(n).ok()).and_then(|n| n.trim().parse().ok());
     // The raw signature path, on whatever the password holds.
     if password.len() >= 4 {
         let _ = token::recover(&password[..4], &password[4..]);
@@ -52,15 +43,9 @@ pub fn token(data: &[u8]) {
     let window = 300;
     let now = now.unwrap_or_else(|| token_ts(password).unwrap_or(0));
     if let Ok(pk) = token::verify(&username, password, now, window) {
-        assert!(
-            pk.to_string().eq_ignore_ascii_case(&username),
-            "accepted key is not the username"
-        );
+        assert!(pk.to_string().eq_ignore_ascii_case(&username), "accepted key is not the username");
         let ts = token_ts(password).unwrap_or(u64::MAX);
-        assert!(
-            now.abs_diff(ts) <= window,
-            "accepted a token outside the window"
-        );
+        assert!(now.abs_diff(ts) <= window, "accepted a token outside the window");
     }
 }
 
@@ -94,10 +79,7 @@ pub fn hsmd(data: &[u8]) {
         m.extend_from_slice(&ctx.peer_id);
         m.extend_from_slice(&ctx.dbid.to_be_bytes());
         m.extend_from_slice(&ctx.permissions.to_be_bytes());
-        assert!(
-            data.starts_with(&m),
-            "client_hsmfd fields do not match the bytes"
-        );
+        assert!(data.starts_with(&m), "client_hsmfd fields do not match the bytes");
     }
     if let Ok(chain) = hsmd::parse_init_chain_hash(data) {
         assert_eq!(ty, Ok(hsmd::HSMD_INIT));
@@ -117,10 +99,7 @@ pub fn hsmd(data: &[u8]) {
         let framed = hsmd::frame(data);
         assert_eq!(&framed[4..], data);
         let prefix = [framed[0], framed[1], framed[2], framed[3]];
-        assert_eq!(
-            hsmd::frame_len(prefix).ok(),
-            (data.len() >= 2).then_some(data.len())
-        );
+        assert_eq!(hsmd::frame_len(prefix).ok(), (data.len() >= 2).then_some(data.len()));
     }
 }
 
@@ -132,10 +111,7 @@ fn control_key() -> &'static (SecretKey, PublicKey) {
             Ok(k) => k,
             Err(e) => panic!("constant test key: {e}"),
         };
-        (
-            sk,
-            PublicKey::from_secret_key(&Secp256k1::signing_only(), &sk),
-        )
+        (sk, PublicKey::from_secret_key(&Secp256k1::signing_only(), &sk))
     })
 }
 
@@ -157,11 +133,7 @@ pub fn control(data: &[u8]) {
         match control::build_request(&msg, nonce, sk) {
             Ok(again) => {
                 let back = control::parse_request(&again, pk).map(|(m, _)| m);
-                assert_eq!(
-                    back.as_ref(),
-                    Ok(&msg),
-                    "control request does not round-trip"
-                );
+                assert_eq!(back.as_ref(), Ok(&msg), "control request does not round-trip");
             }
             Err(e) => panic!("decoded control request {msg:?} does not re-encode: {e}"),
         }
@@ -170,11 +142,7 @@ pub fn control(data: &[u8]) {
         match control::build_response(&resp, nonce, sk) {
             Ok(again) => {
                 let back = control::parse_response(&again, pk, nonce);
-                assert_eq!(
-                    back.as_ref(),
-                    Ok(&resp),
-                    "control response does not round-trip"
-                );
+                assert_eq!(back.as_ref(), Ok(&resp), "control response does not round-trip");
             }
             Err(e) => panic!("decoded control response {resp:?} does not re-encode: {e}"),
         }

@@ -272,7 +272,11 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ApiBody> {
         Ok(v) => response(status, "application/json", full(v)),
         Err(e) => {
             warn!(error = %e, "cannot encode a JSON response");
-            response(StatusCode::INTERNAL_SERVER_ERROR, "application/json", full(&b"{\"error\":\"internal error\"}"[..]))
+            response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "application/json",
+                full(&b"{\"error\":\"internal error\"}"[..]),
+            )
         }
     }
 }
@@ -404,7 +408,10 @@ fn signers(shared: &Shared) -> Response<ApiBody> {
             });
         }
     }
-    json(StatusCode::OK, &SignersJson { signers: list, pinned, relay: RelayJson { queued: shared.state.relay.queued() } })
+    json(
+        StatusCode::OK,
+        &SignersJson { signers: list, pinned, relay: RelayJson { queued: shared.state.relay.queued() } },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -428,11 +435,17 @@ async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Res
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
         let essence = ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if essence != "application/octet-stream" {
-            return Err(error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the body must be application/octet-stream (the raw control message)"));
+            return Err(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the body must be application/octet-stream (the raw control message)",
+            ));
         }
     }
-    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, &format!("control messages are at most {MAX_CONTROL_BODY} bytes"));
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    let too_large =
+        || error(StatusCode::PAYLOAD_TOO_LARGE, &format!("control messages are at most {MAX_CONTROL_BODY} bytes"));
+    if let Some(len) =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+    {
         if len > MAX_CONTROL_BODY as u64 {
             return Err(too_large());
         }
@@ -474,7 +487,10 @@ async fn control(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<
     let slot = shared.slot(id);
     let Ok(mut slot) = tokio::time::timeout_at(deadline, slot.lock_owned()).await else {
         warn!(signer = %id, "control call gave up waiting for another call to the same signer");
-        return error(StatusCode::CONFLICT, "another control call to this signer is in progress; this one was not sent");
+        return error(
+            StatusCode::CONFLICT,
+            "another control call to this signer is in progress; this one was not sent",
+        );
     };
     let mut waiter = match shared.state.hub.expect_control(id) {
         Ok(w) => w,
@@ -624,7 +640,10 @@ fn events(shared: &Shared) -> Response<ApiBody> {
     // event from then on.
     let rx = shared.state.hub.subscribe();
     let (tx, body_rx) = mpsc::channel::<Bytes>(16);
-    let timing = PumpTiming { keepalive: shared.cfg.keepalive, send_timeout: shared.cfg.read_timeout.max(Duration::from_secs(30)) };
+    let timing = PumpTiming {
+        keepalive: shared.cfg.keepalive,
+        send_timeout: shared.cfg.read_timeout.max(Duration::from_secs(30)),
+    };
     let shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
         let _permit = permit;

@@ -90,7 +90,10 @@ impl ApiToken {
         if token.len() < MIN_API_TOKEN_LEN {
             return Err(ConfigError::Invalid(
                 "api.token",
-                format!("too short ({} characters): use at least {MIN_API_TOKEN_LEN}, e.g. `openssl rand -hex 32`", token.len()),
+                format!(
+                    "too short ({} characters): use at least {MIN_API_TOKEN_LEN}, e.g. `openssl rand -hex 32`",
+                    token.len()
+                ),
             ));
         }
         if token.len() > MAX_API_TOKEN_LEN {
@@ -430,7 +433,9 @@ impl Config {
             }
         }
         let token = ApiToken::new(text.trim()).map_err(|e| match e {
-            ConfigError::Invalid(_, why) => ConfigError::Invalid("api.token_file", format!("{}: {why}", path.display())),
+            ConfigError::Invalid(_, why) => {
+                ConfigError::Invalid("api.token_file", format!("{}: {why}", path.display()))
+            }
             other => other,
         })?;
         self.api.token = Some(token);
@@ -443,7 +448,10 @@ impl Config {
             let ok = bitcoin::secp256k1::PublicKey::from_slice(&hex::decode(id).unwrap_or_default())
                 .is_ok_and(|k| k.to_string() == *id);
             if !ok {
-                return Err(ConfigError::Invalid("signer_node_id", "expected a node id: 33-byte public key in lowercase hex".into()));
+                return Err(ConfigError::Invalid(
+                    "signer_node_id",
+                    "expected a node id: 33-byte public key in lowercase hex".into(),
+                ));
             }
         }
         if self.mqtt.tls_cert.is_some() != self.mqtt.tls_key.is_some() {
@@ -529,7 +537,9 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("not a loopback address"));
         c.merge_toml("[api]\nallow_non_loopback = true\n", Path::new("x.toml")).unwrap();
         assert!(c.validate().is_ok());
-        assert!(c.merge_toml("[api]\ntoken = \"0123456789abcdef\"\ntoken_file = \"t\"\n", Path::new("x.toml")).is_err());
+        assert!(c
+            .merge_toml("[api]\ntoken = \"0123456789abcdef\"\ntoken_file = \"t\"\n", Path::new("x.toml"))
+            .is_err());
     }
 
     #[test]

@@ -20,8 +20,8 @@ use bitcoin::constants::ChainHash;
 use bitcoin::Network;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use sphinx_wire::{hsmd, ClientContext};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 use tracing::{debug, error, info, warn};
@@ -72,7 +72,12 @@ pub struct HsmdServer {
 
 impl HsmdServer {
     /// `status` is fd 0 when it is a socket (it is under lightningd).
-    pub fn new(relay: RelayHandle, network: Network, status: Option<StdUnixStream>, log_io: bool) -> std::io::Result<Self> {
+    pub fn new(
+        relay: RelayHandle,
+        network: Network,
+        status: Option<StdUnixStream>,
+        log_io: bool,
+    ) -> std::io::Result<Self> {
         let status = match status {
             Some(s) => {
                 s.set_nonblocking(true)?;
@@ -145,7 +150,11 @@ impl HsmdServer {
         let got = hsmd::parse_init_chain_hash(msg)?;
         let want = ChainHash::using_genesis_block(self.network).to_bytes();
         if got != want {
-            return Err(HsmdError::WrongChain { got: hex::encode(got), network: self.network, want: hex::encode(want) });
+            return Err(HsmdError::WrongChain {
+                got: hex::encode(got),
+                network: self.network,
+                want: hex::encode(want),
+            });
         }
         Ok(())
     }
@@ -169,9 +178,9 @@ impl HsmdServer {
             }
             let result = match msg_type {
                 hsmd::DEV_MEMLEAK => Ok(hsmd::memleak_reply()),
-                hsmd::CLIENT_HSMFD | hsmd::HSMD_INIT | hsmd::DEV_PREINIT => {
-                    Err(RelayError::Refused(format!("message type {msg_type} is only valid on lightningd's connection")))
-                }
+                hsmd::CLIENT_HSMFD | hsmd::HSMD_INIT | hsmd::DEV_PREINIT => Err(RelayError::Refused(format!(
+                    "message type {msg_type} is only valid on lightningd's connection"
+                ))),
                 _ => self.relay.call(ctx, msg.clone()).await,
             };
             match result {

@@ -95,7 +95,12 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
 }
 
 /// Runs as lightningd's hsmd on `root` (fd 3) until lightningd closes it.
-pub async fn run_hsmd(cfg: &Config, root: StdUnixStream, status: Option<StdUnixStream>, log_io: bool) -> anyhow::Result<()> {
+pub async fn run_hsmd(
+    cfg: &Config,
+    root: StdUnixStream,
+    status: Option<StdUnixStream>,
+    log_io: bool,
+) -> anyhow::Result<()> {
     let broker = start(cfg).await?;
     let server = Arc::new(hsmd::HsmdServer::new(broker.relay.clone(), cfg.network, status, log_io)?);
     // Chain tracking: follows bitcoind once a signer has answered lightningd's hsmd_init.

@@ -134,7 +134,9 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     let env_token = std::env::var(API_TOKEN_ENV).ok().filter(|t| !t.is_empty());
     match (env_token, &cli.api_token_file) {
         (Some(_), Some(_)) => {
-            return Err(format!("set {API_TOKEN_ENV} or the API token file (SPHINX_BROKER_API_TOKEN_FILE / --api-token-file), not both"))
+            return Err(format!(
+                "set {API_TOKEN_ENV} or the API token file (SPHINX_BROKER_API_TOKEN_FILE / --api-token-file), not both"
+            ))
         }
         (Some(t), None) => cfg.api.set_token(&t).map_err(|e| format!("{API_TOKEN_ENV}: {e}"))?,
         (None, Some(f)) => cfg.api.set_token_file(f.clone()),

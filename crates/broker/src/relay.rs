@@ -42,7 +42,8 @@ pub enum RelayError {
 /// What the relay sends towards signers (the embedded MQTT server in production).
 pub trait SignerLink: Send + Sync + 'static {
     /// Publishes `payload` on `topic` to whoever subscribed.
-    fn publish(&self, topic: String, payload: Vec<u8>) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    fn publish(&self, topic: String, payload: Vec<u8>)
+        -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
     /// Drops a signer's connection.
     fn disconnect(&self, identity: &str);
 }
@@ -373,7 +374,11 @@ mod tests {
     }
 
     impl SignerLink for FakeLink {
-        fn publish(&self, topic: String, payload: Vec<u8>) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        fn publish(
+            &self,
+            topic: String,
+            payload: Vec<u8>,
+        ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
             let r = self.out.send((topic, payload)).map_err(|e| e.to_string());
             Box::pin(async move { r })
         }

@@ -59,7 +59,9 @@ impl TokenAuth {
         let last = std::fs::read_to_string(&self.last_login_path).ok().and_then(|s| s.trim().parse::<u32>().ok());
         if let Some(last) = last {
             if ts <= last {
-                return Err(format!("token time {ts} is not after the last login ({last}): replayed or clock went back"));
+                return Err(format!(
+                    "token time {ts} is not after the last login ({last}): replayed or clock went back"
+                ));
             }
         }
         let tmp = self.last_login_path.with_extension("tmp");
@@ -75,7 +77,12 @@ impl TokenAuth {
 }
 
 impl Authenticator for TokenAuth {
-    fn authenticate(&self, _client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Result<String, String> {
+    fn authenticate(
+        &self,
+        _client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<String, String> {
         let user = username.ok_or("no username (expected the signer's node id)")?;
         let pass = password.ok_or("no password (expected a sphinx-key token)")?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -97,7 +104,11 @@ impl Authenticator for TokenAuth {
 }
 
 impl SignerLink for MqttHandle {
-    fn publish(&self, topic: String, payload: Vec<u8>) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+    fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move { MqttHandle::publish(self, &topic, payload.into()).await.map_err(|e| e.to_string()) })
     }
     fn disconnect(&self, identity: &str) {
@@ -277,7 +288,8 @@ impl SignerHub {
 
     fn entry<'a>(st: &'a mut HubState, node_id: &str, now: u64) -> &'a mut SignerStatus {
         if !st.signers.contains_key(node_id) && st.signers.len() >= MAX_REMEMBERED_SIGNERS {
-            let oldest = st.signers.values().filter(|s| !s.connected).min_by_key(|s| s.since).map(|s| s.node_id.clone());
+            let oldest =
+                st.signers.values().filter(|s| !s.connected).min_by_key(|s| s.since).map(|s| s.node_id.clone());
             if let Some(old) = oldest {
                 st.signers.remove(&old);
             }
@@ -360,7 +372,9 @@ impl SignerHub {
                     warn!(signer = %node_id, "control response while the caller is gone or flooded; dropped");
                 }
             }
-            None => warn!(signer = %node_id, bytes = payload.len(), "control response with no call waiting (late or unsolicited); dropped"),
+            None => {
+                warn!(signer = %node_id, bytes = payload.len(), "control response with no call waiting (late or unsolicited); dropped")
+            }
         }
     }
 }

@@ -29,10 +29,24 @@ fn key_bin() -> Option<PathBuf> {
 /// Runs `sphinx-key ctl` (blocking, off the runtime's threads): exit code, stdout, stderr.
 async fn ctl(bin: &Path, data: &Path, url: &str, token: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(bin);
-    cmd.args(["--data-dir"]).arg(data).args(["--network", "regtest", "--log", "warn", "ctl", "--url", url, "--token", token]);
+    cmd.args(["--data-dir"]).arg(data).args([
+        "--network",
+        "regtest",
+        "--log",
+        "warn",
+        "ctl",
+        "--url",
+        url,
+        "--token",
+        token,
+    ]);
     cmd.args(args);
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

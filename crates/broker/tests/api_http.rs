@@ -88,7 +88,13 @@ async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Response<Incoming>
     tokio::time::timeout(WAIT * 2, sender.send_request(req)).await.expect("response in time").unwrap()
 }
 
-fn req(method: Method, path: &str, auth: Option<&str>, content_type: Option<&str>, body: Vec<u8>) -> Request<Full<Bytes>> {
+fn req(
+    method: Method,
+    path: &str,
+    auth: Option<&str>,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Request<Full<Bytes>> {
     let mut b = Request::builder().method(method).uri(path).header(header::HOST, "localhost");
     if let Some(a) = auth {
         b = b.header(header::AUTHORIZATION, a);
@@ -222,7 +228,10 @@ impl TestSigner {
 
     async fn until(&mut self, f: impl Fn(&Packet) -> bool) -> Packet {
         loop {
-            let ev = tokio::time::timeout(WAIT, self.events.recv()).await.expect("MQTT event in time").expect("MQTT loop alive");
+            let ev = tokio::time::timeout(WAIT, self.events.recv())
+                .await
+                .expect("MQTT event in time")
+                .expect("MQTT loop alive");
             if let Event::Incoming(p) = ev {
                 if f(&p) {
                     return p;
@@ -285,7 +294,8 @@ async fn every_endpoint_needs_the_bearer_token() {
     for (m, path) in &cases {
         for auth in &wrong {
             let (status, headers, body) =
-                call(addr, req(m.clone(), path, auth.as_deref(), Some("application/octet-stream"), b"x".to_vec())).await;
+                call(addr, req(m.clone(), path, auth.as_deref(), Some("application/octet-stream"), b"x".to_vec()))
+                    .await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{m} {path} with {auth:?}");
             assert!(headers[header::WWW_AUTHENTICATE].to_str().unwrap().starts_with("Bearer"), "{m} {path}");
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -293,7 +303,8 @@ async fn every_endpoint_needs_the_bearer_token() {
         }
     }
     // The right token, any case of the scheme.
-    let (status, ..) = call(addr, req(Method::GET, "/v1/signers", Some(&format!("bearer {TOKEN}")), None, vec![])).await;
+    let (status, ..) =
+        call(addr, req(Method::GET, "/v1/signers", Some(&format!("bearer {TOKEN}")), None, vec![])).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(get(addr, "/nope").await.0, StatusCode::NOT_FOUND);
     let (status, headers, _) = call(addr, req(Method::POST, "/v1/signers", Some(&bearer()), None, vec![])).await;
@@ -377,7 +388,8 @@ async fn control_request_is_relayed_and_the_signers_bytes_returned() {
     let p3 = tokio::spawn(post_control(addr, id.clone(), r3));
     for _ in 0..2 {
         let req = signer.control_request().await;
-        let (msg, nonce) = control::parse_request(&req, &PublicKey::from_secret_key(&Secp256k1::new(), &owner)).unwrap();
+        let (msg, nonce) =
+            control::parse_request(&req, &PublicKey::from_secret_key(&Secp256k1::new(), &owner)).unwrap();
         let resp = match msg {
             ControlMessage::QueryAllowlist => ControlResponse::AllowlistCurrent(vec!["a".into()]),
             _ => ControlResponse::VelocityCurrent(None),
@@ -399,7 +411,8 @@ async fn control_request_is_relayed_and_the_signers_bytes_returned() {
     assert_eq!(post_control(addr, &id, vec![]).await.0, StatusCode::BAD_REQUEST);
     assert_eq!(post_control(addr, &id, vec![0; 64 * 1024 + 1]).await.0, StatusCode::PAYLOAD_TOO_LARGE);
     let path = format!("/v1/signers/{id}/control");
-    let (s, ..) = call(addr, req(Method::POST, &path, Some(&bearer()), Some("application/json"), request.clone())).await;
+    let (s, ..) =
+        call(addr, req(Method::POST, &path, Some(&bearer()), Some("application/json"), request.clone())).await;
     assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let (s, h, _) = call(addr, req(Method::GET, &path, Some(&bearer()), None, vec![])).await;
     assert_eq!((s, h[header::ALLOW].to_str().unwrap()), (StatusCode::METHOD_NOT_ALLOWED, "POST"));
@@ -567,11 +580,8 @@ fn broker_binary_serves_the_api_and_exits_when_lightningd_closes_fd3() {
     // SAFETY: dup2 onto fd 3 in the child before exec; async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            let r = if theirs_fd == 3 {
-                nix::libc::fcntl(3, nix::libc::F_SETFD, 0)
-            } else {
-                nix::libc::dup2(theirs_fd, 3)
-            };
+            let r =
+                if theirs_fd == 3 { nix::libc::fcntl(3, nix::libc::F_SETFD, 0) } else { nix::libc::dup2(theirs_fd, 3) };
             if r < 0 {
                 return Err(std::io::Error::last_os_error());
             }

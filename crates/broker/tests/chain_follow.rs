@@ -150,7 +150,9 @@ impl Harness {
                     };
                     journal.lock().unwrap().types.push(ty);
                     let ev = match result {
-                        Ok(reply) => LinkEvent::Reply(id.clone(), Reply { seq: reply.seq, message: reply.message }.encode()),
+                        Ok(reply) => {
+                            LinkEvent::Reply(id.clone(), Reply { seq: reply.seq, message: reply.message }.encode())
+                        }
                         Err(text) => {
                             let mut p = req.seq.to_be_bytes().to_vec();
                             p.extend_from_slice(text.as_bytes());
@@ -308,10 +310,8 @@ async fn chain_signer_tip_follows_new_blocks_with_heartbeats() {
     assert_eq!(s.blocks_added, 8);
     assert_eq!(h.chain().tip().await.unwrap(), btc.tip());
     // A signed heartbeat for the tip, verified against the node's heartbeat key.
-    let s = wait_status(&mut f, "heartbeat at tip", |s| {
-        s.heartbeat.as_ref().is_some_and(|hb| hb.chain_height == 8)
-    })
-    .await;
+    let s =
+        wait_status(&mut f, "heartbeat at tip", |s| s.heartbeat.as_ref().is_some_and(|hb| hb.chain_height == 8)).await;
     let hb = s.heartbeat.unwrap();
     assert!(hb.verified, "heartbeat signature verifies");
     assert_eq!(hb.chain_tip, btc.tip().1);
@@ -425,10 +425,8 @@ async fn chain_bitcoind_down_at_start_restarting_and_warming_up_is_survived() {
     // Comes back warming up (error -28), then ready, with yet another cookie.
     btc.set_warmup(Some("Loading block index…"));
     btc.restart().await.unwrap();
-    let s = wait_status(&mut f, "warm-up seen", |s| {
-        s.last_error.as_deref().is_some_and(|e| e.contains("warming up"))
-    })
-    .await;
+    let s = wait_status(&mut f, "warm-up seen", |s| s.last_error.as_deref().is_some_and(|e| e.contains("warming up")))
+        .await;
     eprintln!("warming up: {:?}", s.last_error);
     btc.set_warmup(None);
     let s = wait_synced(&mut f, btc.tip()).await;
@@ -646,7 +644,8 @@ async fn chain_follower_starts_when_lightningds_init_is_answered() {
     let h = Harness::uninitialised("wiring", false, Duration::from_secs(60)).await;
     let btc = fake(true, None).await;
     btc.mine(3);
-    let server = Arc::new(sphinx_broker::hsmd::HsmdServer::new(h.relay.clone(), Network::Regtest, None, false).unwrap());
+    let server =
+        Arc::new(sphinx_broker::hsmd::HsmdServer::new(h.relay.clone(), Network::Regtest, None, false).unwrap());
     let mut cfg = FollowerConfig::new(logged_in(&btc), Network::Regtest);
     cfg.poll_interval = Duration::from_millis(20);
     let mut f = chain::spawn(cfg, h.relay.clone(), server.init_done());

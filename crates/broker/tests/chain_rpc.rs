@@ -100,7 +100,8 @@ async fn chain_rpc_odd_servers_give_errors_not_panics() {
     assert!(matches!(client(&url, None).chain_info().await, Err(RpcError::BadReply { .. })));
     let url = canned(b"HTTP/1.1 200 OK\r\nContent-Length: 29\r\n\r\n{\"result\":{\"chain\":7},\"id\":1}", true).await;
     assert!(matches!(client(&url, None).chain_info().await, Err(RpcError::BadReply { .. })));
-    let url = canned(b"HTTP/1.1 200 OK\r\nContent-Length: 31\r\n\r\n{\"result\":\"00zz\",\"error\":null}\n", true).await;
+    let url =
+        canned(b"HTTP/1.1 200 OK\r\nContent-Length: 31\r\n\r\n{\"result\":\"00zz\",\"error\":null}\n", true).await;
     assert!(matches!(client(&url, None).block_hash(1).await, Err(RpcError::BadReply { .. })));
     // Silence: bounded by the timeout.
     let url = canned(b"", false).await;

@@ -12,12 +12,9 @@ use bytes::{Bytes, BytesMut};
 use common::{init_tracing, next_event, WAIT};
 use rumqttc::mqttbytes::v4::{self, Packet};
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, QoS, SubscribeFilter,
-    SubscribeReasonCode,
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, QoS, SubscribeFilter, SubscribeReasonCode,
 };
-use sphinx_broker::mqtt::{
-    self, Authenticator, Limits, MqttConfig, MqttError, MqttEvent, MqttHandle,
-};
+use sphinx_broker::mqtt::{self, Authenticator, Limits, MqttConfig, MqttError, MqttEvent, MqttHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -52,9 +49,7 @@ fn config() -> MqttConfig {
 
 async fn server_with(cfg: MqttConfig, limits: Limits) -> (MqttHandle, mpsc::Receiver<MqttEvent>) {
     init_tracing();
-    mqtt::start_with_limits(cfg, Arc::new(TokenAuth), limits)
-        .await
-        .unwrap()
+    mqtt::start_with_limits(cfg, Arc::new(TokenAuth), limits).await.unwrap()
 }
 
 async fn server() -> (MqttHandle, mpsc::Receiver<MqttEvent>) {
@@ -77,12 +72,7 @@ async fn expect_disconnected(rx: &mut mpsc::Receiver<MqttEvent>, who: &str, conn
 
 async fn expect_message(rx: &mut mpsc::Receiver<MqttEvent>) -> (String, String, Bytes) {
     match next_event(rx).await {
-        MqttEvent::Message {
-            identity,
-            topic,
-            payload,
-            ..
-        } => (identity, topic, payload),
+        MqttEvent::Message { identity, topic, payload, .. } => (identity, topic, payload),
         other => panic!("expected Message, got {other:?}"),
     }
 }
@@ -147,10 +137,7 @@ impl Client {
 
     /// Publishes (not retained); the packet is only queued in the client's event loop.
     async fn publish(&self, topic: &str, qos: QoS, payload: impl Into<Vec<u8>>) {
-        self.client
-            .publish(topic, qos, false, payload)
-            .await
-            .unwrap();
+        self.client.publish(topic, qos, false, payload).await.unwrap();
     }
 
     /// Waits for the server to refuse the connection with `want`.
@@ -214,10 +201,7 @@ impl Raw {
     async fn open(h: &MqttHandle) -> Raw {
         let s = TcpStream::connect(h.local_addr()).await.unwrap();
         s.set_nodelay(true).unwrap();
-        Raw {
-            s,
-            buf: BytesMut::new(),
-        }
+        Raw { s, buf: BytesMut::new() }
     }
 
     async fn send(&mut self, b: &[u8]) {
@@ -225,12 +209,7 @@ impl Raw {
     }
 
     /// Connects `name` with a valid token, waits for CONNACK and for its Connected event.
-    async fn connect(
-        h: &MqttHandle,
-        rx: &mut mpsc::Receiver<MqttEvent>,
-        name: &str,
-        keep_alive: u16,
-    ) -> (Raw, u64) {
+    async fn connect(h: &MqttHandle, rx: &mut mpsc::Receiver<MqttEvent>, name: &str, keep_alive: u16) -> (Raw, u64) {
         let mut r = Raw::open(h).await;
         let mut c = v4::Connect::new(name);
         c.keep_alive = keep_alive;
@@ -285,8 +264,7 @@ async fn auth_accepted_and_refused() {
     let (h, mut rx) = server().await;
 
     let mut bad = client(&h, "x", Some(("alice", "wrong")));
-    bad.expect_refused(ConnectReturnCode::BadUserNamePassword)
-        .await;
+    bad.expect_refused(ConnectReturnCode::BadUserNamePassword).await;
     let mut anon = client(&h, "y", None);
     anon.expect_refused(ConnectReturnCode::NotAuthorized).await;
 
@@ -298,9 +276,8 @@ async fn auth_accepted_and_refused() {
 #[tokio::test]
 async fn identity_with_slash_is_refused() {
     init_tracing();
-    let auth = |_: &str, u: Option<&str>, _: Option<&[u8]>| -> Result<String, String> {
-        Ok(format!("{}/x", u.unwrap_or("")))
-    };
+    let auth =
+        |_: &str, u: Option<&str>, _: Option<&[u8]>| -> Result<String, String> { Ok(format!("{}/x", u.unwrap_or(""))) };
     let (h, _rx) = mqtt::start(config(), Arc::new(auth)).await.unwrap();
     let mut c = client(&h, "a", Some(("a", "a")));
     c.expect_refused(ConnectReturnCode::NotAuthorized).await;
@@ -310,28 +287,16 @@ async fn identity_with_slash_is_refused() {
 async fn publish_under_own_prefix_is_an_event() {
     let (h, mut rx) = server().await;
     let (mut alice, conn) = connect(&h, &mut rx, "alice").await;
-    alice
-        .publish("alice/vls-res", QoS::AtLeastOnce, b"reply".to_vec())
-        .await;
+    alice.publish("alice/vls-res", QoS::AtLeastOnce, b"reply".to_vec()).await;
     match next_event(&mut rx).await {
-        MqttEvent::Message {
-            identity,
-            conn_id,
-            topic,
-            payload,
-        } => {
-            assert_eq!(
-                (identity.as_str(), conn_id, topic.as_str()),
-                ("alice", conn, "alice/vls-res")
-            );
+        MqttEvent::Message { identity, conn_id, topic, payload } => {
+            assert_eq!((identity.as_str(), conn_id, topic.as_str()), ("alice", conn, "alice/vls-res"));
             assert_eq!(&payload[..], b"reply");
         }
         other => panic!("expected Message, got {other:?}"),
     }
     assert!(matches!(alice.incoming().await, Packet::PubAck(_)));
-    alice
-        .publish("alice/hello", QoS::AtMostOnce, b"hi".to_vec())
-        .await;
+    alice.publish("alice/hello", QoS::AtMostOnce, b"hi".to_vec()).await;
     let (_, topic, _) = expect_message(&mut rx).await;
     assert_eq!(topic, "alice/hello");
 }
@@ -343,9 +308,7 @@ async fn publish_to_other_prefix_is_dropped() {
     for t in ["bob/vls", "alice", "alicex/vls"] {
         alice.publish(t, QoS::AtLeastOnce, b"sneaky".to_vec()).await;
     }
-    alice
-        .publish("alice/marker", QoS::AtLeastOnce, b"m".to_vec())
-        .await;
+    alice.publish("alice/marker", QoS::AtLeastOnce, b"m".to_vec()).await;
     // The marker, sent after the forbidden publishes on the same connection, arrives first.
     let (_, topic, payload) = expect_message(&mut rx).await;
     assert_eq!((topic.as_str(), &payload[..]), ("alice/marker", &b"m"[..]));
@@ -363,26 +326,14 @@ async fn subscribe_own_topic_then_app_publish_reaches_client() {
     let (h, mut rx) = server().await;
     let (mut alice, _) = connect(&h, &mut rx, "alice").await;
     assert!(!h.has_subscriber("alice/vls"));
-    assert_eq!(
-        h.publish_count("alice/vls", Bytes::from_static(b"lost")),
-        Ok(0)
-    );
-    alice
-        .client
-        .subscribe("alice/vls", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    assert_eq!(h.publish_count("alice/vls", Bytes::from_static(b"lost")), Ok(0));
+    alice.client.subscribe("alice/vls", QoS::AtLeastOnce).await.unwrap();
     h.wait_subscriber("alice/vls").await;
     match alice.incoming().await {
-        Packet::SubAck(s) => assert_eq!(
-            s.return_codes,
-            vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-        ),
+        Packet::SubAck(s) => assert_eq!(s.return_codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]),
         other => panic!("expected SUBACK, got {other:?}"),
     }
-    h.publish("alice/vls", Bytes::from_static(b"request"))
-        .await
-        .unwrap();
+    h.publish("alice/vls", Bytes::from_static(b"request")).await.unwrap();
     match alice.incoming().await {
         Packet::Publish(p) => {
             assert_eq!(p.topic, "alice/vls");
@@ -392,22 +343,13 @@ async fn subscribe_own_topic_then_app_publish_reaches_client() {
         other => panic!("expected PUBLISH, got {other:?}"),
     }
     // Not subscribed / other identity: nobody gets it, and that is not an error.
-    assert_eq!(
-        h.publish_count("alice/control", Bytes::from_static(b"x")),
-        Ok(0)
-    );
+    assert_eq!(h.publish_count("alice/control", Bytes::from_static(b"x")), Ok(0));
     assert_eq!(h.publish_count("bob/vls", Bytes::from_static(b"x")), Ok(0));
     // Bad topics and oversized payloads are refused.
-    assert!(matches!(
-        h.publish("alice/#", Bytes::new()).await,
-        Err(MqttError::InvalidTopic(_))
-    ));
+    assert!(matches!(h.publish("alice/#", Bytes::new()).await, Err(MqttError::InvalidTopic(_))));
     assert!(matches!(
         h.publish("alice/vls", Bytes::from(vec![0u8; 4097])).await,
-        Err(MqttError::PayloadTooLarge {
-            size: 4097,
-            max: 4096
-        })
+        Err(MqttError::PayloadTooLarge { size: 4097, max: 4096 })
     ));
 }
 
@@ -416,10 +358,7 @@ async fn qos0_subscription_and_unsubscribe() {
     let (h, mut rx) = server().await;
     let (mut alice, _) = connect(&h, &mut rx, "alice").await;
     alice.subscribe_acked("alice/+", QoS::AtMostOnce).await;
-    assert_eq!(
-        h.publish_count("alice/vls", Bytes::from_static(b"q0")),
-        Ok(1)
-    );
+    assert_eq!(h.publish_count("alice/vls", Bytes::from_static(b"q0")), Ok(1));
     match alice.incoming().await {
         Packet::Publish(p) => assert_eq!((p.qos, &p.payload[..]), (QoS::AtMostOnce, &b"q0"[..])),
         other => panic!("expected PUBLISH, got {other:?}"),
@@ -427,10 +366,7 @@ async fn qos0_subscription_and_unsubscribe() {
     alice.client.unsubscribe("alice/+").await.unwrap();
     assert!(matches!(alice.incoming().await, Packet::UnsubAck(_)));
     assert!(!h.has_subscriber("alice/vls"));
-    assert_eq!(
-        h.publish_count("alice/vls", Bytes::from_static(b"gone")),
-        Ok(0)
-    );
+    assert_eq!(h.publish_count("alice/vls", Bytes::from_static(b"gone")), Ok(0));
 }
 
 #[tokio::test]
@@ -438,20 +374,13 @@ async fn client_publish_is_routed_to_matching_subscription() {
     // One identity has one session, so the only other subscriber is the publisher itself.
     let (h, mut rx) = server().await;
     let (mut alice, _) = connect(&h, &mut rx, "alice").await;
-    alice
-        .subscribe_acked("alice/echo/#", QoS::AtLeastOnce)
-        .await;
-    alice
-        .publish("alice/echo/1", QoS::AtLeastOnce, b"loop".to_vec())
-        .await;
+    alice.subscribe_acked("alice/echo/#", QoS::AtLeastOnce).await;
+    alice.publish("alice/echo/1", QoS::AtLeastOnce, b"loop".to_vec()).await;
     let (_, topic, _) = expect_message(&mut rx).await;
     assert_eq!(topic, "alice/echo/1");
     loop {
         if let Packet::Publish(p) = alice.incoming().await {
-            assert_eq!(
-                (p.topic.as_str(), &p.payload[..]),
-                ("alice/echo/1", &b"loop"[..])
-            );
+            assert_eq!((p.topic.as_str(), &p.payload[..]), ("alice/echo/1", &b"loop"[..]));
             break;
         }
     }
@@ -464,11 +393,7 @@ async fn subscribe_outside_prefix_is_refused() {
     let filters = ["bob/#", "#", "+/vls", "$SYS/#", "alice", "alice/#"];
     alice
         .client
-        .subscribe_many(
-            filters
-                .iter()
-                .map(|f| SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce)),
-        )
+        .subscribe_many(filters.iter().map(|f| SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce)))
         .await
         .unwrap();
     match alice.incoming().await {
@@ -482,14 +407,8 @@ async fn subscribe_outside_prefix_is_refused() {
     // Bob's traffic does not reach alice.
     let (mut bob, _) = connect(&h, &mut rx, "bob").await;
     bob.subscribe_acked("bob/vls", QoS::AtLeastOnce).await;
-    assert_eq!(
-        h.publish_count("bob/vls", Bytes::from_static(b"for bob")),
-        Ok(1)
-    );
-    assert_eq!(
-        h.publish_count("alice/x", Bytes::from_static(b"for alice")),
-        Ok(1)
-    );
+    assert_eq!(h.publish_count("bob/vls", Bytes::from_static(b"for bob")), Ok(1));
+    assert_eq!(h.publish_count("alice/x", Bytes::from_static(b"for alice")), Ok(1));
     match alice.incoming().await {
         Packet::Publish(p) => assert_eq!(p.topic, "alice/x"),
         other => panic!("expected alice's PUBLISH, got {other:?}"),
@@ -514,9 +433,7 @@ async fn same_identity_takes_over() {
     // Clean session: the old subscription is gone with the old connection.
     assert!(!h.has_subscriber("alice/vls"));
     second.subscribe_acked("alice/vls", QoS::AtLeastOnce).await;
-    h.publish("alice/vls", Bytes::from_static(b"to the new one"))
-        .await
-        .unwrap();
+    h.publish("alice/vls", Bytes::from_static(b"to the new one")).await.unwrap();
     match second.incoming().await {
         Packet::Publish(p) => assert_eq!(&p.payload[..], b"to the new one"),
         other => panic!("expected PUBLISH, got {other:?}"),
@@ -538,9 +455,7 @@ async fn app_disconnect_drops_client() {
 async fn oversized_payload_closes_connection() {
     let (h, mut rx) = server().await;
     let (mut alice, c) = connect(&h, &mut rx, "alice").await;
-    alice
-        .publish("alice/big", QoS::AtLeastOnce, vec![7u8; 4097])
-        .await;
+    alice.publish("alice/big", QoS::AtLeastOnce, vec![7u8; 4097]).await;
     expect_disconnected(&mut rx, "alice", c).await;
     alice.closed().await;
 
@@ -575,9 +490,7 @@ async fn garbage_closes_connection_and_server_keeps_serving() {
 
     // Still serving.
     let (alice, _) = connect(&h, &mut rx, "alice").await;
-    alice
-        .publish("alice/ok", QoS::AtLeastOnce, b"still here".to_vec())
-        .await;
+    alice.publish("alice/ok", QoS::AtLeastOnce, b"still here".to_vec()).await;
     let (_, topic, _) = expect_message(&mut rx).await;
     assert_eq!(topic, "alice/ok");
 }
@@ -600,10 +513,7 @@ async fn mqtt5_connect_refused_with_protocol_version() {
 
 #[tokio::test]
 async fn connect_timeout_closes_silent_socket() {
-    let limits = Limits {
-        connect_timeout: Duration::from_millis(300),
-        ..Limits::default()
-    };
+    let limits = Limits { connect_timeout: Duration::from_millis(300), ..Limits::default() };
     let (h, _rx) = server_with(config(), limits).await;
     let mut r = Raw::open(&h).await;
     let t = Instant::now();
@@ -637,16 +547,12 @@ async fn qos2_publish_disconnects() {
 
 #[tokio::test]
 async fn clean_disconnect_and_max_clients() {
-    let cfg = MqttConfig {
-        max_clients: 1,
-        ..config()
-    };
+    let cfg = MqttConfig { max_clients: 1, ..config() };
     let (h, mut rx) = server_with(cfg, Limits::default()).await;
     let (mut r, c) = Raw::connect(&h, &mut rx, "alice", 30).await;
 
     let mut bob = client(&h, "bob", Some(("bob", "bob")));
-    bob.expect_refused(ConnectReturnCode::ServiceUnavailable)
-        .await;
+    bob.expect_refused(ConnectReturnCode::ServiceUnavailable).await;
 
     r.send(&frame(Packet::Disconnect)).await;
     expect_disconnected(&mut rx, "alice", c).await;
@@ -656,10 +562,7 @@ async fn clean_disconnect_and_max_clients() {
 
 #[tokio::test]
 async fn slow_client_is_dropped() {
-    let limits = Limits {
-        outbound_queue: 4,
-        ..Limits::default()
-    };
+    let limits = Limits { outbound_queue: 4, ..Limits::default() };
     let (h, mut rx) = server_with(config(), limits).await;
     let (mut r, c) = Raw::connect(&h, &mut rx, "alice", 30).await;
     r.subscribe("alice/vls", QoS::AtMostOnce).await;
@@ -683,34 +586,24 @@ async fn qos1_round_trip_latency() {
     let n = 200u32;
     let t = Instant::now();
     for i in 0..n {
-        h.publish("alice/vls", Bytes::from(i.to_be_bytes().to_vec()))
-            .await
-            .unwrap();
+        h.publish("alice/vls", Bytes::from(i.to_be_bytes().to_vec())).await.unwrap();
         let req = match r.read().await {
             Some(Packet::Publish(p)) => p,
             other => panic!("expected PUBLISH, got {other:?}"),
         };
         // PUBACK and the reply as two separate writes, as a naive client would.
-        r.send(&frame(Packet::PubAck(v4::PubAck::new(req.pkid))))
-            .await;
-        let mut reply =
-            v4::Publish::from_bytes("alice/vls-res", QoS::AtLeastOnce, req.payload.clone());
+        r.send(&frame(Packet::PubAck(v4::PubAck::new(req.pkid)))).await;
+        let mut reply = v4::Publish::from_bytes("alice/vls-res", QoS::AtLeastOnce, req.payload.clone());
         reply.pkid = (i % 60000 + 1) as u16;
         r.send(&frame(Packet::Publish(reply))).await;
         let (_, topic, payload) = expect_message(&mut rx).await;
-        assert_eq!(
-            (topic.as_str(), &payload[..]),
-            ("alice/vls-res", &i.to_be_bytes()[..])
-        );
+        assert_eq!((topic.as_str(), &payload[..]), ("alice/vls-res", &i.to_be_bytes()[..]));
         assert!(matches!(r.read().await, Some(Packet::PubAck(_))));
     }
     let per = t.elapsed() / n;
     println!("QoS 1 request/response round trip: {per:?} average over {n}");
     // Nagle + delayed ACK would make this ~40-90 ms; generous bound for a loaded machine.
-    assert!(
-        per < Duration::from_millis(15),
-        "round trip too slow: {per:?}"
-    );
+    assert!(per < Duration::from_millis(15), "round trip too slow: {per:?}");
 }
 
 #[tokio::test]
@@ -733,12 +626,7 @@ fn mosquitto(cmd: &str, port: &str) -> tokio::process::Command {
 /// Foreign clients: mosquitto_pub / mosquitto_sub (Debian `mosquitto-clients`), if installed.
 #[tokio::test]
 async fn mosquitto_clients_interoperate() {
-    let have = |cmd: &str| {
-        std::process::Command::new(cmd)
-            .arg("--help")
-            .output()
-            .is_ok()
-    };
+    let have = |cmd: &str| std::process::Command::new(cmd).arg("--help").output().is_ok();
     if !have("mosquitto_pub") || !have("mosquitto_sub") {
         println!("SKIPPED mosquitto_clients_interoperate: mosquitto_pub/mosquitto_sub not on PATH (apt-get install mosquitto-clients)");
         return;
@@ -748,68 +636,29 @@ async fn mosquitto_clients_interoperate() {
 
     // Subscriber: waits for one message on carol/vls.
     let sub = mosquitto("mosquitto_sub", &port)
-        .args([
-            "-i",
-            "carol-sub",
-            "-u",
-            "carol",
-            "-P",
-            "carol",
-            "-q",
-            "1",
-            "-t",
-            "carol/vls",
-            "-C",
-            "1",
-        ])
+        .args(["-i", "carol-sub", "-u", "carol", "-P", "carol", "-q", "1", "-t", "carol/vls", "-C", "1"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let c = expect_connected(&mut rx, "carol").await;
-    tokio::time::timeout(WAIT, h.wait_subscriber("carol/vls"))
-        .await
-        .unwrap();
-    h.publish("carol/vls", Bytes::from_static(b"hello from the broker"))
-        .await
-        .unwrap();
-    let out = tokio::time::timeout(WAIT, sub.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, h.wait_subscriber("carol/vls")).await.unwrap();
+    h.publish("carol/vls", Bytes::from_static(b"hello from the broker")).await.unwrap();
+    let out = tokio::time::timeout(WAIT, sub.wait_with_output()).await.unwrap().unwrap();
     assert!(out.status.success(), "mosquitto_sub failed: {out:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim_end(),
-        "hello from the broker"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), "hello from the broker");
     expect_disconnected(&mut rx, "carol", c).await;
 
     // Publisher: QoS 1 to its own prefix becomes an event.
     let status = mosquitto("mosquitto_pub", &port)
-        .args([
-            "-i",
-            "carol-pub",
-            "-u",
-            "carol",
-            "-P",
-            "carol",
-            "-q",
-            "1",
-            "-t",
-            "carol/vls-res",
-            "-m",
-            "signed",
-        ])
+        .args(["-i", "carol-pub", "-u", "carol", "-P", "carol", "-q", "1", "-t", "carol/vls-res", "-m", "signed"])
         .kill_on_drop(true)
         .status();
     let status = tokio::time::timeout(WAIT, status).await.unwrap().unwrap();
     assert!(status.success());
     let c = expect_connected(&mut rx, "carol").await;
     let (id, topic, payload) = expect_message(&mut rx).await;
-    assert_eq!(
-        (id.as_str(), topic.as_str(), &payload[..]),
-        ("carol", "carol/vls-res", &b"signed"[..])
-    );
+    assert_eq!((id.as_str(), topic.as_str(), &payload[..]), ("carol", "carol/vls-res", &b"signed"[..]));
     expect_disconnected(&mut rx, "carol", c).await;
 
     // A wrong password is refused (mosquitto_pub exits non-zero), with no events.

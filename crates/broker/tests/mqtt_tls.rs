@@ -17,12 +17,9 @@ use certs::{self_signed, Cert, Dir};
 use common::{init_tracing, next_event, WAIT};
 use rumqttc::mqttbytes::v4::{self, Connect, Login};
 use rumqttc_tls::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration,
-    Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
-use sphinx_broker::mqtt::{
-    self, Limits, MqttConfig, MqttEvent, MqttHandle, StartError, TlsSettings,
-};
+use sphinx_broker::mqtt::{self, Limits, MqttConfig, MqttEvent, MqttHandle, StartError, TlsSettings};
 use sphinx_tls::{Fingerprint, ServerTrust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,19 +35,14 @@ fn auth(_c: &str, u: Option<&str>, p: Option<&[u8]>) -> Result<String, String> {
 
 fn tls_config(cert: &Cert, listen: &str) -> MqttConfig {
     MqttConfig {
-        tls: Some(TlsSettings {
-            cert_chain: cert.crt.clone(),
-            private_key: cert.key.clone(),
-        }),
+        tls: Some(TlsSettings { cert_chain: cert.crt.clone(), private_key: cert.key.clone() }),
         ..MqttConfig::new(listen.parse().unwrap())
     }
 }
 
 async fn tls_server(cert: &Cert, limits: Limits) -> (MqttHandle, mpsc::Receiver<MqttEvent>) {
     init_tracing();
-    mqtt::start_with_limits(tls_config(cert, "127.0.0.1:0"), Arc::new(auth), limits)
-        .await
-        .unwrap()
+    mqtt::start_with_limits(tls_config(cert, "127.0.0.1:0"), Arc::new(auth), limits).await.unwrap()
 }
 
 fn tls_client(h: &MqttHandle, id: &str, trust: &ServerTrust) -> (AsyncClient, EventLoop) {
@@ -64,9 +56,7 @@ fn tls_client(h: &MqttHandle, id: &str, trust: &ServerTrust) -> (AsyncClient, Ev
 }
 
 async fn poll(el: &mut EventLoop) -> Result<Event, ConnectionError> {
-    tokio::time::timeout(WAIT, el.poll())
-        .await
-        .expect("timed out polling the client")
+    tokio::time::timeout(WAIT, el.poll()).await.expect("timed out polling the client")
 }
 
 /// Polls until an incoming packet matching `want` (skipping outgoing notifications).
@@ -82,29 +72,17 @@ async fn until_incoming(el: &mut EventLoop, want: impl Fn(&Packet) -> bool) -> P
 
 /// Connects, subscribes to `{id}/vls`, receives an application publish, and publishes a reply
 /// that becomes an event: the whole relay path, over TLS.
-async fn round_trip(
-    h: &MqttHandle,
-    rx: &mut mpsc::Receiver<MqttEvent>,
-    id: &str,
-    trust: &ServerTrust,
-) {
+async fn round_trip(h: &MqttHandle, rx: &mut mpsc::Receiver<MqttEvent>, id: &str, trust: &ServerTrust) {
     let (client, mut el) = tls_client(h, id, trust);
     until_incoming(&mut el, |p| matches!(p, Packet::ConnAck(_))).await;
     let conn = match next_event(rx).await {
         MqttEvent::Connected { identity, conn_id } if identity == id => conn_id,
         other => panic!("expected Connected({id}), got {other:?}"),
     };
-    client
-        .subscribe(format!("{id}/vls"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    client.subscribe(format!("{id}/vls"), QoS::AtLeastOnce).await.unwrap();
     until_incoming(&mut el, |p| matches!(p, Packet::SubAck(_))).await;
     h.wait_subscriber(&format!("{id}/vls")).await;
-    assert_eq!(
-        h.publish_count(&format!("{id}/vls"), Bytes::from_static(b"request"))
-            .unwrap(),
-        1
-    );
+    assert_eq!(h.publish_count(&format!("{id}/vls"), Bytes::from_static(b"request")).unwrap(), 1);
     match until_incoming(&mut el, |p| matches!(p, Packet::Publish(_))).await {
         Packet::Publish(p) => {
             assert_eq!(p.topic, format!("{id}/vls"));
@@ -112,10 +90,7 @@ async fn round_trip(
         }
         _ => unreachable!(),
     }
-    client
-        .publish(format!("{id}/vls-res"), QoS::AtLeastOnce, false, "reply")
-        .await
-        .unwrap();
+    client.publish(format!("{id}/vls-res"), QoS::AtLeastOnce, false, "reply").await.unwrap();
     // Drive the client until its publish is acknowledged, while the event arrives.
     let ack = async {
         until_incoming(&mut el, |p| matches!(p, Packet::PubAck(_))).await;
@@ -123,12 +98,7 @@ async fn round_trip(
     };
     let (mut el, ev) = tokio::join!(ack, next_event(rx));
     match ev {
-        MqttEvent::Message {
-            identity,
-            topic,
-            payload,
-            conn_id,
-        } => {
+        MqttEvent::Message { identity, topic, payload, conn_id } => {
             assert_eq!((identity.as_str(), conn_id), (id, conn));
             assert_eq!(topic, format!("{id}/vls-res"));
             assert_eq!(&payload[..], b"reply");
@@ -170,10 +140,7 @@ async fn client_trusting_another_ca_fails_and_no_event() {
     let other = self_signed(&dir, "other");
     let (h, mut rx) = tls_server(&cert, Limits::default()).await;
 
-    for trust in [
-        ServerTrust::CaFile(other.crt.clone()),
-        ServerTrust::Pinned(other.fingerprint),
-    ] {
+    for trust in [ServerTrust::CaFile(other.crt.clone()), ServerTrust::Pinned(other.fingerprint)] {
         let (_c, mut el) = tls_client(&h, "mallory", &trust);
         match poll(&mut el).await {
             Err(ConnectionError::Tls(e)) => {
@@ -213,11 +180,7 @@ async fn plaintext_client_on_tls_port_is_closed_and_server_keeps_serving() {
     if let Err(e) = r {
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     }
-    assert_ne!(
-        got.first(),
-        Some(&0x20),
-        "got a CONNACK in clear text: {got:02x?}"
-    );
+    assert_ne!(got.first(), Some(&0x20), "got a CONNACK in clear text: {got:02x?}");
 
     round_trip(&h, &mut rx, "alice", &ServerTrust::CaFile(cert.crt.clone())).await;
 }
@@ -226,10 +189,7 @@ async fn plaintext_client_on_tls_port_is_closed_and_server_keeps_serving() {
 async fn silent_client_is_closed_at_the_connect_deadline() {
     let dir = Dir::new("sphinx-mqtt-tls");
     let cert = self_signed(&dir, "broker");
-    let limits = Limits {
-        connect_timeout: Duration::from_millis(300),
-        ..Limits::default()
-    };
+    let limits = Limits { connect_timeout: Duration::from_millis(300), ..Limits::default() };
     let (h, mut rx) = tls_server(&cert, limits).await;
     let mut s = TcpStream::connect(h.local_addr()).await.unwrap();
     let mut got = Vec::new();
@@ -248,8 +208,7 @@ async fn plaintext_on_non_loopback_needs_opt_in() {
             Err(e @ StartError::PlaintextNonLoopback(_)) => {
                 let msg = e.to_string();
                 assert!(
-                    msg.contains("TLS")
-                        && msg.contains(listen.trim_end_matches(":0").trim_matches(['[', ']'])),
+                    msg.contains("TLS") && msg.contains(listen.trim_end_matches(":0").trim_matches(['[', ']'])),
                     "{msg}"
                 );
             }
@@ -261,19 +220,14 @@ async fn plaintext_on_non_loopback_needs_opt_in() {
     assert!(!mqtt::is_loopback("10.0.0.1".parse().unwrap()));
 
     // Explicit opt-in.
-    let cfg = MqttConfig {
-        allow_plaintext_non_loopback: true,
-        ..MqttConfig::new("0.0.0.0:0".parse().unwrap())
-    };
+    let cfg = MqttConfig { allow_plaintext_non_loopback: true, ..MqttConfig::new("0.0.0.0:0".parse().unwrap()) };
     let (h, _rx) = mqtt::start(cfg, Arc::new(auth)).await.unwrap();
     h.shutdown();
 
     // TLS on all interfaces needs no opt-in.
     let dir = Dir::new("sphinx-mqtt-tls");
     let cert = self_signed(&dir, "broker");
-    let (h, _rx) = mqtt::start(tls_config(&cert, "0.0.0.0:0"), Arc::new(auth))
-        .await
-        .unwrap();
+    let (h, _rx) = mqtt::start(tls_config(&cert, "0.0.0.0:0"), Arc::new(auth)).await.unwrap();
     h.shutdown();
 
     // Unusable TLS files are a start error too.
@@ -281,10 +235,7 @@ async fn plaintext_on_non_loopback_needs_opt_in() {
     if let Some(t) = cfg.tls.as_mut() {
         t.private_key = dir.0.join("missing.key");
     }
-    assert!(matches!(
-        mqtt::start(cfg, Arc::new(auth)).await,
-        Err(StartError::Tls(_))
-    ));
+    assert!(matches!(mqtt::start(cfg, Arc::new(auth)).await, Err(StartError::Tls(_))));
     let other = self_signed(&dir, "other");
     let mut cfg = tls_config(&cert, "127.0.0.1:0");
     if let Some(t) = cfg.tls.as_mut() {
@@ -310,10 +261,7 @@ impl RawTls {
         let connector = tokio_rustls::TlsConnector::from(sphinx_tls::client_config(trust).unwrap());
         let server_name = sphinx_tls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let s = connector.connect(server_name, tcp).await.unwrap();
-        let mut r = RawTls {
-            s,
-            buf: BytesMut::new(),
-        };
+        let mut r = RawTls { s, buf: BytesMut::new() };
         let mut c = Connect::new(name);
         c.keep_alive = 30;
         c.login = Some(Login::new(name, name));
@@ -355,10 +303,7 @@ async fn qos1_round_trip_latency_over_tls() {
     let cert = self_signed(&dir, "broker");
     let (h, mut rx) = tls_server(&cert, Limits::default()).await;
     let mut r = RawTls::connect(&h, &ServerTrust::Pinned(cert.fingerprint), "alice").await;
-    assert!(matches!(
-        next_event(&mut rx).await,
-        MqttEvent::Connected { .. }
-    ));
+    assert!(matches!(next_event(&mut rx).await, MqttEvent::Connected { .. }));
     let mut sub = v4::Subscribe::new("alice/vls", rumqttc::mqttbytes::QoS::AtLeastOnce);
     sub.pkid = 1;
     r.send(|b| sub.write(b)).await;
@@ -366,19 +311,14 @@ async fn qos1_round_trip_latency_over_tls() {
     let n = 200u32;
     let t = std::time::Instant::now();
     for i in 0..n {
-        h.publish("alice/vls", Bytes::from(i.to_be_bytes().to_vec()))
-            .await
-            .unwrap();
+        h.publish("alice/vls", Bytes::from(i.to_be_bytes().to_vec())).await.unwrap();
         let req = match r.read().await {
             v4::Packet::Publish(p) => p,
             other => panic!("expected PUBLISH, got {other:?}"),
         };
         r.send(|b| v4::PubAck::new(req.pkid).write(b)).await;
-        let mut reply = v4::Publish::from_bytes(
-            "alice/vls-res",
-            rumqttc::mqttbytes::QoS::AtLeastOnce,
-            req.payload.clone(),
-        );
+        let mut reply =
+            v4::Publish::from_bytes("alice/vls-res", rumqttc::mqttbytes::QoS::AtLeastOnce, req.payload.clone());
         reply.pkid = (i % 60000 + 1) as u16;
         r.send(|b| reply.write(b)).await;
         match next_event(&mut rx).await {
@@ -392,8 +332,5 @@ async fn qos1_round_trip_latency_over_tls() {
     }
     let per = t.elapsed() / n;
     println!("QoS 1 request/response round trip over TLS: {per:?} average over {n}");
-    assert!(
-        per < Duration::from_millis(15),
-        "round trip too slow: {per:?}"
-    );
+    assert!(per < Duration::from_millis(15), "round trip too slow: {per:?}");
 }

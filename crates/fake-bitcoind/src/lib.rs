@@ -35,8 +35,8 @@ use bitcoin::hashes::Hash;
 use bitcoin::opcodes::all::OP_RETURN;
 use bitcoin::script::{Builder, PushBytesBuf};
 use bitcoin::{
-    absolute, transaction, Address, Amount, Block, BlockHash, CompactTarget, Network, OutPoint, ScriptBuf,
-    Sequence, Target, Transaction, TxIn, TxMerkleNode, TxOut, Witness, Work,
+    absolute, transaction, Address, Amount, Block, BlockHash, CompactTarget, Network, OutPoint, ScriptBuf, Sequence,
+    Target, Transaction, TxIn, TxMerkleNode, TxOut, Witness, Work,
 };
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -552,8 +552,7 @@ fn handle_http(inner: &Inner, req: &HttpRequest) -> (u16, Vec<(&'static str, Str
             (200, vec![ct], format!("{}\n", Value::Array(replies)).into_bytes())
         }
         _ => {
-            let body =
-                json!({"result": null, "error": {"code": -32700, "message": "Top-level object parse error"}, "id": null});
+            let body = json!({"result": null, "error": {"code": -32700, "message": "Top-level object parse error"}, "id": null});
             (500, vec![ct], format!("{body}\n").into_bytes())
         }
     }

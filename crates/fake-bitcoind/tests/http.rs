@@ -53,7 +53,10 @@ async fn answers_in_bitcoinds_shapes() {
     // RPC errors: HTTP 500 with result null (legacy), 404 for an unknown method.
     let (st, _, body) = post(&f, ok, &call("getblockhash", json!([4])), "POST").await;
     assert_eq!(st, 500);
-    assert_eq!(j(&body), json!({"result": null, "error": {"code": -8, "message": "Block height out of range"}, "id": 7}));
+    assert_eq!(
+        j(&body),
+        json!({"result": null, "error": {"code": -8, "message": "Block height out of range"}, "id": 7})
+    );
     let (st, _, body) = post(&f, ok, &call("getblockheader", json!(["00".repeat(32)])), "POST").await;
     assert_eq!((st, j(&body)["error"]["code"].clone()), (500, json!(-5)));
     assert_eq!(j(&body)["error"]["message"], "Block not found");
@@ -70,9 +73,13 @@ async fn answers_in_bitcoinds_shapes() {
     // JSON-RPC 2.0: HTTP 200 and no `result` on errors.
     let v2 = json!({"jsonrpc": "2.0", "id": 1, "method": "getblockhash", "params": [9]}).to_string();
     let (st, _, body) = post(&f, ok, &v2, "POST").await;
-    assert_eq!((st, j(&body)), (200, json!({"jsonrpc": "2.0", "error": {"code": -8, "message": "Block height out of range"}, "id": 1})));
+    assert_eq!(
+        (st, j(&body)),
+        (200, json!({"jsonrpc": "2.0", "error": {"code": -8, "message": "Block height out of range"}, "id": 1}))
+    );
     // Batches.
-    let batch = json!([{"id": 1, "method": "getblockcount"}, {"id": 2, "method": "getblockhash", "params": [9]}]).to_string();
+    let batch =
+        json!([{"id": 1, "method": "getblockcount"}, {"id": 2, "method": "getblockhash", "params": [9]}]).to_string();
     let (st, _, body) = post(&f, ok, &batch, "POST").await;
     assert_eq!(st, 200);
     assert_eq!(j(&body)[0]["result"], 3);
@@ -101,10 +108,7 @@ async fn answers_in_bitcoinds_shapes() {
     assert_eq!(info["chain"], "regtest");
     assert_eq!(info["blocks"], 3);
     assert_eq!(info["bestblockhash"], f.tip().1.to_string());
-    assert_eq!(
-        f.block_hash(0).unwrap(),
-        bitcoin::blockdata::constants::genesis_block(Network::Regtest).block_hash()
-    );
+    assert_eq!(f.block_hash(0).unwrap(), bitcoin::blockdata::constants::genesis_block(Network::Regtest).block_hash());
 }
 
 #[tokio::test]

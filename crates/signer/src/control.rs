@@ -12,9 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use bitcoin::secp256k1::PublicKey;
 use lightning_signer::node::Allowable;
 use lightning_signer::util::velocity::VelocityControl;
-use sphinx_wire::control::{
-    self, All, ControlMessage, ControlResponse, Policy as Limits, Velocity, MAX_CONTROL_LEN,
-};
+use sphinx_wire::control::{self, All, ControlMessage, ControlResponse, Policy as Limits, Velocity, MAX_CONTROL_LEN};
 use tracing::{info, warn};
 use vls_persist::kvv::KVVStore;
 
@@ -224,12 +222,13 @@ impl Signer {
         };
         let (answer, action) = effect;
         let done = catch_unwind(AssertUnwindSafe(|| -> Result<(), lightning_signer::persist::Error> {
-            let core = self.core.as_ref().ok_or_else(|| {
-                lightning_signer::persist::Error::Internal("signer state unavailable".into())
-            })?;
+            let core = self
+                .core
+                .as_ref()
+                .ok_or_else(|| lightning_signer::persist::Error::Internal("signer state unavailable".into()))?;
             sync_node_state(&persister, &core.node)?;
-            let v = serde_json::to_vec(&nonce)
-                .map_err(|e| lightning_signer::persist::Error::Internal(e.to_string()))?;
+            let v =
+                serde_json::to_vec(&nonce).map_err(|e| lightning_signer::persist::Error::Internal(e.to_string()))?;
             persister.put(NONCE_KEY, v)?;
             persister.commit()
         }));

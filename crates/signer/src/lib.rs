@@ -303,9 +303,7 @@ pub fn node_id_for_seed(seed: &[u8; 32], network: Network) -> [u8; 33] {
 fn decode(message: &[u8], msg_type: u16) -> Result<Message, Error> {
     match catch_unwind(|| vls_protocol::msgs::from_vec(message.to_vec())) {
         Ok(Ok(m)) => Ok(m),
-        Ok(Err(e)) => {
-            Err(Error::Decode { msg_type, name: msg_name(msg_type), reason: e.to_string() })
-        }
+        Ok(Err(e)) => Err(Error::Decode { msg_type, name: msg_name(msg_type), reason: e.to_string() }),
         Err(p) => Err(Error::Decode { msg_type, name: msg_name(msg_type), reason: panic_text(p) }),
     }
 }
@@ -319,11 +317,7 @@ impl Signer {
             return Err(dir_err("not a directory".into()));
         }
         let store = open_redb(state_dir)?;
-        Self::with_backend(
-            seed,
-            cfg,
-            Backend::Redb { dir: state_dir.to_path_buf(), store: Some(store) },
-        )
+        Self::with_backend(seed, cfg, Backend::Redb { dir: state_dir.to_path_buf(), store: Some(store) })
     }
 
     /// Same signer with an in-memory store (the in-process oracle for tests/benchmarks).
@@ -381,14 +375,12 @@ impl Signer {
     }
 
     fn services(&self, persister: Arc<Persister>, policy: &PolicyConfig) -> NodeServices {
-        let (clock, starting_time_factory): (Arc<dyn Clock>, Arc<dyn StartingTimeFactory>) =
-            match self.cfg.clock {
-                ClockConfig::System => (Arc::new(StandardClock()), ClockStartingTimeFactory::new()),
-                ClockConfig::Fixed(t) => (
-                    Arc::new(ManualClock::new(Duration::from_secs(t))),
-                    Arc::new(FixedStartingTime(t)),
-                ),
-            };
+        let (clock, starting_time_factory): (Arc<dyn Clock>, Arc<dyn StartingTimeFactory>) = match self.cfg.clock {
+            ClockConfig::System => (Arc::new(StandardClock()), ClockStartingTimeFactory::new()),
+            ClockConfig::Fixed(t) => {
+                (Arc::new(ManualClock::new(Duration::from_secs(t))), Arc::new(FixedStartingTime(t)))
+            }
+        };
         NodeServices {
             validator_factory: policy.validator_factory(self.cfg.network),
             starting_time_factory,
@@ -448,10 +440,7 @@ impl Signer {
         let node = init.node().clone();
         restore_velocity(&persister, &node);
         if node.get_id() != self.node_id {
-            return Err(Error::WrongSeed {
-                found: node.get_id().to_string(),
-                expected: self.node_id.to_string(),
-            });
+            return Err(Error::WrongSeed { found: node.get_id().to_string(), expected: self.node_id.to_string() });
         }
         let mut core = Core { persister, node, approver, root: None, limits };
 
@@ -510,8 +499,7 @@ impl Signer {
                 "the owner reset this device ({r:?}): it signs nothing until it is initialised again (`sphinx-key init`)"
             )));
         }
-        let msg_type = sphinx_wire::hsmd::msg_type(&req.message)
-            .map_err(|_| Error::NoType(req.message.len()))?;
+        let msg_type = sphinx_wire::hsmd::msg_type(&req.message).map_err(|_| Error::NoType(req.message.len()))?;
         if msg_type == CLIENT_HSMFD {
             return Err(Error::NotForSigner(msg_type));
         }
@@ -573,7 +561,10 @@ impl Signer {
                 // A failed operation must not change state; if it left writes, discard them
                 // together with the in-memory node.
                 let stranded = !persister.prepare().is_empty()
-                    || !matches!(catch_unwind(AssertUnwindSafe(|| node_state_on_disk(&persister, &node))), Ok(Ok(true)));
+                    || !matches!(
+                        catch_unwind(AssertUnwindSafe(|| node_state_on_disk(&persister, &node))),
+                        Ok(Ok(true))
+                    );
                 if stranded || commit(&persister).is_err() {
                     warn!(msg_type, "refused request left changes; reloading state");
                     self.rebuild();
@@ -627,19 +618,12 @@ impl Signer {
 }
 
 /// Runs an init message through a fresh `InitHandler` on the node.
-fn run_init(
-    core: &Core,
-    msg: Message,
-    msg_type: u16,
-) -> Result<(bool, Option<Vec<u8>>, InitHandler), Error> {
-    let mut init =
-        InitHandler::new(0, core.node.clone(), core.approver.clone(), DEFAULT_MAX_PROTOCOL_VERSION);
+fn run_init(core: &Core, msg: Message, msg_type: u16) -> Result<(bool, Option<Vec<u8>>, InitHandler), Error> {
+    let mut init = InitHandler::new(0, core.node.clone(), core.approver.clone(), DEFAULT_MAX_PROTOCOL_VERSION);
     let res = catch_unwind(AssertUnwindSafe(|| init.handle(msg)));
     match res {
         Ok(Ok((done, reply))) => Ok((done, reply.map(|r| r.as_vec()), init)),
-        Ok(Err(e)) => {
-            Err(Error::Refused { msg_type, name: msg_name(msg_type), reason: vls_error_text(&e) })
-        }
+        Ok(Err(e)) => Err(Error::Refused { msg_type, name: msg_name(msg_type), reason: vls_error_text(&e) }),
         Err(p) => Err(Error::Panic { msg_type, name: msg_name(msg_type), reason: panic_text(p) }),
     }
 }

@@ -11,18 +11,12 @@ use bitcoin::sighash::{EcdsaSighashType, SegwitV0Sighash};
 use bitcoin::{Network, ScriptBuf, Transaction, TxOut};
 use lightning_signer::channel::{ChannelId, ChannelSetup, ChannelSlot};
 use lightning_signer::invoice::Invoice;
-use lightning_signer::lightning::ln::chan_utils::{
-    ClosingTransaction, HTLCOutputInCommitment, TxCreationKeys,
-};
+use lightning_signer::lightning::ln::chan_utils::{ClosingTransaction, HTLCOutputInCommitment, TxCreationKeys};
 use lightning_signer::lightning::types::payment::PaymentHash;
 use lightning_signer::policy::error::ValidationError;
 use lightning_signer::policy::filter::PolicyFilter;
-use lightning_signer::policy::simple_validator::{
-    make_default_simple_policy, SimplePolicy, SimpleValidatorFactory,
-};
-use lightning_signer::policy::validator::{
-    ChainState, EnforcementState, Validator, ValidatorFactory,
-};
+use lightning_signer::policy::simple_validator::{make_default_simple_policy, SimplePolicy, SimpleValidatorFactory};
+use lightning_signer::policy::validator::{ChainState, EnforcementState, Validator, ValidatorFactory};
 use lightning_signer::policy::Policy;
 use lightning_signer::prelude::Mutex;
 use lightning_signer::signer::vls_channel_signer::VlsChannelSigner;
@@ -204,15 +198,7 @@ impl Validator for SphinxValidator {
         opaths: &[DerivationPath],
         weight_lower_bound: usize,
     ) -> Result<u64, ValidationError> {
-        self.main.validate_onchain_tx(
-            wallet,
-            channels,
-            tx,
-            segwit_flags,
-            values_sat,
-            opaths,
-            weight_lower_bound,
-        )
+        self.main.validate_onchain_tx(wallet, channels, tx, segwit_flags, values_sat, opaths, weight_lower_bound)
     }
 
     fn decode_commitment_tx(
@@ -235,14 +221,7 @@ impl Validator for SphinxValidator {
         cstate: &ChainState,
         info2: &CommitmentInfo2,
     ) -> Result<(), ValidationError> {
-        self.main.validate_counterparty_commitment_tx(
-            estate,
-            commit_num,
-            commitment_point,
-            setup,
-            cstate,
-            info2,
-        )
+        self.main.validate_counterparty_commitment_tx(estate, commit_num, commitment_point, setup, cstate, info2)
     }
 
     fn validate_holder_commitment_tx(
@@ -254,14 +233,7 @@ impl Validator for SphinxValidator {
         cstate: &ChainState,
         info2: &CommitmentInfo2,
     ) -> Result<(), ValidationError> {
-        self.main.validate_holder_commitment_tx(
-            estate,
-            commit_num,
-            commitment_point,
-            setup,
-            cstate,
-            info2,
-        )
+        self.main.validate_holder_commitment_tx(estate, commit_num, commitment_point, setup, cstate, info2)
     }
 
     fn validate_counterparty_revocation(
@@ -282,8 +254,7 @@ impl Validator for SphinxValidator {
         redeemscript: &ScriptBuf,
         htlc_amount_sat: u64,
         output_witscript: &ScriptBuf,
-    ) -> Result<(u32, HTLCOutputInCommitment, SegwitV0Sighash, EcdsaSighashType), ValidationError>
-    {
+    ) -> Result<(u32, HTLCOutputInCommitment, SegwitV0Sighash, EcdsaSighashType), ValidationError> {
         self.main.decode_and_validate_htlc_tx(
             is_counterparty,
             setup,
@@ -398,11 +369,7 @@ impl Validator for SphinxValidator {
         self.main.validate_payment_balance(incoming_msat, outgoing_msat, invoiced_amount_msat)
     }
 
-    fn validate_payment_cltv(
-        &self,
-        incoming_cltv: u32,
-        outgoing_cltv: u32,
-    ) -> Result<(), ValidationError> {
+    fn validate_payment_cltv(&self, incoming_cltv: u32, outgoing_cltv: u32) -> Result<(), ValidationError> {
         self.main.validate_payment_cltv(incoming_cltv, outgoing_cltv)
     }
 

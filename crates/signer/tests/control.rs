@@ -8,8 +8,7 @@ use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
 use common::*;
 use sphinx_signer::{ControlAction, Error, Signer};
 use sphinx_wire::control::{
-    build_request, parse_response, ControlMessage as M, ControlResponse as R, Interval, OtaParams,
-    Policy, NONCE_WINDOW,
+    build_request, parse_response, ControlMessage as M, ControlResponse as R, Interval, OtaParams, Policy, NONCE_WINDOW,
 };
 use sphinx_wire::serial::Request;
 
@@ -94,7 +93,9 @@ fn every_control_message_round_trips() {
         ),
         (
             M::QueryAll,
-            Box::new(move |r| matches!(r, R::AllCurrent(a) if a.policy == p && a.allowlist == vec![ALICE_ALLOWED.to_string()] && a.velocity.as_ref().is_some_and(|v| v.limit_msat == 7_000_000))),
+            Box::new(
+                move |r| matches!(r, R::AllCurrent(a) if a.policy == p && a.allowlist == vec![ALICE_ALLOWED.to_string()] && a.velocity.as_ref().is_some_and(|v| v.limit_msat == 7_000_000)),
+            ),
         ),
         (M::ResetWifi, Box::new(|r| *r == R::ResetWifi)),
         (
@@ -116,10 +117,9 @@ fn every_control_message_round_trips() {
     assert_eq!(s.reset_state(), None, "ResetWifi is only acknowledged");
 
     // ResetKeys and ResetAll: acknowledged, then the signer refuses to sign.
-    for (msg, want, action) in [
-        (M::ResetKeys, R::ResetKeys, ControlAction::ResetKeys),
-        (M::ResetAll, R::ResetAll, ControlAction::ResetAll),
-    ] {
+    for (msg, want, action) in
+        [(M::ResetKeys, R::ResetKeys, ControlAction::ResetKeys), (M::ResetAll, R::ResetAll, ControlAction::ResetAll)]
+    {
         let trace = load("open-pay-close/alice.jsonl");
         let mut s = Signer::in_memory(ALICE_SEED, &config(T0_OPEN_PAY_CLOSE + 100)).unwrap();
         s.handle(&trace[0].req).unwrap();
@@ -197,7 +197,12 @@ fn invalid_allowlist_is_refused_and_changes_nothing() {
         ctl(&mut s, &sk, M::UpdateAllowlist(vec![ALICE_ADDR.into()]), 1),
         R::AllowlistUpdated(vec![ALICE_ALLOWED.into()])
     );
-    let r = ctl(&mut s, &sk, M::UpdateAllowlist(vec!["bcrt1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq".into(), "nonsense".into()]), 2);
+    let r = ctl(
+        &mut s,
+        &sk,
+        M::UpdateAllowlist(vec!["bcrt1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq".into(), "nonsense".into()]),
+        2,
+    );
     assert!(is_error(&r, "invalid allowlist entry"), "{r:?}");
     assert_eq!(s.allowlist().unwrap(), vec![ALICE_ALLOWED.to_string()]);
     assert_eq!(last_nonce(&mut s), 1);
@@ -261,7 +266,10 @@ fn htlc_over_the_limit_is_refused() {
         }
     }
     let (i, msg_type, reason) = refused.expect("the HTLC is refused");
-    assert!(reason.contains("policy-commitment-htlc-inflight-limit") || reason.contains("sum of HTLC values"), "{reason}");
+    assert!(
+        reason.contains("policy-commitment-htlc-inflight-limit") || reason.contains("sum of HTLC values"),
+        "{reason}"
+    );
     assert!([19, 35, 5].contains(&msg_type), "refused on a commitment: type {msg_type}");
     let pre = trace.iter().position(|st| st.msg_type == 38).unwrap();
     assert!(i > pre, "refused after the payment was pre-approved");

@@ -17,16 +17,9 @@ fn replay_all(signer: &mut Signer, trace: &[Step], check_cln: bool) -> Vec<Vec<u
     let mut out = Vec::new();
     let mut compared = 0;
     for (i, s) in trace.iter().enumerate() {
-        let rep = signer
-            .handle(&s.req)
-            .unwrap_or_else(|e| panic!("request #{i} type {} unanswered: {e}", s.msg_type));
+        let rep = signer.handle(&s.req).unwrap_or_else(|e| panic!("request #{i} type {} unanswered: {e}", s.msg_type));
         assert_eq!(rep.seq, s.req.seq);
-        assert_eq!(
-            &rep.message[..2],
-            &s.cln_reply[..2],
-            "request #{i} type {}: reply type differs",
-            s.msg_type
-        );
+        assert_eq!(&rep.message[..2], &s.cln_reply[..2], "request #{i} type {}: reply type differs", s.msg_type);
         if check_cln && IDENTICAL.contains(&s.msg_type) {
             assert_eq!(
                 hex::encode(&rep.message),
@@ -49,10 +42,7 @@ fn replay_all(signer: &mut Signer, trace: &[Step], check_cln: bool) -> Vec<Vec<u
 fn alice_open_pay_close_in_memory_matches_cln() {
     let trace = load("open-pay-close/alice.jsonl");
     let mut s = Signer::in_memory(ALICE_SEED, &config(T0_OPEN_PAY_CLOSE + 100)).unwrap();
-    assert_eq!(
-        hex::encode(s.node_id()),
-        "029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46"
-    );
+    assert_eq!(hex::encode(s.node_id()), "029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46");
     replay_all(&mut s, &trace, true);
     // The penalty sweeps at CLN's floor feerate are signed under the default (strict) policy.
     assert!(trace.iter().any(|s| s.msg_type == 14));
@@ -68,8 +58,7 @@ fn bob_open_pay_close_in_memory_matches_cln() {
 #[test]
 fn force_close_traces_are_answered() {
     // alice signs two delayed sweeps (142) at CLN's floor; bob restarts (a second hsmd_init).
-    for (name, seed) in [("force-close/alice.jsonl", ALICE_SEED), ("force-close/bob.jsonl", BOB_SEED)]
-    {
+    for (name, seed) in [("force-close/alice.jsonl", ALICE_SEED), ("force-close/bob.jsonl", BOB_SEED)] {
         let trace = load(name);
         let mut s = Signer::in_memory(seed, &config(T0_FORCE_CLOSE + 100)).unwrap();
         replay_all(&mut s, &trace, true);
@@ -267,10 +256,7 @@ fn login_token_verifies_as_node_id() {
     let tok = s.login_token(1_800_000_000);
     let pk = sphinx_wire::token::verify(&s.node_id_hex(), tok.as_bytes(), 1_800_000_010, 300).unwrap();
     assert_eq!(pk.serialize(), s.node_id());
-    assert_eq!(
-        sphinx_signer::node_id_for_seed(&ALICE_SEED, bitcoin::Network::Regtest),
-        s.node_id()
-    );
+    assert_eq!(sphinx_signer::node_id_for_seed(&ALICE_SEED, bitcoin::Network::Regtest), s.node_id());
 }
 
 #[test]

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS,
-    TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS, TlsConfiguration,
+    Transport,
 };
 use sphinx_signer::{ControlAction, Signer, Status, StatusIndicator};
 use sphinx_wire::control::ControlResponse;
@@ -103,11 +103,7 @@ enum End {
 }
 
 /// Runs until interrupted: connects, serves, reconnects.
-pub async fn run(
-    mut signer: Signer,
-    mut ind: Box<dyn StatusIndicator>,
-    rc: RunConfig,
-) -> Result<()> {
+pub async fn run(mut signer: Signer, mut ind: Box<dyn StatusIndicator>, rc: RunConfig) -> Result<()> {
     let id = signer.node_id_hex();
     info!(node_id = %id, broker = %format!("{}:{}", rc.host, rc.port), tls = rc.tls.is_some(), "sphinx-key running");
     let mut backoff = rc.backoff_min;
@@ -126,10 +122,8 @@ pub async fn run(
                 info!("shutting down");
                 let _ = client.try_publish(topics::topic(&id, topics::BYE), QoS::AtMostOnce, false, Vec::new());
                 let _ = client.try_disconnect();
-                let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                    while el.poll().await.is_ok() {}
-                })
-                .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), async { while el.poll().await.is_ok() {} }).await;
                 return Ok(());
             }
             End::Reset { action, ack, failed } => {
@@ -151,10 +145,8 @@ pub async fn run(
                 }
                 let _ = client.try_publish(topics::topic(&id, topics::BYE), QoS::AtMostOnce, false, Vec::new());
                 let _ = client.try_disconnect();
-                let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                    while el.poll().await.is_ok() {}
-                })
-                .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), async { while el.poll().await.is_ok() {} }).await;
                 done?;
                 error!(?action, "the owner reset this device; it stops signing");
                 return Err(crate::seed::NeedsInit(format!(
@@ -274,9 +266,7 @@ async fn serve(
                         }
                         Err(fe) => {
                             warn!(seq = fe.seq, error = %fe.error, "request failed");
-                            if let Err(e) =
-                                client.try_publish(&err_topic, QoS::AtLeastOnce, false, fe.payload())
-                            {
+                            if let Err(e) = client.try_publish(&err_topic, QoS::AtLeastOnce, false, fe.payload()) {
                                 warn!(error = %e, "cannot publish error");
                                 return End::Lost;
                             }

@@ -157,7 +157,9 @@ mod tests {
         assert!(parse_url("ftp://h").is_err());
         let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef").unwrap();
         assert_eq!((r.status, &r.body[..]), (200, &b"abc"[..]));
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x\r\nde\r\n0\r\n\r\n").unwrap();
+        let r =
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x\r\nde\r\n0\r\n\r\n")
+                .unwrap();
         assert_eq!(r.body, b"abcde");
         let r = parse_response(b"HTTP/1.1 401 Unauthorized\r\n\r\nno").unwrap();
         assert_eq!((r.status, &r.body[..]), (401, &b"no"[..]));

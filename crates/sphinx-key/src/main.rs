@@ -131,9 +131,8 @@ fn default_data_dir() -> PathBuf {
 fn parse_network(s: &str) -> Result<Network> {
     let s = s.trim().to_ascii_lowercase();
     let s = if s == "mainnet" { "bitcoin".to_string() } else { s };
-    Network::from_str(&s).map_err(|_| {
-        anyhow::anyhow!("unknown network {s:?} (expected bitcoin, testnet, testnet4, signet or regtest)")
-    })
+    Network::from_str(&s)
+        .map_err(|_| anyhow::anyhow!("unknown network {s:?} (expected bitcoin, testnet, testnet4, signet or regtest)"))
 }
 
 fn load_file(cli: &Cli) -> Result<FileConfig> {
@@ -144,8 +143,7 @@ fn load_file(cli: &Cli) -> Result<FileConfig> {
     if !explicit && !path.exists() {
         return Ok(FileConfig::default());
     }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
@@ -155,9 +153,7 @@ fn is_loopback_host(host: &str) -> bool {
 }
 
 fn parse_broker(s: &str) -> Result<(String, u16)> {
-    let (h, p) = s
-        .rsplit_once(':')
-        .with_context(|| format!("broker {s:?} must be HOST:PORT"))?;
+    let (h, p) = s.rsplit_once(':').with_context(|| format!("broker {s:?} must be HOST:PORT"))?;
     let port = p.parse().with_context(|| format!("bad broker port in {s:?}"))?;
     let host = h.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
@@ -233,9 +229,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let defaults = PolicyConfig::default();
             let policy = PolicyConfig {
                 permissive: permissive || file.permissive.unwrap_or(false),
-                sweep_min_feerate_per_kw: file
-                    .sweep_min_feerate_per_kw
-                    .unwrap_or(defaults.sweep_min_feerate_per_kw),
+                sweep_min_feerate_per_kw: file.sweep_min_feerate_per_kw.unwrap_or(defaults.sweep_min_feerate_per_kw),
                 approve_payments: file.approve_payments.unwrap_or(defaults.approve_payments),
                 approve_onchain: file.approve_onchain.unwrap_or(defaults.approve_onchain),
                 allowlist: file.allowlist.clone().unwrap_or_default(),
@@ -274,12 +268,11 @@ fn real_main(cli: Cli) -> Result<()> {
             let tls = match (tls_ca.or(file.tls_ca.clone()), tls_fingerprint.or(file.tls_fingerprint.clone())) {
                 (Some(_), Some(_)) => bail!("give either a TLS CA file or a certificate fingerprint, not both"),
                 (Some(ca), None) => Some(sphinx_tls::ServerTrust::CaFile(ca)),
-                (None, Some(fp)) => Some(sphinx_tls::ServerTrust::Pinned(
-                    fp.parse().context("bad --tls-fingerprint")?,
-                )),
+                (None, Some(fp)) => Some(sphinx_tls::ServerTrust::Pinned(fp.parse().context("bad --tls-fingerprint")?)),
                 (None, None) => None,
             };
-            if tls.is_none() && !is_loopback_host(&host) && !(allow_plaintext || file.allow_plaintext.unwrap_or(false)) {
+            if tls.is_none() && !is_loopback_host(&host) && !(allow_plaintext || file.allow_plaintext.unwrap_or(false))
+            {
                 bail!(
                     "broker {host} is not on loopback: connect with TLS (--tls-ca FILE or --tls-fingerprint HEX), \
                      or pass --allow-plaintext if the link is already protected (VPN, SSH tunnel)"
@@ -344,14 +337,32 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
         let c = Cli::try_parse_from([
-            "sphinx-key", "run", "--broker", "127.0.0.1:1884", "--permissive", "--dev-fixed-clock", "5",
-            "--status", "led:x", "--network", "regtest",
+            "sphinx-key",
+            "run",
+            "--broker",
+            "127.0.0.1:1884",
+            "--permissive",
+            "--dev-fixed-clock",
+            "5",
+            "--status",
+            "led:x",
+            "--network",
+            "regtest",
         ])
         .unwrap();
         assert!(Cli::try_parse_from(["sphinx-key", "run", "--tls-ca", "a", "--tls-fingerprint", "b"]).is_err());
         let c2 = Cli::try_parse_from([
-            "sphinx-key", "ctl", "--token", "t", "--nonce", "3", "update-policy", "--msat-per-interval", "5",
-            "--interval", "hourly",
+            "sphinx-key",
+            "ctl",
+            "--token",
+            "t",
+            "--nonce",
+            "3",
+            "update-policy",
+            "--msat-per-interval",
+            "5",
+            "--interval",
+            "hourly",
         ])
         .unwrap();
         assert!(matches!(c2.cmd, Cmd::Ctl(ctl::CtlArgs { nonce: Some(3), msg: ctl::CtlCmd::UpdatePolicy { .. }, .. })));

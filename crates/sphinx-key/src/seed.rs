@@ -52,8 +52,7 @@ pub fn seed_from_hex(h: &str) -> Result<[u8; 32]> {
 /// Writes a new seed file with mode 0600 and fsyncs it and its directory.
 /// Refuses to overwrite an existing seed.
 pub fn write_new(data_dir: &Path, seed: &[u8; 32]) -> Result<PathBuf> {
-    fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    fs::create_dir_all(data_dir).with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let path = seed_path(data_dir);
     if path.exists() {
         bail!("{} already exists: refusing to overwrite a seed", path.display());
@@ -67,9 +66,7 @@ pub fn write_new(data_dir: &Path, seed: &[u8; 32]) -> Result<PathBuf> {
     f.write_all(seed).with_context(|| format!("cannot write {}", path.display()))?;
     f.sync_all().with_context(|| format!("cannot fsync {}", path.display()))?;
     drop(f);
-    File::open(data_dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot fsync {}", data_dir.display()))?;
+    File::open(data_dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot fsync {}", data_dir.display()))?;
     Ok(path)
 }
 
@@ -93,16 +90,16 @@ pub fn read(data_dir: &Path) -> Result<[u8; 32]> {
     }
     let mut v = Vec::new();
     f.read_to_end(&mut v)?;
-    let seed: [u8; 32] = v.as_slice().try_into().map_err(|_| {
-        anyhow::anyhow!("seed {} has {} bytes, expected 32", path.display(), v.len())
-    })?;
+    let seed: [u8; 32] = v
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("seed {} has {} bytes, expected 32", path.display(), v.len()))?;
     Ok(seed)
 }
 
 /// Writes the owner's public key (hex) to `{data_dir}/owner.pub`, fsynced.
 pub fn write_owner(data_dir: &Path, owner: &bitcoin::secp256k1::PublicKey) -> Result<PathBuf> {
-    fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    fs::create_dir_all(data_dir).with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let path = data_dir.join(OWNER_FILE);
     let mut f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(format!("{}\n", hex::encode(owner.serialize())).as_bytes())?;
@@ -142,9 +139,7 @@ pub fn delete(data_dir: &Path, all: bool) -> Result<()> {
             Err(e) => return Err(e).with_context(|| format!("cannot delete {}", f.display())),
         }
     }
-    File::open(data_dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot fsync {}", data_dir.display()))
+    File::open(data_dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot fsync {}", data_dir.display()))
 }
 
 #[cfg(test)]
@@ -158,15 +153,15 @@ mod tests {
             "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon about",
         )
         .unwrap();
-        assert_eq!(
-            hex::encode(s),
-            "5eb00bbddcf069084889a8ab9155568165f5c453ccb85e70811aaed6f6da5fc1"
-        );
+        assert_eq!(hex::encode(s), "5eb00bbddcf069084889a8ab9155568165f5c453ccb85e70811aaed6f6da5fc1");
         assert!(seed_from_mnemonic("abandon abandon").is_err());
-        assert!(seed_from_mnemonic(
-            "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon"
-        )
-        .is_err(), "bad checksum");
+        assert!(
+            seed_from_mnemonic(
+                "abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon"
+            )
+            .is_err(),
+            "bad checksum"
+        );
     }
 
     #[test]

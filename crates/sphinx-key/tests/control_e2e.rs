@@ -3,9 +3,9 @@
 //! HTTP endpoint shaped like the broker API, the owner's resets, and TLS to the broker (CA file,
 //! pinned fingerprint, wrong fingerprint refused).
 
-mod common;
 #[path = "../../tls/tests/common/mod.rs"]
 mod certs;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -167,7 +167,11 @@ async fn control_messages_over_mqtt_and_reset_keys() {
     // It starts and explains what it needs.
     let out = sphinx_key(&dir.0, &["run", "--broker", &h.local_addr().to_string()]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("sphinx-key init"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("sphinx-key init"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Re-importing the same seed continues with the same state (policy and nonce kept).
     init_alice(&dir.0, &[]);
     let mut child = start_signer(&dir.0, &h, &mut rx, &[]).await;
@@ -216,7 +220,11 @@ async fn fake_api(h: MqttHandle, mut rx: Receiver<MqttEvent>, token: &'static st
                     let head = String::from_utf8_lossy(&buf[..i]).to_string();
                     let len = head
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap())
+                        })
                         .unwrap_or(0);
                     break (i + 4, len);
                 }
@@ -290,7 +298,8 @@ async fn ctl_cli_through_the_broker_api() {
     assert_eq!(v["PolicyUpdated"]["msat_per_interval"], 123000);
     assert_eq!(v["PolicyUpdated"]["htlc_limit_msat"], Policy::default().htlc_limit_msat);
 
-    let (code, out, err) = ctl(&dir.0, api, "sekrit", &["update-allowlist", "bcrt1qwd0sxj7f47k67wysm20xut2drv7t2stu7fesk4"]).await;
+    let (code, out, err) =
+        ctl(&dir.0, api, "sekrit", &["update-allowlist", "bcrt1qwd0sxj7f47k67wysm20xut2drv7t2stu7fesk4"]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("address:bcrt1qwd0sxj7f47k67wysm20xut2drv7t2stu7fesk4"), "{out}");
     let (code, out, err) = ctl(&dir.0, api, "sekrit", &["query-all"]).await;
@@ -312,7 +321,9 @@ async fn ctl_cli_through_the_broker_api() {
     // A separate owner key file that the device does not accept.
     let kf = dir.0.join("other.key");
     std::fs::write(&kf, "07".repeat(32)).unwrap();
-    let (code, _, err) = ctl(&dir.0, api, "sekrit", &["--owner-key-file", kf.to_str().unwrap(), "--node-id", ALICE, "query-policy"]).await;
+    let (code, _, err) =
+        ctl(&dir.0, api, "sekrit", &["--owner-key-file", kf.to_str().unwrap(), "--node-id", ALICE, "query-policy"])
+            .await;
     assert_eq!(code, Some(1));
     assert!(err.contains("signature"), "{err}");
 
@@ -329,7 +340,10 @@ async fn tls_to_the_broker_with_ca_or_pinned_fingerprint() {
     let (fp, ca) = (broker.fingerprint, broker.crt.clone());
     let (h, mut rx) = server(Some(TlsSettings { cert_chain: broker.crt, private_key: broker.key })).await;
 
-    for extra in [vec!["--tls-ca".to_string(), ca.to_string_lossy().into_owned()], vec!["--tls-fingerprint".into(), fp.to_string()]] {
+    for extra in [
+        vec!["--tls-ca".to_string(), ca.to_string_lossy().into_owned()],
+        vec!["--tls-fingerprint".into(), fp.to_string()],
+    ] {
         let args: Vec<&str> = extra.iter().map(|s| s.as_str()).collect();
         let child = start_signer(&dir.0, &h, &mut rx, &args).await;
         // And it serves over TLS.

@@ -37,7 +37,8 @@ fn in_process(trace: &Trace, mut signer: Signer) -> Vec<(usize, Duration)> {
             continue;
         }
         let ctx = ex.ctx.client_context();
-        let req = serial::Request { seq, peer_id: ctx.peer_id, dbid: ctx.dbid, message: translate_request(&ex.request) };
+        let req =
+            serial::Request { seq, peer_id: ctx.peer_id, dbid: ctx.dbid, message: translate_request(&ex.request) };
         seq = seq.wrapping_add(1);
         let t = Instant::now();
         let r = signer.handle(&req);
@@ -54,7 +55,8 @@ fn end_to_end(path: &std::path::Path, trace: &Trace, seed: [u8; 32], clock: u64)
     let listen = format!("127.0.0.1:{}", free_port().expect("port"));
     let key = bin("sphinx-key").expect("sphinx-key binary");
     init_signer(&key, &d.join("signer"), seed).expect("init");
-    let _signer = SignerProcess::start(&key, &d.join("signer"), &listen, clock, &d.join("signer.log"), &[]).expect("signer");
+    let _signer =
+        SignerProcess::start(&key, &d.join("signer"), &listen, clock, &d.join("signer.log"), &[]).expect("signer");
     let mut opts = ReplayOptions::new(bin("sphinx-broker").expect("sphinx-broker binary"));
     opts.envs = broker_envs(&d.join("broker"), &listen);
     opts.spawn = SpawnOptions { output: BrokerOutput::File(d.join("broker.log")), ..SpawnOptions::default() };

@@ -106,7 +106,8 @@ type SpawnJob = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
 
 /// Spawns `cmd` from the process-lifetime keeper thread (see the module docs).
 pub fn spawn_kept(cmd: Command) -> io::Result<Child> {
-    static KEEPER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>> = std::sync::OnceLock::new();
+    static KEEPER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>> =
+        std::sync::OnceLock::new();
     let keeper = KEEPER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
         std::thread::spawn(move || {
@@ -250,7 +251,10 @@ pub fn wait_listening(addr: &str, timeout: std::time::Duration) -> io::Result<()
         match std::net::TcpStream::connect(addr) {
             Ok(_) => return Ok(()),
             Err(e) if std::time::Instant::now() >= deadline => {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("{addr} not listening after {timeout:?}: {e}")))
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{addr} not listening after {timeout:?}: {e}"),
+                ))
             }
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
@@ -375,7 +379,9 @@ impl TcpProxy {
                 let _ = std::thread::Builder::new()
                     .name("proxy-up".into())
                     .spawn(move || pump(ia, client, server, Dir::ToServer, Some(idx)));
-                let _ = std::thread::Builder::new().name("proxy-down".into()).spawn(move || pump(ib, s2, c2, Dir::ToClient, None));
+                let _ = std::thread::Builder::new()
+                    .name("proxy-down".into())
+                    .spawn(move || pump(ib, s2, c2, Dir::ToClient, None));
             }
         })?;
         Ok(TcpProxy { addr, inner })
@@ -432,7 +438,13 @@ impl Drop for TcpProxy {
     }
 }
 
-fn pump(inner: std::sync::Arc<ProxyInner>, mut from: std::net::TcpStream, mut to: std::net::TcpStream, dir: Dir, capture: Option<usize>) {
+fn pump(
+    inner: std::sync::Arc<ProxyInner>,
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    dir: Dir,
+    capture: Option<usize>,
+) {
     use std::io::Write;
     let mut buf = vec![0u8; 64 * 1024];
     let mut window: Vec<u8> = Vec::new();

@@ -115,7 +115,10 @@ fn requests_wait_for_a_signer_broker_answers_its_own_and_exits_cleanly() {
     assert_eq!(hsmd::msg_type(&reply).unwrap(), hsmd::HSMD_INIT_REPLY_V4);
     let caps = hsmd::parse_init_reply_capabilities(&reply).unwrap();
     assert!(caps.contains(&147), "anchors (sign_anchorspend) advertised: {caps:?}");
-    assert_eq!(hex::encode(hsmd::parse_init_reply_node_id(&reply).unwrap()), "029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46");
+    assert_eq!(
+        hex::encode(hsmd::parse_init_reply_node_id(&reply).unwrap()),
+        "029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46"
+    );
     assert!(d.join("broker/pinned-node-id").is_file(), "the signer's node id is pinned");
 
     drop(client);

@@ -50,8 +50,15 @@ impl Loop {
         Loop { listen: format!("127.0.0.1:{}", free_port().unwrap()), dir, key, clock }
     }
     fn start_signer(&self) -> SignerProcess {
-        SignerProcess::start(&self.key, &self.dir.join("signer"), &self.listen, self.clock, &self.dir.join("signer.log"), &[])
-            .unwrap()
+        SignerProcess::start(
+            &self.key,
+            &self.dir.join("signer"),
+            &self.listen,
+            self.clock,
+            &self.dir.join("signer.log"),
+            &[],
+        )
+        .unwrap()
     }
     fn replay(&self, tr: &Trace, on_step: &mut dyn FnMut(&replay::Step)) -> ReplayReport {
         let mut opts = ReplayOptions::new(bin("sphinx-broker").unwrap());

@@ -44,7 +44,11 @@ fn run_e2e(scenario: &str, node: &str) {
         ..SpawnOptions::default()
     };
     let report = replay::replay(&tr, &opts, &mut |_| {}).unwrap_or_else(|e| {
-        panic!("{e}\n--- broker log ---\n{}\n--- signer log ---\n{}", tail(&broker_log, 4000), signer_proc.log_tail(4000))
+        panic!(
+            "{e}\n--- broker log ---\n{}\n--- signer log ---\n{}",
+            tail(&broker_log, 4000),
+            signer_proc.log_tail(4000)
+        )
     });
 
     let cfg = replay::signer::replay_config(clock, Default::default());

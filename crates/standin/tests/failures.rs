@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use common::recorded_session;
 use sphinx_standin::harness::{
-    bin, broker_envs, free_port, init_signer, log_text, signer_state, tail, wait_log, Dir, Session, SignerProcess, TcpProxy,
-    TempDir,
+    bin, broker_envs, free_port, init_signer, log_text, signer_state, tail, wait_log, Dir, Session, SignerProcess,
+    TcpProxy, TempDir,
 };
 use sphinx_standin::lightningd::{BrokerOutput, Error as LdError, SpawnOptions};
 use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions, ReplayReport};
@@ -121,8 +121,15 @@ impl Rig {
 }
 
 fn spawn_signer(key_bin: &std::path::Path, d: &TempDir, broker: &str, clock: u64) -> SignerProcess {
-    SignerProcess::start(key_bin, &d.join("signer"), broker, clock, &d.join("signer.log"), &[("SPHINX_KEY_LOG", SIGNER_LOG)])
-        .unwrap()
+    SignerProcess::start(
+        key_bin,
+        &d.join("signer"),
+        broker,
+        clock,
+        &d.join("signer.log"),
+        &[("SPHINX_KEY_LOG", SIGNER_LOG)],
+    )
+    .unwrap()
 }
 
 fn status_frames_of_type(frames: &[Vec<u8>], t: u16) -> Vec<Vec<u8>> {
@@ -215,7 +222,8 @@ fn broker_crashes_and_restarts_while_the_signer_is_up() {
     r.sess.restart_by_kill = true;
     let pin = r.d.join("broker").join("pinned-node-id");
     // Up to the restart: the next request is lightningd's second hsmd_init.
-    let second_init = r.tr.exchanges.iter().filter(|e| e.conn == 0 && e.msg_type == hsmd::HSMD_INIT).nth(1).unwrap().index;
+    let second_init =
+        r.tr.exchanges.iter().filter(|e| e.conn == 0 && e.msg_type == hsmd::HSMD_INIT).nth(1).unwrap().index;
     r.sess.run_until(|ex| ex.index >= second_init);
     assert_eq!(std::fs::read_to_string(&pin).unwrap().trim(), r.sid);
     let connects_before = log_text(&r.slog()).matches("connected to broker; subscribing").count();
@@ -326,7 +334,8 @@ fn slow_signer_never_holds_a_caller_beyond_the_bound() {
     assert!(waited < BOUND + MARGIN, "root waited {waited:?}");
     let report = r.sess.close();
     assert_eq!(report.broker_exits.last().unwrap().as_deref(), Ok("exited with code 3"), "{}", r.logs());
-    wait_log(&r.blog(), "root request type 27 failed: no reply from the signer within", Duration::from_secs(5)).unwrap();
+    wait_log(&r.blog(), "root request type 27 failed: no reply from the signer within", Duration::from_secs(5))
+        .unwrap();
     r.verdict(&report);
 }
 
@@ -357,7 +366,8 @@ fn refusal_reaches_cln_as_a_bad_request() {
     assert_eq!(peer, unknown.peer_id, "the report names the peer");
     assert!(text.contains("signer refused the request"), "{text}");
     assert_eq!(msg, req, "the report carries the request");
-    wait_log(&r.blog(), "bad request; closing this client connection as CLN's hsmd does", Duration::from_secs(5)).unwrap();
+    wait_log(&r.blog(), "bad request; closing this client connection as CLN's hsmd does", Duration::from_secs(5))
+        .unwrap();
 
     // A policy violation on a live channel: its first remote commitment signed again after the
     // channel moved on (a revoked state). Refused the same way; the channel's state is
@@ -369,7 +379,11 @@ fn refusal_reaches_cln_as_a_bad_request() {
     let before = r.sess.ld().status_log();
     let mut c = r.sess.ld().new_client(&old.ctx.client_context()).unwrap();
     let res = c.call(&old.request);
-    assert!(matches!(res, Err(LdError::Closed { .. })), "signing a revoked commitment again is refused: {res:?}\n{}", r.logs());
+    assert!(
+        matches!(res, Err(LdError::Closed { .. })),
+        "signing a revoked commitment again is refused: {res:?}\n{}",
+        r.logs()
+    );
     let after = r.sess.ld().wait_status(before.count + 1, Duration::from_secs(5)).expect("a status message");
     let (peer, text, msg) = parse_bad_request(after.frames.last().unwrap());
     assert_eq!((peer, msg), (old.ctx.client_context().peer_id, old.request.clone()));

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
 use common::recorded_session;
 use sphinx_standin::harness::{
-    bin, broker_envs, connect_password, free_port, init_signer, log_text, tail, wait_log, Dir, Session, SignerProcess, TcpProxy,
-    TempDir,
+    bin, broker_envs, connect_password, free_port, init_signer, log_text, tail, wait_log, Dir, Session, SignerProcess,
+    TcpProxy, TempDir,
 };
 use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions};
 use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions};
@@ -183,7 +183,9 @@ impl Raw {
             match self.s.read(&mut b) {
                 Ok(0) => return true,
                 Ok(_) => continue,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return false
+                }
                 Err(_) => return true,
             }
         }
@@ -300,8 +302,11 @@ fn foreign_clients_are_refused_while_the_signer_keeps_signing() {
     wait_log(&blog, "token already used (replayed login)", Duration::from_secs(5)).unwrap();
     // A fresh token for another key, now that the node id is pinned.
     let (f5_sk, f5) = key(0x75);
-    let (code, out) =
-        mosq("mosquitto_pub", port, &["-u", &f5, "-P", &token::make(&f5_sk, now()), "-t", &format!("{f5}/hello"), "-m", ""]);
+    let (code, out) = mosq(
+        "mosquitto_pub",
+        port,
+        &["-u", &f5, "-P", &token::make(&f5_sk, now()), "-t", &format!("{f5}/hello"), "-m", ""],
+    );
     assert_ne!(code, Some(0), "{out}");
     assert!(out.contains("bad user name or password"), "other key after pin: {out}");
     wait_log(&blog, &format!("signer {f5} is not the pinned node"), Duration::from_secs(5)).unwrap();
@@ -376,7 +381,8 @@ fn foreign_clients_are_refused_while_the_signer_keeps_signing() {
     assert!(f3c.closed_within(Duration::from_secs(10)), "the impostor is disconnected");
     let s = sess.step().unwrap().clone();
     assert!(s.reply.is_ok(), "the next request still goes to the real signer: {:?}\n{}", s.reply, tail(&blog, 3000));
-    wait_log(&blog, "hello from a key that is not the pinned node id; disconnecting it", Duration::from_secs(5)).unwrap();
+    wait_log(&blog, "hello from a key that is not the pinned node id; disconnecting it", Duration::from_secs(5))
+        .unwrap();
     assert!(!log_text(&blog).contains(&format!("signer ready signer={f3}")), "F3 never became the signer");
 
     // ---- the rest of the session, then the verdict ----

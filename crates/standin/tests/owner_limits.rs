@@ -50,7 +50,10 @@ fn velocity_limit_set_by_the_owner_refuses_the_payment_over_it() {
             .args(args)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
     };
     let (mut policy_set, mut velocity) = (None, None);
     let report = replay::replay(&tr, &opts, &mut |step| {

@@ -31,7 +31,8 @@ fn run(tr: &Trace, seed: [u8; 32], clock: u64, reopen_before: Option<usize>) -> 
             s = Signer::open(seed, d.path(), &cfg).unwrap();
         }
         let ctx = ex.ctx.client_context();
-        let req = serial::Request { seq, peer_id: ctx.peer_id, dbid: ctx.dbid, message: translate_request(&ex.request) };
+        let req =
+            serial::Request { seq, peer_id: ctx.peer_id, dbid: ctx.dbid, message: translate_request(&ex.request) };
         s.handle(&req).unwrap_or_else(|e| panic!("request #{i} type {}: {e}", ex.msg_type));
         seq = seq.wrapping_add(1);
     }

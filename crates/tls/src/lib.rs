@@ -74,9 +74,7 @@ pub enum Error {
         source: rustls::Error,
     },
     /// A fingerprint string is not 32 bytes of hex.
-    #[error(
-        "invalid SHA-256 fingerprint {0:?}: expected 64 hex digits, optionally separated by ':'"
-    )]
+    #[error("invalid SHA-256 fingerprint {0:?}: expected 64 hex digits, optionally separated by ':'")]
     Fingerprint(String),
     /// rustls refused the configuration (e.g. the private key does not match the certificate,
     /// or its algorithm is not supported).
@@ -90,12 +88,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 fn open(path: &Path) -> Result<BufReader<std::fs::File>, Error> {
-    std::fs::File::open(path)
-        .map(BufReader::new)
-        .map_err(|source| Error::Read {
-            path: path.to_path_buf(),
-            source,
-        })
+    std::fs::File::open(path).map(BufReader::new).map_err(|source| Error::Read { path: path.to_path_buf(), source })
 }
 
 /// Reads every `CERTIFICATE` block of a PEM file (other blocks are skipped). Errors if there is
@@ -104,10 +97,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let mut r = open(path)?;
     let certs = rustls_pemfile::certs(&mut r)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| Error::Pem {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        .map_err(|source| Error::Pem { path: path.to_path_buf(), source })?;
     if certs.is_empty() {
         return Err(Error::NoCertificates(path.to_path_buf()));
     }
@@ -118,10 +108,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
 pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
     let mut r = open(path)?;
     rustls_pemfile::private_key(&mut r)
-        .map_err(|source| Error::Pem {
-            path: path.to_path_buf(),
-            source,
-        })?
+        .map_err(|source| Error::Pem { path: path.to_path_buf(), source })?
         .ok_or_else(|| Error::NoPrivateKey(path.to_path_buf()))
 }
 
@@ -160,10 +147,7 @@ impl Fingerprint {
     /// chain).
     pub fn of_pem_file(path: &Path) -> Result<Self, Error> {
         let certs = load_certs(path)?;
-        certs
-            .first()
-            .map(|c| Fingerprint::of(c.as_ref()))
-            .ok_or_else(|| Error::NoCertificates(path.to_path_buf()))
+        certs.first().map(|c| Fingerprint::of(c.as_ref())).ok_or_else(|| Error::NoCertificates(path.to_path_buf()))
     }
 }
 
@@ -183,10 +167,7 @@ impl FromStr for Fingerprint {
             Some(p) if p.eq_ignore_ascii_case("sha256:") => &v[7..],
             _ => v,
         };
-        let digits: Vec<u8> = v
-            .bytes()
-            .filter(|b| *b != b':' && !b.is_ascii_whitespace())
-            .collect();
+        let digits: Vec<u8> = v.bytes().filter(|b| *b != b':' && !b.is_ascii_whitespace()).collect();
         if digits.len() != 64 {
             return Err(bad());
         }
@@ -252,10 +233,7 @@ pub fn client_config(trust: &ServerTrust) -> Result<Arc<ClientConfig>, Error> {
 pub fn client_config_ca_file(path: &Path) -> Result<Arc<ClientConfig>, Error> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
-        roots.add(cert).map_err(|source| Error::BadCa {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        roots.add(cert).map_err(|source| Error::BadCa { path: path.to_path_buf(), source })?;
     }
     let cfg = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
@@ -267,10 +245,7 @@ pub fn client_config_ca_file(path: &Path) -> Result<Arc<ClientConfig>, Error> {
 /// A client configuration accepting exactly the server certificate whose DER SHA-256 is `fp`.
 pub fn client_config_pinned(fp: Fingerprint) -> Result<Arc<ClientConfig>, Error> {
     let provider = provider();
-    let verifier = PinnedVerifier {
-        fingerprint: fp,
-        algorithms: provider.signature_verification_algorithms,
-    };
+    let verifier = PinnedVerifier { fingerprint: fp, algorithms: provider.signature_verification_algorithms };
     let cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -290,10 +265,7 @@ pub struct PinnedVerifier {
 impl PinnedVerifier {
     /// A verifier pinning `fingerprint`, verifying signatures with [`provider`]'s algorithms.
     pub fn new(fingerprint: Fingerprint) -> Self {
-        PinnedVerifier {
-            fingerprint,
-            algorithms: provider().signature_verification_algorithms,
-        }
+        PinnedVerifier { fingerprint, algorithms: provider().signature_verification_algorithms }
     }
 }
 
@@ -309,9 +281,7 @@ impl ServerCertVerifier for PinnedVerifier {
         if Fingerprint::of(end_entity.as_ref()) == self.fingerprint {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
         }
     }
 
@@ -352,27 +322,10 @@ mod tests {
         let colons = fp.to_string();
         assert_eq!(colons.len(), 95);
         assert_eq!(colons.parse::<Fingerprint>().unwrap(), fp);
-        assert_eq!(
-            format!("sha256 Fingerprint={colons}\n")
-                .parse::<Fingerprint>()
-                .unwrap(),
-            fp
-        );
-        assert_eq!(
-            format!("SHA256 Fingerprint={}", colons.to_lowercase())
-                .parse::<Fingerprint>()
-                .unwrap(),
-            fp
-        );
+        assert_eq!(format!("sha256 Fingerprint={colons}\n").parse::<Fingerprint>().unwrap(), fp);
+        assert_eq!(format!("SHA256 Fingerprint={}", colons.to_lowercase()).parse::<Fingerprint>().unwrap(), fp);
         assert_eq!(format!("sha256:{hex}").parse::<Fingerprint>().unwrap(), fp);
-        for bad in [
-            "",
-            "abc",
-            &hex[..62],
-            &format!("{hex}00"),
-            &hex.replace('0', "g"),
-            "é".repeat(40).as_str(),
-        ] {
+        for bad in ["", "abc", &hex[..62], &format!("{hex}00"), &hex.replace('0', "g"), "é".repeat(40).as_str()] {
             assert!(bad.parse::<Fingerprint>().is_err(), "{bad:?}");
         }
     }

@@ -41,10 +41,8 @@ fn control_corpus() {
 /// signature check.
 #[test]
 fn token_seed_verifies() {
-    let seed = std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/token/seed-tribe"),
-    )
-    .expect("seed");
+    let seed =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/token/seed-tribe")).expect("seed");
     let text = String::from_utf8(seed).expect("utf8");
     let (user, pass) = text.split_once('\n').expect("two lines");
     assert!(sphinx_wire::token::verify(user, pass.as_bytes(), 0x5ee3a9e4, 300).is_ok());
@@ -58,21 +56,15 @@ fn control_seeds_decode() {
     let pk = PublicKey::from_secret_key(&Secp256k1::new(), &sk);
     let mut n = 0;
     for (path, body) in corpus("control") {
-        let name = path
-            .file_name()
-            .and_then(|f| f.to_str())
-            .unwrap_or_default()
-            .to_string();
+        let name = path.file_name().and_then(|f| f.to_str()).unwrap_or_default().to_string();
         let mut signed = body.clone();
         signed.extend_from_slice(&7u64.to_be_bytes());
         signed.extend_from_slice(&sphinx_wire::token::sign_message(&signed.clone(), &sk));
         if name.starts_with("seed-req-") {
-            sphinx_wire::control::parse_request(&signed, &pk)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            sphinx_wire::control::parse_request(&signed, &pk).unwrap_or_else(|e| panic!("{name}: {e}"));
             n += 1;
         } else if name.starts_with("seed-rep-") {
-            sphinx_wire::control::parse_response(&signed, &pk, 7)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            sphinx_wire::control::parse_response(&signed, &pk, 7).unwrap_or_else(|e| panic!("{name}: {e}"));
             n += 1;
         }
     }

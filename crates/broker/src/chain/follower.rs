@@ -274,7 +274,8 @@ impl Follower {
                         FollowError::Rpc(RpcError::Unauthorized(_)) | FollowError::Rpc(RpcError::Config(_)) => {
                             error!(attempt = failures, retry_in = ?delay, "chain following: {text}")
                         }
-                        FollowError::Signer(SignerCallError::Relay { .. }) | FollowError::Signer(SignerCallError::BadReply { .. }) => {
+                        FollowError::Signer(SignerCallError::Relay { .. })
+                        | FollowError::Signer(SignerCallError::BadReply { .. }) => {
                             error!(attempt = failures, retry_in = ?delay, "chain following: {text}")
                         }
                         _ => warn!(attempt = failures, retry_in = ?delay, "chain following: {text}"),
@@ -416,7 +417,11 @@ impl Follower {
             cur_height -= 1;
         };
         if path.len() > 10 {
-            info!(blocks = path.len(), from = cur_height + 1, "recomputing spend-filter headers up to the signer's tip");
+            info!(
+                blocks = path.len(),
+                from = cur_height + 1,
+                "recomputing spend-filter headers up to the signer's tip"
+            );
         }
         for (h, b) in path.into_iter().rev() {
             let block = self.rpc.block(&b).await?;
@@ -434,7 +439,8 @@ impl Follower {
         fh: FilterHeader,
         watches: &(Vec<bitcoin::Txid>, Vec<bitcoin::OutPoint>),
     ) -> TxoProof {
-        let att = Attestation { block_hash: block.block_hash(), block_height: height, filter_header: fh, time: now_secs() };
+        let att =
+            Attestation { block_hash: block.block_hash(), block_height: height, filter_header: fh, time: now_secs() };
         let signed = sign_attestation(att, &self.oracle, &self.secp);
         let pubkey = self.oracle.public_key();
         TxoProof::prove(vec![(pubkey, signed)], prev_fh, block, height, &watches.1, &watches.0)

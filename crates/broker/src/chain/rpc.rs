@@ -150,7 +150,9 @@ pub fn parse_endpoint(url: &str, cookie: Option<PathBuf>, network: Network) -> R
     let rest = if let Some(r) = url.strip_prefix("http://") {
         r
     } else if url.starts_with("https://") {
-        return Err(RpcError::Config("bitcoind's RPC server speaks plain HTTP; use http:// (tunnel it if it is remote)".into()));
+        return Err(RpcError::Config(
+            "bitcoind's RPC server speaks plain HTTP; use http:// (tunnel it if it is remote)".into(),
+        ));
     } else if url.contains("://") {
         return Err(RpcError::Config(format!("unsupported URL scheme in {url:?}; use http://")));
     } else {
@@ -307,8 +309,12 @@ impl RpcClient {
             return Err(RpcError::Unauthorized(self.addr()));
         }
         let bad = |reason: String| RpcError::BadReply { method: method.to_string(), reason };
-        let v: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| bad(format!("HTTP {status}, body is not JSON ({e}): {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)]))))?;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            bad(format!(
+                "HTTP {status}, body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+            ))
+        })?;
         if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
             let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
             let message = err.get("message").and_then(Value::as_str).unwrap_or("").to_string();
@@ -382,9 +388,10 @@ impl RpcClient {
                     method: "getblockhash".into(),
                     reason: "result is not a string".into(),
                 })?;
-                BlockHash::from_str(s)
-                    .map(Some)
-                    .map_err(|_| RpcError::BadReply { method: "getblockhash".into(), reason: format!("bad hash {s:?}") })
+                BlockHash::from_str(s).map(Some).map_err(|_| RpcError::BadReply {
+                    method: "getblockhash".into(),
+                    reason: format!("bad hash {s:?}"),
+                })
             }
             Err(RpcError::Rpc { code: -8, .. }) => Ok(None),
             Err(e) => Err(e),

@@ -119,8 +119,11 @@ impl SignerChain {
     }
 
     async fn call(&self, request: &'static str, msg: Vec<u8>) -> Result<Message, SignerCallError> {
-        let reply =
-            self.relay.call(ClientContext::ROOT, msg).await.map_err(|source| SignerCallError::Relay { request, source })?;
+        let reply = self
+            .relay
+            .call(ClientContext::ROOT, msg)
+            .await
+            .map_err(|source| SignerCallError::Relay { request, source })?;
         match decode(reply) {
             Ok(Message::SignerError(e)) => Err(SignerCallError::Signer {
                 request,
@@ -239,12 +242,13 @@ impl SignerChain {
             Message::GetHeartbeatReply(r) => {
                 let raw = r.heartbeat.0;
                 let mut bytes = raw.clone();
-                let hb: SignedHeartbeat =
-                    match catch_unwind(AssertUnwindSafe(|| vls_protocol::serde_bolt::from_vec(&mut bytes))) {
-                        Ok(Ok(h)) => h,
-                        Ok(Err(e)) => return Err(SignerCallError::BadReply { request: R, reason: format!("{e:?}") }),
-                        Err(_) => return Err(SignerCallError::BadReply { request: R, reason: "decoder panicked".into() }),
-                    };
+                let hb: SignedHeartbeat = match catch_unwind(AssertUnwindSafe(|| {
+                    vls_protocol::serde_bolt::from_vec(&mut bytes)
+                })) {
+                    Ok(Ok(h)) => h,
+                    Ok(Err(e)) => return Err(SignerCallError::BadReply { request: R, reason: format!("{e:?}") }),
+                    Err(_) => return Err(SignerCallError::BadReply { request: R, reason: "decoder panicked".into() }),
+                };
                 let verified = key.is_some_and(|k| hb.verify(k, &Secp256k1::new()));
                 Ok(Heartbeat {
                     chain_tip: hb.heartbeat.chain_tip,

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
-    self, ConnAck, Connect, ConnectReturnCode, Packet, PingResp, PubAck, SubAck,
-    SubscribeReasonCode, UnsubAck,
+    self, ConnAck, Connect, ConnectReturnCode, Packet, PingResp, PubAck, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -24,10 +23,7 @@ type Reason = String;
 
 /// Reads the CONNECT packet. The first byte must be a CONNECT fixed header (0x10), checked as soon
 /// as it arrives so garbage is refused without waiting for a whole "frame".
-async fn read_connect<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    buf: &mut BytesMut,
-) -> Result<Connect, Reason> {
+async fn read_connect<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Result<Connect, Reason> {
     loop {
         if let Some(&b) = buf.first() {
             if b != 0x10 {
@@ -84,13 +80,9 @@ pub(super) async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::with_capacity(4096);
-    let connect = match tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut buf)).await
-    {
+    let connect = match tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut buf)).await {
         Err(_) => {
-            warn!(
-                "no CONNECT within {:?}; closing",
-                shared.limits.connect_timeout
-            );
+            warn!("no CONNECT within {:?}; closing", shared.limits.connect_timeout);
             return;
         }
         Ok(Err(why)) => {
@@ -108,16 +100,12 @@ pub(super) async fn run<S>(
         debug!("client set a will; wills are not supported and it is ignored");
     }
     let (username, password) = match &connect.login {
-        Some(l) => (
-            Some(l.username.as_str()).filter(|s| !s.is_empty()),
-            Some(l.password.as_bytes()).filter(|p| !p.is_empty()),
-        ),
+        Some(l) => {
+            (Some(l.username.as_str()).filter(|s| !s.is_empty()), Some(l.password.as_bytes()).filter(|p| !p.is_empty()))
+        }
         None => (None, None),
     };
-    let identity = match shared
-        .auth
-        .authenticate(&connect.client_id, username, password)
-    {
+    let identity = match shared.auth.authenticate(&connect.client_id, username, password) {
         Ok(id) => id,
         Err(why) => {
             let code = if username.is_some() {
@@ -147,10 +135,7 @@ pub(super) async fn run<S>(
         if *shared.shutdown.borrow() {
             Err(())
         } else if !map.contains_key(&identity) && map.len() >= shared.cfg.max_clients {
-            warn!(
-                "refused: {} sessions already (max_clients)",
-                shared.cfg.max_clients
-            );
+            warn!("refused: {} sessions already (max_clients)", shared.cfg.max_clients);
             Err(())
         } else {
             let old = map.remove(&identity);
@@ -180,14 +165,8 @@ pub(super) async fn run<S>(
         old.killed = true;
         old.kill.notify_one();
         shared.bump_subs();
-        if tokio::time::timeout(shared.limits.takeover_wait, old.done.wait_for(|d| *d))
-            .await
-            .is_err()
-        {
-            warn!(
-                old_conn = old.conn_id,
-                "previous connection did not finish closing in time; proceeding"
-            );
+        if tokio::time::timeout(shared.limits.takeover_wait, old.done.wait_for(|d| *d)).await.is_err() {
+            warn!(old_conn = old.conn_id, "previous connection did not finish closing in time; proceeding");
         }
     }
 
@@ -201,22 +180,11 @@ pub(super) async fn run<S>(
     }
     drop(permit);
     info!(client_id = %connect.client_id.escape_debug(), keep_alive = ?ka, "connected");
-    shared
-        .emit(MqttEvent::Connected {
-            identity: identity.clone(),
-            conn_id,
-        })
-        .await;
+    shared.emit(MqttEvent::Connected { identity: identity.clone(), conn_id }).await;
 
     let (mut rd, wr) = tokio::io::split(stream);
     let writer = tokio::spawn(write_loop(wr, out_rx, kill.clone()));
-    let mut session = Session {
-        shared: &shared,
-        identity: &identity,
-        conn_id,
-        out: out_tx,
-        inflight,
-    };
+    let mut session = Session { shared: &shared, identity: &identity, conn_id, out: out_tx, inflight };
     let mut shutdown = shared.shutdown.subscribe();
 
     let limit = ka.map(|k| Duration::from_millis(u64::from(k) * 1500));
@@ -264,12 +232,7 @@ pub(super) async fn run<S>(
     writer.abort();
     drop(rd);
     unregister(&shared, &identity, conn_id);
-    shared
-        .emit(MqttEvent::Disconnected {
-            identity: identity.clone(),
-            conn_id,
-        })
-        .await;
+    shared.emit(MqttEvent::Disconnected { identity: identity.clone(), conn_id }).await;
     let _ = done_tx.send(true);
 }
 
@@ -295,11 +258,7 @@ fn unregister(shared: &Shared, identity: &str, conn_id: u64) {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    mut rx: mpsc::Receiver<Bytes>,
-    kill: Arc<Notify>,
-) {
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Bytes>, kill: Arc<Notify>) {
     let mut batch = BytesMut::new();
     while let Some(frame) = rx.recv().await {
         // Coalesce whatever is already queued into one write.
@@ -337,9 +296,7 @@ struct Session<'a> {
 impl Session<'_> {
     fn send(&self, frame: Bytes) -> Result<(), Reason> {
         self.out.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                "outbound queue full (client not keeping up)".into()
-            }
+            mpsc::error::TrySendError::Full(_) => "outbound queue full (client not keeping up)".into(),
             mpsc::error::TrySendError::Closed(_) => "writer gone".into(),
         })
     }
@@ -381,9 +338,7 @@ impl Session<'_> {
                 Ok(())
             }
             Packet::PubAck(_) => {
-                let _ = self
-                    .inflight
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+                let _ = self.inflight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
                 Ok(())
             }
             Packet::Subscribe(s) => {
@@ -391,9 +346,7 @@ impl Session<'_> {
                 let mut changed = false;
                 {
                     let mut map = lock(&self.shared.sessions);
-                    let entry = map
-                        .get_mut(self.identity)
-                        .filter(|e| e.conn_id == self.conn_id);
+                    let entry = map.get_mut(self.identity).filter(|e| e.conn_id == self.conn_id);
                     let Some(entry) = entry else {
                         return Err("session was replaced".into());
                     };
@@ -403,11 +356,7 @@ impl Session<'_> {
                             codes.push(SubscribeReasonCode::Failure);
                             continue;
                         }
-                        let granted = if f.qos == QoS::AtMostOnce {
-                            QoS::AtMostOnce
-                        } else {
-                            QoS::AtLeastOnce
-                        };
+                        let granted = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
                         if let Some(existing) = entry.subs.iter_mut().find(|(p, _)| *p == f.path) {
                             existing.1 = granted;
                         } else if entry.subs.len() >= self.shared.limits.max_subscriptions {
@@ -433,10 +382,7 @@ impl Session<'_> {
             Packet::Unsubscribe(u) => {
                 let removed = {
                     let mut map = lock(&self.shared.sessions);
-                    match map
-                        .get_mut(self.identity)
-                        .filter(|e| e.conn_id == self.conn_id)
-                    {
+                    match map.get_mut(self.identity).filter(|e| e.conn_id == self.conn_id) {
                         Some(entry) => {
                             let before = entry.subs.len();
                             entry.subs.retain(|(f, _)| !u.topics.contains(f));
@@ -456,12 +402,9 @@ impl Session<'_> {
             Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => {
                 Err("QoS 2 flow (PUBREC/PUBREL/PUBCOMP) is not supported".into())
             }
-            p @ (Packet::ConnAck(_)
-            | Packet::SubAck(_)
-            | Packet::UnsubAck(_)
-            | Packet::PingResp) => Err(format!(
-                "server-to-client packet received from client: {p:?}"
-            )),
+            p @ (Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp) => {
+                Err(format!("server-to-client packet received from client: {p:?}"))
+            }
         }
     }
 }

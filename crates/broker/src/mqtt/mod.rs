@@ -118,9 +118,7 @@ pub enum StartError {
 pub fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
     }
 }
 
@@ -182,24 +180,14 @@ pub trait Authenticator: Send + Sync + 'static {
     /// Empty usernames and passwords arrive as `None` (the codec cannot tell them from absent
     /// ones). An identity that is not [`topic::valid_identity`] (e.g. contains `/`) is refused.
     /// Called on the connection's task; keep it fast (a signature check is fine).
-    fn authenticate(
-        &self,
-        client_id: &str,
-        username: Option<&str>,
-        password: Option<&[u8]>,
-    ) -> Result<String, String>;
+    fn authenticate(&self, client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Result<String, String>;
 }
 
 impl<F> Authenticator for F
 where
     F: Fn(&str, Option<&str>, Option<&[u8]>) -> Result<String, String> + Send + Sync + 'static,
 {
-    fn authenticate(
-        &self,
-        client_id: &str,
-        username: Option<&str>,
-        password: Option<&[u8]>,
-    ) -> Result<String, String> {
+    fn authenticate(&self, client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Result<String, String> {
         self(client_id, username, password)
     }
 }
@@ -310,9 +298,7 @@ impl Shared {
     /// Largest remaining length the codec accepts after CONNECT: the payload limit plus the
     /// largest PUBLISH variable header (topic length prefix, 65535-byte topic, packet id).
     fn max_packet(&self) -> usize {
-        self.cfg
-            .max_payload
-            .saturating_add(2 + usize::from(u16::MAX) + 2)
+        self.cfg.max_payload.saturating_add(2 + usize::from(u16::MAX) + 2)
     }
 
     async fn emit(&self, ev: MqttEvent) {
@@ -334,20 +320,12 @@ impl Shared {
         if s.killed {
             return 0;
         }
-        let Some(granted) = s
-            .subs
-            .iter()
-            .filter(|(f, _)| topic::matches(topic, f))
-            .map(|(_, q)| *q)
-            .max_by_key(|q| qos_rank(*q))
+        let Some(granted) =
+            s.subs.iter().filter(|(f, _)| topic::matches(topic, f)).map(|(_, q)| *q).max_by_key(|q| qos_rank(*q))
         else {
             return 0;
         };
-        let qos = if qos_rank(qos) < qos_rank(granted) {
-            qos
-        } else {
-            granted
-        };
+        let qos = if qos_rank(qos) < qos_rank(granted) { qos } else { granted };
         let mut publish = Publish::from_bytes(topic, qos, payload.clone());
         if qos == QoS::AtLeastOnce {
             if s.inflight.load(Ordering::Relaxed) >= self.limits.max_inflight {
@@ -367,13 +345,7 @@ impl Shared {
                 if qos == QoS::AtLeastOnce {
                     s.inflight.fetch_add(1, Ordering::Relaxed);
                 }
-                debug!(
-                    identity = owner,
-                    conn = s.conn_id,
-                    topic,
-                    bytes = payload.len(),
-                    "routed"
-                );
+                debug!(identity = owner, conn = s.conn_id, topic, bytes = payload.len(), "routed");
                 1
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -406,9 +378,7 @@ pub struct MqttHandle {
 
 impl std::fmt::Debug for MqttHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MqttHandle")
-            .field("local_addr", &self.shared.local_addr)
-            .finish()
+        f.debug_struct("MqttHandle").field("local_addr", &self.shared.local_addr).finish()
     }
 }
 
@@ -432,10 +402,7 @@ impl MqttHandle {
             return Err(MqttError::InvalidTopic(topic.chars().take(200).collect()));
         }
         if payload.len() > self.shared.cfg.max_payload {
-            return Err(MqttError::PayloadTooLarge {
-                size: payload.len(),
-                max: self.shared.cfg.max_payload,
-            });
+            return Err(MqttError::PayloadTooLarge { size: payload.len(), max: self.shared.cfg.max_payload });
         }
         Ok(self.shared.route(topic, &payload, QoS::AtLeastOnce))
     }
@@ -454,11 +421,8 @@ impl MqttHandle {
 
     /// Identities with a live session, sorted.
     pub fn connected(&self) -> Vec<String> {
-        let mut v: Vec<String> = lock(&self.shared.sessions)
-            .iter()
-            .filter(|(_, s)| !s.killed)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let mut v: Vec<String> =
+            lock(&self.shared.sessions).iter().filter(|(_, s)| !s.killed).map(|(k, _)| k.clone()).collect();
         v.sort();
         v
     }
@@ -516,10 +480,7 @@ pub async fn start_with_limits(
     limits: Limits,
 ) -> Result<(MqttHandle, mpsc::Receiver<MqttEvent>), StartError> {
     let tls = match &cfg.tls {
-        Some(t) => Some(TlsAcceptor::from(sphinx_tls::server_config(
-            &t.cert_chain,
-            &t.private_key,
-        )?)),
+        Some(t) => Some(TlsAcceptor::from(sphinx_tls::server_config(&t.cert_chain, &t.private_key)?)),
         None if !is_loopback(cfg.listen.ip()) && !cfg.allow_plaintext_non_loopback => {
             return Err(StartError::PlaintextNonLoopback(cfg.listen));
         }
@@ -528,10 +489,7 @@ pub async fn start_with_limits(
     if tls.is_none() && !is_loopback(cfg.listen.ip()) {
         warn!(listen = %cfg.listen, "MQTT without TLS on a non-loopback address (explicitly allowed): tokens and requests travel in clear text");
     }
-    let bind_err = |source| StartError::Bind {
-        addr: cfg.listen,
-        source,
-    };
+    let bind_err = |source| StartError::Bind { addr: cfg.listen, source };
     let listener = TcpListener::bind(cfg.listen).await.map_err(bind_err)?;
     let local_addr = listener.local_addr().map_err(bind_err)?;
     let (events, rx) = mpsc::channel(cfg.event_capacity.max(1));
@@ -587,9 +545,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls
             peer = %peer,
             identity = tracing::field::Empty
         );
-        tokio::spawn(
-            serve(shared.clone(), tls.clone(), stream, peer, conn_id, permit).instrument(span),
-        );
+        tokio::spawn(serve(shared.clone(), tls.clone(), stream, peer, conn_id, permit).instrument(span));
     }
     info!("MQTT server stopped accepting");
 }
@@ -626,10 +582,7 @@ async fn serve(
             conn::run(shared, stream, peer, conn_id, permit, deadline).await;
         }
         Ok(Err(e)) => warn!("TLS handshake failed: {e}"),
-        Err(_) => warn!(
-            "TLS handshake not finished within {:?}; closing",
-            shared.limits.connect_timeout
-        ),
+        Err(_) => warn!("TLS handshake not finished within {:?}; closing", shared.limits.connect_timeout),
     }
 }
 

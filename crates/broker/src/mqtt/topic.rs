@@ -61,9 +61,7 @@ pub fn matches(topic: &str, filter: &str) -> bool {
 
 /// The part of `s` after `{identity}/`, if it is non-empty.
 fn own_suffix<'a>(identity: &str, s: &'a str) -> Option<&'a str> {
-    s.strip_prefix(identity)?
-        .strip_prefix('/')
-        .filter(|rest| !rest.is_empty())
+    s.strip_prefix(identity)?.strip_prefix('/').filter(|rest| !rest.is_empty())
 }
 
 /// ACL for PUBLISH: `topic` is a valid topic name under `{identity}/`. `identity` must be a
@@ -137,10 +135,7 @@ mod tests {
             assert!(valid_identity(id));
             for f in names.iter().filter(|f| filter_allowed(id, f)) {
                 for t in names.iter().filter(|t| valid_topic(t) && matches(t, f)) {
-                    assert!(
-                        t == id || owner(t) == Some(id),
-                        "{f:?} of {id:?} matches {t:?}"
-                    );
+                    assert!(t == id || owner(t) == Some(id), "{f:?} of {id:?} matches {t:?}");
                 }
             }
             for t in names.iter().filter(|t| topic_allowed(id, t)) {

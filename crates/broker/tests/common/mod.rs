@@ -18,18 +18,14 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "sphinx_broker=debug".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "sphinx_broker=debug".into()),
         )
         .with_test_writer()
         .try_init();
 }
 
 pub async fn next_event(rx: &mut mpsc::Receiver<MqttEvent>) -> MqttEvent {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("timed out waiting for an event")
-        .expect("event channel closed")
+    tokio::time::timeout(WAIT, rx.recv()).await.expect("timed out waiting for an event").expect("event channel closed")
 }
 
 // ---------- a `sphinx-key` process ----------
@@ -57,11 +53,7 @@ impl Drop for Dir {
 pub fn key_bin_path() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    let dir = if dir.ends_with("deps") {
-        dir.parent()?
-    } else {
-        dir
-    };
+    let dir = if dir.ends_with("deps") { dir.parent()? } else { dir };
     Some(dir.join("sphinx-key"))
 }
 
@@ -93,24 +85,13 @@ pub fn start_key(bin: &Path, data: &Path, broker: &str, extra: &[&str]) -> KeyPr
         .args(["--network", "regtest", "--seed-hex", ALICE_SEED])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "sphinx-key init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "sphinx-key init: {}", String::from_utf8_lossy(&out.stderr));
     let log = data.with_extension("log");
     let f = std::fs::File::create(&log).unwrap();
     let mut cmd = Command::new(bin);
     cmd.args(["run", "--data-dir"])
         .arg(data)
-        .args([
-            "--broker",
-            broker,
-            "--network",
-            "regtest",
-            "--status",
-            "none",
-        ])
+        .args(["--broker", broker, "--network", "regtest", "--status", "none"])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(f.try_clone().unwrap())
@@ -118,8 +99,7 @@ pub fn start_key(bin: &Path, data: &Path, broker: &str, extra: &[&str]) -> KeyPr
     // SAFETY: only asks the kernel to SIGKILL the child when this process dies.
     unsafe {
         cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(std::io::Error::from)
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
         });
     }
     KeyProc(cmd.spawn().unwrap(), log)

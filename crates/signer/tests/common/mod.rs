@@ -87,11 +87,7 @@ pub fn load(name: &str) -> Vec<Step> {
 
 /// Regtest, strict policy, clock fixed at `t`.
 pub fn config(t: u64) -> SignerConfig {
-    SignerConfig {
-        network: bitcoin::Network::Regtest,
-        policy: Default::default(),
-        clock: ClockConfig::Fixed(t),
-    }
+    SignerConfig { network: bitcoin::Network::Regtest, policy: Default::default(), clock: ClockConfig::Fixed(t) }
 }
 
 /// A fresh, empty temporary directory for this test.

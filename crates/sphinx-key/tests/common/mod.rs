@@ -33,12 +33,7 @@ pub fn trace_requests() -> Vec<Request> {
         if let Some(p) = v["ctx"]["peer_id"].as_str() {
             peer_id.copy_from_slice(&hex::decode(p).unwrap());
         }
-        out.push(Request {
-            seq: out.len() as u16,
-            peer_id,
-            dbid: v["ctx"]["dbid"].as_u64().unwrap(),
-            message,
-        });
+        out.push(Request { seq: out.len() as u16, peer_id, dbid: v["ctx"]["dbid"].as_u64().unwrap(), message });
     }
     out
 }

@@ -16,11 +16,8 @@ pub struct Dir(pub PathBuf);
 impl Dir {
     pub fn new(prefix: &str) -> Dir {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        let p =
+            std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         std::fs::create_dir_all(&p).unwrap();
         Dir(p)
     }
@@ -54,8 +51,7 @@ pub struct Cert {
 }
 
 pub fn self_signed(dir: impl AsRef<Path>, name: &str) -> Cert {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let write = |file: String, text: String| {
         let p = dir.as_ref().join(file);
         std::fs::write(&p, text).unwrap();
