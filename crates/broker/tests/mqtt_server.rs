@@ -578,13 +578,13 @@ async fn slow_client_is_dropped() {
 }
 
 #[tokio::test]
-async fn qos1_round_trip_latency() {
-    // App → client QoS 1 request, client → app QoS 1 reply, like the relay does.
+async fn qos1_request_reply_round_trips_with_split_writes() {
+    // App → client QoS 1 request, client → app QoS 1 reply, like the relay does. (Its latency,
+    // where Nagle + delayed ACK would show, is measured by `cargo bench -p sphinx-standin`.)
     let (h, mut rx) = server().await;
     let (mut r, _) = Raw::connect(&h, &mut rx, "alice", 30).await;
     r.subscribe("alice/vls", QoS::AtLeastOnce).await;
     let n = 200u32;
-    let t = Instant::now();
     for i in 0..n {
         h.publish("alice/vls", Bytes::from(i.to_be_bytes().to_vec())).await.unwrap();
         let req = match r.read().await {
@@ -600,10 +600,6 @@ async fn qos1_round_trip_latency() {
         assert_eq!((topic.as_str(), &payload[..]), ("alice/vls-res", &i.to_be_bytes()[..]));
         assert!(matches!(r.read().await, Some(Packet::PubAck(_))));
     }
-    let per = t.elapsed() / n;
-    println!("QoS 1 request/response round trip: {per:?} average over {n}");
-    // Nagle + delayed ACK would make this ~40-90 ms; generous bound for a loaded machine.
-    assert!(per < Duration::from_millis(15), "round trip too slow: {per:?}");
 }
 
 #[tokio::test]

@@ -295,10 +295,10 @@ impl RawTls {
 }
 
 /// The relay's round trip (application QoS 1 publish → client PUBACK and QoS 1 reply as two
-/// writes → `Message` event → server PUBACK), over TLS: TLS must not bring Nagle back (every
-/// write is flushed, sockets have TCP_NODELAY).
+/// writes → `Message` event → server PUBACK), over TLS: every write is flushed, so nothing
+/// waits in a TLS buffer.
 #[tokio::test]
-async fn qos1_round_trip_latency_over_tls() {
+async fn qos1_request_reply_round_trips_over_tls() {
     let dir = Dir::new("sphinx-mqtt-tls");
     let cert = self_signed(&dir, "broker");
     let (h, mut rx) = tls_server(&cert, Limits::default()).await;
@@ -309,7 +309,6 @@ async fn qos1_round_trip_latency_over_tls() {
     r.send(|b| sub.write(b)).await;
     assert!(matches!(r.read().await, v4::Packet::SubAck(_)));
     let n = 200u32;
-    let t = std::time::Instant::now();
     for i in 0..n {
         h.publish("alice/vls", Bytes::from(i.to_be_bytes().to_vec())).await.unwrap();
         let req = match r.read().await {
@@ -330,7 +329,4 @@ async fn qos1_round_trip_latency_over_tls() {
         }
         assert!(matches!(r.read().await, v4::Packet::PubAck(_)));
     }
-    let per = t.elapsed() / n;
-    println!("QoS 1 request/response round trip over TLS: {per:?} average over {n}");
-    assert!(per < Duration::from_millis(15), "round trip too slow: {per:?}");
 }
