@@ -38,7 +38,7 @@ pub fn mqtt_packet(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     let mut identity = String::from("alice");
     if buf.first() == Some(&0x10) {
-        match v4::read(&mut buf, MAX_CONNECT_PACKET) {
+        match v4::Packet::read(&mut buf, MAX_CONNECT_PACKET) {
             Ok(Packet::Connect(c)) => {
                 let user = c.login.as_ref().map(|l| l.username.clone());
                 if let Some(u) = user.filter(|u| valid_identity(u)) {
@@ -56,7 +56,7 @@ pub fn mqtt_packet(data: &[u8]) {
     // Every successful read consumes at least 2 bytes; the bound only guards that assumption.
     for _ in 0..=data.len() {
         let before = buf.len();
-        match v4::read(&mut buf, MAX_PACKET) {
+        match v4::Packet::read(&mut buf, MAX_PACKET) {
             Ok(p) => {
                 assert!(buf.len() < before, "codec returned a packet without consuming input");
                 match p {
@@ -125,7 +125,7 @@ fn publish_round_trip(topic: &str, payload: &Bytes) {
     if let Err(e) = p.write(&mut out) {
         panic!("cannot encode a publish to a valid topic {topic:?}: {e}");
     }
-    match v4::read(&mut out, MAX_PACKET) {
+    match v4::Packet::read(&mut out, MAX_PACKET) {
         Ok(Packet::Publish(q)) => {
             assert_eq!(q.topic, topic);
             assert_eq!(q.payload, *payload);

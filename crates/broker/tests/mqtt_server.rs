@@ -235,7 +235,7 @@ impl Raw {
     async fn read(&mut self) -> Option<Packet> {
         tokio::time::timeout(WAIT, async {
             loop {
-                match v4::read(&mut self.buf, 1 << 24) {
+                match v4::Packet::read(&mut self.buf, 1 << 24) {
                     Ok(p) => return Some(p),
                     Err(rumqttc::Error::InsufficientBytes(_)) => {}
                     Err(e) => panic!("bad packet from server: {e}"),

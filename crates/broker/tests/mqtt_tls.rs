@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use certs::{self_signed, Cert, Dir};
 use common::{init_tracing, next_event, WAIT};
 use rumqttc::mqttbytes::v4::{self, Connect, Login};
-use rumqttc_tls::{
+use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
 use sphinx_broker::mqtt::{self, Limits, MqttConfig, MqttEvent, MqttHandle, StartError, TlsSettings};
@@ -108,7 +108,7 @@ async fn round_trip(h: &MqttHandle, rx: &mut mpsc::Receiver<MqttEvent>, id: &str
     client.disconnect().await.unwrap();
     loop {
         match poll(&mut el).await {
-            Ok(Event::Outgoing(rumqttc_tls::Outgoing::Disconnect)) | Err(_) => break,
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
             Ok(_) => {}
         }
     }
@@ -280,7 +280,7 @@ impl RawTls {
     async fn read(&mut self) -> v4::Packet {
         tokio::time::timeout(WAIT, async {
             loop {
-                match v4::read(&mut self.buf, 1 << 24) {
+                match v4::Packet::read(&mut self.buf, 1 << 24) {
                     Ok(p) => return p,
                     Err(rumqttc::Error::InsufficientBytes(_)) => {}
                     Err(e) => panic!("bad packet from server: {e}"),

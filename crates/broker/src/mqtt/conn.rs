@@ -29,7 +29,7 @@ async fn read_connect<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) 
             if b != 0x10 {
                 return Err(format!("first packet is not CONNECT (byte 0x{b:02x})"));
             }
-            match v4::read(buf, MAX_CONNECT_PACKET) {
+            match v4::Packet::read(buf, MAX_CONNECT_PACKET) {
                 Ok(Packet::Connect(c)) => return Ok(c),
                 Ok(p) => return Err(format!("first packet is not CONNECT: {p:?}")),
                 Err(CodecError::InsufficientBytes(_)) => {}
@@ -196,7 +196,7 @@ pub(super) async fn run<S>(
     let reason: Reason = 'conn: loop {
         // Handle every complete packet already buffered.
         loop {
-            match v4::read(&mut buf, max_packet) {
+            match v4::Packet::read(&mut buf, max_packet) {
                 Ok(p) => {
                     if let Some(l) = limit {
                         sleep.as_mut().reset(tokio::time::Instant::now() + l);

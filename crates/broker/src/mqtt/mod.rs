@@ -613,7 +613,7 @@ mod tests {
                 // Make the remaining length consistent more often, to reach the packet parsers.
                 buf[1] = (buf.len() - 2).min(127) as u8;
             }
-            while let Ok(_p) = v4::read(&mut buf, 1 << 20) {}
+            while let Ok(_p) = v4::Packet::read(&mut buf, 1 << 20) {}
         }
     }
 }
