@@ -480,8 +480,10 @@ mod tests {
 
     #[test]
     fn signer_node_id_must_be_a_node_id() {
-        let mut c = Config::default();
-        c.signer_node_id = Some("029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46".into());
+        let mut c = Config {
+            signer_node_id: Some("029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46".into()),
+            ..Config::default()
+        };
         assert!(c.validate().is_ok());
         c.signer_node_id = Some("029E41168D807AC2A06BD2C6025ACA1BF0C6401E9683BE9BC66B06F07C54A0EF46".into());
         assert!(c.validate().is_err(), "lowercase hex, as topics use it");
