@@ -4,7 +4,6 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{auth, stop, trace_requests, ALICE, T};
@@ -64,17 +63,13 @@ async fn signer_serves_over_mqtt_reconnects_and_reports_errors() {
     let rep = Reply::decode(&p).unwrap();
     assert_eq!((rep.seq, &rep.message[..2]), (0, &[0u8, 114][..]));
 
-    // Round trips: with TCP_NODELAY on both sides each is well under Nagle's ~40-90 ms.
-    let start = Instant::now();
+    // Requests answered in order, each matched by its seq (latency: `cargo bench -p sphinx-standin`).
     let n = 40;
     for r in &reqs[1..=n] {
         let (topic, p) = ask(&h, &mut rx, r).await;
         assert_eq!(topic, format!("{ALICE}/vls-res"));
         assert_eq!(Reply::decode(&p).unwrap().seq, r.seq);
     }
-    let per = start.elapsed() / n as u32;
-    eprintln!("per request over MQTT (incl. redb commit): {per:?}");
-    assert!(per < Duration::from_millis(30), "{per:?} per request");
 
     // A bad request is reported on {id}/error as seq | text, and the signer keeps going.
     let bad = Request { seq: 777, peer_id: [0; 33], dbid: 0, message: vec![0, 1, 2] };
