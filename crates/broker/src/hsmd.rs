@@ -131,11 +131,18 @@ impl HsmdServer {
                         self.check_chain(&msg)?;
                         info!("hsmd_init from lightningd; waiting for the signer's answer");
                     }
-                    let reply = self
-                        .relay
-                        .call(ClientContext::ROOT, msg)
-                        .await
-                        .map_err(|error| HsmdError::RootRequest { msg_type, error })?;
+                    // lightningd waits for this reply; if it dies meanwhile, so do we (CLN's hsmd
+                    // would see the closed socket too) instead of waiting out the request bound.
+                    let reply = tokio::select! {
+                        r = self.relay.call(ClientContext::ROOT, msg) => {
+                            r.map_err(|error| HsmdError::RootRequest { msg_type, error })?
+                        }
+                        gone = peer_closed(&root) => {
+                            gone?;
+                            info!(msg_type, "lightningd closed the hsmd connection while its request was pending; exiting");
+                            return Ok(());
+                        }
+                    };
                     write_msg(&mut root, &reply).await?;
                     if msg_type == hsmd::HSMD_INIT {
                         info!("signer answered hsmd_init");
@@ -213,6 +220,25 @@ impl HsmdServer {
         let mut s = status.lock().await;
         if let Err(e) = write_msg(&mut s, &m).await {
             warn!(error = %e, "cannot report bad request on the status socket");
+        }
+    }
+}
+
+/// Resolves once the peer has closed `s` (EOF), consuming nothing. If the peer sends data
+/// instead (lightningd never writes while its request is pending), it stays pending: that data is
+/// read as the next message.
+async fn peer_closed(s: &UnixStream) -> std::io::Result<()> {
+    loop {
+        s.readable().await?;
+        let mut byte = [0u8; 1];
+        let r = s.try_io(Interest::READABLE, || {
+            nix::sys::socket::recv(s.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK).map_err(std::io::Error::from)
+        });
+        match r {
+            Ok(0) => return Ok(()),
+            Ok(_) => std::future::pending::<()>().await,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }

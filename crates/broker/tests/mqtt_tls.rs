@@ -16,9 +16,7 @@ use bytes::{Bytes, BytesMut};
 use certs::{self_signed, Cert, Dir};
 use common::{init_tracing, next_event, WAIT};
 use rumqttc::mqttbytes::v4::{self, Connect, Login};
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use sphinx_broker::mqtt::{self, Limits, MqttConfig, MqttEvent, MqttHandle, StartError, TlsSettings};
 use sphinx_tls::{Fingerprint, ServerTrust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

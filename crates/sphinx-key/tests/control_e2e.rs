@@ -15,7 +15,7 @@ use std::time::Duration;
 use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
 use bytes::Bytes;
 use certs::self_signed;
-use common::{auth, stop, trace_requests, ALICE, T};
+use common::{auth, die_with_test, stop, trace_requests, ALICE, T};
 use sphinx_broker::mqtt::{self, MqttConfig, MqttEvent, MqttHandle, TlsSettings};
 use sphinx_wire::control::{
     build_request, parse_response, ControlMessage as M, ControlResponse as R, Interval, Policy,
@@ -67,7 +67,7 @@ fn init_alice(dir: &Path, extra: &[&str]) {
 }
 
 fn spawn_signer(dir: &Path, addr: std::net::SocketAddr, extra: &[&str]) -> Child {
-    Command::new(BIN)
+    die_with_test(&mut Command::new(BIN))
         .args(["run", "--status", "none", "--log", "info", "--dev-fixed-clock", "1795466257"])
         .arg("--data-dir")
         .arg(dir)

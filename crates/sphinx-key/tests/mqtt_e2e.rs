@@ -6,13 +6,13 @@ mod common;
 use std::process::{Child, Command, Stdio};
 
 use bytes::Bytes;
-use common::{auth, stop, trace_requests, ALICE, T};
+use common::{auth, die_with_test, stop, trace_requests, ALICE, T};
 use sphinx_broker::mqtt::{self, MqttConfig, MqttEvent, MqttHandle};
 use sphinx_wire::serial::{Reply, Request};
 use tokio::sync::mpsc::Receiver;
 
 fn spawn_signer(dir: &std::path::Path, addr: std::net::SocketAddr) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sphinx-key"))
+    die_with_test(&mut Command::new(env!("CARGO_BIN_EXE_sphinx-key")))
         .args(["run", "--status", "none", "--log", "warn", "--dev-fixed-clock", "1795466257"])
         .arg("--data-dir")
         .arg(dir)

@@ -150,3 +150,23 @@ fn a_configured_signer_node_id_is_pinned_before_any_signer_connects() {
     assert!(tail(&log, 20000).contains("is not the pinned node"), "{}", tail(&log, 3000));
     let _ = ld.kill();
 }
+
+#[test]
+fn lightningd_dying_while_init_waits_for_a_signer_ends_the_broker() {
+    let d = tempdir("ld-dies");
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let log = d.join("broker.log");
+    let opts = SpawnOptions { output: BrokerOutput::File(log.clone()), ..SpawnOptions::default() };
+    let mut ld = FakeLightningd::spawn_with(
+        bin("sphinx-broker").unwrap(),
+        Vec::<String>::new(),
+        broker_envs(&d.join("broker"), &listen),
+        opts,
+    )
+    .unwrap();
+    // No signer: the init waits; lightningd gives up and goes away.
+    assert!(ld.root_call_timeout(&init_request(), Duration::from_millis(500)).is_err());
+    let status = ld.shutdown().unwrap();
+    assert_eq!(status.code(), Some(0), "the broker ends with lightningd\n{}", tail(&log, 3000));
+    assert!(tail(&log, 20000).contains("closed the hsmd connection while its request was pending"));
+}

@@ -48,6 +48,16 @@ pub fn auth() -> Arc<dyn mqtt::Authenticator> {
     })
 }
 
+/// Makes a started device die with the test's thread (a panicking test leaves no device
+/// running; the tokio worker that spawns it lives until the test's runtime ends).
+pub fn die_with_test(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from))
+    }
+}
+
 /// Kills the device and reaps it.
 pub fn stop(mut child: Child) {
     child.kill().unwrap();
