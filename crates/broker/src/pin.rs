@@ -83,18 +83,25 @@ impl PinStore {
             Some(p) => return Err(PinError::Mismatch { pinned: p.to_string(), offered: id.to_string() }),
             None => {}
         }
-        let tmp = self.path.with_extension("tmp");
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(format!("{id}\n").as_bytes()).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io_err(&self.path))?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
-        }
+        write_durably(&self.path, format!("{id}\n").as_bytes()).map_err(io_err(&self.path))?;
         tracing::info!(node_id = %id, path = %self.path.display(), "pinned signer node id");
         *g = Some(id.to_string());
         Ok(())
     }
+}
+
+/// Replaces `path` with `contents` so that a crash leaves the old or the new file, never a torn
+/// one: temp file, fsync, rename, directory fsync.
+pub(crate) fn write_durably(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

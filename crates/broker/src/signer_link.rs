@@ -64,15 +64,8 @@ impl TokenAuth {
                 ));
             }
         }
-        let tmp = self.last_login_path.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(format!("{ts}\n").as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.last_login_path)
-        };
-        write().map_err(|e| format!("cannot record the login time in {}: {e}", self.last_login_path.display()))
+        crate::pin::write_durably(&self.last_login_path, format!("{ts}\n").as_bytes())
+            .map_err(|e| format!("cannot record the login time in {}: {e}", self.last_login_path.display()))
     }
 }
 
