@@ -1,4 +1,4 @@
-//! Fuzz target `mqtt_packet`: see `sphinx_fuzz::broker_checks::mqtt_packet`.
+//! Fuzz target `mqtt_packet`: see `sphinx_fuzz::mqtt_checks::mqtt_packet`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| sphinx_fuzz::broker_checks::mqtt_packet(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| sphinx_fuzz::mqtt_checks::mqtt_packet(data));

@@ -25,6 +25,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
+use sphinx_mqtt_server::{is_loopback, MqttError, MqttHandle};
 use sphinx_wire::control::MAX_CONTROL_LEN;
 use sphinx_wire::topics;
 use tokio::net::TcpListener;
@@ -32,7 +33,6 @@ use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{ApiSettings, ApiToken, ConfigError};
-use crate::mqtt::{MqttError, MqttHandle};
 use crate::pin::PinStore;
 use crate::relay::RelayHandle;
 use crate::signer_link::{SignerEvent, SignerHub};
@@ -173,7 +173,7 @@ impl Shared {
 /// Binds the API and serves it in the background. Refuses settings that [`ApiSettings::check`]
 /// refuses (an enabled API without a token, or on a non-loopback address without opt-in).
 pub async fn start(cfg: ApiConfig, state: ApiState) -> Result<ApiHandle, ApiError> {
-    if !crate::mqtt::is_loopback(cfg.listen.ip()) && !cfg.allow_non_loopback {
+    if !is_loopback(cfg.listen.ip()) && !cfg.allow_non_loopback {
         return Err(ApiError::Config(ConfigError::Invalid(
             "api.listen",
             format!("{} is not a loopback address and api.allow_non_loopback is not set", cfg.listen),
@@ -184,7 +184,7 @@ pub async fn start(cfg: ApiConfig, state: ApiState) -> Result<ApiHandle, ApiErro
     }
     let listener = TcpListener::bind(cfg.listen).await.map_err(|source| ApiError::Bind { addr: cfg.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| ApiError::Bind { addr: cfg.listen, source })?;
-    if !crate::mqtt::is_loopback(local_addr.ip()) {
+    if !is_loopback(local_addr.ip()) {
         warn!(listen = %local_addr, "operator API on a non-loopback address (explicitly allowed): plain HTTP, the token travels in clear text");
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -157,7 +157,7 @@ impl ApiSettings {
                 ),
             ));
         }
-        if !crate::mqtt::is_loopback(listen.ip()) && !self.allow_non_loopback {
+        if !sphinx_mqtt_server::is_loopback(listen.ip()) && !self.allow_non_loopback {
             return Err(ConfigError::Invalid(
                 "api.listen",
                 format!(

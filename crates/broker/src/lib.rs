@@ -2,7 +2,7 @@
 //! over an embedded, authenticated MQTT broker.
 //!
 //! One path for a request: [`hsmd`] reads it from a CLN connection → [`relay`] numbers it and
-//! publishes it to the signer through the embedded [`mqtt`] server → the signer's reply comes
+//! publishes it to the signer through the embedded MQTT server ([`sphinx_mqtt_server`]) → the signer's reply comes
 //! back through [`signer_link`] → [`relay`] matches it by sequence number → [`hsmd`] writes it.
 //!
 //! Beside it, the optional operator [`api`] (HTTP, loopback, bearer token) lists the signers,
@@ -13,7 +13,6 @@ pub mod api;
 pub mod chain;
 pub mod config;
 pub mod hsmd;
-pub mod mqtt;
 pub mod pin;
 pub mod relay;
 pub mod signer_link;
@@ -21,6 +20,7 @@ pub mod signer_link;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 
+use sphinx_mqtt_server as mqtt;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -56,7 +56,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
         // Configured: pin now (or check the existing pin) instead of trusting the first signer.
         pin.pin(id).map_err(|e| anyhow::anyhow!("signer_node_id: {e}"))?;
     }
-    let auth = Arc::new(signer_link::TokenAuth::new(pin.clone(), cfg.mqtt.token_window, &cfg.data_dir));
+    let auth = signer_link::TokenAuth::new(pin.clone(), cfg.mqtt.token_window, &cfg.data_dir);
     let mqtt_cfg = mqtt::MqttConfig {
         max_payload: cfg.mqtt.max_payload,
         tls,

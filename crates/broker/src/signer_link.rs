@@ -18,8 +18,9 @@ use sphinx_wire::{token, topics};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, info, warn};
 
-use crate::mqtt::{Authenticator, MqttEvent, MqttHandle};
-use crate::pin::PinStore;
+use sphinx_mqtt_server::{Authenticator, MqttEvent, MqttEvents, MqttHandle};
+
+use crate::pin::{PinError, PinStore};
 use crate::relay::{LinkEvent, SignerLink};
 
 /// Signer login: a fresh sphinx-key token for the key in the username, which must be the
@@ -55,41 +56,80 @@ impl TokenAuth {
     }
 
     /// For the pinned key: the token must be later than the last accepted one, durably.
-    fn advance_pinned_login(&self, ts: u32) -> Result<(), String> {
+    fn advance_pinned_login(&self, ts: u32) -> Result<(), LoginError> {
         let last = std::fs::read_to_string(&self.last_login_path).ok().and_then(|s| s.trim().parse::<u32>().ok());
         if let Some(last) = last {
             if ts <= last {
-                return Err(format!(
-                    "token time {ts} is not after the last login ({last}): replayed or clock went back"
-                ));
+                return Err(LoginError::NotAfterLastLogin { ts, last });
             }
         }
         crate::pin::write_durably(&self.last_login_path, format!("{ts}\n").as_bytes())
-            .map_err(|e| format!("cannot record the login time in {}: {e}", self.last_login_path.display()))
+            .map_err(|source| LoginError::Record { path: self.last_login_path.clone(), source })
     }
 }
 
+/// Why [`TokenAuth`] refused a login (logged by the MQTT server).
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// No MQTT username.
+    #[error("no username (expected the signer's node id)")]
+    NoUsername,
+    /// No MQTT password.
+    #[error("no password (expected a sphinx-key token)")]
+    NoPassword,
+    /// The token is malformed, stale, or not signed by the username's key.
+    #[error(transparent)]
+    Token(#[from] token::Error),
+    /// The username is not the signing key's node id as topics spell it.
+    #[error("username must be the node id in lowercase hex ({0})")]
+    NotNodeId(String),
+    /// Another key is pinned.
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    /// This token was accepted before, within its window.
+    #[error("token already used (replayed login)")]
+    Replayed,
+    /// The pinned key's token is not later than its last accepted one.
+    #[error("token time {ts} is not after the last login ({last}): replayed or clock went back")]
+    NotAfterLastLogin {
+        /// The token's time.
+        ts: u32,
+        /// The last accepted login's.
+        last: u32,
+    },
+    /// The login time could not be recorded durably.
+    #[error("cannot record the login time in {}: {source}", path.display())]
+    Record {
+        /// `data_dir/pinned-last-login`.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
 impl Authenticator for TokenAuth {
+    type Error = LoginError;
+
     fn authenticate(
         &self,
         _client_id: &str,
         username: Option<&str>,
         password: Option<&[u8]>,
-    ) -> Result<String, String> {
-        let user = username.ok_or("no username (expected the signer's node id)")?;
-        let pass = password.ok_or("no password (expected a sphinx-key token)")?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let key = token::verify(user, pass, now, self.window.as_secs()).map_err(|e| e.to_string())?;
+    ) -> Result<String, LoginError> {
+        let user = username.ok_or(LoginError::NoUsername)?;
+        let pass = password.ok_or(LoginError::NoPassword)?;
+        let now = unix_now();
+        let key = token::verify(user, pass, now, self.window.as_secs())?;
         let id = key.to_string();
         if id != user {
-            return Err(format!("username must be the node id in lowercase hex ({id})"));
+            return Err(LoginError::NotNodeId(id));
         }
-        self.pin.allows(&id).map_err(|e| e.to_string())?;
+        self.pin.allows(&id)?;
         if !self.first_use(pass, now) {
-            return Err("token already used (replayed login)".into());
+            return Err(LoginError::Replayed);
         }
         if self.pin.get().as_deref() == Some(id.as_str()) {
-            let ts = token::timestamp(pass).map_err(|e| e.to_string())?;
+            let ts = token::timestamp(pass)?;
             self.advance_pinned_login(ts)?;
         }
         Ok(id)
@@ -102,7 +142,7 @@ impl SignerLink for MqttHandle {
         topic: String,
         payload: Vec<u8>,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
-        Box::pin(async move { MqttHandle::publish(self, &topic, payload.into()).await.map_err(|e| e.to_string()) })
+        Box::pin(async move { MqttHandle::publish(self, &topic, payload.into()).map_err(|e| e.to_string()) })
     }
     fn disconnect(&self, identity: &str) {
         MqttHandle::disconnect(self, identity)
@@ -375,7 +415,7 @@ impl SignerHub {
 /// Translates MQTT events into relay events until either side closes, and keeps `hub` (the
 /// operator API's view) up to date. The relay sees exactly what it saw before the hub existed:
 /// connects are not relay events, `control-res` is not either, errors go to both.
-pub async fn forward_events(mut from: mpsc::Receiver<MqttEvent>, to: mpsc::Sender<LinkEvent>, hub: Arc<SignerHub>) {
+pub async fn forward_events(mut from: MqttEvents, to: mpsc::Sender<LinkEvent>, hub: Arc<SignerHub>) {
     while let Some(ev) = from.recv().await {
         let out = match ev {
             MqttEvent::Connected { identity, .. } => {
@@ -441,7 +481,11 @@ mod tests {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
         let tok = token::make(&sk, now as u32);
         assert_eq!(auth.authenticate("c", Some(&id), Some(tok.as_bytes())).unwrap(), id);
-        assert!(auth.authenticate("c", Some(&id), Some(tok.as_bytes())).unwrap_err().contains("already used"));
+        assert!(auth
+            .authenticate("c", Some(&id), Some(tok.as_bytes()))
+            .unwrap_err()
+            .to_string()
+            .contains("already used"));
         let stale = token::make(&sk, (now - 3600) as u32);
         assert!(auth.authenticate("c", Some(&id), Some(stale.as_bytes())).is_err());
         assert!(auth.authenticate("c", None, None).is_err());
@@ -456,7 +500,7 @@ mod tests {
         let t3 = token::make(&sk, now as u32 + 1);
         assert!(auth.authenticate("c", Some(&id), Some(t3.as_bytes())).is_ok());
         let restarted = TokenAuth::new(pin.clone(), Duration::from_secs(300), &dir);
-        let err = restarted.authenticate("c", Some(&id), Some(t3.as_bytes())).unwrap_err();
+        let err = restarted.authenticate("c", Some(&id), Some(t3.as_bytes())).unwrap_err().to_string();
         assert!(err.contains("not after the last login"), "{err}");
         let t4 = token::make(&sk, now as u32 + 2);
         assert!(restarted.authenticate("c", Some(&id), Some(t4.as_bytes())).is_ok());

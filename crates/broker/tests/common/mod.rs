@@ -5,28 +5,6 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-use sphinx_broker::mqtt::MqttEvent;
-use tokio::sync::mpsc;
-
-// ---------- embedded MQTT server ----------
-
-/// How long the MQTT tests wait for anything: only turns a hang into a failure.
-pub const WAIT: Duration = Duration::from_secs(10);
-
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "sphinx_broker=debug".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-pub async fn next_event(rx: &mut mpsc::Receiver<MqttEvent>) -> MqttEvent {
-    tokio::time::timeout(WAIT, rx.recv()).await.expect("timed out waiting for an event").expect("event channel closed")
-}
 
 // ---------- a `sphinx-key` process ----------
 

@@ -5,16 +5,17 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use common::{init_tracing, next_event, WAIT};
+use common::{init_tracing, next_event, Refused, WAIT};
 use rumqttc::mqttbytes::v4::{self, Packet};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, QoS, SubscribeFilter, SubscribeReasonCode,
 };
-use sphinx_broker::mqtt::{self, Authenticator, Limits, MqttConfig, MqttError, MqttEvent, MqttHandle};
+use sphinx_mqtt_server::{
+    self as mqtt, Authenticator, Limits, MqttConfig, MqttError, MqttEvent, MqttEvents, MqttHandle, OwnPrefix,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -23,16 +24,17 @@ use tokio::sync::mpsc;
 struct TokenAuth;
 
 impl Authenticator for TokenAuth {
+    type Error = Refused;
     fn authenticate(
         &self,
         _client_id: &str,
         username: Option<&str>,
         password: Option<&[u8]>,
-    ) -> Result<String, String> {
+    ) -> Result<String, Refused> {
         match (username, password) {
             (Some(u), Some(p)) if u.as_bytes() == p => Ok(u.to_string()),
-            (Some(u), _) => Err(format!("bad token for {u}")),
-            (None, _) => Err("no username".into()),
+            (Some(u), _) => Err(Refused(format!("bad token for {u}"))),
+            (None, _) => Err(Refused("no username".into())),
         }
     }
 }
@@ -47,30 +49,30 @@ fn config() -> MqttConfig {
     }
 }
 
-async fn server_with(cfg: MqttConfig, limits: Limits) -> (MqttHandle, mpsc::Receiver<MqttEvent>) {
+async fn server_with(cfg: MqttConfig, limits: Limits) -> (MqttHandle, MqttEvents) {
     init_tracing();
-    mqtt::start_with_limits(cfg, Arc::new(TokenAuth), limits).await.unwrap()
+    mqtt::start_with(cfg, limits, TokenAuth, OwnPrefix).await.unwrap()
 }
 
-async fn server() -> (MqttHandle, mpsc::Receiver<MqttEvent>) {
+async fn server() -> (MqttHandle, MqttEvents) {
     server_with(config(), Limits::default()).await
 }
 
-async fn expect_connected(rx: &mut mpsc::Receiver<MqttEvent>, who: &str) -> u64 {
+async fn expect_connected(rx: &mut MqttEvents, who: &str) -> u64 {
     match next_event(rx).await {
         MqttEvent::Connected { identity, conn_id } if identity == who => conn_id,
         other => panic!("expected Connected({who}), got {other:?}"),
     }
 }
 
-async fn expect_disconnected(rx: &mut mpsc::Receiver<MqttEvent>, who: &str, conn: u64) {
+async fn expect_disconnected(rx: &mut MqttEvents, who: &str, conn: u64) {
     match next_event(rx).await {
         MqttEvent::Disconnected { identity, conn_id } if identity == who && conn_id == conn => {}
         other => panic!("expected Disconnected({who}, {conn}), got {other:?}"),
     }
 }
 
-async fn expect_message(rx: &mut mpsc::Receiver<MqttEvent>) -> (String, String, Bytes) {
+async fn expect_message(rx: &mut MqttEvents) -> (String, String, Bytes) {
     match next_event(rx).await {
         MqttEvent::Message { identity, topic, payload, .. } => (identity, topic, payload),
         other => panic!("expected Message, got {other:?}"),
@@ -163,7 +165,7 @@ impl Client {
 }
 
 /// Connects `name` with a valid token, waits for CONNACK and for its Connected event.
-async fn connect(h: &MqttHandle, rx: &mut mpsc::Receiver<MqttEvent>, name: &str) -> (Client, u64) {
+async fn connect(h: &MqttHandle, rx: &mut MqttEvents, name: &str) -> (Client, u64) {
     let mut c = client(h, name, Some((name, name)));
     c.connack().await.unwrap();
     let conn = expect_connected(rx, name).await;
@@ -209,7 +211,7 @@ impl Raw {
     }
 
     /// Connects `name` with a valid token, waits for CONNACK and for its Connected event.
-    async fn connect(h: &MqttHandle, rx: &mut mpsc::Receiver<MqttEvent>, name: &str, keep_alive: u16) -> (Raw, u64) {
+    async fn connect(h: &MqttHandle, rx: &mut MqttEvents, name: &str, keep_alive: u16) -> (Raw, u64) {
         let mut r = Raw::open(h).await;
         let mut c = v4::Connect::new(name);
         c.keep_alive = keep_alive;
@@ -276,9 +278,10 @@ async fn auth_accepted_and_refused() {
 #[tokio::test]
 async fn identity_with_slash_is_refused() {
     init_tracing();
-    let auth =
-        |_: &str, u: Option<&str>, _: Option<&[u8]>| -> Result<String, String> { Ok(format!("{}/x", u.unwrap_or(""))) };
-    let (h, _rx) = mqtt::start(config(), Arc::new(auth)).await.unwrap();
+    let auth = |_: &str, u: Option<&str>, _: Option<&[u8]>| -> Result<String, Refused> {
+        Ok(format!("{}/x", u.unwrap_or("")))
+    };
+    let (h, _rx) = mqtt::start(config(), auth).await.unwrap();
     let mut c = client(&h, "a", Some(("a", "a")));
     c.expect_refused(ConnectReturnCode::NotAuthorized).await;
 }
@@ -333,7 +336,7 @@ async fn subscribe_own_topic_then_app_publish_reaches_client() {
         Packet::SubAck(s) => assert_eq!(s.return_codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]),
         other => panic!("expected SUBACK, got {other:?}"),
     }
-    h.publish("alice/vls", Bytes::from_static(b"request")).await.unwrap();
+    h.publish("alice/vls", Bytes::from_static(b"request")).unwrap();
     match alice.incoming().await {
         Packet::Publish(p) => {
             assert_eq!(p.topic, "alice/vls");
@@ -346,9 +349,9 @@ async fn subscribe_own_topic_then_app_publish_reaches_client() {
     assert_eq!(h.publish_count("alice/control", Bytes::from_static(b"x")), Ok(0));
     assert_eq!(h.publish_count("bob/vls", Bytes::from_static(b"x")), Ok(0));
     // Bad topics and oversized payloads are refused.
-    assert!(matches!(h.publish("alice/#", Bytes::new()).await, Err(MqttError::InvalidTopic(_))));
+    assert!(matches!(h.publish("alice/#", Bytes::new()), Err(MqttError::InvalidTopic(_))));
     assert!(matches!(
-        h.publish("alice/vls", Bytes::from(vec![0u8; 4097])).await,
+        h.publish("alice/vls", Bytes::from(vec![0u8; 4097])),
         Err(MqttError::PayloadTooLarge { size: 4097, max: 4096 })
     ));
 }
@@ -433,7 +436,7 @@ async fn same_identity_takes_over() {
     // Clean session: the old subscription is gone with the old connection.
     assert!(!h.has_subscriber("alice/vls"));
     second.subscribe_acked("alice/vls", QoS::AtLeastOnce).await;
-    h.publish("alice/vls", Bytes::from_static(b"to the new one")).await.unwrap();
+    h.publish("alice/vls", Bytes::from_static(b"to the new one")).unwrap();
     match second.incoming().await {
         Packet::Publish(p) => assert_eq!(&p.payload[..], b"to the new one"),
         other => panic!("expected PUBLISH, got {other:?}"),
@@ -586,7 +589,7 @@ async fn qos1_request_reply_round_trips_with_split_writes() {
     r.subscribe("alice/vls", QoS::AtLeastOnce).await;
     let n = 200u32;
     for i in 0..n {
-        h.publish("alice/vls", Bytes::from(i.to_be_bytes().to_vec())).await.unwrap();
+        h.publish("alice/vls", Bytes::from(i.to_be_bytes().to_vec())).unwrap();
         let req = match r.read().await {
             Some(Packet::Publish(p)) => p,
             other => panic!("expected PUBLISH, got {other:?}"),
@@ -639,7 +642,7 @@ async fn mosquitto_clients_interoperate() {
         .unwrap();
     let c = expect_connected(&mut rx, "carol").await;
     tokio::time::timeout(WAIT, h.wait_subscriber("carol/vls")).await.unwrap();
-    h.publish("carol/vls", Bytes::from_static(b"hello from the broker")).await.unwrap();
+    h.publish("carol/vls", Bytes::from_static(b"hello from the broker")).unwrap();
     let out = tokio::time::timeout(WAIT, sub.wait_with_output()).await.unwrap().unwrap();
     assert!(out.status.success(), "mosquitto_sub failed: {out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), "hello from the broker");
@@ -666,5 +669,5 @@ async fn mosquitto_clients_interoperate() {
         .status();
     let status = tokio::time::timeout(WAIT, status).await.unwrap().unwrap();
     assert!(!status.success());
-    assert!(rx.try_recv().is_err());
+    assert!(rx.try_recv().is_none());
 }

@@ -105,7 +105,7 @@ pub(super) async fn run<S>(
         }
         None => (None, None),
     };
-    let identity = match shared.auth.authenticate(&connect.client_id, username, password) {
+    let identity = match shared.auth.login(&connect.client_id, username, password) {
         Ok(id) => id,
         Err(why) => {
             let code = if username.is_some() {
@@ -318,7 +318,7 @@ impl Session<'_> {
                 if !topic::valid_topic(&p.topic) {
                     return Err(format!("invalid topic name {:?} in PUBLISH", p.topic));
                 }
-                if topic::topic_allowed(self.identity, &p.topic) {
+                if self.shared.acl.may_publish(self.identity, &p.topic) {
                     debug!(topic = %p.topic, bytes = p.payload.len(), qos = ?p.qos, "publish");
                     self.shared.route(&p.topic, &p.payload, p.qos);
                     self.shared
@@ -351,7 +351,7 @@ impl Session<'_> {
                         return Err("session was replaced".into());
                     };
                     for f in &s.filters {
-                        if !topic::filter_allowed(self.identity, &f.path) {
+                        if !topic::valid_filter(&f.path) || !self.shared.acl.may_subscribe(self.identity, &f.path) {
                             warn!(filter = %f.path.escape_debug(), "ACL: subscription refused");
                             codes.push(SubscribeReasonCode::Failure);
                             continue;

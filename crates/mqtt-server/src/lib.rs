@@ -1,9 +1,82 @@
-//! Embedded MQTT 3.1.1 server with per-client topic ACLs (see `docs/mqtt.md`).
+//! An embeddable MQTT 3.1.1 server for tokio, with per-client topic ACLs (see `docs/mqtt.md`).
+//!
+//! It runs inside the application's process, as a small tokio task tree: the application
+//! decides who may log in (an [`Authenticator`]), which topics each client may publish and
+//! subscribe to (an [`Authorizer`]; the default, [`OwnPrefix`], confines every client to topics
+//! under its own identity), publishes to clients through an [`MqttHandle`], and reads what clients
+//! publish from an explicit event stream ([`MqttEvents`]). It knows nothing of what the messages
+//! mean.
+//!
+//! # Example: a server with per-client ACLs
+//!
+//! Sensors log in with a password and publish under their own prefix; the `dashboard` client may
+//! in addition read every sensor's `temp` topic.
+//!
+//! ```
+//! use std::collections::HashMap;
+//!
+//! use sphinx_mqtt_server::{self as mqtt, Authenticator, Authorizer, Limits, MqttConfig, MqttEvent, OwnPrefix};
+//!
+//! /// User name → password; a client's identity is its user name.
+//! struct Users(HashMap<String, String>);
+//!
+//! /// Why a login was refused (logged by the server, never sent to the client).
+//! #[derive(Debug)]
+//! struct BadLogin;
+//! impl std::fmt::Display for BadLogin {
+//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+//!         f.write_str("unknown user or wrong password")
+//!     }
+//! }
+//! impl std::error::Error for BadLogin {}
+//!
+//! impl Authenticator for Users {
+//!     type Error = BadLogin;
+//!     fn authenticate(&self, _client_id: &str, user: Option<&str>, pass: Option<&[u8]>) -> Result<String, BadLogin> {
+//!         match (user, pass) {
+//!             (Some(u), Some(p)) if self.0.get(u).is_some_and(|want| want.as_bytes() == p) => Ok(u.to_string()),
+//!             _ => Err(BadLogin),
+//!         }
+//!     }
+//! }
+//!
+//! /// Everyone gets their own prefix; the dashboard may also subscribe to `+/temp`.
+//! struct Acl;
+//! impl Authorizer for Acl {
+//!     fn may_publish(&self, identity: &str, topic: &str) -> bool {
+//!         OwnPrefix.may_publish(identity, topic)
+//!     }
+//!     fn may_subscribe(&self, identity: &str, filter: &str) -> bool {
+//!         OwnPrefix.may_subscribe(identity, filter) || (identity == "dashboard" && filter == "+/temp")
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let users = Users(HashMap::from([("sensor-1".into(), "s3cret".into()), ("dashboard".into(), "pw".into())]));
+//! let cfg = MqttConfig::new("127.0.0.1:0".parse()?); // port 0: any free port
+//! let (server, mut events) = mqtt::start_with(cfg, Limits::default(), users, Acl).await?;
+//! println!("MQTT on {}", server.local_addr());
+//!
+//! // The application publishes without ACL checks: here a command for sensor-1 (if subscribed).
+//! server.publish("sensor-1/cmd", "calibrate".into())?;
+//!
+//! server.shutdown();
+//! drop(server);
+//! // Every client's publishes arrive here, in order, after the ACL check; the stream ends when
+//! // the server is shut down and its handles are dropped.
+//! while let Some(event) = events.recv().await {
+//!     match event {
+//!         MqttEvent::Connected { identity, .. } => println!("{identity} logged in"),
+//!         MqttEvent::Message { identity, topic, payload, .. } => println!("{identity}: {topic} {payload:?}"),
+//!         MqttEvent::Disconnected { identity, .. } => println!("{identity} left"),
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Design
-//!
-//! The broker process serves Core Lightning and the signers from one process, so the MQTT server
-//! is a small tokio task tree embedded in it rather than a separate broker:
 //!
 //! * [`start`] binds a TCP listener and spawns an **accept loop**. Every accepted socket gets
 //!   `TCP_NODELAY` and its own **connection task**; the number of connections still in the
@@ -15,28 +88,30 @@
 //!   that is not loopback is refused by [`start`] unless
 //!   [`MqttConfig::allow_plaintext_non_loopback`] is set.
 //! * The connection task reads the CONNECT (TLS handshake and CONNECT together within
-//!   [`Limits::connect_timeout`]), asks the
-//!   [`Authenticator`] for the client's **identity**, and registers a session under that identity.
-//!   One identity has at most one session: a second CONNECT for the same identity takes over
-//!   (the old connection is closed and its [`MqttEvent::Disconnected`] is emitted *before* the new
-//!   [`MqttEvent::Connected`]).
+//!   [`Limits::connect_timeout`]), asks the [`Authenticator`] for the client's **identity**, and
+//!   registers a session under that identity. One identity has at most one session: a second
+//!   CONNECT for the same identity takes over (the old connection is closed and its
+//!   [`MqttEvent::Disconnected`] is emitted *before* the new [`MqttEvent::Connected`]).
 //! * After CONNACK the socket is split: the connection task keeps reading and handles packets
 //!   (ACL, events, acknowledgements), and a **writer task** drains a bounded queue of encoded
 //!   frames ([`Limits::outbound_queue`]). Everything sent to a client — acknowledgements and
 //!   publishes routed by [`MqttHandle::publish`] or by other clients — goes through that queue with
 //!   a non-blocking `try_send`; a client whose queue is full cannot keep up and is dropped.
+//! * Every PUBLISH and SUBSCRIBE filter is checked by the [`Authorizer`]: a refused publish is
+//!   dropped (and acknowledged, so the client cannot tell), a refused filter gets SUBACK failure.
 //! * Packets are decoded and encoded with `rumqttc::mqttbytes::v4` (the MQTT 3.1.1 codec of the
-//!   `rumqttc` crate the workspace already uses); topic validation, matching and the ACL are in
-//!   [`topic`] because the codec's matcher can panic on some UTF-8 input.
-//! * Everything a client publishes under its prefix becomes an [`MqttEvent::Message`] on the
-//!   bounded event channel returned by [`start`] (the connection awaits space, i.e. a slow
-//!   application back-pressures clients), and is routed to matching subscribers.
+//!   `rumqttc` crate); topic validation and matching are in [`topic`] because the codec's matcher
+//!   can panic on some UTF-8 input.
+//! * Every allowed client publish becomes an [`MqttEvent::Message`] on the bounded event stream
+//!   returned by [`start`] (the connection awaits space, i.e. a slow application back-pressures
+//!   clients), and is routed to matching subscribers.
 //!
-//! Nothing from the network can panic this module: malformed or oversized packets, protocol
+//! Nothing from the network can panic this crate: malformed or oversized packets, protocol
 //! violations and timeouts close the offending connection with a `tracing` log carrying the
 //! connection id, the peer address and (once known) the identity.
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![warn(missing_docs)]
 
 mod conn;
 pub mod topic;
@@ -96,9 +171,8 @@ pub enum StartError {
     /// Plaintext on a non-loopback address without [`MqttConfig::allow_plaintext_non_loopback`].
     #[error(
         "refusing to serve MQTT without TLS on non-loopback address {0}: configure a TLS \
-         certificate and key ([mqtt] tls_cert and tls_key), listen on 127.0.0.1 or ::1, or \
-         explicitly allow plaintext on non-loopback addresses ([mqtt] \
-         allow_plaintext_non_loopback = true)"
+         certificate and key, listen on 127.0.0.1 or ::1, or explicitly allow plaintext on \
+         non-loopback addresses"
     )]
     PlaintextNonLoopback(SocketAddr),
     /// The TLS certificate or key could not be loaded or used.
@@ -171,24 +245,73 @@ impl Default for Limits {
 /// Largest CONNECT packet accepted (remaining length), before the client is authenticated.
 pub const MAX_CONNECT_PACKET: usize = 64 * 1024;
 
-/// Decides who may connect and what topic prefix they get.
+/// Decides who may connect, and under which identity.
 pub trait Authenticator: Send + Sync + 'static {
-    /// Decide a CONNECT. `Ok(identity)` = the topic prefix this client may use; `Err(reason)` =
-    /// refuse (CONNACK 0x04 "bad user name or password" if a username was given, else 0x05 "not
-    /// authorized") and log `reason`.
+    /// Why a login is refused (logged with the connection; the client only gets the CONNACK code).
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Decide a CONNECT. `Ok(identity)` = the client's identity (what the [`Authorizer`] and the
+    /// events name it by); `Err` = refuse (CONNACK 0x04 "bad user name or password" if a username
+    /// was given, else 0x05 "not authorized") and log the error.
     ///
     /// Empty usernames and passwords arrive as `None` (the codec cannot tell them from absent
     /// ones). An identity that is not [`topic::valid_identity`] (e.g. contains `/`) is refused.
     /// Called on the connection's task; keep it fast (a signature check is fine).
-    fn authenticate(&self, client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Result<String, String>;
+    fn authenticate(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<String, Self::Error>;
 }
 
-impl<F> Authenticator for F
+impl<F, E> Authenticator for F
 where
-    F: Fn(&str, Option<&str>, Option<&[u8]>) -> Result<String, String> + Send + Sync + 'static,
+    F: Fn(&str, Option<&str>, Option<&[u8]>) -> Result<String, E> + Send + Sync + 'static,
+    E: std::error::Error + Send + Sync + 'static,
 {
-    fn authenticate(&self, client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Result<String, String> {
+    type Error = E;
+    fn authenticate(&self, client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Result<String, E> {
         self(client_id, username, password)
+    }
+}
+
+/// [`Authenticator`] with its error erased to the text the server logs (the server only logs it).
+trait Login: Send + Sync + 'static {
+    fn login(&self, client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Result<String, String>;
+}
+
+impl<A: Authenticator> Login for A {
+    fn login(&self, client_id: &str, username: Option<&str>, password: Option<&[u8]>) -> Result<String, String> {
+        self.authenticate(client_id, username, password).map_err(|e| e.to_string())
+    }
+}
+
+/// Decides which topics an authenticated client may publish to and subscribe to (the ACL).
+///
+/// Both are asked only with a syntactically valid topic name ([`topic::valid_topic`]) or filter
+/// ([`topic::valid_filter`]) and an identity the [`Authenticator`] returned. Routing follows the
+/// granted filters exactly: a client receives every publish matching a filter it was granted.
+pub trait Authorizer: Send + Sync + 'static {
+    /// May `identity` publish to `topic`? A refused publish is dropped (still acknowledged).
+    fn may_publish(&self, identity: &str, topic: &str) -> bool;
+    /// May `identity` subscribe to `filter`? A refused filter gets SUBACK failure.
+    fn may_subscribe(&self, identity: &str, filter: &str) -> bool;
+}
+
+/// The default ACL: a client publishes and subscribes only under its own identity,
+/// `{identity}/…` ([`topic::topic_allowed`], [`topic::filter_allowed`]). A filter must start with
+/// the literal `{identity}/`, so wildcards (`#`, `+/x`, `$SYS/#`) never reach another client's
+/// topics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnPrefix;
+
+impl Authorizer for OwnPrefix {
+    fn may_publish(&self, identity: &str, topic: &str) -> bool {
+        topic::topic_allowed(identity, topic)
+    }
+    fn may_subscribe(&self, identity: &str, filter: &str) -> bool {
+        topic::filter_allowed(identity, filter)
     }
 }
 
@@ -218,11 +341,34 @@ pub enum MqttEvent {
         identity: String,
         /// The connection it came on.
         conn_id: u64,
-        /// Topic name, always under `{identity}/`.
+        /// Topic name, allowed for `identity` by the [`Authorizer`] (with [`OwnPrefix`]: under
+        /// `{identity}/`).
         topic: String,
         /// Payload, at most [`MqttConfig::max_payload`] bytes.
         payload: Bytes,
     },
+}
+
+/// The server's events, in order ([`MqttEvent`] says which order), returned by [`start`].
+///
+/// Bounded ([`MqttConfig::event_capacity`]): while the application does not read, connections
+/// wait to deliver their clients' publishes (back-pressure, nothing is dropped). Ends (`None`)
+/// once the server is shut down and every [`MqttHandle`] is dropped.
+#[derive(Debug)]
+pub struct MqttEvents {
+    rx: mpsc::Receiver<MqttEvent>,
+}
+
+impl MqttEvents {
+    /// The next event; `None` once the server is gone.
+    pub async fn recv(&mut self) -> Option<MqttEvent> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is already queued (`None` if none is, or the server is gone).
+    pub fn try_recv(&mut self) -> Option<MqttEvent> {
+        self.rx.try_recv().ok()
+    }
 }
 
 /// Errors from [`MqttHandle::publish`].
@@ -275,7 +421,8 @@ struct Shared {
     cfg: MqttConfig,
     limits: Limits,
     local_addr: SocketAddr,
-    auth: Arc<dyn Authenticator>,
+    auth: Box<dyn Login>,
+    acl: Box<dyn Authorizer>,
     events: mpsc::Sender<MqttEvent>,
     sessions: Mutex<HashMap<String, SessionEntry>>,
     next_conn: AtomicU64,
@@ -310,26 +457,29 @@ impl Shared {
     /// Delivers a publish to every session with a matching subscription, at
     /// `min(qos, granted)`. Returns how many sessions it was queued for.
     fn route(&self, topic: &str, payload: &Bytes, qos: QoS) -> usize {
-        let Some(owner) = topic::owner(topic) else {
-            return 0;
-        };
         let mut map = lock(&self.sessions);
-        let Some(s) = map.get_mut(owner) else {
-            return 0;
-        };
-        if s.killed {
-            return 0;
+        let mut queued = 0;
+        for (identity, s) in map.iter_mut() {
+            if s.killed {
+                continue;
+            }
+            let Some(granted) =
+                s.subs.iter().filter(|(f, _)| topic::matches(topic, f)).map(|(_, q)| *q).max_by_key(|q| qos_rank(*q))
+            else {
+                continue;
+            };
+            let qos = if qos_rank(qos) < qos_rank(granted) { qos } else { granted };
+            queued += self.deliver(identity, s, topic, payload, qos);
         }
-        let Some(granted) =
-            s.subs.iter().filter(|(f, _)| topic::matches(topic, f)).map(|(_, q)| *q).max_by_key(|q| qos_rank(*q))
-        else {
-            return 0;
-        };
-        let qos = if qos_rank(qos) < qos_rank(granted) { qos } else { granted };
+        queued
+    }
+
+    /// Queues one publish for one session (1 if queued).
+    fn deliver(&self, identity: &str, s: &mut SessionEntry, topic: &str, payload: &Bytes, qos: QoS) -> usize {
         let mut publish = Publish::from_bytes(topic, qos, payload.clone());
         if qos == QoS::AtLeastOnce {
             if s.inflight.load(Ordering::Relaxed) >= self.limits.max_inflight {
-                s.kill(owner, "too many unacknowledged QoS 1 publishes");
+                s.kill(identity, "too many unacknowledged QoS 1 publishes");
                 return 0;
             }
             publish.pkid = s.next_pkid;
@@ -345,11 +495,11 @@ impl Shared {
                 if qos == QoS::AtLeastOnce {
                     s.inflight.fetch_add(1, Ordering::Relaxed);
                 }
-                debug!(identity = owner, conn = s.conn_id, topic, bytes = payload.len(), "routed");
+                debug!(identity, conn = s.conn_id, topic, bytes = payload.len(), "routed");
                 1
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                s.kill(owner, "outbound queue full (client not keeping up)");
+                s.kill(identity, "outbound queue full (client not keeping up)");
                 0
             }
             Err(mpsc::error::TrySendError::Closed(_)) => 0,
@@ -357,12 +507,7 @@ impl Shared {
     }
 
     fn has_subscriber(&self, topic: &str) -> bool {
-        let Some(owner) = topic::owner(topic) else {
-            return false;
-        };
-        lock(&self.sessions)
-            .get(owner)
-            .is_some_and(|s| !s.killed && s.subs.iter().any(|(f, _)| topic::matches(topic, f)))
+        lock(&self.sessions).values().any(|s| !s.killed && s.subs.iter().any(|(f, _)| topic::matches(topic, f)))
     }
 
     fn bump_subs(&self) {
@@ -388,15 +533,16 @@ impl MqttHandle {
         self.shared.local_addr
     }
 
-    /// Publish from the broker application (trusted, no ACL) to all subscribers matching
+    /// Publish from the application (trusted, no ACL) to all subscribers matching
     /// `topic`: QoS 1 to subscribers that asked for QoS ≥ 1, else QoS 0. Publishing to a topic
     /// nobody subscribes to is not an error (see [`MqttHandle::publish_count`]).
-    pub async fn publish(&self, topic: &str, payload: Bytes) -> Result<(), MqttError> {
+    pub fn publish(&self, topic: &str, payload: Bytes) -> Result<(), MqttError> {
         self.publish_count(topic, payload).map(|_| ())
     }
 
-    /// Like [`MqttHandle::publish`], returning the number of sessions it was queued for
-    /// (0 or 1, since only the identity named by the topic's first level can subscribe to it).
+    /// Like [`MqttHandle::publish`], returning the number of sessions it was queued for (with
+    /// [`OwnPrefix`], 0 or 1: only the identity named by the topic's first level can subscribe
+    /// to it).
     pub fn publish_count(&self, topic: &str, payload: Bytes) -> Result<usize, MqttError> {
         if !topic::valid_topic(topic) {
             return Err(MqttError::InvalidTopic(topic.chars().take(200).collect()));
@@ -407,7 +553,7 @@ impl MqttHandle {
         Ok(self.shared.route(topic, &payload, QoS::AtLeastOnce))
     }
 
-    /// Drop a client (e.g. the application decides its key is not the pinned one). Its
+    /// Drop a client (e.g. the application no longer trusts its login). Its
     /// [`MqttEvent::Disconnected`] follows. No effect if `identity` is not connected.
     pub fn disconnect(&self, identity: &str) {
         let entry = lock(&self.shared.sessions).remove(identity);
@@ -433,7 +579,7 @@ impl MqttHandle {
     }
 
     /// Waits until some session is subscribed to a filter matching `topic` (returns at once if
-    /// one already is). Lets the application hold requests until a signer can receive them.
+    /// one already is). Lets the application hold messages until a client can receive them.
     pub async fn wait_subscriber(&self, topic: &str) {
         let mut rx = self.shared.subs_changed.subscribe();
         loop {
@@ -461,24 +607,22 @@ impl MqttHandle {
 }
 
 /// Binds, spawns the accept loop, returns a handle (cloneable) and the event stream for the
-/// broker application. Uses [`Limits::default`].
+/// application. Uses the [`OwnPrefix`] ACL and [`Limits::default`]; see [`start_with`].
 ///
 /// Fails if the TLS files cannot be loaded, if the listener would be plaintext on a
 /// non-loopback address without [`MqttConfig::allow_plaintext_non_loopback`], or if the address
 /// cannot be bound.
-pub async fn start(
-    cfg: MqttConfig,
-    auth: Arc<dyn Authenticator>,
-) -> Result<(MqttHandle, mpsc::Receiver<MqttEvent>), StartError> {
-    start_with_limits(cfg, auth, Limits::default()).await
+pub async fn start(cfg: MqttConfig, auth: impl Authenticator) -> Result<(MqttHandle, MqttEvents), StartError> {
+    start_with(cfg, Limits::default(), auth, OwnPrefix).await
 }
 
-/// [`start`] with explicit secondary [`Limits`].
-pub async fn start_with_limits(
+/// [`start`] with explicit secondary [`Limits`] and an [`Authorizer`].
+pub async fn start_with(
     cfg: MqttConfig,
-    auth: Arc<dyn Authenticator>,
     limits: Limits,
-) -> Result<(MqttHandle, mpsc::Receiver<MqttEvent>), StartError> {
+    auth: impl Authenticator,
+    acl: impl Authorizer,
+) -> Result<(MqttHandle, MqttEvents), StartError> {
     let tls = match &cfg.tls {
         Some(t) => Some(TlsAcceptor::from(sphinx_tls::server_config(&t.cert_chain, &t.private_key)?)),
         None if !is_loopback(cfg.listen.ip()) && !cfg.allow_plaintext_non_loopback => {
@@ -487,7 +631,7 @@ pub async fn start_with_limits(
         None => None,
     };
     if tls.is_none() && !is_loopback(cfg.listen.ip()) {
-        warn!(listen = %cfg.listen, "MQTT without TLS on a non-loopback address (explicitly allowed): tokens and requests travel in clear text");
+        warn!(listen = %cfg.listen, "MQTT without TLS on a non-loopback address (explicitly allowed): logins and messages travel in clear text");
     }
     let bind_err = |source| StartError::Bind { addr: cfg.listen, source };
     let listener = TcpListener::bind(cfg.listen).await.map_err(bind_err)?;
@@ -503,7 +647,8 @@ pub async fn start_with_limits(
         cfg,
         limits,
         local_addr,
-        auth,
+        auth: Box::new(auth),
+        acl: Box::new(acl),
         events,
         sessions: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
@@ -512,7 +657,7 @@ pub async fn start_with_limits(
     });
     info!(%local_addr, tls = tls.is_some(), "MQTT server listening");
     tokio::spawn(accept_loop(shared.clone(), listener, tls));
-    Ok((MqttHandle { shared }, rx))
+    Ok((MqttHandle { shared }, MqttEvents { rx }))
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<TlsAcceptor>) {

@@ -1,4 +1,4 @@
-//! Topic names, topic filters, matching and the per-identity ACL.
+//! Topic names, topic filters, matching, and the own-prefix ACL of [`OwnPrefix`](super::OwnPrefix).
 //!
 //! These are written here rather than taken from `rumqttc::mqttbytes` because that crate's
 //! `matches` slices the topic at byte 1 (`topic[..1]`), which panics on a topic whose first
