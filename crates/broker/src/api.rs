@@ -679,7 +679,9 @@ async fn heartbeat(shared: &Shared) -> Response<ApiBody> {
     if !shared.state.hub.signer(&node_id).is_some_and(|s| s.ready) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "signer not connected");
     }
-    match tokio::time::timeout(shared.cfg.control_timeout, crate::chain::fetch_heartbeat(&shared.state.relay)).await {
+    match tokio::time::timeout(shared.cfg.control_timeout, sphinx_chain::fetch_heartbeat(shared.state.relay.clone()))
+        .await
+    {
         Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "no heartbeat from the signer in time"),
         Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, &e.to_string()),
         Ok(Ok(hb)) => json(

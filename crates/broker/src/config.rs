@@ -29,7 +29,7 @@ pub struct Config {
     /// The request path to the signer.
     pub relay: RelaySettings,
     /// bitcoind to follow; chain tracking is off when no URL is set.
-    pub bitcoind: crate::chain::BitcoindSettings,
+    pub bitcoind: sphinx_chain::BitcoindSettings,
     /// The operator HTTP API (off unless `api.listen` is set).
     pub api: ApiSettings,
 }
@@ -236,7 +236,7 @@ pub struct FileConfig {
     pub relay: FileRelay,
     /// `[bitcoind]` table.
     #[serde(default)]
-    pub bitcoind: crate::chain::BitcoindSettings,
+    pub bitcoind: sphinx_chain::BitcoindSettings,
     /// `[api]` table.
     #[serde(default)]
     pub api: FileApi,

@@ -10,7 +10,6 @@
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod chain;
 pub mod config;
 pub mod hsmd;
 pub mod pin;
@@ -20,6 +19,7 @@ pub mod signer_link;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 
+use sphinx_chain as chain;
 use sphinx_mqtt_server as mqtt;
 use tokio::sync::mpsc;
 

@@ -108,6 +108,16 @@ impl RelayHandle {
     }
 }
 
+/// Chain following (crate `sphinx-chain`) sends its messages as lightningd's root requests, so
+/// they queue with CLN's in the same FIFO.
+impl sphinx_chain::ChainLink for RelayHandle {
+    type Error = RelayError;
+
+    fn request(&self, msg: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, RelayError>> + Send {
+        self.call(ClientContext::ROOT, msg)
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Kind {
     /// A request from CLN; its reply goes back to the caller.

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use bitcoin::Network;
 use common::{start_key, Dir, KeyProc};
 use fake_bitcoind::{Config as FakeConfig, FakeBitcoind};
-use sphinx_broker::chain::signer::SignerChain;
-use sphinx_broker::chain::{self, BitcoindSettings, FollowerConfig, FollowerStatus, Phase};
 use sphinx_broker::config::Config;
+use sphinx_chain::signer::SignerChain;
+use sphinx_chain::{self as chain, BitcoindSettings, FollowerConfig, FollowerStatus, Phase};
 use sphinx_wire::ClientContext;
 use tokio::sync::watch;
 
@@ -121,7 +121,7 @@ async fn chain_e2e_over_mqtt_with_a_signer_process() {
     assert_eq!(chain.tip().await.unwrap(), tip);
     let s = f.status.borrow().clone();
     assert_eq!(s.blocks_removed, 3);
-    let hb = chain::fetch_heartbeat(&broker.relay).await.unwrap();
+    let hb = chain::fetch_heartbeat(broker.relay.clone()).await.unwrap();
     assert!(hb.verified);
     assert_eq!((hb.chain_height, hb.chain_tip), tip);
     f.task.abort();

@@ -1,8 +1,8 @@
-//! The signer's VLS chain tracker, reached through the broker's request path.
+//! The signer's VLS chain tracker, reached through a [`ChainLink`].
 //!
-//! Each method is one (or, for a streamed block, a few) root request through
-//! [`RelayHandle::call`], awaited before the next: chain traffic takes its place in the relay's
-//! FIFO queue like any CLN request and never holds more than one slot (docs/chain.md, fairness).
+//! Each method is one (or, for a streamed block, a few) [`ChainLink::request`], awaited before
+//! the next: over the broker's relay, chain traffic takes its place in the FIFO queue like any
+//! CLN request and never holds more than one slot (docs/chain.md, fairness).
 //! The messages are VLS's (`vls_protocol::msgs`), answered by the signer's `RootHandler`:
 //! `TipInfo` (2002), `ForwardWatches` (2003), `ReverseWatches` (2004), `AddBlock` (2005),
 //! `RemoveBlock` (2006), `GetHeartbeat` (2008), `BlockChunk` (2009) and `NodeInfo` (1012).
@@ -17,12 +17,11 @@ use bitcoin::hash_types::FilterHeader;
 use bitcoin::secp256k1::{PublicKey, Secp256k1};
 use bitcoin::{Block, BlockHash, OutPoint, Txid};
 use lightning_signer::node::SignedHeartbeat;
-use sphinx_wire::ClientContext;
 use txoo::proof::{ProofType, TxoProof};
 use vls_protocol::msgs::{self, Message, SerBolt};
 use vls_protocol::serde_bolt::{LargeOctets, Octets};
 
-use crate::relay::{RelayError, RelayHandle};
+use crate::ChainLink;
 
 /// Largest chunk of a streamed block (a `BlockChunk` carries at most 65535 bytes).
 pub const BLOCK_CHUNK: usize = 60_000;
@@ -30,16 +29,16 @@ pub const BLOCK_CHUNK: usize = 60_000;
 /// refuses messages over 128 KiB).
 pub const MAX_INLINE_MESSAGE: usize = 120 * 1024;
 
-/// Why a chain request to the signer failed.
+/// Why a chain request to the signer failed; `E` is the [`ChainLink`]'s error.
 #[derive(Debug, thiserror::Error)]
-pub enum SignerCallError {
-    /// The request path failed (refusal, timeout, relay stopped).
+pub enum SignerCallError<E> {
+    /// The link failed (for the relay: a refusal, a timeout, the relay stopped).
     #[error("{request}: {source}")]
-    Relay {
+    Link {
         /// The request.
         request: &'static str,
-        /// The relay's error.
-        source: RelayError,
+        /// The link's error.
+        source: E,
     },
     /// The signer answered with VLS's `SignerError` (e.g. code 401, orphan block).
     #[error("{request}: the signer answered with error {code}: {message}")]
@@ -61,7 +60,7 @@ pub enum SignerCallError {
     },
 }
 
-impl SignerCallError {
+impl<E> SignerCallError<E> {
     /// True when the signer said the block does not build on its tip (VLS `OrphanBlock`).
     pub fn is_orphan(&self) -> bool {
         matches!(self, SignerCallError::Signer { code, .. } if *code == msgs::CODE_ORPHAN_BLOCK)
@@ -98,10 +97,10 @@ pub struct Heartbeat {
     pub raw: String,
 }
 
-/// The signer's chain tracker over the request path.
+/// The signer's chain tracker over a [`ChainLink`].
 #[derive(Clone)]
-pub struct SignerChain {
-    relay: RelayHandle,
+pub struct SignerChain<L> {
+    link: L,
 }
 
 fn decode(reply: Vec<u8>) -> Result<Message, String> {
@@ -112,18 +111,14 @@ fn decode(reply: Vec<u8>) -> Result<Message, String> {
     }
 }
 
-impl SignerChain {
-    /// Chain requests over `relay`, as lightningd's root connection.
-    pub fn new(relay: RelayHandle) -> SignerChain {
-        SignerChain { relay }
+impl<L: ChainLink> SignerChain<L> {
+    /// Chain requests over `link`.
+    pub fn new(link: L) -> SignerChain<L> {
+        SignerChain { link }
     }
 
-    async fn call(&self, request: &'static str, msg: Vec<u8>) -> Result<Message, SignerCallError> {
-        let reply = self
-            .relay
-            .call(ClientContext::ROOT, msg)
-            .await
-            .map_err(|source| SignerCallError::Relay { request, source })?;
+    async fn call(&self, request: &'static str, msg: Vec<u8>) -> Result<Message, SignerCallError<L::Error>> {
+        let reply = self.link.request(msg).await.map_err(|source| SignerCallError::Link { request, source })?;
         match decode(reply) {
             Ok(Message::SignerError(e)) => Err(SignerCallError::Signer {
                 request,
@@ -135,12 +130,12 @@ impl SignerChain {
         }
     }
 
-    fn unexpected(request: &'static str, m: &Message) -> SignerCallError {
+    fn unexpected(request: &'static str, m: &Message) -> SignerCallError<L::Error> {
         SignerCallError::BadReply { request, reason: message_name(m) }
     }
 
     /// `TipInfo`: the tracker's height and tip hash.
-    pub async fn tip(&self) -> Result<(u32, BlockHash), SignerCallError> {
+    pub async fn tip(&self) -> Result<(u32, BlockHash), SignerCallError<L::Error>> {
         match self.call("TipInfo", msgs::TipInfo {}.as_vec()).await? {
             Message::TipInfoReply(r) => Ok((r.height, r.block_hash)),
             m => Err(Self::unexpected("TipInfo", &m)),
@@ -148,7 +143,7 @@ impl SignerChain {
     }
 
     /// `NodeInfo`: node id and heartbeat key.
-    pub async fn node_info(&self) -> Result<NodeInfo, SignerCallError> {
+    pub async fn node_info(&self) -> Result<NodeInfo, SignerCallError<L::Error>> {
         const R: &str = "NodeInfo";
         match self.call(R, msgs::NodeInfo {}.as_vec()).await? {
             Message::NodeInfoReply(r) => {
@@ -166,7 +161,7 @@ impl SignerChain {
     }
 
     /// `ForwardWatches`: what the next block's proof must cover.
-    pub async fn forward_watches(&self) -> Result<(Vec<Txid>, Vec<OutPoint>), SignerCallError> {
+    pub async fn forward_watches(&self) -> Result<(Vec<Txid>, Vec<OutPoint>), SignerCallError<L::Error>> {
         match self.call("ForwardWatches", msgs::ForwardWatches {}.as_vec()).await? {
             Message::ForwardWatchesReply(r) => Ok((r.txids.0, r.outpoints.0)),
             m => Err(Self::unexpected("ForwardWatches", &m)),
@@ -174,7 +169,7 @@ impl SignerChain {
     }
 
     /// `ReverseWatches`: what a removed block's proof must cover.
-    pub async fn reverse_watches(&self) -> Result<(Vec<Txid>, Vec<OutPoint>), SignerCallError> {
+    pub async fn reverse_watches(&self) -> Result<(Vec<Txid>, Vec<OutPoint>), SignerCallError<L::Error>> {
         match self.call("ReverseWatches", msgs::ReverseWatches {}.as_vec()).await? {
             Message::ReverseWatchesReply(r) => Ok((r.txids.0, r.outpoints.0)),
             m => Err(Self::unexpected("ReverseWatches", &m)),
@@ -182,7 +177,7 @@ impl SignerChain {
     }
 
     /// Streams `block` with `BlockChunk`s and returns the proof that refers to it.
-    async fn stream(&self, block: &Block, proof: TxoProof) -> Result<TxoProof, SignerCallError> {
+    async fn stream(&self, block: &Block, proof: TxoProof) -> Result<TxoProof, SignerCallError<L::Error>> {
         let bytes = serialize(block);
         let hash = block.block_hash();
         for (i, chunk) in bytes.chunks(BLOCK_CHUNK).enumerate() {
@@ -201,13 +196,13 @@ impl SignerChain {
     }
 
     /// `AddBlock`: `block` becomes the tracker's tip, proven by `proof` (streamed if needed).
-    pub async fn add_block(&self, block: &Block, proof: TxoProof) -> Result<(), SignerCallError> {
+    pub async fn add_block(&self, block: &Block, proof: TxoProof) -> Result<(), SignerCallError<L::Error>> {
         let proof = if Self::needs_stream(&proof) { self.stream(block, proof).await? } else { proof };
         self.add_header(&block.header, proof).await
     }
 
     /// `AddBlock` with a header and an inline proof, as given (no checks, no streaming).
-    pub async fn add_header(&self, header: &Header, proof: TxoProof) -> Result<(), SignerCallError> {
+    pub async fn add_header(&self, header: &Header, proof: TxoProof) -> Result<(), SignerCallError<L::Error>> {
         let m = msgs::AddBlock { header: Octets(serialize(header)), unspent_proof: Some(msgs::DebugTxoProof(proof)) };
         match self.call("AddBlock", m.as_vec()).await? {
             Message::AddBlockReply(_) => Ok(()),
@@ -222,7 +217,7 @@ impl SignerChain {
         proof: TxoProof,
         prev_header: Header,
         prev_filter_header: FilterHeader,
-    ) -> Result<(), SignerCallError> {
+    ) -> Result<(), SignerCallError<L::Error>> {
         let proof = if Self::needs_stream(&proof) { self.stream(block, proof).await? } else { proof };
         let m = msgs::RemoveBlock {
             unspent_proof: Some(LargeOctets(serialize(&proof))),
@@ -236,7 +231,7 @@ impl SignerChain {
     }
 
     /// `GetHeartbeat`: the signer's signed view of the chain; verified against `key` if given.
-    pub async fn heartbeat(&self, key: Option<&PublicKey>) -> Result<Heartbeat, SignerCallError> {
+    pub async fn heartbeat(&self, key: Option<&PublicKey>) -> Result<Heartbeat, SignerCallError<L::Error>> {
         const R: &str = "GetHeartbeat";
         match self.call(R, msgs::GetHeartbeat {}.as_vec()).await? {
             Message::GetHeartbeatReply(r) => {

@@ -1,20 +1,23 @@
-//! Chain tracking: follows bitcoind and feeds the signer's VLS chain tracker (see docs/chain.md).
+//! Chain tracking: follows bitcoind and feeds a VLS signer's chain tracker (see docs/chain.md).
 //!
-//! Once a signer has answered lightningd's `hsmd_init`, the follower ([`spawn`]) reads the
-//! signer's tip (`TipInfo`), walks bitcoind's best chain from there (`getblockchaininfo`,
-//! `getblockhash`, `getblock <hash> 0`, `getblockheader <hash> false`) and sends each block to the
-//! signer with a txoo proof (`ForwardWatches` + `AddBlock`), takes reorganised blocks off
-//! (`ReverseWatches` + `RemoveBlock`), and, when at the tip, fetches a signed heartbeat
-//! (`GetHeartbeat`). Every chain request is one [`RelayHandle::call`], awaited before the next, so
-//! CLN's requests interleave with chain traffic in the relay's FIFO queue.
+//! Once the signer is initialised, the follower ([`spawn`]) reads the signer's tip (`TipInfo`),
+//! walks bitcoind's best chain from there (`getblockchaininfo`, `getblockhash`,
+//! `getblock <hash> 0`, `getblockheader <hash> false`) and sends each block to the signer with a
+//! txoo proof (`ForwardWatches` + `AddBlock`), takes reorganised blocks off (`ReverseWatches` +
+//! `RemoveBlock`), and, when at the tip, fetches a signed heartbeat (`GetHeartbeat`).
 //!
-//! The module is [`rpc`] (bitcoind JSON-RPC client), [`signer`] (the chain messages over the
-//! relay) and [`follower`] (the loop).
+//! The signer is reached through a [`ChainLink`]: one message out, its reply back, awaited before
+//! the next. The broker implements it with its relay (so chain traffic interleaves with CLN's
+//! requests in the relay's FIFO queue); tests implement it with an in-process signer.
+//!
+//! The crate is [`rpc`] (bitcoind JSON-RPC client), [`signer`] (the chain messages over a
+//! [`ChainLink`]) and [`follower`] (the loop).
 
 pub mod follower;
 pub mod rpc;
 pub mod signer;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,13 +26,23 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
-use crate::relay::RelayHandle;
-
 pub use signer::Heartbeat;
 
-/// Where bitcoind is and how to log in (the `[bitcoind]` table of the broker config).
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+/// How chain messages reach the signer: one request, one reply (the seam between this crate and
+/// whatever carries requests to the signer).
+pub trait ChainLink: Send + Sync + 'static {
+    /// Why a request got no reply (for the broker's relay: refused, timed out, relay stopped).
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Sends `msg` (a VLS message: type + body) to the signer as a request of lightningd's root
+    /// connection, and returns the signer's reply (type + body).
+    fn request(&self, msg: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, Self::Error>> + Send;
+}
+
+/// Where bitcoind is and how to log in (the `[bitcoind]` table of the broker's config file).
+/// Both keys are unset by default: chain tracking is off.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BitcoindSettings {
     /// JSON-RPC URL, optionally with `user:password@` (e.g. `http://user:pass@127.0.0.1:18443`).
     pub url: Option<String>,
@@ -52,7 +65,7 @@ impl BitcoindSettings {
     }
 }
 
-/// Everything the follower needs besides the relay.
+/// Everything the follower needs besides the [`ChainLink`].
 #[derive(Clone, Debug)]
 pub struct FollowerConfig {
     /// bitcoind's URL and login.
@@ -148,12 +161,13 @@ pub struct FollowerHandle {
     pub task: JoinHandle<()>,
 }
 
-/// Starts following bitcoind for the signer behind `relay`, once `init_done` becomes true.
+/// Starts following bitcoind for the signer behind `link`, once `init_done` becomes true (the
+/// broker sets it when a signer has answered lightningd's `hsmd_init`).
 ///
 /// With no URL configured, it logs that chain tracking is off and ends. Settings that cannot
 /// work (bad URL) are logged as an error and the task ends (check them at start-up with
 /// [`BitcoindSettings::check`]).
-pub fn spawn(cfg: FollowerConfig, relay: RelayHandle, init_done: watch::Receiver<bool>) -> FollowerHandle {
+pub fn spawn<L: ChainLink>(cfg: FollowerConfig, link: L, init_done: watch::Receiver<bool>) -> FollowerHandle {
     let (tx, rx) = watch::channel(FollowerStatus::default());
     let Some(url) = cfg.settings.url.clone() else {
         info!("no bitcoind configured: chain tracking is off (the signer's tracker is not fed)");
@@ -169,24 +183,14 @@ pub fn spawn(cfg: FollowerConfig, relay: RelayHandle, init_done: watch::Receiver
     };
     info!(host = %ep.host, port = ep.port, cookie = matches!(ep.login, rpc::Login::Cookie(_)), "chain tracking configured");
     let client = rpc::RpcClient::new(ep, cfg.rpc_timeout);
-    let f = follower::Follower::new(cfg, client, signer::SignerChain::new(relay), tx);
+    let f = follower::Follower::new(cfg, client, signer::SignerChain::new(link), tx);
     FollowerHandle { status: rx, task: tokio::spawn(f.run(init_done)) }
-}
-
-/// [`spawn`] with [`FollowerConfig::new`]'s defaults, returning only the task.
-pub fn spawn_follower(
-    settings: BitcoindSettings,
-    network: Network,
-    relay: RelayHandle,
-    init_done: watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    spawn(FollowerConfig::new(settings, network), relay, init_done).task
 }
 
 /// Fetches the signer's latest signed heartbeat (for the operator), verified against the node's
 /// heartbeat key.
-pub async fn fetch_heartbeat(relay: &RelayHandle) -> Result<Heartbeat, signer::SignerCallError> {
-    let chain = signer::SignerChain::new(relay.clone());
+pub async fn fetch_heartbeat<L: ChainLink>(link: L) -> Result<Heartbeat, signer::SignerCallError<L::Error>> {
+    let chain = signer::SignerChain::new(link);
     let node = chain.node_info().await?;
     chain.heartbeat(Some(&node.heartbeat_key)).await
 }

@@ -26,19 +26,19 @@ use txoo::proof::TxoProof;
 use txoo::util::sign_attestation;
 use txoo::Attestation;
 
-use super::rpc::{chain_name, RpcClient, RpcError};
-use super::signer::{NodeInfo, SignerCallError, SignerChain};
-use super::{FollowerConfig, FollowerStatus, Phase};
+use crate::rpc::{chain_name, RpcClient, RpcError};
+use crate::signer::{NodeInfo, SignerCallError, SignerChain};
+use crate::{ChainLink, FollowerConfig, FollowerStatus, Phase};
 
-/// Why one step of following failed.
+/// Why one step of following failed; `E` is the [`ChainLink`]'s error.
 #[derive(Debug, thiserror::Error)]
-pub enum FollowError {
+pub enum FollowError<E> {
     /// bitcoind could not be asked.
     #[error(transparent)]
     Rpc(#[from] RpcError),
     /// The signer did not take a chain request.
     #[error("signer: {0}")]
-    Signer(#[from] SignerCallError),
+    Signer(#[from] SignerCallError<E>),
     /// bitcoind follows another chain than the broker's network.
     #[error("bitcoind is on chain {bitcoind:?}, but the broker is configured for {expected:?}")]
     WrongChain {
@@ -180,10 +180,10 @@ impl FilterHeaders {
 }
 
 /// The follower's state.
-pub(crate) struct Follower {
+pub(crate) struct Follower<L> {
     cfg: FollowerConfig,
     rpc: RpcClient,
-    signer: SignerChain,
+    signer: SignerChain<L>,
     status: watch::Sender<FollowerStatus>,
     /// What we believe the signer's tip is; `None` = ask it.
     tip: Option<(u32, BlockHash)>,
@@ -199,13 +199,13 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-impl Follower {
+impl<L: ChainLink> Follower<L> {
     pub(crate) fn new(
         cfg: FollowerConfig,
         rpc: RpcClient,
-        signer: SignerChain,
+        signer: SignerChain<L>,
         status: watch::Sender<FollowerStatus>,
-    ) -> Follower {
+    ) -> Follower<L> {
         let secp = Secp256k1::new();
         // The broker attests its own filters: the signer trusts no oracle key by default, so the
         // key is only there because a txoo proof must carry an attestation (docs/chain.md).
@@ -274,7 +274,7 @@ impl Follower {
                         FollowError::Rpc(RpcError::Unauthorized(_)) | FollowError::Rpc(RpcError::Config(_)) => {
                             error!(attempt = failures, retry_in = ?delay, "chain following: {text}")
                         }
-                        FollowError::Signer(SignerCallError::Relay { .. })
+                        FollowError::Signer(SignerCallError::Link { .. })
                         | FollowError::Signer(SignerCallError::BadReply { .. }) => {
                             error!(attempt = failures, retry_in = ?delay, "chain following: {text}")
                         }
@@ -292,7 +292,7 @@ impl Follower {
         }
     }
 
-    fn rpc_reset_if_needed(&mut self, e: &FollowError) {
+    fn rpc_reset_if_needed(&mut self, e: &FollowError<L::Error>) {
         if matches!(e, FollowError::Rpc(_)) {
             self.rpc.disconnect();
         }
@@ -336,7 +336,7 @@ impl Follower {
     }
 
     /// One block added or removed, or the news that the signer is at bitcoind's tip.
-    async fn step(&mut self) -> Result<Step, FollowError> {
+    async fn step(&mut self) -> Result<Step, FollowError<L::Error>> {
         let info = self.rpc.chain_info().await?;
         let expected = chain_name(self.cfg.network);
         if info.chain != expected {
@@ -390,7 +390,7 @@ impl Follower {
     }
 
     /// The filter header of `hash` (at `height`), recomputed from the nearest known block if needed.
-    async fn filter_header(&mut self, height: u32, hash: BlockHash) -> Result<FilterHeader, FollowError> {
+    async fn filter_header(&mut self, height: u32, hash: BlockHash) -> Result<FilterHeader, FollowError<L::Error>> {
         if let Some((_, fh)) = self.filters.get(&hash) {
             return Ok(fh);
         }
@@ -446,7 +446,7 @@ impl Follower {
         TxoProof::prove(vec![(pubkey, signed)], prev_fh, block, height, &watches.1, &watches.0)
     }
 
-    async fn add(&mut self, height: u32, block: Block, prev_fh: FilterHeader) -> Result<(), FollowError> {
+    async fn add(&mut self, height: u32, block: Block, prev_fh: FilterHeader) -> Result<(), FollowError<L::Error>> {
         let hash = block.block_hash();
         check_block(&block, self.cfg.network).map_err(|reason| FollowError::BadBlock { height, hash, reason })?;
         let watches = self.signer.forward_watches().await?;
@@ -467,7 +467,12 @@ impl Follower {
         Ok(())
     }
 
-    async fn remove(&mut self, height: u32, tip: BlockHash, info: &super::rpc::ChainInfo) -> Result<Step, FollowError> {
+    async fn remove(
+        &mut self,
+        height: u32,
+        tip: BlockHash,
+        info: &crate::rpc::ChainInfo,
+    ) -> Result<Step, FollowError<L::Error>> {
         if height == 0 {
             return Err(FollowError::Unrelated(format!(
                 "the signer's genesis block {tip} is not bitcoind's: wrong network?"

@@ -1,11 +1,11 @@
-//! The broker's bitcoind client against the fake bitcoind and against odd HTTP servers.
+//! The bitcoind client against the fake bitcoind and against odd HTTP servers.
 
 use std::time::Duration;
 
 use bitcoin::hashes::Hash;
 use bitcoin::{BlockHash, Network};
 use fake_bitcoind::{Config, FakeBitcoind};
-use sphinx_broker::chain::rpc::{parse_endpoint, RpcClient, RpcError};
+use sphinx_chain::rpc::{parse_endpoint, RpcClient, RpcError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
