@@ -185,26 +185,10 @@ pub struct FrameError {
 }
 
 impl FrameError {
-    /// The `{id}/error` payload: `seq u16 BE | utf8 error text`.
+    /// The `{id}/error` payload ([`sphinx_wire::error_report`]).
     pub fn payload(&self) -> Vec<u8> {
-        error_payload(self.seq, &self.error.to_string())
+        sphinx_wire::error_report::encode(self.seq, &self.error.to_string())
     }
-}
-
-/// Builds an `{id}/error` payload: `seq u16 BE | utf8 text`.
-pub fn error_payload(seq: u16, text: &str) -> Vec<u8> {
-    let mut out = seq.to_be_bytes().to_vec();
-    out.extend_from_slice(text.as_bytes());
-    out
-}
-
-/// Splits an `{id}/error` payload into `(seq, text)`; `None` if shorter than 2 bytes.
-pub fn parse_error_payload(payload: &[u8]) -> Option<(u16, String)> {
-    if payload.len() < 2 {
-        return None;
-    }
-    let seq = u16::from_be_bytes([payload[0], payload[1]]);
-    Some((seq, String::from_utf8_lossy(&payload[2..]).into_owned()))
 }
 
 /// Counters, for tests and the status endpoint.

@@ -6,7 +6,7 @@
 use std::io::ErrorKind;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Result;
 use rumqttc::{
@@ -44,7 +44,7 @@ const RESET_ACK_WAIT: Duration = Duration::from_secs(5);
 const MAX_PACKET: usize = 16 * 1024 * 1024 + 256;
 
 fn now_secs() -> u32 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(0)
+    sphinx_wire::unix_now() as u32
 }
 
 /// One connection attempt's options, with a fresh login token.

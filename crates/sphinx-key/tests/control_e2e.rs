@@ -16,12 +16,11 @@ use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
 use bytes::Bytes;
 use certs::self_signed;
 use common::{auth, die_with_test, stop, trace_requests, ALICE, T};
-use sphinx_broker::mqtt::{self, MqttConfig, MqttEvent, MqttHandle, TlsSettings};
+use sphinx_mqtt_server::{self as mqtt, MqttConfig, MqttEvent, MqttEvents, MqttHandle, TlsSettings};
 use sphinx_wire::control::{
     build_request, parse_response, ControlMessage as M, ControlResponse as R, Interval, Policy,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc::Receiver;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sphinx-key");
 
@@ -80,12 +79,12 @@ fn spawn_signer(dir: &Path, addr: std::net::SocketAddr, extra: &[&str]) -> Child
         .unwrap()
 }
 
-async fn server(tls: Option<TlsSettings>) -> (MqttHandle, Receiver<MqttEvent>) {
+async fn server(tls: Option<TlsSettings>) -> (MqttHandle, MqttEvents) {
     let cfg = MqttConfig { tls, ..MqttConfig::new("127.0.0.1:0".parse().unwrap()) };
     mqtt::start(cfg, auth()).await.unwrap()
 }
 
-async fn next_message(rx: &mut Receiver<MqttEvent>, wait: Duration) -> Option<(String, Bytes)> {
+async fn next_message(rx: &mut MqttEvents, wait: Duration) -> Option<(String, Bytes)> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -97,7 +96,7 @@ async fn next_message(rx: &mut Receiver<MqttEvent>, wait: Duration) -> Option<(S
 }
 
 /// Waits for `{id}/hello` (skipping the `bye` of a process that stopped before).
-async fn expect_hello(rx: &mut Receiver<MqttEvent>) {
+async fn expect_hello(rx: &mut MqttEvents) {
     loop {
         let (topic, _) = next_message(rx, T).await.expect("hello in time");
         if topic == format!("{ALICE}/bye") {
@@ -109,15 +108,15 @@ async fn expect_hello(rx: &mut Receiver<MqttEvent>) {
 }
 
 /// `spawn_signer` with `extra`, returned once its hello has arrived.
-async fn start_signer(dir: &Path, h: &MqttHandle, rx: &mut Receiver<MqttEvent>, extra: &[&str]) -> Child {
+async fn start_signer(dir: &Path, h: &MqttHandle, rx: &mut MqttEvents, extra: &[&str]) -> Child {
     let child = spawn_signer(dir, h.local_addr(), extra);
     expect_hello(rx).await;
     child
 }
 
 /// Publishes a control request and returns the verified answer from `{id}/control-res`.
-async fn control(h: &MqttHandle, rx: &mut Receiver<MqttEvent>, req: Vec<u8>, nonce: u64) -> R {
-    h.publish(&format!("{ALICE}/control"), Bytes::from(req)).await.unwrap();
+async fn control(h: &MqttHandle, rx: &mut MqttEvents, req: Vec<u8>, nonce: u64) -> R {
+    h.publish(&format!("{ALICE}/control"), Bytes::from(req)).unwrap();
     let (topic, p) = next_message(rx, T).await.expect("control response in time");
     assert_eq!(topic, format!("{ALICE}/control-res"));
     parse_response(&p, &alice_keys().0, nonce).expect("device-signed response")
@@ -204,7 +203,7 @@ async fn separate_owner_key_set_at_init() {
 
 /// A stand-in for the broker's HTTP API: `POST /v1/signers/{id}/control` with a bearer token;
 /// the body goes to `{id}/control`, the answer from `{id}/control-res` is the response body.
-async fn fake_api(h: MqttHandle, mut rx: Receiver<MqttEvent>, token: &'static str) -> std::net::SocketAddr {
+async fn fake_api(h: MqttHandle, mut rx: MqttEvents, token: &'static str) -> std::net::SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -243,7 +242,7 @@ async fn fake_api(h: MqttHandle, mut rx: Receiver<MqttEvent>, token: &'static st
             } else if !ok_auth {
                 ("401 Unauthorized", b"bad token".to_vec())
             } else {
-                h.publish(&format!("{ALICE}/control"), Bytes::from(body)).await.unwrap();
+                h.publish(&format!("{ALICE}/control"), Bytes::from(body)).unwrap();
                 let (topic, p) = next_message(&mut rx, T).await.expect("control-res");
                 assert_eq!(topic, format!("{ALICE}/control-res"));
                 ("200 OK", p.to_vec())
@@ -371,8 +370,8 @@ fn msg_type(r: &sphinx_wire::serial::Request) -> u16 {
 }
 
 /// Sends one request on `{id}/vls`; returns the topic and payload of the answer.
-async fn ask(h: &MqttHandle, rx: &mut Receiver<MqttEvent>, r: &sphinx_wire::serial::Request) -> (String, Bytes) {
-    h.publish(&format!("{ALICE}/vls"), Bytes::from(r.encode())).await.unwrap();
+async fn ask(h: &MqttHandle, rx: &mut MqttEvents, r: &sphinx_wire::serial::Request) -> (String, Bytes) {
+    h.publish(&format!("{ALICE}/vls"), Bytes::from(r.encode())).unwrap();
     next_message(rx, T).await.expect("an answer, not a hang")
 }
 
@@ -421,8 +420,8 @@ async fn owner_limits_bite_over_mqtt() {
     for r in &reqs {
         let (topic, payload) = ask(&h, &mut rx, r).await;
         if topic == format!("{ALICE}/error") {
-            let (seq, text) = sphinx_signer::parse_error_payload(&payload).unwrap();
-            assert_eq!(seq, r.seq);
+            let sphinx_wire::error_report::ErrorReport { seq, text } = sphinx_wire::error_report::decode(&payload);
+            assert_eq!(seq, Some(r.seq));
             refused = Some((msg_type(r), text));
             break;
         }

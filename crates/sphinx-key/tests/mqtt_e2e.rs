@@ -7,9 +7,8 @@ use std::process::{Child, Command, Stdio};
 
 use bytes::Bytes;
 use common::{auth, die_with_test, stop, trace_requests, ALICE, T};
-use sphinx_broker::mqtt::{self, MqttConfig, MqttEvent, MqttHandle};
+use sphinx_mqtt_server::{self as mqtt, MqttConfig, MqttEvent, MqttEvents, MqttHandle};
 use sphinx_wire::serial::{Reply, Request};
-use tokio::sync::mpsc::Receiver;
 
 fn spawn_signer(dir: &std::path::Path, addr: std::net::SocketAddr) -> Child {
     die_with_test(&mut Command::new(env!("CARGO_BIN_EXE_sphinx-key")))
@@ -23,7 +22,7 @@ fn spawn_signer(dir: &std::path::Path, addr: std::net::SocketAddr) -> Child {
         .unwrap()
 }
 
-async fn next_message(rx: &mut Receiver<MqttEvent>) -> (String, Bytes) {
+async fn next_message(rx: &mut MqttEvents) -> (String, Bytes) {
     loop {
         match tokio::time::timeout(T, rx.recv()).await.expect("event in time").expect("server up") {
             MqttEvent::Message { topic, payload, .. } => return (topic, payload),
@@ -32,8 +31,8 @@ async fn next_message(rx: &mut Receiver<MqttEvent>) -> (String, Bytes) {
     }
 }
 
-async fn ask(h: &MqttHandle, rx: &mut Receiver<MqttEvent>, req: &Request) -> (String, Bytes) {
-    h.publish(&format!("{ALICE}/vls"), Bytes::from(req.encode())).await.unwrap();
+async fn ask(h: &MqttHandle, rx: &mut MqttEvents, req: &Request) -> (String, Bytes) {
+    h.publish(&format!("{ALICE}/vls"), Bytes::from(req.encode())).unwrap();
     next_message(rx).await
 }
 

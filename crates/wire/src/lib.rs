@@ -6,16 +6,25 @@
 //! - [`topics`]: MQTT topic names.
 //! - [`token`]: the MQTT login token (node key signature over a timestamp).
 //! - [`control`]: the owner's signed control messages and the device's signed responses.
+//! - [`error_report`]: the signer's `{id}/error` report of a refused request.
 //!
-//! Every parser here takes untrusted bytes and returns an error, never panics.
+//! Every parser here takes untrusted bytes and returns an error, never panics. The only thing
+//! here that looks outside is [`unix_now`], the clock tokens and reports are dated by.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod control;
+pub mod error_report;
 pub mod hsmd;
 pub mod serial;
 pub mod token;
 pub mod topics;
+
+/// Seconds since the Unix epoch by the system clock (0 if the clock is set before 1970): the time
+/// login tokens carry and the broker dates events with.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
 
 /// Length of a compressed secp256k1 public key (a node id).
 pub const PUBKEY_LEN: usize = 33;

@@ -1,11 +1,11 @@
 //! Helpers shared by the `sphinx-key` end-to-end tests (`mod common;`).
 
 use std::process::Child;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use sphinx_broker::mqtt;
+use sphinx_mqtt_server::Authenticator;
 use sphinx_wire::serial::Request;
+use sphinx_wire::token;
 
 /// alice's node id (seed 0x41 × 32, regtest).
 pub const ALICE: &str = "029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46";
@@ -39,13 +39,12 @@ pub fn trace_requests() -> Vec<Request> {
 }
 
 /// The broker's login check: the username is the node id, the password its token (120 s window).
-pub fn auth() -> Arc<dyn mqtt::Authenticator> {
-    Arc::new(|_cid: &str, user: Option<&str>, pass: Option<&[u8]>| -> Result<String, String> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-        let user = user.ok_or("no username")?;
-        sphinx_wire::token::verify(user, pass.ok_or("no password")?, now, 120).map_err(|e| e.to_string())?;
+pub fn auth() -> impl Authenticator {
+    |_cid: &str, user: Option<&str>, pass: Option<&[u8]>| -> Result<String, token::Error> {
+        let user = user.ok_or(token::Error::Username(String::new()))?;
+        token::verify(user, pass.ok_or(token::Error::Length(0))?, sphinx_wire::unix_now(), 120)?;
         Ok(user.to_string())
-    })
+    }
 }
 
 /// Makes a started device die with the test's thread (a panicking test leaves no device
