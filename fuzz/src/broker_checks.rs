@@ -5,13 +5,12 @@ use std::path::Path;
 
 use sphinx_broker::config::Config;
 
-/// `broker_config`: the operator's TOML file (`Config::merge_toml`, then `validate`).
+/// `broker_config`: the operator's TOML file (`Config::from_toml`, then `validate`).
 pub fn broker_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let mut cfg = Config::default();
-    if cfg.merge_toml(text, Path::new("fuzz.toml")).is_ok() {
+    if let Ok(cfg) = Config::from_toml(text, Path::new("fuzz.toml")) {
         let _ = cfg.validate();
     }
 }

@@ -7,11 +7,11 @@
 //! stays small (hyper, hyper-util's tokio glue, http-body-util).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use sphinx_mqtt_server::{is_loopback, MqttError, MqttHandle};
 use sphinx_wire::control::MAX_CONTROL_LEN;
 use sphinx_wire::topics;
@@ -32,10 +32,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{ApiSettings, ApiToken, ConfigError};
+use crate::config::ConfigError;
+use crate::hub::{SignerEvent, SignerHub};
 use crate::pin::PinStore;
 use crate::relay::RelayHandle;
-use crate::signer_link::{SignerEvent, SignerHub};
 
 /// Largest control request body accepted (the signer refuses anything larger anyway).
 pub const MAX_CONTROL_BODY: usize = MAX_CONTROL_LEN;
@@ -44,45 +44,169 @@ const LATE_NONCES: usize = 16;
 /// `nonce u64 | sig65` after the msgpack of a control request or response.
 const CONTROL_TRAILER: usize = 8 + 65;
 
-/// The API server's settings (built from [`ApiSettings`] by [`ApiConfig::from_settings`]).
-#[derive(Clone, Debug)]
+/// Simultaneous HTTP connections; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 32;
+/// Simultaneous `/v1/events` streams; more get 503.
+const MAX_EVENT_STREAMS: usize = 8;
+/// Interval of SSE keep-alive comments.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+/// A client must send a request's headers within this time, and its body within it too.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The operator API: the `[api]` table of the config file (see docs/api.md). Off unless
+/// [`ApiConfig::listen`] is set.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
-    /// Listen address (port 0 picks one; see [`ApiHandle::local_addr`]).
-    pub listen: SocketAddr,
-    /// Allow a non-loopback `listen`.
+    /// Listen address (`SPHINX_BROKER_API_LISTEN`, `--api-listen`; port 0 picks one, see
+    /// [`ApiHandle::local_addr`]). Default unset: no API.
+    pub listen: Option<SocketAddr>,
+    /// Allow a listen address that is not loopback (`SPHINX_BROKER_API_ALLOW_NON_LOOPBACK`).
+    /// Default false.
     pub allow_non_loopback: bool,
-    /// The bearer token.
-    pub token: ApiToken,
-    /// Bound of a control call (waiting for another call to the same signer included).
+    /// The bearer token every request must carry, inline (`SPHINX_BROKER_API_TOKEN`; prefer
+    /// [`ApiConfig::token_file`]). Required when the API is enabled. Default unset.
+    pub token: Option<ApiToken>,
+    /// A file holding the token (`SPHINX_BROKER_API_TOKEN_FILE`, `--api-token-file`), read by
+    /// [`ApiConfig::load_token`]. Default unset.
+    pub token_file: Option<PathBuf>,
+    /// Longest a control call waits for the signer's response, then 504 (file:
+    /// `control_timeout_secs`; `SPHINX_BROKER_API_CONTROL_TIMEOUT`). Default 10 s.
+    #[serde(rename = "control_timeout_secs", deserialize_with = "crate::config::secs")]
     pub control_timeout: Duration,
-    /// Simultaneous HTTP connections; more wait in the kernel's accept queue.
-    pub max_connections: usize,
-    /// Simultaneous `/v1/events` streams; more get 503.
-    pub max_event_streams: usize,
-    /// Interval of SSE keep-alive comments.
-    pub keepalive: Duration,
-    /// A client must send a request's headers within this time, and its body within it too.
-    pub read_timeout: Duration,
+    /// Events buffered per `/v1/events` subscriber before it starts losing them. Default 256.
+    pub event_capacity: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: None,
+            allow_non_loopback: false,
+            token: None,
+            token_file: None,
+            control_timeout: Duration::from_secs(10),
+            event_capacity: 256,
+        }
+    }
 }
 
 impl ApiConfig {
-    /// The server settings of an enabled, valid `[api]`; `Ok(None)` if the API is off.
-    pub fn from_settings(s: &ApiSettings) -> Result<Option<ApiConfig>, ConfigError> {
-        s.check()?;
-        let Some(listen) = s.listen else { return Ok(None) };
-        let Some(token) = s.token.clone() else {
-            return Err(ConfigError::Invalid("api.token", "required when the API is enabled".into()));
-        };
-        Ok(Some(ApiConfig {
-            listen,
-            allow_non_loopback: s.allow_non_loopback,
-            token,
-            control_timeout: s.control_timeout,
-            max_connections: 32,
-            max_event_streams: 8,
-            keepalive: Duration::from_secs(15),
-            read_timeout: Duration::from_secs(10),
-        }))
+    /// Sets the token inline (replacing a token file set earlier).
+    pub fn set_token(&mut self, token: &str) -> Result<(), ConfigError> {
+        self.token = Some(ApiToken::new(token)?);
+        self.token_file = None;
+        Ok(())
+    }
+
+    /// Sets the token file (replacing an inline token set earlier); read by
+    /// [`ApiConfig::load_token`].
+    pub fn set_token_file(&mut self, path: PathBuf) {
+        self.token_file = Some(path);
+        self.token = None;
+    }
+
+    /// Reads the token from [`ApiConfig::token_file`], if one is set (trimming surrounding
+    /// whitespace). Warns if the file is readable by group or others.
+    pub fn load_token(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = self.token_file.clone() else { return Ok(()) };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        crate::config::warn_if_shared(&path, "the API token file is readable by group or others; chmod 600 it");
+        let token = ApiToken::new(text.trim()).map_err(|e| match e {
+            ConfigError::Invalid(_, why) => {
+                ConfigError::Invalid("api.token_file", format!("{}: {why}", path.display()))
+            }
+            other => other,
+        })?;
+        self.token = Some(token);
+        Ok(())
+    }
+
+    /// Rejects an enabled API without a token, on a non-loopback address without
+    /// `allow_non_loopback`, or with zero bounds. A disabled API is always fine. [`start`] checks
+    /// the same.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let Some(listen) = self.listen else { return Ok(()) };
+        if self.token.is_none() {
+            return Err(ConfigError::Invalid(
+                "api.token",
+                format!(
+                    "the API is enabled (api.listen = {listen}) but no token is set: set [api] token_file (or token), \
+                     SPHINX_BROKER_API_TOKEN_FILE or SPHINX_BROKER_API_TOKEN, at least {MIN_API_TOKEN_LEN} characters"
+                ),
+            ));
+        }
+        if !is_loopback(listen.ip()) && !self.allow_non_loopback {
+            return Err(ConfigError::Invalid(
+                "api.listen",
+                format!(
+                    "{listen} is not a loopback address; the API is plain HTTP and controls the signer: listen on \
+                     127.0.0.1/::1 (and use an SSH tunnel or a TLS proxy), or set api.allow_non_loopback = true"
+                ),
+            ));
+        }
+        if self.control_timeout.is_zero() {
+            return Err(ConfigError::Invalid("api.control_timeout_secs", "must be positive".into()));
+        }
+        if self.event_capacity == 0 {
+            return Err(ConfigError::Invalid("api.event_capacity", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Shortest accepted API token, in characters.
+pub const MIN_API_TOKEN_LEN: usize = 16;
+/// Longest accepted API token, in characters.
+pub const MAX_API_TOKEN_LEN: usize = 1024;
+
+/// The API's bearer token. Its `Debug` never shows it; comparison is in constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken(String);
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiToken(<redacted>)")
+    }
+}
+
+impl<'de> Deserialize<'de> for ApiToken {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ApiToken::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl ApiToken {
+    /// A token of [`MIN_API_TOKEN_LEN`]..=[`MAX_API_TOKEN_LEN`] visible ASCII characters (no
+    /// spaces), so that it fits an `Authorization: Bearer` header as is.
+    pub fn new(token: &str) -> Result<ApiToken, ConfigError> {
+        if token.len() < MIN_API_TOKEN_LEN {
+            return Err(ConfigError::Invalid(
+                "api.token",
+                format!(
+                    "too short ({} characters): use at least {MIN_API_TOKEN_LEN}, e.g. `openssl rand -hex 32`",
+                    token.len()
+                ),
+            ));
+        }
+        if token.len() > MAX_API_TOKEN_LEN {
+            return Err(ConfigError::Invalid("api.token", format!("longer than {MAX_API_TOKEN_LEN} characters")));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::Invalid("api.token", "must be visible ASCII characters without spaces".into()));
+        }
+        Ok(ApiToken(token.to_string()))
+    }
+
+    /// Is `offered` this token? Compares SHA-256 digests in constant time, so neither the
+    /// content nor the length of the token leaks through timing.
+    pub fn matches(&self, offered: &[u8]) -> bool {
+        use bitcoin::hashes::{sha256, Hash};
+        let a = sha256::Hash::hash(self.0.as_bytes()).to_byte_array();
+        let b = sha256::Hash::hash(offered).to_byte_array();
+        let diff = a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+        std::hint::black_box(diff) == 0
     }
 }
 
@@ -140,59 +264,33 @@ impl std::fmt::Debug for ApiHandle {
     }
 }
 
-/// Per-signer control state, behind an async mutex: one control call in flight per signer.
-#[derive(Default)]
-struct ControlSlot {
-    /// Nonces of calls that timed out; a response carrying one is late and is dropped.
-    late: VecDeque<u64>,
-}
-
+/// What the server's tasks share.
 struct Shared {
-    cfg: ApiConfig,
+    control_timeout: Duration,
+    token: ApiToken,
     state: ApiState,
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ControlSlot>>>>,
     streams: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 }
 
-impl Shared {
-    fn slots(&self) -> MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<ControlSlot>>>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn slot(&self, node_id: &str) -> Arc<tokio::sync::Mutex<ControlSlot>> {
-        let mut slots = self.slots();
-        if slots.len() > 128 {
-            // Forget idle slots of signers that are gone (nobody holds or waits for them).
-            slots.retain(|_, s| Arc::strong_count(s) > 1 || s.try_lock().map(|g| !g.late.is_empty()).unwrap_or(true));
-        }
-        slots.entry(node_id.to_string()).or_default().clone()
-    }
-}
-
-/// Binds the API and serves it in the background. Refuses settings that [`ApiSettings::check`]
-/// refuses (an enabled API without a token, or on a non-loopback address without opt-in).
-pub async fn start(cfg: ApiConfig, state: ApiState) -> Result<ApiHandle, ApiError> {
-    if !is_loopback(cfg.listen.ip()) && !cfg.allow_non_loopback {
-        return Err(ApiError::Config(ConfigError::Invalid(
-            "api.listen",
-            format!("{} is not a loopback address and api.allow_non_loopback is not set", cfg.listen),
-        )));
-    }
-    if cfg.control_timeout.is_zero() || cfg.max_connections == 0 {
-        return Err(ApiError::Config(ConfigError::Invalid("api", "bounds must be positive".into())));
-    }
-    let listener = TcpListener::bind(cfg.listen).await.map_err(|source| ApiError::Bind { addr: cfg.listen, source })?;
-    let local_addr = listener.local_addr().map_err(|source| ApiError::Bind { addr: cfg.listen, source })?;
+/// Binds the API and serves it in the background. Refuses settings that
+/// [`ApiConfig::validate`] refuses, and an API that is off (no [`ApiConfig::listen`]).
+pub async fn start(cfg: &ApiConfig, state: ApiState) -> Result<ApiHandle, ApiError> {
+    cfg.validate()?;
+    let (Some(listen), Some(token)) = (cfg.listen, cfg.token.clone()) else {
+        return Err(ApiError::Config(ConfigError::Invalid("api.listen", "the API is off (no listen address)".into())));
+    };
+    let listener = TcpListener::bind(listen).await.map_err(|source| ApiError::Bind { addr: listen, source })?;
+    let local_addr = listener.local_addr().map_err(|source| ApiError::Bind { addr: listen, source })?;
     if !is_loopback(local_addr.ip()) {
         warn!(listen = %local_addr, "operator API on a non-loopback address (explicitly allowed): plain HTTP, the token travels in clear text");
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
-        streams: Arc::new(Semaphore::new(cfg.max_event_streams)),
-        cfg,
+        control_timeout: cfg.control_timeout,
+        token,
         state,
-        slots: Mutex::new(HashMap::new()),
+        streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
         shutdown: shutdown_rx.clone(),
     });
     info!(listen = %local_addr, "operator API listening");
@@ -201,7 +299,7 @@ pub async fn start(cfg: ApiConfig, state: ApiState) -> Result<ApiHandle, ApiErro
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let conns = Arc::new(Semaphore::new(shared.cfg.max_connections));
+    let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
             p = conns.clone().acquire_owned() => match p {
@@ -236,7 +334,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(shared.cfg.read_timeout)
+                    .header_read_timeout(READ_TIMEOUT)
                     .max_buf_size(64 * 1024)
                     .serve_connection(TokioIo::new(stream), svc);
                 tokio::select! {
@@ -323,7 +421,7 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let authorized = match bearer(req.headers()) {
-        Some(t) => shared.cfg.token.matches(t),
+        Some(t) => shared.token.matches(t),
         None => false,
     };
     if !authorized {
@@ -431,7 +529,7 @@ fn is_node_id(id: &str) -> bool {
     id.len() == 66 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Response<ApiBody>> {
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<ApiBody>> {
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
         let essence = ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if essence != "application/octet-stream" {
@@ -451,7 +549,7 @@ async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Res
         }
     }
     let body = Limited::new(req.into_body(), MAX_CONTROL_BODY);
-    match tokio::time::timeout(shared.cfg.read_timeout, body.collect()).await {
+    match tokio::time::timeout(READ_TIMEOUT, body.collect()).await {
         Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time")),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
         Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}"))),
@@ -460,11 +558,11 @@ async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Res
 }
 
 async fn control(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<ApiBody> {
-    let deadline = tokio::time::Instant::now() + shared.cfg.control_timeout;
+    let deadline = tokio::time::Instant::now() + shared.control_timeout;
     if !is_node_id(id) {
         return error(StatusCode::BAD_REQUEST, "the node id must be 33 bytes in hex");
     }
-    let body = match read_body(shared, req).await {
+    let body = match read_body(req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -484,17 +582,12 @@ async fn control(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<
     }
 
     // One control call per signer at a time: the response topic carries no request id.
-    let slot = shared.slot(id);
-    let Ok(mut slot) = tokio::time::timeout_at(deadline, slot.lock_owned()).await else {
-        warn!(signer = %id, "control call gave up waiting for another call to the same signer");
-        return error(
-            StatusCode::CONFLICT,
-            "another control call to this signer is in progress; this one was not sent",
-        );
-    };
-    let mut waiter = match shared.state.hub.expect_control(id) {
-        Ok(w) => w,
-        Err(e) => return error(StatusCode::CONFLICT, &e.to_string()),
+    let mut call = match shared.state.hub.control_call(id, deadline).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(signer = %id, "control call gave up waiting for another call to the same signer");
+            return error(StatusCode::CONFLICT, &e.to_string());
+        }
     };
     let nonce = control_nonce(&body);
     let len = body.len();
@@ -506,15 +599,16 @@ async fn control(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<
     }
     info!(signer = %id, bytes = len, ?nonce, "control request relayed to the signer");
     loop {
-        match tokio::time::timeout_at(deadline, waiter.recv()).await {
+        match tokio::time::timeout_at(deadline, call.recv()).await {
             Err(_) => {
                 if let Some(n) = nonce {
-                    if slot.late.len() >= LATE_NONCES {
-                        slot.late.pop_front();
+                    let late = &mut call.slot().late;
+                    if late.len() >= LATE_NONCES {
+                        late.pop_front();
                     }
-                    slot.late.push_back(n);
+                    late.push_back(n);
                 }
-                warn!(signer = %id, ?nonce, timeout = ?shared.cfg.control_timeout, "no control response in time");
+                warn!(signer = %id, ?nonce, timeout = ?shared.control_timeout, "no control response in time");
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "no response from the signer in time (the request was delivered and may still be applied)",
@@ -529,7 +623,7 @@ async fn control(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<
             }
             Ok(Some(resp)) => {
                 let got = control_nonce(&resp);
-                if got.is_some() && got != nonce && got.is_some_and(|g| slot.late.contains(&g)) {
+                if got.is_some() && got != nonce && got.is_some_and(|g| call.slot().late.contains(&g)) {
                     warn!(signer = %id, late_nonce = ?got, "late response to an earlier, timed-out control call; dropped");
                     continue;
                 }
@@ -640,10 +734,7 @@ fn events(shared: &Shared) -> Response<ApiBody> {
     // event from then on.
     let rx = shared.state.hub.subscribe();
     let (tx, body_rx) = mpsc::channel::<Bytes>(16);
-    let timing = PumpTiming {
-        keepalive: shared.cfg.keepalive,
-        send_timeout: shared.cfg.read_timeout.max(Duration::from_secs(30)),
-    };
+    let timing = PumpTiming { keepalive: KEEPALIVE, send_timeout: READ_TIMEOUT.max(Duration::from_secs(30)) };
     let shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
         let _permit = permit;
@@ -679,8 +770,7 @@ async fn heartbeat(shared: &Shared) -> Response<ApiBody> {
     if !shared.state.hub.signer(&node_id).is_some_and(|s| s.ready) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "signer not connected");
     }
-    match tokio::time::timeout(shared.cfg.control_timeout, sphinx_chain::fetch_heartbeat(shared.state.relay.clone()))
-        .await
+    match tokio::time::timeout(shared.control_timeout, sphinx_chain::fetch_heartbeat(shared.state.relay.clone())).await
     {
         Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "no heartbeat from the signer in time"),
         Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, &e.to_string()),

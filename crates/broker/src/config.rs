@@ -1,5 +1,17 @@
-//! Broker configuration: a plain struct, filled from a TOML file, then environment variables,
-//! then command-line flags (each overriding the one before).
+//! Broker configuration, assembled in one place from the sections that live beside the code they
+//! configure:
+//!
+//! | table | type | where |
+//! |---|---|---|
+//! | (top level) | [`Config`] | here |
+//! | `[mqtt]` | [`MqttSettings`] | [`crate::mqtt_link`] |
+//! | `[relay]` | [`RelayConfig`] | [`crate::relay`] |
+//! | `[bitcoind]` | [`BitcoindSettings`] | crate `sphinx-chain` |
+//! | `[api]` | [`ApiConfig`] | [`crate::api`] |
+//!
+//! Each is one serde struct whose fields document their defaults. Sources, each overriding the
+//! one before ([`Config::load`]): the defaults, the TOML file, then environment variables and
+//! flags ([`Overrides`]), then the API token file; then every section is validated.
 //!
 //! lightningd starts the broker with only its own flags, so a real deployment configures it with
 //! the file (`--config`, `$SPHINX_BROKER_CONFIG`, or `sphinx-broker.toml` in the working
@@ -10,183 +22,40 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bitcoin::Network;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use sphinx_chain::BitcoindSettings;
 
-/// Everything the broker needs to run.
-#[derive(Clone, Debug)]
+use crate::api::ApiConfig;
+use crate::mqtt_link::MqttSettings;
+use crate::relay::RelayConfig;
+
+/// Everything the broker needs to run: the config file's schema, every key optional.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// The exact line `lightningd --version` prints (e.g. `v25.12.1`); `--version` echoes it.
+    /// The exact line `lightningd --version` prints (e.g. `v25.12.1`); `--version` echoes it
+    /// (`SPHINX_BROKER_CLN_VERSION`, `--cln-version`). Default unset: `--version` fails.
     pub cln_version: Option<String>,
-    /// The chain lightningd must be on; `hsmd_init` carrying another chain is refused.
+    /// The chain lightningd must be on, by CLN's name (bitcoin, testnet, testnet4, signet,
+    /// regtest); `hsmd_init` carrying another chain is refused (`SPHINX_BROKER_NETWORK`,
+    /// `--network`). Default regtest.
+    #[serde(deserialize_with = "network")]
     pub network: Network,
-    /// Where the broker keeps its state (the pinned signer key).
+    /// Where the broker keeps its state, the pinned signer key (`SPHINX_BROKER_DATA_DIR`,
+    /// `--data-dir`). Default `sphinx-broker`, relative to the working directory.
     pub data_dir: PathBuf,
     /// The signer's node id, if the operator knows it (`sphinx-key node-id`): pinned at start, so
-    /// no other key can log in even before the first `hsmd_init` (no trust on first use).
+    /// no other key can log in even before the first `hsmd_init` (no trust on first use)
+    /// (`SPHINX_BROKER_SIGNER_NODE_ID`, `--signer-node-id`). Default unset.
     pub signer_node_id: Option<String>,
-    /// Embedded MQTT server.
+    /// `[mqtt]`: the embedded MQTT server and the signers' login.
     pub mqtt: MqttSettings,
-    /// The request path to the signer.
-    pub relay: RelaySettings,
-    /// bitcoind to follow; chain tracking is off when no URL is set.
-    pub bitcoind: sphinx_chain::BitcoindSettings,
-    /// The operator HTTP API (off unless `api.listen` is set).
-    pub api: ApiSettings,
-}
-
-/// Embedded MQTT server settings.
-#[derive(Clone, Debug)]
-pub struct MqttSettings {
-    /// Listen address; loopback by default.
-    pub listen: SocketAddr,
-    /// Largest accepted MQTT payload.
-    pub max_payload: usize,
-    /// A login token's timestamp must be within this many seconds of the broker's clock.
-    pub token_window: Duration,
-    /// TLS certificate chain (PEM); with [`MqttSettings::tls_key`], MQTT is served over TLS.
-    pub tls_cert: Option<PathBuf>,
-    /// The certificate's private key (PEM); set both or neither.
-    pub tls_key: Option<PathBuf>,
-    /// Allow plaintext MQTT on a non-loopback address (off: such a listener is refused).
-    pub allow_plaintext_non_loopback: bool,
-}
-
-/// The operator HTTP API (see docs/api.md).
-#[derive(Clone, Debug)]
-pub struct ApiSettings {
-    /// Listen address; `None` (the default) = no API.
-    pub listen: Option<SocketAddr>,
-    /// Allow a listen address that is not loopback (off by default).
-    pub allow_non_loopback: bool,
-    /// The bearer token every request must carry (required when the API is enabled).
-    pub token: Option<ApiToken>,
-    /// A file holding the token (read by [`Config::load_api_token`]).
-    pub token_file: Option<PathBuf>,
-    /// Longest a control call waits for the signer's response (then 504).
-    pub control_timeout: Duration,
-    /// Events buffered per `/v1/events` subscriber before it starts losing them.
-    pub event_capacity: usize,
-}
-
-/// Shortest accepted API token, in characters.
-pub const MIN_API_TOKEN_LEN: usize = 16;
-/// Longest accepted API token, in characters.
-pub const MAX_API_TOKEN_LEN: usize = 1024;
-
-/// The API's bearer token. Its `Debug` never shows it; comparison is in constant time.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiToken(String);
-
-impl std::fmt::Debug for ApiToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ApiToken(<redacted>)")
-    }
-}
-
-impl ApiToken {
-    /// A token of [`MIN_API_TOKEN_LEN`]..=[`MAX_API_TOKEN_LEN`] visible ASCII characters (no
-    /// spaces), so that it fits an `Authorization: Bearer` header as is.
-    pub fn new(token: &str) -> Result<ApiToken, ConfigError> {
-        if token.len() < MIN_API_TOKEN_LEN {
-            return Err(ConfigError::Invalid(
-                "api.token",
-                format!(
-                    "too short ({} characters): use at least {MIN_API_TOKEN_LEN}, e.g. `openssl rand -hex 32`",
-                    token.len()
-                ),
-            ));
-        }
-        if token.len() > MAX_API_TOKEN_LEN {
-            return Err(ConfigError::Invalid("api.token", format!("longer than {MAX_API_TOKEN_LEN} characters")));
-        }
-        if !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ConfigError::Invalid("api.token", "must be visible ASCII characters without spaces".into()));
-        }
-        Ok(ApiToken(token.to_string()))
-    }
-
-    /// Is `offered` this token? Compares SHA-256 digests in constant time, so neither the
-    /// content nor the length of the token leaks through timing.
-    pub fn matches(&self, offered: &[u8]) -> bool {
-        use bitcoin::hashes::{sha256, Hash};
-        let a = sha256::Hash::hash(self.0.as_bytes()).to_byte_array();
-        let b = sha256::Hash::hash(offered).to_byte_array();
-        let diff = a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-        std::hint::black_box(diff) == 0
-    }
-}
-
-impl Default for ApiSettings {
-    fn default() -> Self {
-        ApiSettings {
-            listen: None,
-            allow_non_loopback: false,
-            token: None,
-            token_file: None,
-            control_timeout: Duration::from_secs(10),
-            event_capacity: 256,
-        }
-    }
-}
-
-impl ApiSettings {
-    /// Sets the token inline (replacing a token file set earlier).
-    pub fn set_token(&mut self, token: &str) -> Result<(), ConfigError> {
-        self.token = Some(ApiToken::new(token)?);
-        self.token_file = None;
-        Ok(())
-    }
-
-    /// Sets the token file (replacing an inline token set earlier); read by
-    /// [`Config::load_api_token`].
-    pub fn set_token_file(&mut self, path: PathBuf) {
-        self.token_file = Some(path);
-        self.token = None;
-    }
-
-    /// Rejects an enabled API without a token, on a non-loopback address without
-    /// `allow_non_loopback`, or with zero bounds. A disabled API is always fine.
-    pub fn check(&self) -> Result<(), ConfigError> {
-        let Some(listen) = self.listen else { return Ok(()) };
-        if self.token.is_none() {
-            return Err(ConfigError::Invalid(
-                "api.token",
-                format!(
-                    "the API is enabled (api.listen = {listen}) but no token is set: set [api] token_file (or token), \
-                     SPHINX_BROKER_API_TOKEN_FILE or SPHINX_BROKER_API_TOKEN, at least {MIN_API_TOKEN_LEN} characters"
-                ),
-            ));
-        }
-        if !sphinx_mqtt_server::is_loopback(listen.ip()) && !self.allow_non_loopback {
-            return Err(ConfigError::Invalid(
-                "api.listen",
-                format!(
-                    "{listen} is not a loopback address; the API is plain HTTP and controls the signer: listen on \
-                     127.0.0.1/::1 (and use an SSH tunnel or a TLS proxy), or set api.allow_non_loopback = true"
-                ),
-            ));
-        }
-        if self.control_timeout.is_zero() {
-            return Err(ConfigError::Invalid("api.control_timeout_secs", "must be positive".into()));
-        }
-        if self.event_capacity == 0 {
-            return Err(ConfigError::Invalid("api.event_capacity", "must be at least 1".into()));
-        }
-        Ok(())
-    }
-}
-
-/// Request path settings.
-#[derive(Clone, Debug)]
-pub struct RelaySettings {
-    /// Requests that may wait for a signer before callers are pushed back.
-    pub queue_capacity: usize,
-    /// Requests sent to the signer and not yet answered, at most.
-    pub max_inflight: usize,
-    /// Longest a request may wait for its reply (queueing included).
-    pub request_timeout: Duration,
-    /// How often to log that requests are waiting for a signer.
-    pub waiting_log_interval: Duration,
+    /// `[relay]`: the request path to the signer.
+    pub relay: RelayConfig,
+    /// `[bitcoind]`: bitcoind to follow; chain tracking is off when no URL is set.
+    pub bitcoind: BitcoindSettings,
+    /// `[api]`: the operator HTTP API (off unless `api.listen` is set).
+    pub api: ApiConfig,
 }
 
 impl Default for Config {
@@ -196,104 +65,18 @@ impl Default for Config {
             network: Network::Regtest,
             data_dir: PathBuf::from("sphinx-broker"),
             signer_node_id: None,
-            mqtt: MqttSettings {
-                listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
-                max_payload: 1024 * 1024,
-                token_window: Duration::from_secs(300),
-                tls_cert: None,
-                tls_key: None,
-                allow_plaintext_non_loopback: false,
-            },
-            relay: RelaySettings {
-                queue_capacity: 1000,
-                max_inflight: 64,
-                request_timeout: Duration::from_secs(600),
-                waiting_log_interval: Duration::from_secs(10),
-            },
-            bitcoind: Default::default(),
-            api: ApiSettings::default(),
+            mqtt: MqttSettings::default(),
+            relay: RelayConfig::default(),
+            bitcoind: BitcoindSettings::default(),
+            api: ApiConfig::default(),
         }
     }
-}
-
-/// The TOML file, every key optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// See [`Config::cln_version`].
-    pub cln_version: Option<String>,
-    /// CLN network name: bitcoin, testnet, testnet4, signet, regtest.
-    pub network: Option<String>,
-    /// See [`Config::data_dir`].
-    pub data_dir: Option<PathBuf>,
-    /// See [`Config::signer_node_id`].
-    pub signer_node_id: Option<String>,
-    /// `[mqtt]` table.
-    #[serde(default)]
-    pub mqtt: FileMqtt,
-    /// `[relay]` table.
-    #[serde(default)]
-    pub relay: FileRelay,
-    /// `[bitcoind]` table.
-    #[serde(default)]
-    pub bitcoind: sphinx_chain::BitcoindSettings,
-    /// `[api]` table.
-    #[serde(default)]
-    pub api: FileApi,
-}
-
-/// `[mqtt]` in the file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileMqtt {
-    /// Listen address.
-    pub listen: Option<SocketAddr>,
-    /// Largest payload, bytes.
-    pub max_payload: Option<usize>,
-    /// Token window, seconds.
-    pub token_window_secs: Option<u64>,
-    /// TLS certificate chain, PEM.
-    pub tls_cert: Option<PathBuf>,
-    /// TLS private key, PEM.
-    pub tls_key: Option<PathBuf>,
-    /// Allow plaintext on a non-loopback address.
-    pub allow_plaintext_non_loopback: Option<bool>,
-}
-
-/// `[api]` in the file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileApi {
-    /// Listen address (the API is off without one).
-    pub listen: Option<SocketAddr>,
-    /// Allow a non-loopback listen address.
-    pub allow_non_loopback: Option<bool>,
-    /// Bearer token, inline (prefer `token_file`).
-    pub token: Option<String>,
-    /// File holding the bearer token.
-    pub token_file: Option<PathBuf>,
-    /// Control call bound, seconds.
-    pub control_timeout_secs: Option<u64>,
-    /// Events buffered per subscriber.
-    pub event_capacity: Option<usize>,
-}
-
-/// `[relay]` in the file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileRelay {
-    /// Waiting-queue capacity.
-    pub queue_capacity: Option<usize>,
-    /// In-flight window.
-    pub max_inflight: Option<usize>,
-    /// Per-request timeout, seconds.
-    pub request_timeout_secs: Option<u64>,
 }
 
 /// Configuration errors: all fatal at start-up, all say which setting is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
+    /// A file could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
         /// File.
@@ -301,7 +84,7 @@ pub enum ConfigError {
         /// Cause.
         source: std::io::Error,
     },
-    /// The file is not valid TOML for this schema.
+    /// The file is not valid TOML for this schema (unknown keys, bad values).
     #[error("invalid config file {path}: {source}")]
     Parse {
         /// File.
@@ -312,9 +95,20 @@ pub enum ConfigError {
     /// A network name CLN would not use.
     #[error("unknown network {0:?} (expected bitcoin, testnet, testnet4, signet or regtest)")]
     Network(String),
-    /// A numeric setting out of range.
+    /// A setting out of range or inconsistent with another.
     #[error("invalid setting {0}: {1}")]
     Invalid(&'static str, String),
+    /// A value from the environment is not acceptable.
+    #[error("{var}: {source}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// What is wrong with it.
+        source: Box<ConfigError>,
+    },
+    /// The bitcoind settings cannot work (checked without contacting bitcoind).
+    #[error(transparent)]
+    Bitcoind(#[from] sphinx_chain::rpc::RpcError),
 }
 
 /// Parses a CLN network name.
@@ -329,120 +123,187 @@ pub fn parse_network(s: &str) -> Result<Network, ConfigError> {
     }
 }
 
+fn network<'de, D: Deserializer<'de>>(d: D) -> Result<Network, D::Error> {
+    parse_network(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+/// A duration given in whole seconds (the `*_secs` keys).
+pub(crate) fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_secs)
+}
+
+/// Warns (`why`) if `path` is readable by group or others: it holds a secret.
+pub(crate) fn warn_if_shared(path: &Path, why: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+        tracing::warn!(path = %path.display(), "{why}");
+    }
+}
+
+/// The API token, from the environment only (a flag would show it in `ps`).
+pub const API_TOKEN_ENV: &str = "SPHINX_BROKER_API_TOKEN";
+
+/// What the environment and the command line override, each flag with its `SPHINX_BROKER_*`
+/// variable (flags win over the environment, both over the file).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct Overrides {
+    /// TOML configuration file.
+    #[arg(long, env = "SPHINX_BROKER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The exact `lightningd --version` line, e.g. v25.12.1.
+    #[arg(long, env = "SPHINX_BROKER_CLN_VERSION")]
+    pub cln_version: Option<String>,
+    /// Chain: bitcoin, testnet, testnet4, signet, regtest.
+    #[arg(long, env = "SPHINX_BROKER_NETWORK")]
+    pub network: Option<String>,
+    /// State directory (pinned signer key).
+    #[arg(long, env = "SPHINX_BROKER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The signer's node id (`sphinx-key node-id`): pinned at start instead of on first use.
+    #[arg(long, env = "SPHINX_BROKER_SIGNER_NODE_ID")]
+    pub signer_node_id: Option<String>,
+    /// Embedded MQTT listen address.
+    #[arg(long, env = "SPHINX_BROKER_MQTT_LISTEN")]
+    pub mqtt_listen: Option<SocketAddr>,
+    /// MQTT over TLS: certificate chain (PEM); needs --mqtt-tls-key.
+    #[arg(long, env = "SPHINX_BROKER_MQTT_TLS_CERT")]
+    pub mqtt_tls_cert: Option<PathBuf>,
+    /// MQTT over TLS: the certificate's private key (PEM); needs --mqtt-tls-cert.
+    #[arg(long, env = "SPHINX_BROKER_MQTT_TLS_KEY")]
+    pub mqtt_tls_key: Option<PathBuf>,
+    /// Allow plaintext MQTT on a non-loopback address (refused otherwise).
+    #[arg(long, env = "SPHINX_BROKER_MQTT_ALLOW_PLAINTEXT_NON_LOOPBACK", value_parser = clap::builder::BoolishValueParser::new())]
+    pub mqtt_allow_plaintext_non_loopback: bool,
+    /// Operator HTTP API listen address (the API is off without one; loopback only unless
+    /// --api-allow-non-loopback). Needs a token: SPHINX_BROKER_API_TOKEN_FILE (or
+    /// SPHINX_BROKER_API_TOKEN, or [api] token_file in the config file).
+    #[arg(long, env = "SPHINX_BROKER_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// File holding the API's bearer token (at least 16 characters). There is deliberately no
+    /// flag for the token itself: command lines are visible to every local user.
+    #[arg(long, env = "SPHINX_BROKER_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Allow the API on a non-loopback address (it is plain HTTP: prefer a tunnel or TLS proxy).
+    #[arg(long, env = "SPHINX_BROKER_API_ALLOW_NON_LOOPBACK", value_parser = clap::builder::BoolishValueParser::new())]
+    pub api_allow_non_loopback: bool,
+    /// Longest a control call waits for the signer's response, seconds (default 10).
+    #[arg(long, env = "SPHINX_BROKER_API_CONTROL_TIMEOUT")]
+    pub api_control_timeout: Option<u64>,
+    /// Per-request reply bound, seconds.
+    #[arg(long, env = "SPHINX_BROKER_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<u64>,
+    /// bitcoind JSON-RPC URL to follow (http://user:password@host:port); chain tracking is off without one.
+    #[arg(long, env = "SPHINX_BROKER_BITCOIND_URL")]
+    pub bitcoind_url: Option<String>,
+    /// bitcoind's .cookie file, used when the URL carries no user:password.
+    #[arg(long, env = "SPHINX_BROKER_BITCOIND_COOKIE")]
+    pub bitcoind_cookie: Option<PathBuf>,
+}
+
 impl Config {
-    /// Applies a TOML document over `self`.
-    pub fn merge_toml(&mut self, text: &str, path: &Path) -> Result<(), ConfigError> {
-        let f: FileConfig =
+    /// The defaults overridden by a TOML document (`path` names it in errors).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config =
             toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })?;
-        if let Some(v) = f.cln_version {
-            self.cln_version = Some(v);
+        if cfg.api.token.is_some() && cfg.api.token_file.is_some() {
+            return Err(ConfigError::Invalid("api.token", "set token or token_file, not both".into()));
         }
-        if let Some(n) = f.network {
-            self.network = parse_network(&n)?;
-        }
-        if let Some(d) = f.data_dir {
-            self.data_dir = d;
-        }
-        if let Some(id) = f.signer_node_id {
-            self.signer_node_id = Some(id);
-        }
-        if let Some(l) = f.mqtt.listen {
-            self.mqtt.listen = l;
-        }
-        if let Some(m) = f.mqtt.max_payload {
-            self.mqtt.max_payload = m;
-        }
-        if let Some(w) = f.mqtt.token_window_secs {
-            self.mqtt.token_window = Duration::from_secs(w);
-        }
-        if f.mqtt.tls_cert.is_some() {
-            self.mqtt.tls_cert = f.mqtt.tls_cert;
-        }
-        if f.mqtt.tls_key.is_some() {
-            self.mqtt.tls_key = f.mqtt.tls_key;
-        }
-        if let Some(b) = f.mqtt.allow_plaintext_non_loopback {
-            self.mqtt.allow_plaintext_non_loopback = b;
-        }
-        if let Some(l) = f.api.listen {
-            self.api.listen = Some(l);
-        }
-        if let Some(b) = f.api.allow_non_loopback {
-            self.api.allow_non_loopback = b;
-        }
-        match (f.api.token, f.api.token_file) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid("api.token", "set token or token_file, not both".into()));
-            }
-            (Some(t), None) => self.api.set_token(&t)?,
-            (None, Some(p)) => self.api.set_token_file(p),
-            (None, None) => {}
-        }
-        if let Some(t) = f.api.control_timeout_secs {
-            self.api.control_timeout = Duration::from_secs(t);
-        }
-        if let Some(c) = f.api.event_capacity {
-            self.api.event_capacity = c;
-        }
-        if let Some(q) = f.relay.queue_capacity {
-            self.relay.queue_capacity = q;
-        }
-        if let Some(q) = f.relay.max_inflight {
-            self.relay.max_inflight = q;
-        }
-        if let Some(t) = f.relay.request_timeout_secs {
-            self.relay.request_timeout = Duration::from_secs(t);
-        }
-        if f.bitcoind.url.is_some() {
-            self.bitcoind.url = f.bitcoind.url;
-        }
-        if f.bitcoind.cookie_file.is_some() {
-            self.bitcoind.cookie_file = f.bitcoind.cookie_file;
-        }
-        Ok(())
+        Ok(cfg)
     }
 
-    /// Reads and applies a TOML file.
-    pub fn merge_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+    /// Reads [`Config::from_toml`] from a file. Warns if the file holds the API token and is
+    /// readable by group or others.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        self.merge_toml(&text, path)?;
-        if self.api.token.is_some() && self.api.token_file.is_none() {
-            use std::os::unix::fs::PermissionsExt;
-            if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
-                tracing::warn!(
-                    path = %path.display(),
-                    "the config file holds the API token and is readable by group or others; chmod 600 it or use token_file"
-                );
-            }
+        let cfg = Config::from_toml(&text, path)?;
+        if cfg.api.token.is_some() {
+            warn_if_shared(
+                path,
+                "the config file holds the API token and is readable by group or others; chmod 600 it or use token_file",
+            );
         }
-        Ok(())
+        Ok(cfg)
     }
 
-    /// Reads the API token from `api.token_file`, if one is set (trimming surrounding
-    /// whitespace). Warns if the file is readable by group or others.
-    pub fn load_api_token(&mut self) -> Result<(), ConfigError> {
-        let Some(path) = self.api.token_file.clone() else { return Ok(()) };
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            if let Ok(meta) = std::fs::metadata(&path) {
-                if meta.permissions().mode() & 0o077 != 0 {
-                    tracing::warn!(path = %path.display(), "the API token file is readable by group or others; chmod 600 it");
-                }
-            }
+    /// The whole configuration: the file (`o.config`, else `./sphinx-broker.toml` if it exists,
+    /// else the defaults), then `o` (environment and flags) and `$SPHINX_BROKER_API_TOKEN`, then
+    /// the API token file; validated.
+    pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
+        let file = o.config.clone().or_else(|| {
+            let p = PathBuf::from("sphinx-broker.toml");
+            p.exists().then_some(p)
+        });
+        let mut cfg = match &file {
+            Some(f) => Config::from_file(f)?,
+            None => Config::default(),
+        };
+        if let Some(v) = &o.cln_version {
+            cfg.cln_version = Some(v.clone());
         }
-        let token = ApiToken::new(text.trim()).map_err(|e| match e {
-            ConfigError::Invalid(_, why) => {
-                ConfigError::Invalid("api.token_file", format!("{}: {why}", path.display()))
+        if let Some(n) = &o.network {
+            cfg.network = parse_network(n)?;
+        }
+        if let Some(d) = &o.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        if let Some(id) = &o.signer_node_id {
+            cfg.signer_node_id = Some(id.clone());
+        }
+        if let Some(l) = o.mqtt_listen {
+            cfg.mqtt.listen = l;
+        }
+        if let Some(c) = &o.mqtt_tls_cert {
+            cfg.mqtt.tls_cert = Some(c.clone());
+        }
+        if let Some(k) = &o.mqtt_tls_key {
+            cfg.mqtt.tls_key = Some(k.clone());
+        }
+        if o.mqtt_allow_plaintext_non_loopback {
+            cfg.mqtt.allow_plaintext_non_loopback = true;
+        }
+        if let Some(l) = o.api_listen {
+            cfg.api.listen = Some(l);
+        }
+        // The token itself only from the environment (or a file): never a flag.
+        let env_token = std::env::var(API_TOKEN_ENV).ok().filter(|t| !t.is_empty());
+        match (env_token, &o.api_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "api.token",
+                    format!(
+                        "set {API_TOKEN_ENV} or the API token file (SPHINX_BROKER_API_TOKEN_FILE / --api-token-file), \
+                         not both"
+                    ),
+                ))
             }
-            other => other,
-        })?;
-        self.api.token = Some(token);
-        Ok(())
+            (Some(t), None) => {
+                cfg.api.set_token(&t).map_err(|e| ConfigError::Env { var: API_TOKEN_ENV, source: Box::new(e) })?
+            }
+            (None, Some(f)) => cfg.api.set_token_file(f.clone()),
+            (None, None) => {}
+        }
+        if o.api_allow_non_loopback {
+            cfg.api.allow_non_loopback = true;
+        }
+        if let Some(t) = o.api_control_timeout {
+            cfg.api.control_timeout = Duration::from_secs(t);
+        }
+        cfg.api.load_token()?;
+        if let Some(t) = o.request_timeout {
+            cfg.relay.request_timeout = Duration::from_secs(t);
+        }
+        if let Some(u) = &o.bitcoind_url {
+            cfg.bitcoind.url = Some(u.clone());
+        }
+        if let Some(c) = &o.bitcoind_cookie {
+            cfg.bitcoind.cookie_file = Some(c.clone());
+        }
+        cfg.validate()?;
+        Ok(cfg)
     }
 
-    /// Rejects values the broker cannot run with.
+    /// Rejects values the broker cannot run with: each section's own checks, in one pass.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(id) = &self.signer_node_id {
             let ok = bitcoin::secp256k1::PublicKey::from_slice(&hex::decode(id).unwrap_or_default())
@@ -454,29 +315,21 @@ impl Config {
                 ));
             }
         }
-        if self.mqtt.tls_cert.is_some() != self.mqtt.tls_key.is_some() {
-            return Err(ConfigError::Invalid(
-                "mqtt.tls_cert/mqtt.tls_key",
-                "set both (certificate chain and its private key, PEM) or neither".into(),
-            ));
-        }
-        self.api.check()?;
-        if self.relay.queue_capacity == 0 {
-            return Err(ConfigError::Invalid("relay.queue_capacity", "must be at least 1".into()));
-        }
-        if self.relay.max_inflight == 0 || self.relay.max_inflight > 30000 {
-            return Err(ConfigError::Invalid("relay.max_inflight", "must be 1..=30000 (u16 sequence space)".into()));
-        }
-        if self.relay.request_timeout.is_zero() {
-            return Err(ConfigError::Invalid("relay.request_timeout_secs", "must be positive".into()));
-        }
-        Ok(())
+        self.bitcoind.check(self.network)?;
+        self.mqtt.tls()?;
+        self.api.validate()?;
+        self.relay.validate()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::ApiToken;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("x.toml"))
+    }
 
     #[test]
     fn signer_node_id_must_be_a_node_id() {
@@ -493,25 +346,46 @@ mod tests {
 
     #[test]
     fn file_overrides_defaults_and_rejects_unknown_keys() {
-        let mut c = Config::default();
-        c.merge_toml(
-            "cln_version = \"v25.12.1\"\nnetwork = \"testnet\"\n[mqtt]\nlisten = \"0.0.0.0:8883\"\n",
-            Path::new("x.toml"),
-        )
-        .unwrap();
+        let c =
+            parse("cln_version = \"v25.12.1\"\nnetwork = \"testnet\"\n[mqtt]\nlisten = \"0.0.0.0:8883\"\n").unwrap();
         assert_eq!(c.cln_version.as_deref(), Some("v25.12.1"));
         assert_eq!(c.network, Network::Testnet);
         assert_eq!(c.mqtt.listen.port(), 8883);
-        assert!(c.merge_toml("bogus = 1\n", Path::new("x.toml")).is_err());
-        assert!(c.merge_toml("network = \"mars\"\n", Path::new("x.toml")).is_err());
+        assert_eq!(c.mqtt.token_window, Duration::from_secs(300), "unset keys keep their defaults");
+        assert_eq!(c.relay, RelayConfig::default());
+        assert!(parse("bogus = 1\n").is_err());
+        assert!(parse("[relay]\nbogus = 1\n").is_err());
+        assert!(parse("network = \"mars\"\n").is_err());
+    }
+
+    #[test]
+    fn every_documented_key_is_read() {
+        let c = parse(
+            "cln_version = \"v\"\nnetwork = \"signet\"\ndata_dir = \"d\"\n\
+             signer_node_id = \"029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46\"\n\
+             [mqtt]\nlisten = \"127.0.0.1:1\"\nmax_payload = 7\ntoken_window_secs = 8\n\
+             tls_cert = \"c\"\ntls_key = \"k\"\nallow_plaintext_non_loopback = true\n\
+             [relay]\nqueue_capacity = 9\nmax_inflight = 10\nrequest_timeout_secs = 11\n\
+             [bitcoind]\nurl = \"http://u:p@h:1\"\ncookie_file = \"/c\"\n\
+             [api]\nlisten = \"127.0.0.1:2\"\nallow_non_loopback = true\ntoken_file = \"t\"\n\
+             control_timeout_secs = 12\nevent_capacity = 13\n",
+        )
+        .unwrap();
+        assert_eq!((c.network, c.data_dir.as_path()), (Network::Signet, Path::new("d")));
+        assert_eq!((c.mqtt.max_payload, c.mqtt.token_window), (7, Duration::from_secs(8)));
+        assert!(c.mqtt.allow_plaintext_non_loopback && c.mqtt.tls().unwrap().is_some());
+        assert_eq!((c.relay.queue_capacity, c.relay.max_inflight), (9, 10));
+        assert_eq!(c.relay.request_timeout, Duration::from_secs(11));
+        assert_eq!(c.relay.waiting_log_interval, RelayConfig::default().waiting_log_interval);
+        assert_eq!(c.bitcoind.cookie_file.as_deref(), Some(Path::new("/c")));
+        assert_eq!((c.api.control_timeout, c.api.event_capacity), (Duration::from_secs(12), 13));
+        assert!(c.api.allow_non_loopback && c.api.token_file.is_some());
     }
 
     #[test]
     fn mqtt_tls_keys_both_or_neither() {
-        let mut c = Config::default();
-        c.merge_toml(
+        let mut c = parse(
             "[mqtt]\nlisten = \"0.0.0.0:8883\"\ntls_cert = \"b.crt\"\ntls_key = \"b.key\"\nallow_plaintext_non_loopback = true\n",
-            Path::new("x.toml"),
         )
         .unwrap();
         assert_eq!(c.mqtt.tls_cert.as_deref(), Some(Path::new("b.crt")));
@@ -523,25 +397,26 @@ mod tests {
 
     #[test]
     fn api_is_off_by_default_and_needs_a_token_and_loopback() {
-        let mut c = Config::default();
+        let c = Config::default();
         assert!(c.api.listen.is_none());
         assert!(c.validate().is_ok());
-        c.merge_toml("[api]\nlisten = \"127.0.0.1:7878\"\n", Path::new("x.toml")).unwrap();
+        let listen = "[api]\nlisten = \"127.0.0.1:7878\"\n";
+        let c = parse(listen).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("no token"));
-        let short = c.merge_toml("[api]\ntoken = \"short\"\n", Path::new("x.toml")).unwrap_err();
+        let short = parse(&format!("{listen}token = \"short\"\n")).unwrap_err();
         assert!(short.to_string().contains("too short"), "{short}");
-        assert!(c.merge_toml("[api]\ntoken = \"has a space in it ok\"\n", Path::new("x.toml")).is_err());
-        c.merge_toml("[api]\ntoken = \"0123456789abcdef\"\ncontrol_timeout_secs = 3\n", Path::new("x.toml")).unwrap();
+        assert!(parse(&format!("{listen}token = \"has a space in it ok\"\n")).is_err());
+        let with_token = format!("{listen}token = \"0123456789abcdef\"\ncontrol_timeout_secs = 3\n");
+        let c = parse(&with_token).unwrap();
         assert!(c.validate().is_ok());
         assert_eq!(c.api.control_timeout, Duration::from_secs(3));
         assert!(!format!("{c:?}").contains("0123456789abcdef"), "the token must not appear in Debug output");
-        c.merge_toml("[api]\nlisten = \"0.0.0.0:7878\"\n", Path::new("x.toml")).unwrap();
+        let anywhere = with_token.replace("127.0.0.1:7878", "0.0.0.0:7878");
+        let c = parse(&anywhere).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("not a loopback address"));
-        c.merge_toml("[api]\nallow_non_loopback = true\n", Path::new("x.toml")).unwrap();
+        let c = parse(&format!("{anywhere}allow_non_loopback = true\n")).unwrap();
         assert!(c.validate().is_ok());
-        assert!(c
-            .merge_toml("[api]\ntoken = \"0123456789abcdef\"\ntoken_file = \"t\"\n", Path::new("x.toml"))
-            .is_err());
+        assert!(parse("[api]\ntoken = \"0123456789abcdef\"\ntoken_file = \"t\"\n").is_err());
     }
 
     #[test]
@@ -555,16 +430,16 @@ mod tests {
         c.api.set_token("inline-token-inline").unwrap();
         c.api.set_token_file(f.clone());
         assert!(c.api.token.is_none(), "a later token file replaces an earlier inline token");
-        c.load_api_token().unwrap();
-        let t = c.api.token.clone().unwrap();
+        c.api.load_token().unwrap();
+        let t: ApiToken = c.api.token.clone().unwrap();
         assert!(t.matches(b"secret-secret-secret-1"));
         assert!(!t.matches(b"secret-secret-secret-2"));
         assert!(!t.matches(b"secret-secret-secret-1 "));
         assert!(!t.matches(b""));
         std::fs::write(&f, "tiny\n").unwrap();
-        assert!(c.load_api_token().unwrap_err().to_string().contains("too short"));
+        assert!(c.api.load_token().unwrap_err().to_string().contains("too short"));
         c.api.set_token_file(dir.join("missing"));
-        assert!(c.load_api_token().is_err());
+        assert!(c.api.load_token().is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,4 +1,6 @@
-//! CLN CLIENT + SIGNER LOOP: the broker's face towards lightningd.
+//! The broker's face towards lightningd (the drawing's "CLN CLIENT"): CLN's hsmd wire protocol
+//! on fd 3 and on one socketpair per subdaemon. Requests go to the signer through
+//! [`crate::relay`], which runs the signer loop.
 //!
 //! lightningd starts its hsmd with fd 0 as the status socket and fd 3 as the request socket.
 //! The root connection (fd 3) carries lightningd's own requests; every `hsmd_client_hsmfd` (9)
@@ -16,7 +18,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 
-use bitcoin::constants::ChainHash;
 use bitcoin::Network;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use sphinx_wire::{hsmd, ClientContext};
@@ -26,6 +27,7 @@ use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 use tracing::{debug, error, info, warn};
 
+use crate::init::{self, InitError, WrongChain};
 use crate::relay::{RelayError, RelayHandle};
 
 /// `hsmstatus_client_bad_request` (common `hsmd_wire.csv`), sent to lightningd on the status socket.
@@ -41,15 +43,8 @@ pub enum HsmdError {
     #[error("bad message from lightningd: {0}")]
     Wire(#[from] hsmd::Error),
     /// `hsmd_init` is for another chain than the broker's.
-    #[error("lightningd runs on chain {got}, but the broker is configured for {network} ({want}): set network in the broker config")]
-    WrongChain {
-        /// Chain hash lightningd sent (hex, wire order).
-        got: String,
-        /// Configured network.
-        network: Network,
-        /// Its chain hash.
-        want: String,
-    },
+    #[error(transparent)]
+    WrongChain(#[from] WrongChain),
     /// A root request failed; CLN's hsmd treats this as fatal.
     #[error("root request type {msg_type} failed: {error}")]
     RootRequest {
@@ -58,6 +53,15 @@ pub enum HsmdError {
         /// Cause.
         error: RelayError,
     },
+}
+
+impl From<InitError> for HsmdError {
+    fn from(e: InitError) -> Self {
+        match e {
+            InitError::Wire(e) => HsmdError::Wire(e),
+            InitError::WrongChain(e) => HsmdError::WrongChain(e),
+        }
+    }
 }
 
 /// Serves lightningd until it closes the root connection (Ok) or a fatal error.
@@ -89,7 +93,8 @@ impl HsmdServer {
         Ok(HsmdServer { relay, network, status, log_io, init_done })
     }
 
-    /// Becomes `true` once a signer has answered lightningd's `hsmd_init`.
+    /// Becomes `true` once a signer has answered lightningd's `hsmd_init` (step 4 of
+    /// [`crate::init`]: chain following starts then).
     pub fn init_done(&self) -> tokio::sync::watch::Receiver<bool> {
         self.init_done.subscribe()
     }
@@ -128,7 +133,7 @@ impl HsmdServer {
                 hsmd::DEV_MEMLEAK => write_msg(&mut root, &hsmd::memleak_reply()).await?,
                 _ => {
                     if msg_type == hsmd::HSMD_INIT {
-                        self.check_chain(&msg)?;
+                        init::check_chain(&msg, self.network)?;
                         info!("hsmd_init from lightningd; waiting for the signer's answer");
                     }
                     // lightningd waits for this reply; if it dies meanwhile, so do we (CLN's hsmd
@@ -151,19 +156,6 @@ impl HsmdServer {
                 }
             }
         }
-    }
-
-    fn check_chain(&self, msg: &[u8]) -> Result<(), HsmdError> {
-        let got = hsmd::parse_init_chain_hash(msg)?;
-        let want = ChainHash::using_genesis_block(self.network).to_bytes();
-        if got != want {
-            return Err(HsmdError::WrongChain {
-                got: hex::encode(got),
-                network: self.network,
-                want: hex::encode(want),
-            });
-        }
-        Ok(())
     }
 
     async fn serve_client(self: Arc<Self>, mut stream: UnixStream, ctx: ClientContext, client: u64) {

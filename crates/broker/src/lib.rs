@@ -2,25 +2,32 @@
 //! over an embedded, authenticated MQTT broker.
 //!
 //! One path for a request: [`hsmd`] reads it from a CLN connection → [`relay`] numbers it and
-//! publishes it to the signer through the embedded MQTT server ([`sphinx_mqtt_server`]) → the signer's reply comes
-//! back through [`signer_link`] → [`relay`] matches it by sequence number → [`hsmd`] writes it.
+//! publishes it to the signer through the embedded MQTT server ([`sphinx_mqtt_server`], wired
+//! by [`mqtt_link`]) → the signer's reply comes back as an MQTT event, which [`mqtt_link`]
+//! turns into a relay event → [`relay`] matches it by sequence number → [`hsmd`] writes it.
+//! What the broker itself does with lightningd's `hsmd_init` is all in [`init`].
 //!
-//! Beside it, the optional operator [`api`] (HTTP, loopback, bearer token) lists the signers,
-//! relays owner control messages and streams signer events, fed by [`signer_link::SignerHub`].
+//! Around it: [`auth`] decides which signer may log in (with the pinned key of [`pin`]); the
+//! optional operator [`api`] (HTTP, loopback, bearer token) lists the signers, relays owner
+//! control messages and streams signer events, fed by the [`hub`]; chain following (crate
+//! `sphinx-chain`) feeds the signer's chain tracker through the relay. [`config`] assembles the
+//! sections of each; [`start`] and [`run_hsmd`] wire them.
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod hsmd;
+pub mod hub;
+pub mod init;
+pub mod mqtt_link;
 pub mod pin;
 pub mod relay;
-pub mod signer_link;
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 
-use sphinx_chain as chain;
-use sphinx_mqtt_server as mqtt;
+use sphinx_mqtt_server::{self as mqtt, StartError};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -35,7 +42,7 @@ pub struct Broker {
     /// The pinned signer key.
     pub pin: Arc<PinStore>,
     /// The signers' state and events (what the API shows).
-    pub hub: Arc<signer_link::SignerHub>,
+    pub hub: Arc<hub::SignerHub>,
     /// The operator API, when configured (dropping it stops the API).
     pub api: Option<api::ApiHandle>,
 }
@@ -45,44 +52,35 @@ pub struct Broker {
 /// The API's settings are checked before anything starts (an enabled API needs a token of at
 /// least 16 characters and a loopback address unless `api.allow_non_loopback`).
 pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
-    let api_cfg = api::ApiConfig::from_settings(&cfg.api).map_err(|e| anyhow::anyhow!("operator API: {e}"))?;
-    let tls = match (&cfg.mqtt.tls_cert, &cfg.mqtt.tls_key) {
-        (Some(cert), Some(key)) => Some(mqtt::TlsSettings { cert_chain: cert.clone(), private_key: key.clone() }),
-        (None, None) => None,
-        _ => anyhow::bail!("MQTT TLS needs both mqtt.tls_cert and mqtt.tls_key"),
-    };
+    cfg.api.validate().map_err(|e| anyhow::anyhow!("operator API: {e}"))?;
+    let mqtt_cfg = cfg.mqtt.server_config()?;
     let pin = Arc::new(PinStore::open(&cfg.data_dir)?);
     if let Some(id) = &cfg.signer_node_id {
         // Configured: pin now (or check the existing pin) instead of trusting the first signer.
         pin.pin(id).map_err(|e| anyhow::anyhow!("signer_node_id: {e}"))?;
     }
-    let auth = signer_link::TokenAuth::new(pin.clone(), cfg.mqtt.token_window, &cfg.data_dir);
-    let mqtt_cfg = mqtt::MqttConfig {
-        max_payload: cfg.mqtt.max_payload,
-        tls,
-        allow_plaintext_non_loopback: cfg.mqtt.allow_plaintext_non_loopback,
-        ..mqtt::MqttConfig::new(cfg.mqtt.listen)
-    };
+    let auth = auth::TokenAuth::new(pin.clone(), cfg.mqtt.token_window, &cfg.data_dir);
     let tls_on = mqtt_cfg.tls.is_some();
-    let (mqtt, mqtt_events) = mqtt::start(mqtt_cfg, auth)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot start the MQTT server on {}: {e}", cfg.mqtt.listen))?;
+    let (mqtt, mqtt_events) = mqtt::start(mqtt_cfg, auth).await.map_err(|e| match e {
+        // The server knows no config keys; the operator needs them.
+        StartError::PlaintextNonLoopback(addr) => anyhow::anyhow!(
+            "cannot start the MQTT server on {addr}: refusing to serve MQTT without TLS on non-loopback address \
+             {addr}: configure a TLS certificate and key \
+             ([mqtt] tls_cert and tls_key), listen on 127.0.0.1 or ::1, or explicitly allow plaintext on \
+             non-loopback addresses ([mqtt] allow_plaintext_non_loopback = true)"
+        ),
+        e => anyhow::anyhow!("cannot start the MQTT server on {}: {e}", cfg.mqtt.listen),
+    })?;
     tracing::info!(listen = %mqtt.local_addr(), tls = tls_on, pinned = ?pin.get(), "embedded MQTT server listening");
-    let hub = Arc::new(signer_link::SignerHub::new(cfg.api.event_capacity));
+    let hub = Arc::new(hub::SignerHub::new(cfg.api.event_capacity));
     let (link_tx, link_rx) = mpsc::channel(1024);
-    tokio::spawn(signer_link::forward_events(mqtt_events, link_tx, hub.clone()));
-    let relay_cfg = relay::RelayConfig {
-        queue_capacity: cfg.relay.queue_capacity,
-        max_inflight: cfg.relay.max_inflight,
-        request_timeout: cfg.relay.request_timeout,
-        waiting_log_interval: cfg.relay.waiting_log_interval,
-    };
-    let relay = relay::spawn(relay_cfg, Arc::new(mqtt.clone()), link_rx, pin.clone());
-    let api = match api_cfg {
+    tokio::spawn(mqtt_link::forward_events(mqtt_events, link_tx, hub.clone()));
+    let relay = relay::spawn(cfg.relay.clone(), Arc::new(mqtt.clone()), link_rx, pin.clone());
+    let api = match cfg.api.listen {
         None => None,
-        Some(c) => {
+        Some(_) => {
             let state = api::ApiState { mqtt: mqtt.clone(), hub: hub.clone(), relay: relay.clone(), pin: pin.clone() };
-            match api::start(c, state).await {
+            match api::start(&cfg.api, state).await {
                 Ok(h) => Some(h),
                 Err(e) => {
                     mqtt.shutdown();
@@ -104,8 +102,8 @@ pub async fn run_hsmd(
     let broker = start(cfg).await?;
     let server = Arc::new(hsmd::HsmdServer::new(broker.relay.clone(), cfg.network, status, log_io)?);
     // Chain tracking: follows bitcoind once a signer has answered lightningd's hsmd_init.
-    let follower = chain::spawn(
-        chain::FollowerConfig::new(cfg.bitcoind.clone(), cfg.network).with_data_dir(&cfg.data_dir),
+    let follower = sphinx_chain::spawn(
+        sphinx_chain::FollowerConfig::new(cfg.bitcoind.clone(), cfg.network).with_data_dir(&cfg.data_dir),
         broker.relay.clone(),
         server.init_done(),
     );

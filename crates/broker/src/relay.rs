@@ -7,22 +7,27 @@
 //!
 //! Requests sent but not answered stay in flight across signer disconnects and are sent again,
 //! in their original order, when a signer says `hello`; before them the broker replays
-//! lightningd's `hsmd_init`, so a restarted signer is initialised exactly as lightningd
-//! initialised it. The signer answers a repeated delivery from its reply log, without signing
-//! twice.
+//! lightningd's `hsmd_init` ([`crate::init`]), so a restarted signer is initialised exactly as
+//! lightningd initialised it. The signer answers a repeated delivery from its reply log, without
+//! signing twice.
+//!
+//! What goes to signers goes through a [`SignerLink`] (the embedded MQTT server,
+//! [`crate::mqtt_link`]); what they say arrives as [`LinkEvent`]s.
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sphinx_wire::hsmd;
+use serde::Deserialize;
+use sphinx_mqtt_server::MqttError;
 use sphinx_wire::serial::{Reply, Request};
-use sphinx_wire::{topics, ClientContext};
+use sphinx_wire::{error_report, hsmd, topics, ClientContext};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use crate::config::ConfigError;
+use crate::init::{self, InitReplay};
 use crate::pin::PinStore;
 
 /// Why a request got no reply.
@@ -39,13 +44,25 @@ pub enum RelayError {
     Stopped,
 }
 
-/// What the relay sends towards signers (the embedded MQTT server in production).
+/// What the relay sends towards signers (the embedded MQTT server in production). Neither
+/// method waits: a publish is queued for the subscriber or fails at once.
 pub trait SignerLink: Send + Sync + 'static {
-    /// Publishes `payload` on `topic` to whoever subscribed.
-    fn publish(&self, topic: String, payload: Vec<u8>)
-        -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    /// Publishes `payload` on `topic` to whoever subscribed (nobody subscribed is not an error).
+    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), PublishError>;
     /// Drops a signer's connection.
     fn disconnect(&self, identity: &str);
+}
+
+/// Why [`SignerLink::publish`] failed (the request stays in flight and is sent again on the next
+/// `hello`).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The MQTT server refused the message.
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
+    /// The link is gone.
+    #[error("signer link closed")]
+    Closed,
 }
 
 /// What signers say, as the relay needs it.
@@ -61,17 +78,49 @@ pub enum LinkEvent {
     Error(String, Vec<u8>),
 }
 
-/// Relay settings (see [`crate::config::RelaySettings`]).
-#[derive(Clone, Debug)]
+/// The request path's settings: the `[relay]` table of the config file.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RelayConfig {
-    /// Bounded waiting queue.
+    /// Requests that may wait for a signer before callers are pushed back. Default 1000.
     pub queue_capacity: usize,
-    /// In-flight window.
+    /// Requests sent to the signer and not yet answered, at most (1..=30000, the u16 sequence
+    /// space). Default 64.
     pub max_inflight: usize,
-    /// Per-request bound.
+    /// Longest a request may wait for its reply, queueing included (file:
+    /// `request_timeout_secs`; `SPHINX_BROKER_REQUEST_TIMEOUT`, `--request-timeout`). Default 600 s.
+    #[serde(rename = "request_timeout_secs", deserialize_with = "crate::config::secs")]
     pub request_timeout: Duration,
-    /// Interval of "waiting for a signer" logs.
+    /// How often to log that requests are waiting for a signer. Not a file key. Default 10 s.
+    #[serde(skip)]
     pub waiting_log_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            queue_capacity: 1000,
+            max_inflight: 64,
+            request_timeout: Duration::from_secs(600),
+            waiting_log_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Rejects values the relay cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.queue_capacity == 0 {
+            return Err(ConfigError::Invalid("relay.queue_capacity", "must be at least 1".into()));
+        }
+        if self.max_inflight == 0 || self.max_inflight > 30000 {
+            return Err(ConfigError::Invalid("relay.max_inflight", "must be 1..=30000 (u16 sequence space)".into()));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError::Invalid("relay.request_timeout_secs", "must be positive".into()));
+        }
+        Ok(())
+    }
 }
 
 struct Job {
@@ -109,7 +158,7 @@ impl RelayHandle {
 }
 
 /// Chain following (crate `sphinx-chain`) sends its messages as lightningd's root requests, so
-/// they queue with CLN's in the same FIFO.
+/// they queue with CLN's in the same FIFO (docs/chain.md, fairness).
 impl sphinx_chain::ChainLink for RelayHandle {
     type Error = RelayError;
 
@@ -148,7 +197,7 @@ pub fn spawn(
         link,
         pin,
         signer: None,
-        init_msg: None,
+        init: InitReplay::default(),
         next_seq: 0,
         inflight: VecDeque::new(),
         jobs_probe: jobs_tx.downgrade(),
@@ -164,7 +213,7 @@ struct Relay {
     /// The connected signer's identity (node id hex), once it said hello.
     signer: Option<String>,
     /// lightningd's `hsmd_init`, replayed to every signer that connects after it.
-    init_msg: Option<Vec<u8>>,
+    init: InitReplay,
     next_seq: u16,
     /// Sent (or to be re-sent) and unanswered, in dispatch order.
     inflight: VecDeque<Pending>,
@@ -181,11 +230,11 @@ impl Relay {
             let can_send = jobs_open && self.signer.is_some() && self.inflight.len() < self.cfg.max_inflight;
             tokio::select! {
                 job = jobs.recv(), if can_send => match job {
-                    Some(job) => self.dispatch(job).await,
+                    Some(job) => self.dispatch(job),
                     None => jobs_open = false,
                 },
                 ev = events.recv() => match ev {
-                    Some(ev) => self.on_event(ev).await,
+                    Some(ev) => self.on_event(ev),
                     None => {
                         info!("signer link closed; relay stopping");
                         break;
@@ -235,33 +284,31 @@ impl Relay {
         }
     }
 
-    async fn dispatch(&mut self, job: Job) {
+    fn dispatch(&mut self, job: Job) {
         if job.reply.is_closed() {
             return;
         }
         let msg_type = hsmd::msg_type(&job.msg).unwrap_or(0);
-        if msg_type == hsmd::HSMD_INIT {
-            self.init_msg = Some(job.msg.clone());
-        }
+        self.init.remember(&job.msg);
         let seq = self.alloc_seq();
         let frame = Request { seq, peer_id: job.ctx.peer_id, dbid: job.ctx.dbid, message: job.msg }.encode();
         let p = Pending { seq, frame, kind: Kind::Cln, msg_type, reply: Some(job.reply) };
-        self.send(&p).await;
+        self.send(&p);
         self.inflight.push_back(p);
     }
 
-    async fn send(&self, p: &Pending) {
+    fn send(&self, p: &Pending) {
         let Some(signer) = &self.signer else { return };
         debug!(seq = p.seq, msg_type = p.msg_type, "request to signer");
-        if let Err(e) = self.link.publish(topics::topic(signer, topics::VLS), p.frame.clone()).await {
+        if let Err(e) = self.link.publish(&topics::topic(signer, topics::VLS), p.frame.clone()) {
             // Stays in flight: it is sent again when a signer says hello.
             warn!(seq = p.seq, error = %e, "could not publish request; will resend on reconnect");
         }
     }
 
-    async fn on_event(&mut self, ev: LinkEvent) {
+    fn on_event(&mut self, ev: LinkEvent) {
         match ev {
-            LinkEvent::Hello(id) => self.on_hello(id).await,
+            LinkEvent::Hello(id) => self.on_hello(id),
             LinkEvent::Gone(id) => {
                 if self.signer.as_deref() == Some(id.as_str()) {
                     warn!(signer = %id, inflight = self.inflight.len(), "signer disconnected");
@@ -273,7 +320,7 @@ impl Relay {
         }
     }
 
-    async fn on_hello(&mut self, id: String) {
+    fn on_hello(&mut self, id: String) {
         // A client that logged in before a node id was pinned keeps its MQTT session after the
         // pin (login is only checked at CONNECT). Without this check its `hello` would make it
         // the current signer: requests would go to it and the real signer's replies would be
@@ -294,15 +341,15 @@ impl Relay {
         self.inflight.retain(|p| p.kind != Kind::InitReplay);
         // lightningd's init goes first unless it is itself still unanswered.
         let init_in_flight = self.inflight.iter().any(|p| p.msg_type == hsmd::HSMD_INIT);
-        if let (Some(init), false) = (self.init_msg.clone(), init_in_flight) {
+        if let (Some(init), false) = (self.init.message().map(<[u8]>::to_vec), init_in_flight) {
             let seq = self.alloc_seq();
             let frame = Request { seq, peer_id: [0; 33], dbid: 0, message: init }.encode();
             let p = Pending { seq, frame, kind: Kind::InitReplay, msg_type: hsmd::HSMD_INIT, reply: None };
-            self.send(&p).await;
+            self.send(&p);
             self.inflight.push_front(p);
         }
         for p in self.inflight.iter().filter(|p| p.kind == Kind::Cln) {
-            self.send(p).await;
+            self.send(p);
         }
     }
 
@@ -328,7 +375,7 @@ impl Relay {
         };
         let Some(p) = self.take_pending(&id, reply.seq) else { return };
         if p.msg_type == hsmd::HSMD_INIT {
-            if let Err(e) = self.check_init_reply(&id, &reply.message) {
+            if let Err(e) = init::check_reply(&id, &reply.message, &self.pin) {
                 error!(signer = %id, error = %e, "signer's init reply rejected; disconnecting it");
                 self.inflight.push_front(p);
                 self.signer = None;
@@ -341,23 +388,11 @@ impl Relay {
         }
     }
 
-    /// The node id a signer reports to lightningd must be its MQTT identity, and the pinned one.
-    fn check_init_reply(&self, id: &str, msg: &[u8]) -> Result<(), String> {
-        let node_id = hsmd::parse_init_reply_node_id(msg).map_err(|e| e.to_string())?;
-        let node_hex = hex::encode(node_id);
-        if node_hex != id {
-            return Err(format!("init reply names node {node_hex}, but the signer logged in as {id}"));
-        }
-        self.pin.pin(&node_hex).map_err(|e| e.to_string())
-    }
-
     fn on_error(&mut self, id: String, payload: Vec<u8>) {
-        if payload.len() < 2 {
+        let error_report::ErrorReport { seq: Some(seq), text } = error_report::decode(&payload) else {
             warn!(signer = %id, "malformed error report; ignored");
             return;
-        }
-        let seq = u16::from_be_bytes([payload[0], payload[1]]);
-        let text = String::from_utf8_lossy(&payload[2..]).chars().take(2000).collect::<String>();
+        };
         let Some(p) = self.take_pending(&id, seq) else { return };
         warn!(signer = %id, seq, msg_type = p.msg_type, error = %text, "signer refused request");
         if p.kind == Kind::InitReplay {
@@ -384,13 +419,8 @@ mod tests {
     }
 
     impl SignerLink for FakeLink {
-        fn publish(
-            &self,
-            topic: String,
-            payload: Vec<u8>,
-        ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
-            let r = self.out.send((topic, payload)).map_err(|e| e.to_string());
-            Box::pin(async move { r })
+        fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), PublishError> {
+            self.out.send((topic.to_string(), payload)).map_err(|_| PublishError::Closed)
         }
         fn disconnect(&self, identity: &str) {
             self.disconnected.lock().unwrap().push(identity.to_string());
@@ -538,8 +568,7 @@ mod tests {
         h.hello(ID).await;
         let call = h.call(vec![0, 7]);
         let q = h.next_request().await;
-        let mut err = q.seq.to_be_bytes().to_vec();
-        err.extend_from_slice(b"policy failure: nope");
+        let err = error_report::encode(q.seq, "policy failure: nope");
         h.events.send(LinkEvent::Error(ID.into(), err)).await.unwrap();
         assert_eq!(call.await.unwrap(), Err(RelayError::Refused("policy failure: nope".into())));
         // No answer at all: the caller is released at the bound.

@@ -13,8 +13,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{start_key, Dir};
-use sphinx_broker::config::{ApiToken, Config};
-use sphinx_broker::signer_link::SignerEvent;
+use sphinx_broker::api::ApiToken;
+use sphinx_broker::config::Config;
+use sphinx_broker::hub::SignerEvent;
 
 const TOKEN: &str = "e2e-api-token-0123456789abcdef";
 const WAIT: Duration = Duration::from_secs(60);

@@ -21,11 +21,11 @@ use chain_common::{
     TempDir, TestSigner,
 };
 use sphinx_broker::pin::PinStore;
-use sphinx_broker::relay::{self, LinkEvent, RelayConfig, RelayHandle, SignerLink};
+use sphinx_broker::relay::{self, LinkEvent, PublishError, RelayConfig, RelayHandle, SignerLink};
 use sphinx_chain::signer::SignerChain;
 use sphinx_chain::{self as chain, BitcoindSettings, FollowerConfig, FollowerHandle, Phase};
 use sphinx_wire::serial::{Reply, Request};
-use sphinx_wire::ClientContext;
+use sphinx_wire::{error_report, ClientContext};
 use tokio::sync::{mpsc, watch};
 
 /// A `SignerLink` that runs every published request through the signer on its own thread, in
@@ -35,13 +35,8 @@ struct SignerBehindLink {
 }
 
 impl SignerLink for SignerBehindLink {
-    fn publish(
-        &self,
-        _topic: String,
-        payload: Vec<u8>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
-        let r = self.jobs.send(payload).map_err(|e| e.to_string());
-        Box::pin(async move { r })
+    fn publish(&self, _topic: &str, payload: Vec<u8>) -> Result<(), PublishError> {
+        self.jobs.send(payload).map_err(|_| PublishError::Closed)
     }
     fn disconnect(&self, _identity: &str) {}
 }
@@ -82,11 +77,7 @@ impl Harness {
                         Some(Ok(reply)) => {
                             LinkEvent::Reply(id.clone(), Reply { seq: reply.seq, message: reply.message }.encode())
                         }
-                        Some(Err(text)) => {
-                            let mut p = req.seq.to_be_bytes().to_vec();
-                            p.extend_from_slice(text.as_bytes());
-                            LinkEvent::Error(id.clone(), p)
-                        }
+                        Some(Err(text)) => LinkEvent::Error(id.clone(), error_report::encode(req.seq, &text)),
                     };
                     if events.blocking_send(ev).is_err() {
                         return;

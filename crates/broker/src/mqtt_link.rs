@@ -1,0 +1,141 @@
+//! The relay's link to the signers over the embedded MQTT server ([`sphinx_mqtt_server`]): the
+//! `[mqtt]` settings, publishing ([`SignerLink`] for [`MqttHandle`]), and what signers'
+//! messages mean ([`forward_events`]: MQTT events into relay events and hub updates).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sphinx_mqtt_server::{MqttConfig, MqttEvent, MqttEvents, MqttHandle, TlsSettings};
+use sphinx_wire::topics;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::config::ConfigError;
+use crate::hub::SignerHub;
+use crate::relay::{LinkEvent, PublishError, SignerLink};
+
+/// The embedded MQTT server and the signers' login: the `[mqtt]` table of the config file.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    /// Listen address (`SPHINX_BROKER_MQTT_LISTEN`, `--mqtt-listen`). Default `127.0.0.1:1883`.
+    pub listen: SocketAddr,
+    /// Largest MQTT payload accepted or sent, bytes. Default 1 MiB.
+    pub max_payload: usize,
+    /// A login token's timestamp must be within this of the broker's clock (file:
+    /// `token_window_secs`). Default 300 s.
+    #[serde(rename = "token_window_secs", deserialize_with = "crate::config::secs")]
+    pub token_window: Duration,
+    /// TLS certificate chain, PEM (`SPHINX_BROKER_MQTT_TLS_CERT`, `--mqtt-tls-cert`); with
+    /// [`MqttSettings::tls_key`], MQTT is served over TLS. Default unset.
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key, PEM (`SPHINX_BROKER_MQTT_TLS_KEY`, `--mqtt-tls-key`); set
+    /// both or neither. Default unset.
+    pub tls_key: Option<PathBuf>,
+    /// Allow plaintext MQTT on a non-loopback address
+    /// (`SPHINX_BROKER_MQTT_ALLOW_PLAINTEXT_NON_LOOPBACK`). Default false: such a listener is
+    /// refused.
+    pub allow_plaintext_non_loopback: bool,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        MqttSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            max_payload: 1024 * 1024,
+            token_window: Duration::from_secs(300),
+            tls_cert: None,
+            tls_key: None,
+            allow_plaintext_non_loopback: false,
+        }
+    }
+}
+
+impl MqttSettings {
+    /// The TLS identity: both files or none; one without the other is an error.
+    pub fn tls(&self) -> Result<Option<TlsSettings>, ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(TlsSettings { cert_chain: cert.clone(), private_key: key.clone() })),
+            (None, None) => Ok(None),
+            _ => Err(ConfigError::Invalid(
+                "mqtt.tls_cert/mqtt.tls_key",
+                "set both (certificate chain and its private key, PEM) or neither".into(),
+            )),
+        }
+    }
+
+    /// The server's configuration (the server's own defaults for everything not set here).
+    pub fn server_config(&self) -> Result<MqttConfig, ConfigError> {
+        Ok(MqttConfig {
+            max_payload: self.max_payload,
+            tls: self.tls()?,
+            allow_plaintext_non_loopback: self.allow_plaintext_non_loopback,
+            ..MqttConfig::new(self.listen)
+        })
+    }
+}
+
+impl SignerLink for MqttHandle {
+    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), PublishError> {
+        Ok(MqttHandle::publish(self, topic, payload.into())?)
+    }
+    fn disconnect(&self, identity: &str) {
+        MqttHandle::disconnect(self, identity)
+    }
+}
+
+/// Translates MQTT events into relay events until either side closes, and keeps `hub` (the
+/// operator API's view) up to date. The relay sees exactly what it saw before the hub existed:
+/// connects are not relay events, `control-res` is not either, errors go to both.
+pub async fn forward_events(mut from: MqttEvents, to: mpsc::Sender<LinkEvent>, hub: Arc<SignerHub>) {
+    while let Some(ev) = from.recv().await {
+        let out = match ev {
+            MqttEvent::Connected { identity, .. } => {
+                debug!(%identity, "signer connected; waiting for its hello");
+                hub.on_connected(&identity);
+                continue;
+            }
+            MqttEvent::Disconnected { identity, .. } => {
+                hub.on_disconnected(&identity);
+                LinkEvent::Gone(identity)
+            }
+            MqttEvent::Message { identity, topic, payload, .. } => {
+                let Some((prefix, suffix)) = topics::split(&topic) else { continue };
+                if prefix != identity {
+                    warn!(%identity, %topic, "message outside the client's prefix reached the relay; dropped");
+                    continue;
+                }
+                match suffix {
+                    topics::HELLO => {
+                        hub.on_ready(&identity);
+                        LinkEvent::Hello(identity)
+                    }
+                    topics::BYE => {
+                        info!(%identity, "signer said bye");
+                        hub.on_disconnected(&identity);
+                        LinkEvent::Gone(identity)
+                    }
+                    topics::VLS_RES => LinkEvent::Reply(identity, payload.to_vec()),
+                    topics::ERROR => {
+                        hub.on_error(&identity, &payload);
+                        LinkEvent::Error(identity, payload.to_vec())
+                    }
+                    topics::CONTROL_RES => {
+                        hub.on_control_response(&identity, payload);
+                        continue;
+                    }
+                    other => {
+                        debug!(%identity, suffix = other, "message not for the relay");
+                        continue;
+                    }
+                }
+            }
+        };
+        if to.send(out).await.is_err() {
+            return;
+        }
+    }
+}
