@@ -3,10 +3,12 @@
 //! - [`trace`]: the recorded CLN hsmd traces, parsed and paired.
 //! - [`lightningd`]: [`lightningd::FakeLightningd`], which runs the broker exactly as lightningd runs
 //!   its hsmd (`--version` check, fd 0 status socket, fd 3 request socket, `SCM_RIGHTS` client fds).
-//! - [`replay`]: replays a trace end to end and in process (the oracle), and compares.
+//! - [`replay`]: replays a trace end to end, step by step ([`replay::Session`], which owns the
+//!   session loop; [`replay::replay`] runs one to the end) and in process (the oracle), and
+//!   compares.
 //! - [`harness`]: the whole loop on one machine for tests: a `sphinx-key` signer process, the
-//!   broker's environment, a cuttable TCP proxy, step-by-step replay ([`harness::Session`], on
-//!   which [`replay::replay`] runs) and the signer's durable state.
+//!   broker's environment, a cuttable TCP proxy and the signer's durable state. It knows nothing
+//!   of replays ([`replay`] uses it, not the other way round).
 #![warn(missing_docs)]
 
 pub mod harness;

@@ -23,7 +23,7 @@ use std::time::Duration;
 use sphinx_wire::hsmd;
 use sphinx_wire::serial;
 
-use crate::harness::Session;
+use crate::harness::wait_listening;
 use crate::lightningd::SpawnOptions;
 use crate::trace::{Ctx, Trace};
 
@@ -143,6 +143,238 @@ pub enum ReplayError {
         /// Cause.
         source: crate::lightningd::Error,
     },
+}
+
+/// Replays a trace one request at a time through a [`crate::lightningd::FakeLightningd`], with
+/// the rules of this module (same translation, a second `hsmd_init` on conn 0 restarts the
+/// broker; [`replay`] is a session run to the end), so that a test can act between requests
+/// (kill, stop or disconnect the signer, play a foreign client, open an extra client, …) and
+/// still compare the steps with the oracle ([`compare_with_oracle`]).
+pub struct Session {
+    opts: ReplayOptions,
+    exchanges: Vec<crate::trace::Exchange>,
+    ld: Option<crate::lightningd::FakeLightningd>,
+    clients: std::collections::HashMap<u64, crate::lightningd::ClientConn>,
+    seen_init: bool,
+    next: usize,
+    run: usize,
+    /// Steps done and broker exits, as [`replay`] reports them.
+    pub report: ReplayReport,
+    /// After each broker spawn, wait (bounded) until this address accepts connections.
+    pub wait_listen: Option<String>,
+    /// Restart lightningd at a second `hsmd_init` by SIGKILLing the old broker (a crash)
+    /// instead of closing fd 3.
+    pub restart_by_kill: bool,
+}
+
+impl Session {
+    /// Spawns the broker (run 0); no request is sent yet.
+    pub fn start(trace: &crate::trace::Trace, opts: ReplayOptions) -> Result<Session, String> {
+        let mut s = Session::unstarted(trace, opts);
+        s.spawn()?;
+        Ok(s)
+    }
+
+    /// A session whose first broker is not spawned yet ([`spawn_broker`](Self::spawn_broker) does).
+    pub(crate) fn unstarted(trace: &crate::trace::Trace, opts: ReplayOptions) -> Session {
+        Session {
+            opts,
+            exchanges: trace.exchanges.clone(),
+            ld: None,
+            clients: Default::default(),
+            seen_init: false,
+            next: 0,
+            run: 0,
+            report: Default::default(),
+            wait_listen: None,
+            restart_by_kill: false,
+        }
+    }
+
+    /// Spawns the broker of the current run and, if [`wait_listen`](Self::wait_listen) is set,
+    /// waits (bounded) until it listens.
+    fn spawn(&mut self) -> Result<(), String> {
+        self.spawn_broker().map_err(spawn_message)?;
+        self.await_listen()
+    }
+
+    /// Spawns the broker of the current run, as lightningd spawns its hsmd.
+    pub(crate) fn spawn_broker(&mut self) -> Result<(), ReplayError> {
+        let o = &self.opts;
+        let ld = crate::lightningd::FakeLightningd::spawn_with(
+            &o.broker,
+            &o.args,
+            o.envs.iter().map(|(k, v)| (k, v)),
+            o.spawn.clone(),
+        )
+        .map_err(|source| ReplayError::Spawn { run: self.run, source })?;
+        self.ld = Some(ld);
+        Ok(())
+    }
+
+    /// Waits (bounded) until [`wait_listen`](Self::wait_listen), if set, accepts connections.
+    fn await_listen(&self) -> Result<(), String> {
+        if let Some(a) = &self.wait_listen {
+            wait_listening(a, std::time::Duration::from_secs(20)).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Sets [`wait_listen`](Self::wait_listen) and waits for the current broker too.
+    pub fn set_wait_listen(&mut self, addr: &str) -> std::io::Result<()> {
+        self.wait_listen = Some(addr.to_string());
+        wait_listening(addr, std::time::Duration::from_secs(20))
+    }
+
+    /// The running lightningd stand-in.
+    pub fn ld(&mut self) -> &mut crate::lightningd::FakeLightningd {
+        self.ld.as_mut().expect("broker running")
+    }
+
+    /// The next request to be sent, if any.
+    pub fn peek(&self) -> Option<&crate::trace::Exchange> {
+        self.exchanges.get(self.next)
+    }
+
+    /// The client connection of a trace conn id, if open.
+    pub fn client(&mut self, conn: u64) -> Option<&mut crate::lightningd::ClientConn> {
+        self.clients.get_mut(&conn)
+    }
+
+    /// Which broker run is current (0, 1 after a restart).
+    pub fn run(&self) -> usize {
+        self.run
+    }
+
+    fn finish_run(&mut self) {
+        if let Some(ld) = self.ld.take() {
+            self.report.status_messages.push(ld.status_log().count);
+            let exit = if self.restart_by_kill {
+                ld.kill().map(|s| crate::lightningd::describe_status(&s)).map_err(|e| e.to_string())
+            } else {
+                ld.shutdown().map(|s| crate::lightningd::describe_status(&s)).map_err(|e| e.to_string())
+            };
+            self.report.broker_exits.push(exit);
+        }
+    }
+
+    /// Sends the next request and records its step; `None` when the trace is done.
+    /// Panics if the broker cannot be respawned at a restart.
+    pub fn step(&mut self) -> Option<&Step> {
+        match self.try_step() {
+            Ok(true) => self.report.steps.last(),
+            Ok(false) => None,
+            Err(e) => panic!("{}", spawn_message(e)),
+        }
+    }
+
+    /// [`step`](Self::step) for [`replay`]: `Ok(true)` when a step was recorded
+    /// (last in [`report`](Self::report)), `Ok(false)` when the trace is done, `Err` when the
+    /// broker cannot be respawned at a restart.
+    pub(crate) fn try_step(&mut self) -> Result<bool, ReplayError> {
+        use sphinx_wire::hsmd;
+        use {translate_request, translated_name, Step};
+        let Some(ex) = self.exchanges.get(self.next).cloned() else { return Ok(false) };
+        self.next += 1;
+        if ex.conn == 0 && ex.msg_type == hsmd::HSMD_INIT {
+            if self.seen_init {
+                // lightningd restarted: its subdaemons and their hsm fds are gone, and so is the hsmd.
+                self.clients.clear();
+                self.finish_run();
+                self.run += 1;
+                self.spawn_broker()?;
+                if let Err(e) = self.await_listen() {
+                    panic!("{e}");
+                }
+            }
+            self.seen_init = true;
+        }
+        let request = if self.opts.translate_preapprove { translate_request(&ex.request) } else { ex.request.clone() };
+        let msg_type = hsmd::msg_type(&request).unwrap_or(ex.msg_type);
+        let name = if msg_type != ex.msg_type {
+            translated_name(msg_type).map(str::to_string).unwrap_or_else(|| format!("type_{msg_type}"))
+        } else {
+            ex.name.clone()
+        };
+        let start = std::time::Instant::now();
+        let ld = self.ld.as_mut().expect("broker running");
+        let reply: Result<Vec<u8>, String> = if ex.conn == 0 {
+            if ex.msg_type == hsmd::CLIENT_HSMFD {
+                match ld.new_client_raw(&request) {
+                    Ok(c) => {
+                        if let Some(id) = ex.new_conn {
+                            self.clients.insert(id, c);
+                        }
+                        Ok(hsmd::client_hsmfd_reply())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            } else if ex.msg_type == hsmd::DEV_PREINIT {
+                ld.send_no_reply(&request).map(|()| Vec::new()).map_err(|e| e.to_string())
+            } else {
+                ld.root_call(&request).map_err(|e| e.to_string())
+            }
+        } else {
+            match self.clients.get_mut(&ex.conn) {
+                Some(c) => c.call(&request).map_err(|e| e.to_string()),
+                None => Err(format!("conn {} does not exist (its 9 failed?)", ex.conn)),
+            }
+        };
+        self.report.steps.push(Step {
+            index: ex.index,
+            run: self.run,
+            conn: ex.conn,
+            ctx: ex.ctx,
+            t: ex.t,
+            recorded_type: ex.msg_type,
+            msg_type,
+            name,
+            request,
+            reply,
+            recorded_reply: ex.reply.clone(),
+            latency: start.elapsed(),
+        });
+        Ok(true)
+    }
+
+    /// Steps until the trace is done.
+    pub fn run_to_end(&mut self) {
+        while self.step().is_some() {}
+    }
+
+    /// Steps while `until(next exchange)` is false; returns the number of steps taken.
+    pub fn run_until(&mut self, until: impl Fn(&crate::trace::Exchange) -> bool) -> usize {
+        let mut n = 0;
+        while let Some(ex) = self.peek() {
+            if until(ex) {
+                break;
+            }
+            self.step();
+            n += 1;
+        }
+        n
+    }
+
+    /// Closes every client and lightningd's fd 3 (clean exit awaited) and returns the report.
+    pub fn finish(mut self) -> ReplayReport {
+        self.close()
+    }
+
+    /// [`finish`](Self::finish) in place (the session is done afterwards: no broker runs).
+    pub fn close(&mut self) -> ReplayReport {
+        self.clients.clear();
+        self.restart_by_kill = false;
+        self.finish_run();
+        std::mem::take(&mut self.report)
+    }
+}
+
+/// The message of a broker that could not be spawned (what [`Session::start`] returns and
+/// [`Session::step`] panics with).
+fn spawn_message(e: ReplayError) -> String {
+    match e {
+        ReplayError::Spawn { run, source } => format!("spawning broker (run {run}): {source}"),
+    }
 }
 
 /// Replays every request of `trace` through a broker spawned as lightningd spawns its hsmd:

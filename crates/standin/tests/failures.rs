@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use common::recorded_session;
 use sphinx_standin::harness::{
-    bin, broker_envs, free_port, init_signer, log_text, signer_state, tail, wait_log, Dir, Session, SignerProcess,
-    TcpProxy, TempDir,
+    bin, broker_envs, free_port, init_signer, log_text, signer_state, tail, wait_log, Dir, SignerProcess, TcpProxy,
+    TempDir,
 };
 use sphinx_standin::lightningd::{BrokerOutput, Error as LdError, SpawnOptions};
-use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions, ReplayReport};
+use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions, ReplayReport, Session};
 use sphinx_standin::trace::Trace;
 use sphinx_wire::hsmd;
 use sphinx_wire::ClientContext;

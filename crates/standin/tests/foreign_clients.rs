@@ -23,11 +23,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
 use common::recorded_session;
 use sphinx_standin::harness::{
-    bin, broker_envs, connect_password, free_port, init_signer, log_text, tail, wait_log, Dir, Session, SignerProcess,
-    TcpProxy, TempDir,
+    bin, broker_envs, connect_password, free_port, init_signer, log_text, tail, wait_log, Dir, SignerProcess, TcpProxy,
+    TempDir,
 };
 use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions};
-use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions};
+use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions, Session};
 use sphinx_wire::token;
 
 fn now() -> u32 {
