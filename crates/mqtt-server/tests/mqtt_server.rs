@@ -14,7 +14,8 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, QoS, SubscribeFilter, SubscribeReasonCode,
 };
 use sphinx_mqtt_server::{
-    self as mqtt, Authenticator, Limits, MqttConfig, MqttError, MqttEvent, MqttEvents, MqttHandle, OwnPrefix,
+    self as mqtt, Authenticator, Authorizer, Limits, MqttConfig, MqttError, MqttEvent, MqttEvents, MqttHandle,
+    OwnPrefix,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -387,6 +388,67 @@ async fn client_publish_is_routed_to_matching_subscription() {
             break;
         }
     }
+}
+
+/// A custom ACL (the crate's example): `dashboard` may also read every client's `temp`; routing
+/// follows the granted filters across identities, and what the ACL refuses stays refused.
+struct DashboardAcl;
+
+impl Authorizer for DashboardAcl {
+    fn may_publish(&self, identity: &str, topic: &str) -> bool {
+        OwnPrefix.may_publish(identity, topic)
+    }
+    fn may_subscribe(&self, identity: &str, filter: &str) -> bool {
+        OwnPrefix.may_subscribe(identity, filter) || (identity == "dashboard" && filter == "+/temp")
+    }
+}
+
+#[tokio::test]
+async fn custom_authorizer_grants_and_routes_across_identities() {
+    let (h, mut rx) = {
+        init_tracing();
+        mqtt::start_with(config(), Limits::default(), TokenAuth, DashboardAcl).await.unwrap()
+    };
+    let (mut dash, _) = connect(&h, &mut rx, "dashboard").await;
+    let (mut sensor, _) = connect(&h, &mut rx, "sensor").await;
+    dash.client
+        .subscribe_many(["+/temp", "+/other", "dashboard/#"].map(|f| SubscribeFilter::new(f.into(), QoS::AtLeastOnce)))
+        .await
+        .unwrap();
+    match dash.incoming().await {
+        Packet::SubAck(s) => assert_eq!(
+            s.return_codes,
+            vec![
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtLeastOnce)
+            ]
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // The sensor may not read others' temp (the grant is the dashboard's only).
+    sensor.client.subscribe("+/temp", QoS::AtLeastOnce).await.unwrap();
+    match sensor.incoming().await {
+        Packet::SubAck(s) => assert_eq!(s.return_codes, vec![SubscribeReasonCode::Failure]),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // The sensor's publish is an event and reaches the dashboard; the app's too.
+    sensor.publish("sensor/temp", QoS::AtLeastOnce, b"21.5".to_vec()).await;
+    let (id, topic, payload) = expect_message(&mut rx).await;
+    assert_eq!((id.as_str(), topic.as_str(), &payload[..]), ("sensor", "sensor/temp", &b"21.5"[..]));
+    loop {
+        if let Packet::Publish(p) = dash.incoming().await {
+            assert_eq!((p.topic.as_str(), &p.payload[..]), ("sensor/temp", &b"21.5"[..]));
+            break;
+        }
+    }
+    assert!(h.has_subscriber("other/temp"));
+    assert_eq!(h.publish_count("other/temp", Bytes::from_static(b"x")), Ok(1));
+    // Publishing outside its own prefix is still dropped for everyone.
+    dash.publish("sensor/temp", QoS::AtLeastOnce, b"forged".to_vec()).await;
+    dash.publish("dashboard/marker", QoS::AtLeastOnce, b"m".to_vec()).await;
+    let (id, topic, _) = expect_message(&mut rx).await;
+    assert_eq!((id.as_str(), topic.as_str()), ("dashboard", "dashboard/marker"), "the forged publish was dropped");
 }
 
 #[tokio::test]
