@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
 use bytes::Bytes;
@@ -206,7 +206,7 @@ impl TestSigner {
     /// Logs in with a fresh token, subscribes to `{id}/control` and says hello.
     async fn connect(mqtt: SocketAddr, sk: &SecretKey) -> TestSigner {
         let id = PublicKey::from_secret_key(&Secp256k1::new(), sk).to_string();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as u32;
+        let now = sphinx_wire::unix_now() as u32;
         let mut opts = MqttOptions::new(format!("test-{}", &id[..8]), mqtt.ip().to_string(), mqtt.port());
         opts.set_credentials(id.clone(), token::make(sk, now));
         opts.set_keep_alive(Duration::from_secs(30));
@@ -336,7 +336,7 @@ async fn signers_list_reflects_a_connected_signer_that_said_hello() {
     assert_eq!(s["ready"], true);
     assert_eq!(s["pinned"], false);
     assert_eq!(s["last_error"], serde_json::Value::Null);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = sphinx_wire::unix_now();
     assert!(s["since"].as_u64().unwrap().abs_diff(now) < 60, "{s}");
 
     // An error report is kept as the signer's last error.
@@ -494,7 +494,7 @@ async fn event_stream_delivers_connects_errors_and_disconnects() {
     assert_eq!(e["node_id"], id.as_str());
     assert_eq!(e["seq"], 7);
     assert_eq!(e["text"], "policy failure: velocity limit");
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = sphinx_wire::unix_now();
     assert!(e["time"].as_u64().unwrap().abs_diff(now) < 60);
     // Text with a newline is still one event (JSON escapes it).
     signer.publish(topics::ERROR, b"\x00\x01line one\nline two".to_vec()).await;

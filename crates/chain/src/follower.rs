@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bitcoin::hash_types::FilterHeader;
 use bitcoin::hashes::Hash;
@@ -193,10 +193,6 @@ pub(crate) struct Follower<L> {
     node: Option<NodeInfo>,
     last_heartbeat: Option<Instant>,
     catching_up: bool,
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl<L: ChainLink> Follower<L> {
@@ -439,8 +435,12 @@ impl<L: ChainLink> Follower<L> {
         fh: FilterHeader,
         watches: &(Vec<bitcoin::Txid>, Vec<bitcoin::OutPoint>),
     ) -> TxoProof {
-        let att =
-            Attestation { block_hash: block.block_hash(), block_height: height, filter_header: fh, time: now_secs() };
+        let att = Attestation {
+            block_hash: block.block_hash(),
+            block_height: height,
+            filter_header: fh,
+            time: sphinx_wire::unix_now(),
+        };
         let signed = sign_attestation(att, &self.oracle, &self.secp);
         let pubkey = self.oracle.public_key();
         TxoProof::prove(vec![(pubkey, signed)], prev_fh, block, height, &watches.1, &watches.0)

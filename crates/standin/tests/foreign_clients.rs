@@ -18,7 +18,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
 use common::recorded_session;
@@ -31,7 +31,7 @@ use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOpt
 use sphinx_wire::token;
 
 fn now() -> u32 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as u32
+    sphinx_wire::unix_now() as u32
 }
 
 fn key(byte: u8) -> (SecretKey, String) {
