@@ -4,7 +4,7 @@
 //! depends on neither the broker nor the signer, so both can depend on it.
 //!
 //! * Server: [`server_config`] loads a PEM certificate chain and private key
-//!   (`sphinx_broker::mqtt` wraps it in a `tokio_rustls::TlsAcceptor`).
+//!   (`sphinx_mqtt_server` wraps it in a `tokio_rustls::TlsAcceptor`).
 //! * Client: [`client_config`] trusts the broker's certificate in one of two ways
 //!   ([`ServerTrust`]):
 //!   - [`ServerTrust::CaFile`]: the usual WebPKI verification against the CA certificate(s) in a

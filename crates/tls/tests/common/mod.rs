@@ -1,6 +1,6 @@
 //! Test certificates: a temporary directory and self-signed certificates written into it as PEM.
 //! Used by this crate's tests (`mod common;`) and, with `#[path]`, by the broker's and the
-//! device's TLS tests (`crates/broker/tests/mqtt_tls.rs`, `crates/sphinx-key/tests/control_e2e.rs`);
+//! device's TLS tests (`crates/mqtt-server/tests/mqtt_tls.rs`, `crates/sphinx-key/tests/control_e2e.rs`);
 //! needs `rcgen` and `sphinx_tls` only.
 #![allow(dead_code)]
 
