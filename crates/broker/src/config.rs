@@ -176,7 +176,7 @@ pub struct Overrides {
     pub mqtt_allow_plaintext_non_loopback: bool,
     /// Operator HTTP API listen address (the API is off without one; loopback only unless
     /// --api-allow-non-loopback). Needs a token: SPHINX_BROKER_API_TOKEN_FILE (or
-    /// SPHINX_BROKER_API_TOKEN, or [api] token_file in the config file).
+    /// SPHINX_BROKER_API_TOKEN, or api.token_file in the config file).
     #[arg(long, env = "SPHINX_BROKER_API_LISTEN")]
     pub api_listen: Option<SocketAddr>,
     /// File holding the API's bearer token (at least 16 characters). There is deliberately no

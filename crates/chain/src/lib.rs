@@ -12,6 +12,8 @@
 //!
 //! The crate is [`rpc`] (bitcoind JSON-RPC client), [`signer`] (the chain messages over a
 //! [`ChainLink`]) and [`follower`] (the loop).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod follower;
 pub mod rpc;

@@ -110,6 +110,7 @@
 //! violations and timeouts close the offending connection with a `tracing` log carrying the
 //! connection id, the peer address and (once known) the identity.
 
+#![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![warn(missing_docs)]
 
@@ -213,7 +214,7 @@ impl MqttConfig {
     }
 }
 
-/// Secondary limits, with sensible [`Default`]s; pass them with [`start_with_limits`].
+/// Secondary limits, with sensible [`Default`]s; pass them with [`start_with`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Time a new connection has to deliver its CONNECT packet (default 10 s).
