@@ -37,8 +37,12 @@ struct OutcomeLabels {
 struct FailureLabels {
     /// hsmd message name (`SignWithdrawal`), or `unknown`.
     msg_type: String,
-    /// `policy-…` for a VLS policy refusal, else the kind of failure (`decode`, `persist`, …).
+    /// `policy` (a VLS policy refusal), `refused` (another VLS refusal), or the kind of failure
+    /// (`decode`, `persist`, …).
     reason: String,
+    /// For a policy refusal: the VLS policy tag if the text names one (`policy-…`), else the
+    /// innermost VLS check that refused (`validate_commitment_tx`); empty otherwise.
+    policy: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -250,13 +254,13 @@ impl Observer {
 
     /// A failed request, as the signer's error text describes it.
     fn request_failed(&self, text: &str) {
-        let (msg_type, reason) = classify(text);
-        let mut labels = FailureLabels { msg_type, reason };
+        let (msg_type, reason, policy) = classify(text);
+        let mut labels = FailureLabels { msg_type, reason: reason.into(), policy };
         // Label values come from our own signer's texts, but bound the series anyway.
         let mut s = self.snap();
         if self.failures.get(&labels).is_none() {
             if s.failure_series >= MAX_FAILURE_SERIES {
-                labels = FailureLabels { msg_type: "other".into(), reason: "other".into() };
+                labels = FailureLabels { msg_type: "other".into(), reason: "other".into(), policy: String::new() };
             } else {
                 s.failure_series += 1;
             }
@@ -282,8 +286,8 @@ impl Observer {
     }
 }
 
-/// `(message name, reason)` of a signer error text (`sphinx_signer::Error`'s Display).
-fn classify(text: &str) -> (String, String) {
+/// `(message name, reason, policy)` of a signer error text (`sphinx_signer::Error`'s Display).
+fn classify(text: &str) -> (String, &'static str, String) {
     let msg_type = text
         .split_once("hsmd message type ")
         .and_then(|(_, rest)| {
@@ -292,8 +296,11 @@ fn classify(text: &str) -> (String, String) {
         })
         .filter(|n| !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
         .unwrap_or_else(|| "unknown".into());
-    let kind = if text.starts_with("VLS refused") {
-        policy_name(text).unwrap_or("refused")
+    let policy = if text.starts_with("VLS refused") { policy_name(text) } else { None };
+    let reason = if policy.is_some() {
+        "policy"
+    } else if text.starts_with("VLS refused") {
+        "refused"
     } else if text.starts_with("VLS failed") {
         "vls_panic"
     } else if text.starts_with("cannot decode") {
@@ -313,16 +320,27 @@ fn classify(text: &str) -> (String, String) {
     } else {
         "other"
     };
-    (msg_type, kind.to_string())
+    (msg_type, reason, policy.unwrap_or_default())
 }
 
-/// The first `policy-…` name in a VLS refusal.
-fn policy_name(text: &str) -> Option<&str> {
-    let i = text.find("policy-")?;
-    let name = &text[i..];
-    let end = name.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')).unwrap_or(name.len());
-    let name = name[..end].trim_end_matches('-');
-    (name.len() > "policy-".len() && name.len() <= 64).then_some(name)
+/// What refused a VLS policy failure: the `policy-…` tag if the text has one, else the last
+/// check named in VLS's `policy failure: check: check: message` chain.
+fn policy_name(text: &str) -> Option<String> {
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    if let Some(i) = text.find("policy-") {
+        let tag = &text[i..];
+        let end = tag.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')).unwrap_or(tag.len());
+        let tag = tag[..end].trim_end_matches('-');
+        if tag.len() > "policy-".len() && ident(tag) {
+            return Some(tag.to_string());
+        }
+    }
+    let (_, chain) = text.split_once("policy failure: ")?;
+    chain.split(": ").take_while(|s| ident(s)).last().map(str::to_string)
 }
 
 /// The status indicator wrapper: forwards every state to the real indicator and derives the
@@ -420,34 +438,39 @@ mod tests {
 
     #[test]
     fn failure_texts_are_classified() {
-        let c = |t: &str| classify(t);
+        let c = |t: &str| {
+            let (m, r, p) = classify(t);
+            (m, r.to_string(), p)
+        };
+        let s = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+        // As VLS 1.0.0-rc.1 words it (seen end to end: tests/metrics_e2e.rs).
         assert_eq!(
-            c("VLS refused hsmd message type 19 (SignRemoteCommitmentTx): Signing(FailedPrecondition): \
-               policy failure: validate_commitment_tx: policy-commitment-htlc-inflight-limit: sum 5 > 4"),
-            ("SignRemoteCommitmentTx".into(), "policy-commitment-htlc-inflight-limit".into())
+            c("VLS refused hsmd message type 19 (SignRemoteCommitmentTx): FailedPrecondition: policy failure: \
+               validate_counterparty_commitment_tx: validate_commitment_tx: sum of HTLC values 50000 too large"),
+            s("SignRemoteCommitmentTx", "policy", "validate_commitment_tx")
         );
         assert_eq!(
-            c("VLS refused hsmd message type 7 (SignInvoice): protocol: x"),
-            ("SignInvoice".into(), "refused".into())
+            c("VLS refused hsmd message type 14 (SignPenaltyToUs): FailedPrecondition: policy failure: \
+               validate_justice_sweep: policy-sweep-fee-range: feerate below minimum: 226 < 253"),
+            s("SignPenaltyToUs", "policy", "policy-sweep-fee-range")
         );
-        assert_eq!(c("cannot decode hsmd message type 1 (Ecdh): short"), ("Ecdh".into(), "decode".into()));
-        assert_eq!(
-            c("hsmd message type 23 (SignMessage) before hsmd_init"),
-            ("SignMessage".into(), "not_initialized".into())
-        );
+        assert_eq!(c("VLS refused hsmd message type 7 (SignInvoice): protocol: x"), s("SignInvoice", "refused", ""));
+        assert_eq!(c("cannot decode hsmd message type 1 (Ecdh): short"), s("Ecdh", "decode", ""));
+        assert_eq!(c("hsmd message type 23 (SignMessage) before hsmd_init"), s("SignMessage", "not_initialized", ""));
         assert_eq!(
             c("hsmd message type 9 is answered by the broker, not the signer"),
-            ("unknown".into(), "not_for_signer".into())
+            s("unknown", "not_for_signer", "")
         );
-        assert_eq!(c("bad request frame: too short"), ("unknown".into(), "bad_frame".into()));
-        assert_eq!(c("persisting signer state failed: disk full"), ("unknown".into(), "persist".into()));
+        assert_eq!(c("bad request frame: too short"), s("unknown", "bad_frame", ""));
+        assert_eq!(c("persisting signer state failed: disk full"), s("unknown", "persist", ""));
         assert_eq!(
-            c("VLS failed on hsmd message type 5 (SignTx): boom (state reloaded from disk)"),
-            ("SignTx".into(), "vls_panic".into())
+            c("VLS failed on hsmd message type 5 (SignTx): boom (state reloaded)"),
+            s("SignTx", "vls_panic", "")
         );
-        assert_eq!(c("something new"), ("unknown".into(), "other".into()));
+        assert_eq!(c("something new"), s("unknown", "other", ""));
         assert_eq!(c("hsmd message type 5 (bad name!) before hsmd_init").0, "unknown");
-        assert_eq!(policy_name("x policy-"), None);
+        assert_eq!(policy_name("VLS refused x policy-"), None);
+        assert_eq!(policy_name("policy failure: Not An Ident: x"), None);
     }
 
     #[test]
@@ -488,13 +511,15 @@ mod tests {
         let obs = Observer::new("regtest");
         let sub = tracing_subscriber::registry().with(Layer(obs.clone()));
         tracing::subscriber::with_default(sub, || {
-            let e = "VLS refused hsmd message type 19 (SignRemoteCommitmentTx): policy-commitment-htlc-inflight-limit";
+            let e =
+                "VLS refused hsmd message type 19 (SignRemoteCommitmentTx): policy-commitment-htlc-inflight-limit: x";
             tracing::warn!(target: "sphinx_key::client", seq = 4, error = %e, "request failed");
             tracing::info!(target: "sphinx_key::client", "not an error");
             tracing::error!(target: "sphinx_key::client", code = 5, "broker refused the login (token)");
         });
         let text = obs.encode();
-        let want = "sphinx_key_request_failures_total{msg_type=\"SignRemoteCommitmentTx\",reason=\"policy-commitment-htlc-inflight-limit\"} 1";
+        let want = "sphinx_key_request_failures_total{msg_type=\"SignRemoteCommitmentTx\",reason=\"policy\",\
+                    policy=\"policy-commitment-htlc-inflight-limit\"} 1";
         assert!(text.lines().any(|l| l == want), "{text}");
         assert!(text.lines().any(|l| l == "sphinx_key_login_refusals_total 1"), "{text}");
         let last = obs.snapshot().last_error.unwrap();
@@ -511,6 +536,6 @@ mod tests {
         let text = obs.encode();
         let n = text.lines().filter(|l| l.starts_with("sphinx_key_request_failures_total{")).count();
         assert_eq!(n, MAX_FAILURE_SERIES + 1);
-        assert!(text.contains("sphinx_key_request_failures_total{msg_type=\"other\",reason=\"other\"} 10"));
+        assert!(text.contains("sphinx_key_request_failures_total{msg_type=\"other\",reason=\"other\",policy=\"\"} 10"));
     }
 }
