@@ -11,11 +11,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use bytes::Bytes;
-use common::{auth, die_with_test, stop, trace_requests, ALICE, T};
+use common::{ask, auth, die_with_test, next_message, stop, trace_requests, ALICE, T};
 use http_body_util::{BodyExt, Full};
-use sphinx_broker::mqtt::{self, MqttConfig, MqttEvent, MqttHandle};
+use sphinx_broker::mqtt::{self, MqttConfig};
 use sphinx_wire::serial::Request;
-use tokio::sync::mpsc::Receiver;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sphinx-key");
 
@@ -54,20 +53,6 @@ async fn status(addr: SocketAddr) -> serde_json::Value {
     let (code, ct, body) = http(addr, "GET", "/status.json").await;
     assert_eq!((code, ct.as_str()), (200, "application/json"));
     serde_json::from_str(&body).unwrap()
-}
-
-async fn next_message(rx: &mut Receiver<MqttEvent>) -> (String, Bytes) {
-    loop {
-        match tokio::time::timeout(T, rx.recv()).await.expect("event in time").expect("server up") {
-            MqttEvent::Message { topic, payload, .. } => return (topic, payload),
-            _ => continue,
-        }
-    }
-}
-
-async fn ask(h: &MqttHandle, rx: &mut Receiver<MqttEvent>, req: &Request) -> (String, Bytes) {
-    h.publish(&format!("{ALICE}/vls"), Bytes::from(req.encode())).await.unwrap();
-    next_message(rx).await
 }
 
 /// Starts the device and returns it with the metrics address it logged.

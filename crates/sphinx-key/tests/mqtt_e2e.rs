@@ -5,11 +5,9 @@ mod common;
 
 use std::process::{Child, Command, Stdio};
 
-use bytes::Bytes;
-use common::{auth, die_with_test, stop, trace_requests, ALICE, T};
-use sphinx_broker::mqtt::{self, MqttConfig, MqttEvent, MqttHandle};
+use common::{ask, auth, die_with_test, next_message, stop, trace_requests, ALICE};
+use sphinx_broker::mqtt::{self, MqttConfig};
 use sphinx_wire::serial::{Reply, Request};
-use tokio::sync::mpsc::Receiver;
 
 fn spawn_signer(dir: &std::path::Path, addr: std::net::SocketAddr) -> Child {
     die_with_test(&mut Command::new(env!("CARGO_BIN_EXE_sphinx-key")))
@@ -21,20 +19,6 @@ fn spawn_signer(dir: &std::path::Path, addr: std::net::SocketAddr) -> Child {
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-async fn next_message(rx: &mut Receiver<MqttEvent>) -> (String, Bytes) {
-    loop {
-        match tokio::time::timeout(T, rx.recv()).await.expect("event in time").expect("server up") {
-            MqttEvent::Message { topic, payload, .. } => return (topic, payload),
-            _ => continue,
-        }
-    }
-}
-
-async fn ask(h: &MqttHandle, rx: &mut Receiver<MqttEvent>, req: &Request) -> (String, Bytes) {
-    h.publish(&format!("{ALICE}/vls"), Bytes::from(req.encode())).await.unwrap();
-    next_message(rx).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,6 @@
 //! wrong passphrase is exit code 4 and changes nothing on disk; `encrypt` and
 //! `change-passphrase`; plaintext seeds unchanged.
 
-#[allow(dead_code)]
 mod common;
 
 use std::io::{Read, Write};
@@ -11,31 +10,21 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use common::{ALICE, T};
+use common::{Dir, ALICE, T};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sphinx-key");
 const EXIT_WRONG_PASSPHRASE: i32 = 4;
 const SEED_HEX: &str = "4141414141414141414141414141414141414141414141414141414141414141";
 
-/// A fresh directory, removed on drop.
-struct Dir(PathBuf);
+/// Paths in a test directory.
+trait Files {
+    fn data(&self) -> PathBuf;
+    fn write(&self, name: &str, text: &str) -> PathBuf;
+}
 
-impl Dir {
-    fn new(name: &str) -> Dir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "sphinx-key-enc-{}-{name}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-
+impl Files for Dir {
     fn data(&self) -> PathBuf {
         self.0.join("data")
     }
@@ -44,12 +33,6 @@ impl Dir {
         let p = self.0.join(name);
         std::fs::write(&p, text).unwrap();
         p
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -94,7 +77,7 @@ fn init_encrypted(d: &Dir, pass: &Path) {
 
 #[test]
 fn encrypted_seed_unlocks_with_its_passphrase_and_a_wrong_one_changes_nothing() {
-    let d = Dir::new("file");
+    let d = Dir::new("enc", "file");
     let good = d.write("good", "correct horse battery staple\n");
     let bad = d.write("bad", "correct horse battery stapler\n");
     init_encrypted(&d, &good);
@@ -148,7 +131,7 @@ fn encrypted_seed_unlocks_with_its_passphrase_and_a_wrong_one_changes_nothing() 
 
 #[test]
 fn systemd_credential_supplies_the_passphrase() {
-    let d = Dir::new("cred");
+    let d = Dir::new("enc", "cred");
     let creds = d.0.join("creds");
     std::fs::create_dir_all(&creds).unwrap();
     std::fs::write(creds.join("sphinx-key-passphrase"), "from the credential store").unwrap();
@@ -171,7 +154,7 @@ fn systemd_credential_supplies_the_passphrase() {
 
 #[test]
 fn encrypt_a_plain_seed_then_change_the_passphrase() {
-    let d = Dir::new("change");
+    let d = Dir::new("enc", "change");
     let one = d.write("one", "one");
     let two = d.write("two", "two");
     let o = run(cmd(&d.data()).args(["init", "--seed-hex", SEED_HEX]));
@@ -267,7 +250,7 @@ fn type_unechoed(tty: &mut std::fs::File, line: &[u8]) {
 
 #[test]
 fn passphrase_typed_twice_on_a_terminal_without_echo() {
-    let d = Dir::new("tty");
+    let d = Dir::new("enc", "tty");
     // Two different entries: nothing is written.
     let (child, mut tty, rx) = on_a_terminal(&d.data(), &["init", "--encrypt", "--seed-hex", SEED_HEX]);
     let mut seen = String::new();
