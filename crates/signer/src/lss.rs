@@ -1,0 +1,398 @@
+//! LSS backup on the signer (docs/signer.md "LSS"; formats in docs/wire.md "LSS").
+//!
+//! LSS is off until the broker starts the init dance ([`Signer::lss_init`]); a broker without
+//! LSS never does, and the signer then behaves exactly as before. Once on:
+//! - init-1 ([`Signer::lss_init`]): the signer's persistence key, auth token and a fresh nonce.
+//! - init-2 ([`Signer::lss_restore`]): LSS's state, checked against its HMAC with that nonce,
+//!   is merged into the device's: newer LSS versions are taken (a standby catching up, a fresh
+//!   device restored from LSS alone), while state the device has and LSS lacks or has older is
+//!   refused (LSS rolled back, or another history of this node). A device that never synced
+//!   uploads what it has. The answer carries what LSS must store.
+//! - Per request ([`Signer::stage`]): the mutations go out on `lss-res` and the reply is held
+//!   until [`Signer::lss_stored`] sees LSS's HMAC over exactly them; only then is the state
+//!   committed locally and the reply released. A conflict ([`Signer::lss_conflict`]) drops the
+//!   staged state: the signer is stale and signs nothing until the next init dance.
+//!
+//! Staging keeps one transaction open; [`Outcome`] and [`Released`] are shaped so that several
+//! staged requests can later share one `Put` and one commit (group commit).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use bitcoin::secp256k1::PublicKey;
+use lightning_signer::persist::Mutations;
+use rand::RngCore;
+use sphinx_wire::lss::{self, InitResponse, Msg, Mutation, Response, SignerMutations};
+use sphinx_wire::serial::Reply;
+use tracing::{info, warn};
+use vls_persist::kvv::{KVVStore, KVV};
+
+use crate::store::{synced, AnyStore, Persister, WRITER_KEY};
+use crate::{commit, panic_text, Backend, ControlOutcome, Error, Signer, REPLY_KEY_PREFIX};
+
+/// What became of a request (or control message) at its commit point.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    /// Committed (or nothing to commit): release it now.
+    Ready(T),
+    /// Its state waits for LSS: publish `lss_res` on `lss-res`; the output is held until
+    /// [`Signer::lss_stored`] releases it.
+    Backup {
+        /// `Response::VlsMuts` payload.
+        lss_res: Vec<u8>,
+    },
+}
+
+/// An output held until LSS acknowledged its state.
+#[derive(Debug)]
+pub enum Held {
+    /// A request's reply (for `vls-res`).
+    Reply(Reply),
+    /// A control message's signed response (for `control-res`).
+    Control(ControlOutcome),
+}
+
+/// The outputs an LSS acknowledgement released, in the order they were staged.
+pub type Released = Vec<Held>;
+
+/// Where the signer is with LSS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LssPhase {
+    /// init-1 answered; waiting for LSS's state (init-2). Signs nothing.
+    Identified,
+    /// In sync with LSS: requests are staged and backed up.
+    Synced,
+    /// A conflict or a failed acknowledgement: the local state may be stale. Signs nothing until
+    /// the next init dance.
+    Stale,
+}
+
+struct Pending {
+    seq: u16,
+    expected: [u8; lss::HASH_LEN],
+    held: Vec<Held>,
+}
+
+pub(crate) struct LssState {
+    phase: LssPhase,
+    secret: [u8; lss::HASH_LEN],
+    nonce: Option<[u8; lss::HASH_LEN]>,
+    pending: Option<Pending>,
+    /// What building the node wrote (a new node), to be sent to LSS in init-2-res.
+    built: Vec<Mutation>,
+}
+
+impl LssState {
+    pub(crate) fn note_built(&mut self, muts: Mutations) {
+        self.built = to_wire(muts);
+    }
+}
+
+fn to_wire(m: Mutations) -> Vec<Mutation> {
+    m.into_iter().map(|(key, (version, value))| Mutation { key, version, value }).collect()
+}
+
+fn lss_err(text: impl Into<String>) -> Error {
+    Error::Lss(text.into())
+}
+
+/// How init-2's state meets the device's.
+enum Plan {
+    /// Write these LSS entries locally (newer than the device's); `wipe` first when the device
+    /// holds only a never-used node.
+    Adopt { entries: Vec<Mutation>, wipe: bool },
+    /// LSS holds nothing: send the device's state (versions restarted at 0, as LSS requires).
+    Upload,
+}
+
+/// Decides how LSS's state `remote` and the device's synced state `local` (both sorted) meet.
+fn plan(remote: &[Mutation], local: &[KVV]) -> Result<Plan, Error> {
+    let local_synced = local.iter().any(|KVV(k, _)| k == WRITER_KEY);
+    if remote.is_empty() {
+        if local_synced {
+            warn!("LSS holds nothing for this signer, but the device synced with an LSS before: uploading its state again");
+        }
+        return Ok(Plan::Upload);
+    }
+    if !local_synced {
+        // Never synced: only a device that never answered anything may take LSS's state.
+        let used = local.iter().any(|KVV(k, _)| k.starts_with(REPLY_KEY_PREFIX) || k == crate::NONCE_KEY);
+        if used {
+            return Err(lss_err(
+                "this device has state that was never backed up, and LSS holds another state of this node: \
+                 refusing to merge them (wipe the device's state directory to restore it from LSS)",
+            ));
+        }
+        return Ok(Plan::Adopt { entries: remote.to_vec(), wipe: true });
+    }
+    let local_map: std::collections::BTreeMap<&str, &(u64, Vec<u8>)> =
+        local.iter().map(|KVV(k, vv)| (k.as_str(), vv)).collect();
+    let mut adopt = Vec::new();
+    for m in remote {
+        match local_map.get(m.key.as_str()) {
+            None => adopt.push(m.clone()),
+            Some((v, val)) if m.version > *v => {
+                let _ = val;
+                adopt.push(m.clone())
+            }
+            Some((v, val)) if m.version == *v && *val == m.value => {}
+            Some((v, _)) if m.version == *v => {
+                return Err(lss_err(format!("LSS and the device hold different values of {} at version {v}: forked state", m.key)))
+            }
+            Some((v, _)) => {
+                return Err(lss_err(format!(
+                    "LSS holds {} at version {}, older than the device's {v}: LSS was rolled back or is another server",
+                    m.key, m.version
+                )))
+            }
+        }
+    }
+    let remote_keys: std::collections::BTreeSet<&str> = remote.iter().map(|m| m.key.as_str()).collect();
+    if let Some(KVV(k, (v, _))) = local.iter().find(|KVV(k, _)| !remote_keys.contains(k.as_str())) {
+        return Err(lss_err(format!(
+            "the device holds {k} (version {v}) that LSS does not: LSS was rolled back or is another server"
+        )));
+    }
+    Ok(Plan::Adopt { entries: adopt, wipe: false })
+}
+
+fn kvvs(m: &[Mutation]) -> Vec<KVV> {
+    m.iter().map(|m| KVV(m.key.clone(), (m.version, m.value.clone()))).collect()
+}
+
+fn store_err(what: &str, e: lightning_signer::persist::Error) -> Error {
+    Error::Persist(format!("{what}: {e:?}"))
+}
+
+impl Signer {
+    /// Where the signer is with LSS (`None`: LSS off).
+    pub fn lss_phase(&self) -> Option<LssPhase> {
+        self.lss.as_ref().map(|l| l.phase)
+    }
+
+    /// Refuses to sign when LSS is on but not in sync, or a request is still waiting.
+    pub(crate) fn lss_ready(&self) -> Result<(), Error> {
+        match &self.lss {
+            None => Ok(()),
+            Some(l) => match (&l.pending, l.phase) {
+                (Some(p), _) => Err(Error::LssBusy(p.seq)),
+                (None, LssPhase::Synced) => Ok(()),
+                (None, LssPhase::Identified) => Err(Error::LssNotSynced("waiting for LSS's state (init-2)".into())),
+                (None, LssPhase::Stale) => Err(Error::LssNotSynced("stale after an LSS conflict".into())),
+            },
+        }
+    }
+
+    /// Ends a request's transaction: commits it (LSS off, or nothing to back up), or keeps it
+    /// open and returns the `lss-res` payload (LSS on).
+    pub(crate) fn finish(&mut self, p: &Persister, seq: u16) -> Result<Option<Vec<u8>>, Error> {
+        if let Some(l) = self.lss.as_mut() {
+            let muts = to_wire(p.prepare());
+            if !muts.is_empty() {
+                let expected = lss::server_hmac(&l.secret, &muts);
+                let res = Response::VlsMuts(SignerMutations { client_hmac: lss::client_hmac(&l.secret, &muts), muts });
+                l.pending = Some(Pending { seq, expected, held: Vec::new() });
+                return Ok(Some(res.encode()));
+            }
+        }
+        commit(p).map(|()| None)
+    }
+
+    /// Holds an output until the staged state is acknowledged.
+    pub(crate) fn hold(&mut self, h: Held) {
+        if let Some(p) = self.lss.as_mut().and_then(|l| l.pending.as_mut()) {
+            p.held.push(h);
+        }
+    }
+
+    /// Drops a staged transaction and the in-memory state that made it.
+    fn drop_pending(&mut self) {
+        if let Some(p) = self.lss.as_mut().and_then(|l| l.pending.take()) {
+            warn!(seq = p.seq, held = p.held.len(), "dropping state LSS did not acknowledge; nothing was released");
+            if let Some(c) = self.core.as_ref() {
+                c.persister.abort();
+            }
+            self.rebuild();
+        }
+    }
+
+    /// init-1: `lss::Msg::Init` (the LSS server key) → the `init-1-res` payload: the signer's LSS
+    /// client id (persistence key), auth token and a fresh nonce. A request still waiting for LSS
+    /// is dropped (its reply was never released); the signer signs nothing until init-2.
+    pub fn lss_init(&mut self, init_1_msg: &[u8]) -> Result<Vec<u8>, Error> {
+        let init = match Msg::decode(init_1_msg).map_err(|e| lss_err(format!("init-1: {e}")))? {
+            Msg::Init(i) => i,
+            other => return Err(lss_err(format!("init-1 carries {other:?}"))),
+        };
+        let server = PublicKey::from_slice(&init.server_pubkey)
+            .map_err(|e| lss_err(format!("init-1: server key is not a public key: {e}")))?;
+        self.drop_pending();
+        let core = self.core()?;
+        core.persister.set_lss(true);
+        let node = core.node.clone();
+        let keys = catch_unwind(AssertUnwindSafe(|| {
+            (node.get_persistence_pubkey().serialize(), node.get_persistence_shared_secret(&server))
+        }));
+        let (client_id, secret) = keys.map_err(|p| lss_err(format!("persistence keys: {}", panic_text(p))))?;
+        let mut nonce = [0u8; lss::HASH_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        self.lss =
+            Some(LssState { phase: LssPhase::Identified, secret, nonce: Some(nonce), pending: None, built: Vec::new() });
+        info!(client_id = %hex::encode(client_id), "LSS: identified to the broker's LSS");
+        let r = InitResponse { client_id, auth_token: lss::auth_token(&secret), nonce: Some(nonce) };
+        Ok(Response::Init(r).encode())
+    }
+
+    /// init-2: `lss::Msg::Created` (LSS's state with its HMAC over init-1's nonce) → the
+    /// `init-2-res` payload with the mutations LSS must store (module docs). A state that fails
+    /// its HMAC, is behind the device's or forks from it is refused and changes nothing.
+    pub fn lss_restore(&mut self, init_2_msg: &[u8]) -> Result<Vec<u8>, Error> {
+        let (secret, nonce) = match self.lss.as_mut() {
+            Some(l) if l.phase == LssPhase::Identified => match l.nonce.take() {
+                Some(n) => (l.secret, n),
+                None => return Err(lss_err("init-2 repeated: its nonce was used")),
+            },
+            _ => return Err(lss_err("init-2 before init-1")),
+        };
+        let state = match Msg::decode(init_2_msg).map_err(|e| lss_err(format!("init-2: {e}")))? {
+            Msg::Created(s) => s,
+            other => return Err(lss_err(format!("init-2 carries {other:?}"))),
+        };
+        if state.server_hmac != Some(lss::shared_hmac(&secret, &nonce, &state.muts)) {
+            return Err(lss_err(format!(
+                "LSS state ({} keys) fails its HMAC: tampered with, replayed or not from this LSS; refusing it",
+                state.muts.len()
+            )));
+        }
+        let remote: Vec<Mutation> = state.muts.into_iter().filter(|m| synced(&m.key)).collect();
+        let store = self.core()?.persister.inner().clone();
+        let local: Vec<KVV> = store
+            .get_prefix("")
+            .map_err(|e| store_err("reading state", e))?
+            .filter(|KVV(k, _)| synced(k))
+            .collect();
+        let mut upload: std::collections::BTreeMap<String, Mutation> = Default::default();
+        match plan(&remote, &local)? {
+            Plan::Adopt { entries, wipe } => {
+                if wipe {
+                    self.wipe_local()?;
+                }
+                let store = self.core()?.persister.inner().clone();
+                store.put_batch(kvvs(&entries)).map_err(|e| store_err("writing LSS state", e))?;
+                info!(keys = entries.len(), wiped = wipe, "LSS: state restored from LSS");
+            }
+            Plan::Upload => {
+                store.reset_versions().map_err(|e| store_err("restarting versions", e))?;
+                let writer = vec![KVV(WRITER_KEY.to_string(), (0, store.signer_id().to_vec()))];
+                store.put_batch(writer).map_err(|e| store_err("writing the writer key", e))?;
+                for KVV(k, (_, v)) in store.get_prefix("").map_err(|e| store_err("reading state", e))? {
+                    if synced(&k) {
+                        upload.insert(k.clone(), Mutation::new(k, 0, v));
+                    }
+                }
+                info!(keys = upload.len(), "LSS: LSS holds nothing for this signer; sending the device's state");
+            }
+        }
+        // Reload the node from what is now on disk; a new node's creation goes to LSS too.
+        self.core = None;
+        self.reopen_store();
+        let core = self.build_core()?;
+        self.core = Some(core);
+        if let Some(l) = self.lss.as_mut() {
+            for m in std::mem::take(&mut l.built) {
+                upload.insert(m.key.clone(), m);
+            }
+            l.phase = LssPhase::Synced;
+        }
+        let muts: Vec<Mutation> = upload.into_values().collect();
+        Ok(Response::Created(SignerMutations { client_hmac: lss::client_hmac(&secret, &muts), muts }).encode())
+    }
+
+    /// Closes redb (if nothing else holds it) so the next build reads it afresh.
+    fn reopen_store(&mut self) {
+        if let Backend::Redb { store, .. } = &mut self.backend {
+            if store.as_ref().is_some_and(|s| s.is_unique()) {
+                *store = None;
+            }
+        }
+    }
+
+    /// Replaces a never-used local state by an empty one (keeping the local-only keys).
+    fn wipe_local(&mut self) -> Result<(), Error> {
+        let store = self.core()?.persister.inner().clone();
+        let keep: Vec<KVV> = store
+            .get_prefix("")
+            .map_err(|e| store_err("reading state", e))?
+            .filter(|KVV(k, _)| !synced(k))
+            .collect();
+        drop(store);
+        self.core = None;
+        match &mut self.backend {
+            Backend::Memory(s) => *s = AnyStore::memory(),
+            Backend::Redb { dir, store } => {
+                if !store.as_ref().is_some_and(|s| s.is_unique()) {
+                    return Err(lss_err("cannot replace the local state: it is still in use"));
+                }
+                *store = None;
+                let file = dir.join("redb");
+                std::fs::remove_file(&file).map_err(|e| Error::StateDir { path: file.clone(), reason: e.to_string() })?;
+                *store = Some(crate::open_redb(dir)?);
+            }
+        }
+        let fresh = match &self.backend {
+            Backend::Memory(s) => s.clone(),
+            Backend::Redb { store, .. } => store.clone().ok_or_else(|| lss_err("state store missing"))?,
+        };
+        fresh.put_batch(keep).map_err(|e| store_err("keeping local keys", e))?;
+        Ok(())
+    }
+
+    /// `lss-msg`: LSS stored the staged mutations. If its HMAC is the one expected for exactly
+    /// them, the state is committed locally and the held outputs are released, in order.
+    /// Otherwise nothing is released and the signer is stale until the next init dance.
+    pub fn lss_stored(&mut self, lss_msg: &[u8]) -> Result<Released, Error> {
+        let msg = Msg::decode(lss_msg).map_err(|e| lss_err(format!("lss-msg: {e}")));
+        let pending = self.lss.as_mut().and_then(|l| l.pending.take());
+        let Some(pending) = pending else {
+            return Err(lss_err("lss-msg while nothing waits for LSS"));
+        };
+        let ok = matches!(&msg, Ok(Msg::Stored(s)) if s.server_hmac == Some(pending.expected));
+        if !ok {
+            // Put it back so it is dropped with the in-memory state that made it.
+            if let Some(l) = self.lss.as_mut() {
+                l.pending = Some(pending);
+                l.phase = LssPhase::Stale;
+            }
+            self.drop_pending();
+            return Err(match msg {
+                Err(e) => e,
+                Ok(m) => lss_err(format!(
+                    "LSS's acknowledgement does not prove it stored this state ({m:?}); nothing released, re-syncing"
+                )),
+            });
+        }
+        let committed = self.core.as_ref().map(|c| commit(&c.persister));
+        match committed {
+            Some(Ok(())) => Ok(pending.held),
+            Some(Err(e)) => {
+                self.rebuild();
+                if let Some(l) = self.lss.as_mut() {
+                    l.phase = LssPhase::Stale;
+                }
+                Err(e)
+            }
+            None => Err(lss_err("signer state unavailable at commit")),
+        }
+    }
+
+    /// `lss-conflict`: LSS holds newer state than this signer. The staged state is dropped (its
+    /// outputs are never released) and the signer signs nothing until the next init dance.
+    /// Returns the `lss-conflict-res` payload.
+    pub fn lss_conflict(&mut self) -> Vec<u8> {
+        self.drop_pending();
+        if let Some(l) = self.lss.as_mut() {
+            l.phase = LssPhase::Stale;
+        }
+        warn!("LSS conflict: this signer's state is stale; waiting for the broker to re-sync it");
+        Response::PutConflictConfirmed.encode()
+    }
+}
