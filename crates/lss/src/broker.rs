@@ -220,3 +220,66 @@ impl LssSession {
         self.client.client_id()
     }
 }
+
+/// How a signer answered a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// The answer (`vls-res` frame or `control-res` response), released after LSS stored the state.
+    Reply(Vec<u8>),
+    /// The signer refused it (`error` payload: `seq | text`).
+    Refused(Vec<u8>),
+    /// LSS refused the signer's mutations: it is stale and was told; nothing was released. The
+    /// caller re-syncs it with [`init_dance`] (or brings in another signer) and sends the
+    /// request again.
+    Conflict,
+}
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The signer went away or did not answer in time.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// Storing failed (see [`StoreError`]): the signer holds its reply until it is re-synced.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The signer answered on a topic that does not belong here.
+    #[error("signer answered on {0}")]
+    Unexpected(String),
+}
+
+/// One request to a signer with LSS on, in sequence: `vls` (or `control`) → either the answer at
+/// once (no state changed) or `lss-res` → [`LssSession::store`] → `lss-msg` → the held answer;
+/// a conflict is sent as `lss-conflict` and reported as [`Answered::Conflict`].
+pub async fn request<L: SignerLink>(
+    link: &mut L,
+    session: &mut LssSession,
+    topic: &'static str,
+    payload: Vec<u8>,
+) -> Result<Answered, RequestError> {
+    let answer_topic = if topic == topics::CONTROL { topics::CONTROL_RES } else { topics::VLS_RES };
+    const VLS_ANSWERS: &[&str] = &[topics::VLS_RES, topics::LSS_RES];
+    const CONTROL_ANSWERS: &[&str] = &[topics::CONTROL_RES, topics::LSS_RES];
+    let answers = if topic == topics::CONTROL { CONTROL_ANSWERS } else { VLS_ANSWERS };
+    let (suffix, body) = link.exchange(topic, payload, answers).await?;
+    let lss_res = match suffix.as_str() {
+        s if s == answer_topic => return Ok(Answered::Reply(body)),
+        topics::ERROR => return Ok(Answered::Refused(body)),
+        topics::LSS_RES => body,
+        other => return Err(RequestError::Unexpected(other.to_string())),
+    };
+    let (back, msg) = session.store(&lss_res).await?;
+    if back == topics::LSS_CONFLICT {
+        tell_conflict(link).await?;
+        return Ok(Answered::Conflict);
+    }
+    const RELEASED_VLS: &[&str] = &[topics::VLS_RES];
+    const RELEASED_CONTROL: &[&str] = &[topics::CONTROL_RES];
+    let released = if topic == topics::CONTROL { RELEASED_CONTROL } else { RELEASED_VLS };
+    let (suffix, body) = link.exchange(back, msg, released).await?;
+    match suffix.as_str() {
+        s if s == answer_topic => Ok(Answered::Reply(body)),
+        topics::ERROR => Ok(Answered::Refused(body)),
+        other => Err(RequestError::Unexpected(other.to_string())),
+    }
+}

@@ -146,7 +146,12 @@ impl Signer {
         if self.lss.is_some() {
             let nonce = trailer_nonce(request);
             let answer = ControlResponse::Error("backup is on: control goes through stage_control()".into());
-            return ControlOutcome { response: self.sign_control_response(&answer, nonce), answer, nonce, action: None };
+            return ControlOutcome {
+                response: self.sign_control_response(&answer, nonce),
+                answer,
+                nonce,
+                action: None,
+            };
         }
         match self.stage_control(request) {
             crate::Outcome::Ready(o) => o,

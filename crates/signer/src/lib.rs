@@ -51,10 +51,10 @@ use vls_protocol_signer::approver::Approve;
 use vls_protocol_signer::handler::{Handler, HandlerBuilder, InitHandler, RootHandler};
 
 pub use control::{ControlAction, ControlOutcome, NONCE_KEY, POLICY_KEY};
-pub use lss::{Held, LssPhase, Outcome, Released};
-pub use store::{LOCAL_ONLY_KEYS, WRITER_KEY};
+pub use lss::{Held, LssPhase, Outcome, Output, Released};
 pub use policy::{PolicyConfig, DEFAULT_SWEEP_MIN_FEERATE_PER_KW};
 pub use status::{NoIndicator, RecordingIndicator, Status, StatusIndicator};
+pub use store::{LOCAL_ONLY_KEYS, WRITER_KEY};
 
 use store::{AnyStore, Persister};
 
@@ -583,8 +583,14 @@ impl Signer {
             Ok(Ok(reply)) => {
                 let rec = ReplyRecord { seq: req.seq, hash, reply: hex::encode(&reply) };
                 let value = serde_json::to_vec(&rec).expect("record serializes");
+                let lss_on = self.lss.is_some();
                 let done = catch_unwind(AssertUnwindSafe(|| {
                     sync_node_state(&persister, &node)?;
+                    // With LSS, a request that changed nothing is not backed up and needs no
+                    // record: answering it again gives the same answer from the same state.
+                    if lss_on && persister.prepare().is_empty() {
+                        return Ok(());
+                    }
                     persister.put(&slot_key, value)
                 }));
                 let done = match done {

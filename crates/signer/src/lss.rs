@@ -136,7 +136,10 @@ fn plan(remote: &[Mutation], local: &[KVV]) -> Result<Plan, Error> {
             }
             Some((v, val)) if m.version == *v && *val == m.value => {}
             Some((v, _)) if m.version == *v => {
-                return Err(lss_err(format!("LSS and the device hold different values of {} at version {v}: forked state", m.key)))
+                return Err(lss_err(format!(
+                    "LSS and the device hold different values of {} at version {v}: forked state",
+                    m.key
+                )))
             }
             Some((v, _)) => {
                 return Err(lss_err(format!(
@@ -167,6 +170,17 @@ impl Signer {
     /// Where the signer is with LSS (`None`: LSS off).
     pub fn lss_phase(&self) -> Option<LssPhase> {
         self.lss.as_ref().map(|l| l.phase)
+    }
+
+    /// The device's committed state that LSS holds too (every key but [`crate::LOCAL_ONLY_KEYS`]),
+    /// sorted: after an acknowledged request it equals LSS's state for this signer.
+    pub fn synced_state(&mut self) -> Result<Vec<Mutation>, Error> {
+        let store = self.core()?.persister.inner().clone();
+        let all = store.get_prefix("").map_err(|e| store_err("reading state", e))?;
+        Ok(all
+            .filter(|KVV(k, _)| synced(k))
+            .map(|KVV(key, (version, value))| Mutation { key, version, value })
+            .collect())
     }
 
     /// Refuses to sign when LSS is on but not in sync, or a request is still waiting.
@@ -235,8 +249,13 @@ impl Signer {
         let (client_id, secret) = keys.map_err(|p| lss_err(format!("persistence keys: {}", panic_text(p))))?;
         let mut nonce = [0u8; lss::HASH_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
-        self.lss =
-            Some(LssState { phase: LssPhase::Identified, secret, nonce: Some(nonce), pending: None, built: Vec::new() });
+        self.lss = Some(LssState {
+            phase: LssPhase::Identified,
+            secret,
+            nonce: Some(nonce),
+            pending: None,
+            built: Vec::new(),
+        });
         info!(client_id = %hex::encode(client_id), "LSS: identified to the broker's LSS");
         let r = InitResponse { client_id, auth_token: lss::auth_token(&secret), nonce: Some(nonce) };
         Ok(Response::Init(r).encode())
@@ -264,23 +283,20 @@ impl Signer {
             )));
         }
         let remote: Vec<Mutation> = state.muts.into_iter().filter(|m| synced(&m.key)).collect();
-        let store = self.core()?.persister.inner().clone();
-        let local: Vec<KVV> = store
-            .get_prefix("")
-            .map_err(|e| store_err("reading state", e))?
-            .filter(|KVV(k, _)| synced(k))
-            .collect();
+        let local: Vec<KVV> = self.synced_state()?.into_iter().map(|m| KVV(m.key, (m.version, m.value))).collect();
         let mut upload: std::collections::BTreeMap<String, Mutation> = Default::default();
         match plan(&remote, &local)? {
             Plan::Adopt { entries, wipe } => {
                 if wipe {
                     self.wipe_local()?;
                 }
-                let store = self.core()?.persister.inner().clone();
+                // The store itself, not a node built on it (that would create one on a wiped store).
+                let store = self.backend_store()?;
                 store.put_batch(kvvs(&entries)).map_err(|e| store_err("writing LSS state", e))?;
                 info!(keys = entries.len(), wiped = wipe, "LSS: state restored from LSS");
             }
             Plan::Upload => {
+                let store = self.core()?.persister.inner().clone();
                 store.reset_versions().map_err(|e| store_err("restarting versions", e))?;
                 let writer = vec![KVV(WRITER_KEY.to_string(), (0, store.signer_id().to_vec()))];
                 store.put_batch(writer).map_err(|e| store_err("writing the writer key", e))?;
@@ -319,11 +335,8 @@ impl Signer {
     /// Replaces a never-used local state by an empty one (keeping the local-only keys).
     fn wipe_local(&mut self) -> Result<(), Error> {
         let store = self.core()?.persister.inner().clone();
-        let keep: Vec<KVV> = store
-            .get_prefix("")
-            .map_err(|e| store_err("reading state", e))?
-            .filter(|KVV(k, _)| !synced(k))
-            .collect();
+        let keep: Vec<KVV> =
+            store.get_prefix("").map_err(|e| store_err("reading state", e))?.filter(|KVV(k, _)| !synced(k)).collect();
         drop(store);
         self.core = None;
         match &mut self.backend {
@@ -334,16 +347,26 @@ impl Signer {
                 }
                 *store = None;
                 let file = dir.join("redb");
-                std::fs::remove_file(&file).map_err(|e| Error::StateDir { path: file.clone(), reason: e.to_string() })?;
+                std::fs::remove_file(&file)
+                    .map_err(|e| Error::StateDir { path: file.clone(), reason: e.to_string() })?;
                 *store = Some(crate::open_redb(dir)?);
             }
         }
-        let fresh = match &self.backend {
-            Backend::Memory(s) => s.clone(),
-            Backend::Redb { store, .. } => store.clone().ok_or_else(|| lss_err("state store missing"))?,
-        };
-        fresh.put_batch(keep).map_err(|e| store_err("keeping local keys", e))?;
+        self.backend_store()?.put_batch(keep).map_err(|e| store_err("keeping local keys", e))?;
         Ok(())
+    }
+
+    /// The backend's store (opened if closed), without building a node on it.
+    fn backend_store(&mut self) -> Result<AnyStore, Error> {
+        match &mut self.backend {
+            Backend::Memory(s) => Ok(s.clone()),
+            Backend::Redb { dir, store } => {
+                if store.is_none() {
+                    *store = Some(crate::open_redb(dir)?);
+                }
+                store.clone().ok_or_else(|| lss_err("state store missing"))
+            }
+        }
     }
 
     /// `lss-msg`: LSS stored the staged mutations. If its HMAC is the one expected for exactly
@@ -394,5 +417,78 @@ impl Signer {
         }
         warn!("LSS conflict: this signer's state is stale; waiting for the broker to re-sync it");
         Response::PutConflictConfirmed.encode()
+    }
+}
+
+/// What to publish (or do) in answer to one message from the broker.
+#[derive(Debug)]
+pub enum Output {
+    /// Publish `payload` on `{id}/{topic}`.
+    Publish {
+        /// Topic suffix (`sphinx_wire::topics`).
+        topic: &'static str,
+        /// Payload.
+        payload: Vec<u8>,
+    },
+    /// A control message's outcome: publish `response` on `control-res`, then carry out its
+    /// action (the resets, which only the device's front end can do).
+    Control(ControlOutcome),
+}
+
+fn publish(topic: &'static str, payload: Vec<u8>) -> Output {
+    Output::Publish { topic, payload }
+}
+
+impl Signer {
+    /// Handles one message the broker sent on `{id}/{suffix}` and says what to publish: the one
+    /// path every front end (sphinx-key's MQTT client, tests) takes. `vls` and `init-3-msg` carry
+    /// serial request frames; `control` owner messages; `init-1-msg`, `init-2-msg`, `lss-msg`,
+    /// `lss-conflict` LSS messages. Failures are published on `error` (`seq | text`).
+    pub fn on_message(&mut self, suffix: &str, payload: &[u8]) -> Vec<Output> {
+        use sphinx_wire::topics as t;
+        let err = |e: &Error| publish(t::ERROR, crate::error_payload(0, &e.to_string()));
+        match suffix {
+            t::VLS | t::INIT_3_MSG => {
+                let answer = if suffix == t::VLS { t::VLS_RES } else { t::INIT_3_RES };
+                let seq = if payload.len() >= 4 { u16::from_be_bytes([payload[2], payload[3]]) } else { 0 };
+                let staged =
+                    sphinx_wire::serial::Request::decode(payload).map_err(Error::from).and_then(|req| self.stage(&req));
+                match staged {
+                    Ok(Outcome::Ready(reply)) => vec![publish(answer, reply.encode())],
+                    Ok(Outcome::Backup { lss_res }) => vec![publish(t::LSS_RES, lss_res)],
+                    Err(error) => {
+                        warn!(seq, %error, "request failed");
+                        vec![publish(t::ERROR, crate::FrameError { seq, error }.payload())]
+                    }
+                }
+            }
+            t::CONTROL => match self.stage_control(payload) {
+                Outcome::Ready(o) => vec![Output::Control(o)],
+                Outcome::Backup { lss_res } => vec![publish(t::LSS_RES, lss_res)],
+            },
+            t::INIT_1_MSG => match self.lss_init(payload) {
+                Ok(r) => vec![publish(t::INIT_1_RES, r)],
+                Err(e) => vec![err(&e)],
+            },
+            t::INIT_2_MSG => match self.lss_restore(payload) {
+                Ok(r) => vec![publish(t::INIT_2_RES, r)],
+                Err(e) => {
+                    warn!(error = %e, "LSS state refused");
+                    vec![err(&e)]
+                }
+            },
+            t::LSS_MSG => match self.lss_stored(payload) {
+                Ok(released) => released
+                    .into_iter()
+                    .map(|h| match h {
+                        Held::Reply(r) => publish(t::VLS_RES, r.encode()),
+                        Held::Control(o) => Output::Control(o),
+                    })
+                    .collect(),
+                Err(e) => vec![err(&e)],
+            },
+            t::LSS_CONFLICT => vec![publish(t::LSS_CONFLICT_RES, self.lss_conflict())],
+            other => vec![publish(t::ERROR, crate::error_payload(0, &format!("unexpected topic {other}")))],
+        }
     }
 }

@@ -268,7 +268,8 @@ impl KVVStore for TxnStore {
         let Some(log) = guard.as_ref() else {
             return Mutations::new();
         };
-        let mut out: Log = log.iter().filter(|(k, _)| !self.lss() || synced(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut out: Log =
+            log.iter().filter(|(k, _)| !self.lss() || synced(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
         if let Ok(Some((k, v))) = self.writer_entry(log) {
             out.insert(k, v);
         }
