@@ -6,7 +6,7 @@
 #[path = "../../signer/tests/common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 use common::{config, load, temp_dir, Step, T0_OPEN_PAY_CLOSE};
@@ -54,7 +54,7 @@ impl SignerLink for Device {
     }
 }
 
-fn device(dir: &PathBuf) -> Device {
+fn device(dir: &Path) -> Device {
     Device { signer: Signer::open(ALICE_SEED, dir, &config(T0_OPEN_PAY_CLOSE + 100)).expect("open"), tamper: None }
 }
 

@@ -97,6 +97,10 @@ fn velocity_now(vc: &VelocityControl, now: u64, limits: &Limits) -> Velocity {
 /// The answer to an accepted message and what the device must do after sending it.
 type Effect = (ControlResponse, Option<ControlAction>);
 
+/// An accepted control message: the answer, what the device must do after sending it, and the
+/// `lss-res` payload when its state waits for LSS.
+type Accepted = (ControlResponse, Option<ControlAction>, Option<Vec<u8>>);
+
 impl Signer {
     /// The key whose signature control messages must carry (default: the node key).
     pub fn owner_key(&self) -> PublicKey {
@@ -219,11 +223,7 @@ impl Signer {
 
     /// Checks the nonce and carries out an authenticated message: `Err(text)` is a refusal that
     /// changed nothing.
-    fn control_msg(
-        &mut self,
-        msg: &ControlMessage,
-        nonce: u64,
-    ) -> Result<(ControlResponse, Option<ControlAction>, Option<Vec<u8>>), String> {
+    fn control_msg(&mut self, msg: &ControlMessage, nonce: u64) -> Result<Accepted, String> {
         if let Some(r) = self.reset {
             return Err(format!("the device was reset ({r:?}) and must be initialised again"));
         }

@@ -129,7 +129,8 @@ impl KVVStore for AnyStore {
     }
 }
 
-type Log = BTreeMap<String, (u64, Vec<u8>)>;
+type VersionedValue = (u64, Vec<u8>);
+type Log = BTreeMap<String, VersionedValue>;
 
 /// A transactional wrapper: writes between `enter` and `commit` are buffered and written as one
 /// batch; outside a transaction they go straight through. See the module docs for the two
@@ -167,7 +168,7 @@ impl TxnStore {
     }
 
     /// The writer-key entry the open transaction adds when it changes synced state (LSS on).
-    fn writer_entry(&self, log: &Log) -> Result<Option<(String, (u64, Vec<u8>))>, PersistError> {
+    fn writer_entry(&self, log: &Log) -> Result<Option<(String, VersionedValue)>, PersistError> {
         if !self.lss() || !log.keys().any(|k| synced(k)) {
             return Ok(None);
         }
