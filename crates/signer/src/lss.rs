@@ -492,3 +492,58 @@ impl Signer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(k: &str, v: u64, val: &[u8]) -> Mutation {
+        Mutation::new(k, v, val.to_vec())
+    }
+    fn l(k: &str, v: u64, val: &[u8]) -> KVV {
+        KVV(k.to_string(), (v, val.to_vec()))
+    }
+    fn err(p: Result<Plan, Error>) -> String {
+        match p {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn merge_rules_take_newer_lss_state_and_refuse_rollbacks_and_forks() {
+        let local = vec![l(WRITER_KEY, 3, b"me"), l("node/state/x", 5, b"s5"), l("sphinx/reply/1", 2, b"r")];
+        // LSS newer (a standby catching up): newer and new keys are adopted, equal ones skipped.
+        let remote =
+            vec![m(WRITER_KEY, 4, b"other"), m("channel/a", 0, b"c"), m("node/state/x", 6, b"s6"), m("sphinx/reply/1", 2, b"r")];
+        match plan(&remote, &local) {
+            Ok(Plan::Adopt { entries, wipe: false }) => {
+                let keys: Vec<_> = entries.iter().map(|m| m.key.as_str()).collect();
+                assert_eq!(keys, vec![WRITER_KEY, "channel/a", "node/state/x"]);
+            }
+            _ => panic!("expected adopt"),
+        }
+        // LSS older than the device: rolled back.
+        let older = vec![m(WRITER_KEY, 3, b"me"), m("node/state/x", 4, b"s4"), m("sphinx/reply/1", 2, b"r")];
+        assert!(err(plan(&older, &local)).contains("rolled back"));
+        // A key the device has and LSS lacks.
+        let missing = vec![m(WRITER_KEY, 3, b"me"), m("node/state/x", 5, b"s5")];
+        assert!(err(plan(&missing, &local)).contains("does not"));
+        // Same version, another value: a fork.
+        let fork = vec![m(WRITER_KEY, 3, b"me"), m("node/state/x", 5, b"X"), m("sphinx/reply/1", 2, b"r")];
+        assert!(err(plan(&fork, &local)).contains("forked"));
+    }
+
+    #[test]
+    fn never_synced_devices_upload_or_restore_but_never_merge_histories() {
+        // LSS empty: whatever the device has is uploaded.
+        assert!(matches!(plan(&[], &[l("node/state/x", 7, b"s")]), Ok(Plan::Upload)));
+        assert!(matches!(plan(&[], &[]), Ok(Plan::Upload)));
+        // A fresh device (a node created at open, nothing answered) takes LSS's state whole.
+        let remote = vec![m(WRITER_KEY, 9, b"w"), m("node/state/x", 40, b"s")];
+        assert!(matches!(plan(&remote, &[l("node/state/x", 0, b"new")]), Ok(Plan::Adopt { wipe: true, .. })));
+        // A device that answered requests without backup does not take another history.
+        let used = vec![l("node/state/x", 3, b"s"), l("sphinx/reply/4", 0, b"r")];
+        assert!(err(plan(&remote, &used)).contains("never backed up"));
+    }
+}
