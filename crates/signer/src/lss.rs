@@ -72,8 +72,14 @@ struct Pending {
     held: Vec<Held>,
 }
 
+/// Broker messages (`vls`, `control`) that arrive while a request waits for LSS are queued and
+/// handled after its acknowledgement, in order; beyond this many they are refused.
+pub const MAX_QUEUED: usize = 1000;
+
 pub(crate) struct LssState {
     phase: LssPhase,
+    /// `(suffix, payload)` received while `pending`; dropped with it (the broker re-sends).
+    queued: std::collections::VecDeque<(&'static str, Vec<u8>)>,
     secret: [u8; lss::HASH_LEN],
     nonce: Option<[u8; lss::HASH_LEN]>,
     pending: Option<Pending>,
@@ -130,10 +136,7 @@ fn plan(remote: &[Mutation], local: &[KVV]) -> Result<Plan, Error> {
     for m in remote {
         match local_map.get(m.key.as_str()) {
             None => adopt.push(m.clone()),
-            Some((v, val)) if m.version > *v => {
-                let _ = val;
-                adopt.push(m.clone())
-            }
+            Some((v, _)) if m.version > *v => adopt.push(m.clone()),
             Some((v, val)) if m.version == *v && *val == m.value => {}
             Some((v, _)) if m.version == *v => {
                 return Err(lss_err(format!(
@@ -211,6 +214,15 @@ impl Signer {
         commit(p).map(|()| None)
     }
 
+    /// The next queued broker message, if nothing waits for LSS.
+    fn next_queued(&mut self) -> Option<(&'static str, Vec<u8>)> {
+        let l = self.lss.as_mut()?;
+        if l.pending.is_some() {
+            return None;
+        }
+        l.queued.pop_front()
+    }
+
     /// Holds an output until the staged state is acknowledged.
     pub(crate) fn hold(&mut self, h: Held) {
         if let Some(p) = self.lss.as_mut().and_then(|l| l.pending.as_mut()) {
@@ -220,6 +232,15 @@ impl Signer {
 
     /// Drops a staged transaction and the in-memory state that made it.
     fn drop_pending(&mut self) {
+        if let Some(l) = self.lss.as_mut() {
+            if !l.queued.is_empty() {
+                warn!(
+                    queued = l.queued.len(),
+                    "dropping queued broker messages (the broker re-sends what is unanswered)"
+                );
+                l.queued.clear();
+            }
+        }
         if let Some(p) = self.lss.as_mut().and_then(|l| l.pending.take()) {
             warn!(seq = p.seq, held = p.held.len(), "dropping state LSS did not acknowledge; nothing was released");
             if let Some(c) = self.core.as_ref() {
@@ -251,6 +272,7 @@ impl Signer {
         rand::thread_rng().fill_bytes(&mut nonce);
         self.lss = Some(LssState {
             phase: LssPhase::Identified,
+            queued: Default::default(),
             secret,
             nonce: Some(nonce),
             pending: None,
@@ -298,8 +320,11 @@ impl Signer {
             Plan::Upload => {
                 let store = self.core()?.persister.inner().clone();
                 store.reset_versions().map_err(|e| store_err("restarting versions", e))?;
-                let writer = vec![KVV(WRITER_KEY.to_string(), (0, store.signer_id().to_vec()))];
-                store.put_batch(writer).map_err(|e| store_err("writing the writer key", e))?;
+                // Every backed-up state has a writer key (kept if the device has one).
+                if store.get(WRITER_KEY).map_err(|e| store_err("reading state", e))?.is_none() {
+                    let writer = vec![KVV(WRITER_KEY.to_string(), (0, store.signer_id().to_vec()))];
+                    store.put_batch(writer).map_err(|e| store_err("writing the writer key", e))?;
+                }
                 for KVV(k, (_, v)) in store.get_prefix("").map_err(|e| store_err("reading state", e))? {
                     if synced(&k) {
                         upload.insert(k.clone(), Mutation::new(k, 0, v));
@@ -447,6 +472,23 @@ impl Signer {
     pub fn on_message(&mut self, suffix: &str, payload: &[u8]) -> Vec<Output> {
         use sphinx_wire::topics as t;
         let err = |e: &Error| publish(t::ERROR, crate::error_payload(0, &e.to_string()));
+        // While a request waits for LSS, later requests wait behind it (in order).
+        if let Some(l) = self.lss.as_mut().filter(|l| l.pending.is_some()) {
+            let queued_suffix = match suffix {
+                t::VLS => Some(t::VLS),
+                t::CONTROL => Some(t::CONTROL),
+                _ => None,
+            };
+            if let Some(q) = queued_suffix {
+                if l.queued.len() < MAX_QUEUED {
+                    l.queued.push_back((q, payload.to_vec()));
+                    return Vec::new();
+                }
+                let seq = if payload.len() >= 4 { u16::from_be_bytes([payload[2], payload[3]]) } else { 0 };
+                let busy = Error::LssBusy(l.pending.as_ref().map(|p| p.seq).unwrap_or(0));
+                return vec![publish(t::ERROR, crate::FrameError { seq, error: busy }.payload())];
+            }
+        }
         match suffix {
             t::VLS | t::INIT_3_MSG => {
                 let answer = if suffix == t::VLS { t::VLS_RES } else { t::INIT_3_RES };
@@ -478,13 +520,20 @@ impl Signer {
                 }
             },
             t::LSS_MSG => match self.lss_stored(payload) {
-                Ok(released) => released
-                    .into_iter()
-                    .map(|h| match h {
-                        Held::Reply(r) => publish(t::VLS_RES, r.encode()),
-                        Held::Control(o) => Output::Control(o),
-                    })
-                    .collect(),
+                Ok(released) => {
+                    let mut out: Vec<Output> = released
+                        .into_iter()
+                        .map(|h| match h {
+                            Held::Reply(r) => publish(t::VLS_RES, r.encode()),
+                            Held::Control(o) => Output::Control(o),
+                        })
+                        .collect();
+                    // Then what waited behind it, until one waits for LSS again.
+                    while let Some((q, p)) = self.next_queued() {
+                        out.extend(self.on_message(q, &p));
+                    }
+                    out
+                }
                 Err(e) => vec![err(&e)],
             },
             t::LSS_CONFLICT => vec![publish(t::LSS_CONFLICT_RES, self.lss_conflict())],
@@ -514,8 +563,12 @@ mod tests {
     fn merge_rules_take_newer_lss_state_and_refuse_rollbacks_and_forks() {
         let local = vec![l(WRITER_KEY, 3, b"me"), l("node/state/x", 5, b"s5"), l("sphinx/reply/1", 2, b"r")];
         // LSS newer (a standby catching up): newer and new keys are adopted, equal ones skipped.
-        let remote =
-            vec![m(WRITER_KEY, 4, b"other"), m("channel/a", 0, b"c"), m("node/state/x", 6, b"s6"), m("sphinx/reply/1", 2, b"r")];
+        let remote = vec![
+            m(WRITER_KEY, 4, b"other"),
+            m("channel/a", 0, b"c"),
+            m("node/state/x", 6, b"s6"),
+            m("sphinx/reply/1", 2, b"r"),
+        ];
         match plan(&remote, &local) {
             Ok(Plan::Adopt { entries, wipe: false }) => {
                 let keys: Vec<_> = entries.iter().map(|m| m.key.as_str()).collect();
