@@ -73,6 +73,23 @@ fn oracle(init: &Request, steps: &[Step]) -> Vec<Result<Vec<u8>, String>> {
     steps.iter().map(|s| o.handle(&s.req).map(|r| r.encode()).map_err(|e| e.to_string())).collect()
 }
 
+/// A fresh lssd, the broker's view of it, the trace and the oracle's answers to it.
+struct Setup {
+    server: Lssd,
+    lss: LssBackend,
+    init: Request,
+    steps: Vec<Step>,
+    want: Vec<Result<Vec<u8>, String>>,
+}
+
+async fn setup(name: &str) -> Setup {
+    let server = Lssd::start_temp(name).expect("lssd");
+    let lss = LssBackend::new(&server.url(), T).await.expect("lss");
+    let (init, steps) = trace();
+    let want = oracle(&init, &steps);
+    Setup { server, lss, init, steps, want }
+}
+
 async fn dance(lss: &LssBackend, dev: &mut Device, init: &Request) -> Result<LssSession, DanceError> {
     let d = init_dance(lss, dev, Some(init.encode())).await?;
     let reply = Reply::decode(&d.init_reply.expect("init-3 answered")).expect("init reply frame");
@@ -124,10 +141,7 @@ async fn assert_agree(url: &str, dev: &mut Device, session_id: &sphinx_wire::lss
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_device_backs_up_every_request_and_restores_a_fresh_device_from_lss_alone() {
-    let server = Lssd::start_temp("restore").expect("lssd");
-    let lss = LssBackend::new(&server.url(), T).await.expect("lss");
-    let (init, steps) = trace();
-    let want = oracle(&init, &steps);
+    let Setup { server, lss, init, steps, want } = setup("restore").await;
     // Mid-session: a channel is open and payments are under way (state in every VLS family).
     let half = 90;
 
@@ -158,10 +172,7 @@ async fn fresh_device_backs_up_every_request_and_restores_a_fresh_device_from_ls
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_is_held_until_lss_acknowledges_and_a_stale_signer_gets_a_conflict() {
-    let server = Lssd::start_temp("conflict").expect("lssd");
-    let lss = LssBackend::new(&server.url(), T).await.expect("lss");
-    let (init, steps) = trace();
-    let want = oracle(&init, &steps);
+    let Setup { server: _server, lss, init, steps, want } = setup("conflict").await;
     let (dir_a, dir_b) = (temp_dir("lss-ca"), temp_dir("lss-cb"));
     let mut a = device(&dir_a);
     let mut sa = dance(&lss, &mut a, &init).await.expect("dance a");
@@ -230,10 +241,7 @@ fn forge_stored_hmac(topic: &str, payload: &mut Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_lss_state_and_forged_acknowledgements_are_refused() {
-    let server = Lssd::start_temp("tamper").expect("lssd");
-    let lss = LssBackend::new(&server.url(), T).await.expect("lss");
-    let (init, steps) = trace();
-    let want = oracle(&init, &steps);
+    let Setup { server: _server, lss, init, steps, want } = setup("tamper").await;
     let (dir_a, dir_b) = (temp_dir("lss-ta"), temp_dir("lss-tb"));
     let mut a = device(&dir_a);
     let mut sa = dance(&lss, &mut a, &init).await.expect("dance");
@@ -274,10 +282,7 @@ async fn tampered_lss_state_and_forged_acknowledgements_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_arriving_while_one_waits_are_answered_after_it_in_order() {
-    let server = Lssd::start_temp("queue").expect("lssd");
-    let lss = LssBackend::new(&server.url(), T).await.expect("lss");
-    let (init, steps) = trace();
-    let want = oracle(&init, &steps);
+    let Setup { server, lss, init, steps, want } = setup("queue").await;
     let dir = temp_dir("lss-q");
     let mut a = device(&dir);
     let mut sa = dance(&lss, &mut a, &init).await.expect("dance");
