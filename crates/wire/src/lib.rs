@@ -6,6 +6,7 @@
 //! - [`topics`]: MQTT topic names.
 //! - [`token`]: the MQTT login token (node key signature over a timestamp).
 //! - [`control`]: the owner's signed control messages and the device's signed responses.
+//! - [`lss`]: the LSS backup messages of the init dance and of each request (upstream `lss-connector`).
 //!
 //! Every parser here takes untrusted bytes and returns an error, never panics.
 #![forbid(unsafe_code)]
@@ -13,6 +14,7 @@
 
 pub mod control;
 pub mod hsmd;
+pub mod lss;
 pub mod serial;
 pub mod token;
 pub mod topics;
