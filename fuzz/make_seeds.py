@@ -256,12 +256,54 @@ url = "http://user:pass@127.0.0.1:18443"
     write("broker_config", "unknown-key", b'bogus = 1\n[mqtt]\nlisten = "[::1]:8883"\n')
 
 
+# --- LSS messages (upstream lss-connector msgs.rs shapes; see docs/wire.md "LSS") ------------
+def mp_map(n):
+    return bytes([0x80 | n])
+
+
+def mp_bin(b):
+    return bytes([0xc4, len(b)]) + b
+
+
+def mp_uint(n):
+    if n < 0x80:
+        return bytes([n])
+    return b"\xcf" + struct.pack(">Q", n)
+
+
+def mp_muts(muts):
+    out = mp_str("muts") + bytes([0x90 | len(muts)])
+    for key, version, value in muts:
+        out += b"\x92" + mp_str(key) + b"\x92" + mp_uint(version) + mp_bin(value)
+    return out
+
+
+def lss_seeds():
+    muts = [("node/state/02aa", 3, b'{"x":1}'), ("sphinx/reply/7", 0, b"")]
+    init = mp_map(1) + mp_str("Init")
+    write("lss", "msg-init", init + mp_map(1) + mp_str("server_pubkey") + mp_bin(b"\x02" * 33))
+    for v in ("Created", "Stored"):
+        write("lss", "msg-%s" % v.lower(),
+              mp_map(1) + mp_str(v) + mp_map(2) + mp_str("server_hmac") + mp_bin(b"\xab" * 32) + mp_muts(muts))
+    write("lss", "msg-created-empty",
+          mp_map(1) + mp_str("Created") + mp_map(2) + mp_str("server_hmac") + b"\xc0" + mp_muts([]))
+    write("lss", "msg-putconflict", mp_map(1) + mp_str("PutConflict"))
+    ident = mp_str("client_id") + mp_bin(b"\x03" * 33) + mp_str("auth_token") + mp_bin(b"\x11" * 32)
+    write("lss", "res-init", init + mp_map(3) + ident + mp_str("nonce") + mp_bin(b"\x22" * 32))
+    write("lss", "res-init-nonce-nil", init + mp_map(3) + ident + mp_str("nonce") + b"\xc0")
+    for v in ("Created", "VlsMuts"):
+        write("lss", "res-%s" % v.lower(),
+              mp_map(1) + mp_str(v) + mp_map(2) + mp_str("client_hmac") + mp_bin(b"\x44" * 32) + mp_muts(muts))
+    write("lss", "res-putconflictconfirmed", mp_map(1) + mp_str("PutConflictConfirmed"))
+
+
 def main():
     clear_seeds()
     trace_seeds()
     token_seeds()
     mqtt_seeds()
     control_seeds()
+    lss_seeds()
     config_seeds()
     for t in sorted(os.listdir(CORPUS)):
         if not os.path.isdir(os.path.join(CORPUS, t)):

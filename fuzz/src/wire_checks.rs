@@ -1,11 +1,11 @@
 //! Checks of `sphinx_wire`'s parsers (fuzz targets `serial_request`, `serial_reply`, `token`,
-//! `hsmd`, `control`). Depends on `sphinx_wire` and `bitcoin` (a dependency of `sphinx_wire`)
+//! `hsmd`, `control`, `lss`). Depends on `sphinx_wire` and `bitcoin` (a dependency of `sphinx_wire`)
 //! only, so `crates/wire/tests/fuzz_corpus.rs` can include it.
 
 use std::sync::OnceLock;
 
 use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
-use sphinx_wire::{control, hsmd, serial, token};
+use sphinx_wire::{control, hsmd, lss, serial, token};
 
 /// `serial_request`: a request frame from the network (the signer parses the broker's
 /// `{id}/vls` payloads). A frame that decodes must re-encode to the same bytes, and is never
@@ -157,5 +157,22 @@ pub fn control(data: &[u8]) {
         if control::check_nonce(last, n).is_ok() {
             assert!(n > last && n - last <= control::NONCE_WINDOW);
         }
+    }
+}
+
+/// `lss`: LSS backup messages (`init-*-msg`, `lss-msg`, `lss-conflict` parsed by the signer;
+/// `init-*-res`, `lss-res` parsed by the broker). Both decoders see every input; a decoded value
+/// re-encodes to bytes that decode to the same value, and canonical input re-encodes to itself.
+pub fn lss(data: &[u8]) {
+    if let Ok(m) = lss::Msg::decode(data) {
+        let again = m.encode();
+        assert_eq!(lss::Msg::decode(&again).as_ref(), Ok(&m), "LSS message does not round-trip");
+        assert!(again.len() <= data.len(), "re-encoding is longer than the input");
+        assert!(lss::Response::decode(data).is_err(), "bytes decode both as a message and a response");
+    }
+    if let Ok(r) = lss::Response::decode(data) {
+        let again = r.encode();
+        assert_eq!(lss::Response::decode(&again).as_ref(), Ok(&r), "LSS response does not round-trip");
+        assert!(again.len() <= data.len(), "re-encoding is longer than the input");
     }
 }

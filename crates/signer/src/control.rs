@@ -97,6 +97,10 @@ fn velocity_now(vc: &VelocityControl, now: u64, limits: &Limits) -> Velocity {
 /// The answer to an accepted message and what the device must do after sending it.
 type Effect = (ControlResponse, Option<ControlAction>);
 
+/// An accepted control message: the answer, what the device must do after sending it, and the
+/// `lss-res` payload when its state waits for LSS.
+type Accepted = (ControlResponse, Option<ControlAction>, Option<Vec<u8>>);
+
 impl Signer {
     /// The key whose signature control messages must carry (default: the node key).
     pub fn owner_key(&self) -> PublicKey {
@@ -140,8 +144,35 @@ impl Signer {
 
     /// Like [`Signer::handle_control`], also saying what the response is and what the device
     /// must do after sending it (for resets).
+    /// With LSS backup on, a message that changed state is staged (see [`Signer::stage_control`]);
+    /// this then answers with a refusal instead.
     pub fn control(&mut self, request: &[u8]) -> ControlOutcome {
+        if self.lss.is_some() {
+            let nonce = trailer_nonce(request);
+            let answer = ControlResponse::Error("backup is on: control goes through stage_control()".into());
+            return ControlOutcome {
+                response: self.sign_control_response(&answer, nonce),
+                answer,
+                nonce,
+                action: None,
+            };
+        }
+        match self.stage_control(request) {
+            crate::Outcome::Ready(o) => o,
+            crate::Outcome::Backup { .. } => {
+                let nonce = trailer_nonce(request);
+                let answer = ControlResponse::Error("internal: staged without LSS".into());
+                ControlOutcome { response: self.sign_control_response(&answer, nonce), answer, nonce, action: None }
+            }
+        }
+    }
+
+    /// Handles a control message up to its commit, as [`Signer::stage`] does a request: with
+    /// LSS on, a message that changed state is held until LSS acknowledged it
+    /// ([`Signer::lss_stored`] releases it as [`crate::Held::Control`]).
+    pub fn stage_control(&mut self, request: &[u8]) -> crate::Outcome<ControlOutcome> {
         let mut nonce = trailer_nonce(request);
+        let mut lss_res = None;
         let (answer, action) = match control::parse_request(request, &self.owner) {
             Err(e) => {
                 warn!(error = %e, bytes = request.len(), "control message refused");
@@ -150,8 +181,9 @@ impl Signer {
             Ok((msg, n)) => {
                 nonce = n;
                 match self.control_msg(&msg, n) {
-                    Ok((answer, action)) => {
-                        info!(?msg, nonce = n, "control message accepted");
+                    Ok((answer, action, staged)) => {
+                        info!(?msg, nonce = n, staged = staged.is_some(), "control message accepted");
+                        lss_res = staged;
                         (answer, action)
                     }
                     Err(text) => {
@@ -167,7 +199,14 @@ impl Signer {
             }
         }
         let response = self.sign_control_response(&answer, nonce);
-        ControlOutcome { response, answer, nonce, action }
+        let outcome = ControlOutcome { response, answer, nonce, action };
+        match lss_res {
+            None => crate::Outcome::Ready(outcome),
+            Some(lss_res) => {
+                self.hold(crate::Held::Control(outcome));
+                crate::Outcome::Backup { lss_res }
+            }
+        }
     }
 
     /// Signs a control response with the device (node) key, bound to `nonce`.
@@ -184,14 +223,11 @@ impl Signer {
 
     /// Checks the nonce and carries out an authenticated message: `Err(text)` is a refusal that
     /// changed nothing.
-    fn control_msg(
-        &mut self,
-        msg: &ControlMessage,
-        nonce: u64,
-    ) -> Result<(ControlResponse, Option<ControlAction>), String> {
+    fn control_msg(&mut self, msg: &ControlMessage, nonce: u64) -> Result<Accepted, String> {
         if let Some(r) = self.reset {
             return Err(format!("the device was reset ({r:?}) and must be initialised again"));
         }
+        self.lss_ready().map_err(|e| e.to_string())?;
         if let ControlMessage::Ota(_) = msg {
             return Err("OTA is not supported on Linux: update the binary with your package manager".into());
         }
@@ -202,7 +238,7 @@ impl Signer {
         let persister = core.persister.clone();
         let last = stored_nonce(&persister)?;
         if let ControlMessage::Nonce = msg {
-            return Ok((ControlResponse::Nonce(last), None));
+            return Ok((ControlResponse::Nonce(last), None, None));
         }
         control::check_nonce(last, nonce).map_err(|e| e.to_string())?;
 
@@ -229,11 +265,18 @@ impl Signer {
             sync_node_state(&persister, &core.node)?;
             let v =
                 serde_json::to_vec(&nonce).map_err(|e| lightning_signer::persist::Error::Internal(e.to_string()))?;
-            persister.put(NONCE_KEY, v)?;
-            persister.commit()
+            persister.put(NONCE_KEY, v)
         }));
+        let done = match done {
+            Ok(Ok(())) => match self.finish(&persister, 0) {
+                Ok(staged) => Ok(Ok(staged)),
+                Err(e) => Ok(Err(lightning_signer::persist::Error::Internal(e.to_string()))),
+            },
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(p) => Err(p),
+        };
         match done {
-            Ok(Ok(())) => Ok((answer, action)),
+            Ok(Ok(staged)) => Ok((answer, action, staged)),
             Ok(Err(e)) => {
                 self.rebuild();
                 Err(format!("persisting failed, nothing changed: {e:?}"))

@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 mod control;
+mod lss;
 mod policy;
 pub mod status;
 mod store;
@@ -50,8 +51,10 @@ use vls_protocol_signer::approver::Approve;
 use vls_protocol_signer::handler::{Handler, HandlerBuilder, InitHandler, RootHandler};
 
 pub use control::{ControlAction, ControlOutcome, NONCE_KEY, POLICY_KEY};
+pub use lss::{Held, LssPhase, Outcome, Output, Released, MAX_QUEUED};
 pub use policy::{PolicyConfig, DEFAULT_SWEEP_MIN_FEERATE_PER_KW};
 pub use status::{NoIndicator, RecordingIndicator, Status, StatusIndicator};
+pub use store::{LOCAL_ONLY_KEYS, WRITER_KEY};
 
 use store::{AnyStore, Persister};
 
@@ -173,6 +176,18 @@ pub enum Error {
     /// The MQTT payload is not a serial request frame.
     #[error("bad request frame: {0}")]
     Frame(#[from] sphinx_wire::serial::Error),
+    /// LSS backup is on but this signer's state is not in sync with it (the init dance has not
+    /// delivered LSS's state yet, or a conflict made it stale): it signs nothing until it is.
+    #[error("not in sync with LSS ({0}): refusing to sign until the broker's init dance restores the state")]
+    LssNotSynced(String),
+    /// A request's state is still waiting for LSS's acknowledgement.
+    #[error("a request is waiting for LSS to store its state (seq {0}); one at a time")]
+    LssBusy(u16),
+    /// An LSS message from the broker that does not fit (bad bytes, wrong step, bad HMAC, a state
+    /// that is behind this device's or forks from it). The signer keeps its own state and signs
+    /// nothing with LSS's.
+    #[error("LSS: {0}")]
+    Lss(String),
 }
 
 /// A failed request as reported on the `{id}/error` topic.
@@ -239,6 +254,8 @@ pub struct Signer {
     owner: PublicKey,
     /// Set once the owner reset the keys: the signer then refuses every request.
     reset: Option<ControlAction>,
+    /// LSS backup, once the broker started the init dance (`None`: LSS off, today's behaviour).
+    lss: Option<lss::LssState>,
 }
 
 struct FixedStartingTime(u64);
@@ -321,6 +338,7 @@ impl Signer {
             stats: SignerStats::default(),
             owner: node_id,
             reset: None,
+            lss: None,
         };
         s.core = Some(s.build_core()?);
         info!(node_id = %s.node_id, initialized = s.is_initialized(), "signer opened");
@@ -385,7 +403,7 @@ impl Signer {
                 store.clone().expect("just set")
             }
         };
-        let persister = Arc::new(store::persister(store));
+        let persister = Arc::new(store::persister(store, self.lss.is_some()));
 
         // Refuse a state that belongs to another seed or network before VLS asserts on it.
         let nodes = catch_unwind(AssertUnwindSafe(|| persister.get_nodes()))
@@ -420,7 +438,12 @@ impl Signer {
             Ok(Err(e)) => return Err(Error::Unavailable(format!("building node: {e:?}"))),
             Err(p) => return Err(Error::Unavailable(format!("building node: {}", panic_text(p)))),
         };
+        // What building wrote (a new node): the LSS restore sends it to LSS (init-2-res).
+        let built_muts = persister.prepare();
         commit(&persister)?;
+        if let Some(l) = self.lss.as_mut() {
+            l.note_built(built_muts);
+        }
         let node = init.node().clone();
         restore_velocity(&persister, &node);
         if node.get_id() != self.node_id {
@@ -477,7 +500,26 @@ impl Signer {
     }
 
     /// Handles one request; all state it changed is durably committed (fsync) BEFORE this returns Ok.
+    /// With LSS backup on, requests go through [`Signer::stage`] instead (this refuses them).
     pub fn handle(&mut self, req: &Request) -> Result<Reply, Error> {
+        if self.lss.is_some() {
+            return Err(Error::Lss("backup is on: requests go through stage() and the LSS acknowledgement".into()));
+        }
+        match self.stage(req)? {
+            Outcome::Ready(r) => Ok(r),
+            // Without LSS nothing waits for an acknowledgement.
+            Outcome::Backup { .. } => Err(Error::LssBusy(req.seq)),
+        }
+    }
+
+    /// Handles one request up to its commit. VLS validates and signs inside a persister
+    /// transaction, and the request's changes (with its dedupe record) are collected there.
+    /// - Nothing changed, or LSS is off: committed locally (fsync) and [`Outcome::Ready`].
+    /// - LSS on and state changed: the transaction stays open and the reply is held;
+    ///   [`Outcome::Backup`] carries the `lss-res` payload (mutations and client HMAC). The reply
+    ///   is released by [`Signer::lss_stored`] once LSS acknowledged exactly these mutations
+    ///   (then committed locally), or dropped by a conflict ([`Signer::lss_conflict`]).
+    pub fn stage(&mut self, req: &Request) -> Result<Outcome<Reply>, Error> {
         if let Some(r) = self.reset {
             return Err(Error::Unavailable(format!(
                 "the owner reset this device ({r:?}): it signs nothing until it is initialised again (`sphinx-key init`)"
@@ -489,8 +531,9 @@ impl Signer {
         }
         let msg = decode(&req.message, msg_type)?;
         if matches!(msg, Message::HsmdInit(_) | Message::HsmdInit2(_)) {
-            return self.handle_init(req, msg, msg_type);
+            return self.handle_init(req, msg, msg_type).map(Outcome::Ready);
         }
+        self.lss_ready()?;
 
         let hash = hex::encode(sha256::Hash::hash(&req.encode()).to_byte_array());
         let slot_key = format!("{REPLY_KEY_PREFIX}{}", req.seq % DEDUPE_SLOTS);
@@ -500,7 +543,7 @@ impl Signer {
                 if let Ok(message) = hex::decode(&rec.reply) {
                     debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
                     self.stats.dedupe_hits += 1;
-                    return Ok(Reply { seq: req.seq, message });
+                    return Ok(Outcome::Ready(Reply { seq: req.seq, message }));
                 }
             }
         }
@@ -524,20 +567,31 @@ impl Signer {
             Ok(Ok(reply)) => {
                 let rec = ReplyRecord { seq: req.seq, hash, reply: hex::encode(&reply) };
                 let value = serde_json::to_vec(&rec).expect("record serializes");
+                let lss_on = self.lss.is_some();
                 let done = catch_unwind(AssertUnwindSafe(|| {
                     sync_node_state(&persister, &node)?;
-                    persister.put(&slot_key, value)?;
-                    persister.commit()
-                }));
-                match done {
-                    Ok(Ok(())) => Ok(Reply { seq: req.seq, message: reply }),
-                    Ok(Err(e)) => {
-                        self.rebuild();
-                        Err(Error::Persist(format!("{e:?}")))
+                    // With LSS, a request that changed nothing is not backed up and needs no
+                    // record: answering it again gives the same answer from the same state.
+                    if lss_on && persister.prepare().is_empty() {
+                        return Ok(());
                     }
-                    Err(p) => {
+                    persister.put(&slot_key, value)
+                }));
+                let done = match done {
+                    Ok(Ok(())) => self.finish(&persister, req.seq),
+                    Ok(Err(e)) => Err(Error::Persist(format!("{e:?}"))),
+                    Err(p) => Err(Error::Persist(panic_text(p))),
+                };
+                let reply = Reply { seq: req.seq, message: reply };
+                match done {
+                    Ok(None) => Ok(Outcome::Ready(reply)),
+                    Ok(Some(lss_res)) => {
+                        self.hold(Held::Reply(reply));
+                        Ok(Outcome::Backup { lss_res })
+                    }
+                    Err(e) => {
                         self.rebuild();
-                        Err(Error::Persist(panic_text(p)))
+                        Err(e)
                     }
                 }
             }

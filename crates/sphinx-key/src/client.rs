@@ -1,6 +1,7 @@
 //! The MQTT side: connect (plain TCP or TLS) with a fresh token, subscribe, say hello, hand each
-//! `vls` payload to the signer in order, publish the reply (or the error), answer owner control
-//! messages, reconnect with capped exponential backoff. All protocol logic is in
+//! broker message (`vls`, `control`, and with LSS backup the init dance and `lss-msg` /
+//! `lss-conflict`) to the signer in order (`Signer::on_message`), publish what it answers,
+//! reconnect with capped exponential backoff. All protocol logic is in
 //! `sphinx_signer`; this is I/O only (plus the file deletions of an owner's reset).
 
 use std::io::ErrorKind;
@@ -13,7 +14,7 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS, TlsConfiguration,
     Transport,
 };
-use sphinx_signer::{ControlAction, Signer, Status, StatusIndicator};
+use sphinx_signer::{ControlAction, Output, Signer, Status, StatusIndicator};
 use sphinx_wire::control::ControlResponse;
 use sphinx_wire::topics;
 use tracing::{debug, error, info, warn};
@@ -206,11 +207,17 @@ async fn serve(
     backoff: &mut Duration,
     rc: &RunConfig,
 ) -> End {
-    let vls = topics::topic(id, topics::VLS);
-    let control = topics::topic(id, topics::CONTROL);
-    let control_res = topics::topic(id, topics::CONTROL_RES);
-    let vls_res = topics::topic(id, topics::VLS_RES);
-    let err_topic = topics::topic(id, topics::ERROR);
+    // Everything the broker may send; LSS's topics stay silent unless the broker runs LSS.
+    const SUBSCRIBED: [&str; 7] = [
+        topics::VLS,
+        topics::CONTROL,
+        topics::INIT_1_MSG,
+        topics::INIT_2_MSG,
+        topics::INIT_3_MSG,
+        topics::LSS_MSG,
+        topics::LSS_CONFLICT,
+    ];
+    let prefix = format!("{id}/");
     loop {
         let ev = match el.poll().await {
             Ok(ev) => ev,
@@ -230,10 +237,7 @@ async fn serve(
             Event::Incoming(Packet::ConnAck(_)) => {
                 info!("connected to broker; subscribing");
                 *backoff = rc.backoff_min;
-                let subs = [
-                    rumqttc::SubscribeFilter::new(vls.clone(), QoS::AtLeastOnce),
-                    rumqttc::SubscribeFilter::new(control.clone(), QoS::AtLeastOnce),
-                ];
+                let subs = SUBSCRIBED.map(|s| rumqttc::SubscribeFilter::new(topics::topic(id, s), QoS::AtLeastOnce));
                 if let Err(e) = client.try_subscribe_many(subs) {
                     warn!(error = %e, "cannot subscribe");
                     return End::Lost;
@@ -252,47 +256,50 @@ async fn serve(
             }
             Event::Incoming(Packet::Publish(p)) => {
                 let topic = String::from_utf8_lossy(p.topic.as_ref()).into_owned();
-                if topic == vls {
+                let Some(suffix) = topic.strip_prefix(&prefix).filter(|s| SUBSCRIBED.contains(s)) else {
+                    debug!(%topic, "ignoring message on unexpected topic");
+                    continue;
+                };
+                if suffix == topics::VLS {
                     ind.set(Status::Signing);
-                    let t = std::time::Instant::now();
-                    match signer.handle_frame(&p.payload) {
-                        Ok(reply) => {
-                            debug!(elapsed_us = t.elapsed().as_micros() as u64, "request handled");
-                            if let Err(e) = client.try_publish(&vls_res, QoS::AtLeastOnce, false, reply) {
-                                warn!(error = %e, "cannot publish reply");
-                                return End::Lost;
+                }
+                let t = std::time::Instant::now();
+                let mut failed = false;
+                for out in signer.on_message(suffix, &p.payload) {
+                    let (to, payload) = match out {
+                        Output::Publish { topic, payload } => {
+                            if topic == topics::ERROR {
+                                failed = true;
+                                // The operator's log line, and what the metrics classify.
+                                let report = sphinx_wire::error_report::decode(&payload);
+                                if let Some(seq) = report.seq {
+                                    warn!(seq, error = %report.text, "request failed");
+                                }
                             }
-                            ind.set(Status::Connected);
+                            (topic, payload)
                         }
-                        Err(fe) => {
-                            warn!(seq = fe.seq, error = %fe.error, "request failed");
-                            if let Err(e) = client.try_publish(&err_topic, QoS::AtLeastOnce, false, fe.payload()) {
-                                warn!(error = %e, "cannot publish error");
-                                return End::Lost;
+                        Output::Control(out) => {
+                            debug!(answer = ?out.answer, nonce = out.nonce, "control message handled");
+                            if let Some(action @ (ControlAction::ResetKeys | ControlAction::ResetAll)) = out.action {
+                                let failed = signer.sign_control_response(
+                                    &ControlResponse::Error("the reset failed on the device: see its log".into()),
+                                    out.nonce,
+                                );
+                                return End::Reset { action, ack: out.response, failed };
                             }
-                            ind.set(Status::Error);
+                            if out.action == Some(ControlAction::ResetWifi) {
+                                info!("ResetWifi: no network settings to forget on Linux (acknowledged)");
+                            }
+                            (topics::CONTROL_RES, out.response)
                         }
-                    }
-                } else if topic == control {
-                    let out = signer.control(&p.payload);
-                    debug!(answer = ?out.answer, nonce = out.nonce, "control message handled");
-                    if let Some(action @ (ControlAction::ResetKeys | ControlAction::ResetAll)) = out.action {
-                        let failed = signer.sign_control_response(
-                            &ControlResponse::Error("the reset failed on the device: see its log".into()),
-                            out.nonce,
-                        );
-                        return End::Reset { action, ack: out.response, failed };
-                    }
-                    if out.action == Some(ControlAction::ResetWifi) {
-                        info!("ResetWifi: no network settings to forget on Linux (acknowledged)");
-                    }
-                    if let Err(e) = client.try_publish(&control_res, QoS::AtLeastOnce, false, out.response) {
-                        warn!(error = %e, "cannot publish control response");
+                    };
+                    if let Err(e) = client.try_publish(topics::topic(id, to), QoS::AtLeastOnce, false, payload) {
+                        warn!(error = %e, topic = to, "cannot publish");
                         return End::Lost;
                     }
-                } else {
-                    debug!(%topic, "ignoring message on unexpected topic");
                 }
+                debug!(suffix, elapsed_us = t.elapsed().as_micros() as u64, "broker message handled");
+                ind.set(if failed { Status::Error } else { Status::Connected });
             }
             _ => {}
         }

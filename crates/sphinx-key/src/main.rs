@@ -12,7 +12,11 @@ mod client;
 mod ctl;
 mod http;
 mod indicator;
+mod observe;
+mod passphrase;
 mod seed;
+mod seedcrypt;
+mod web;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -21,7 +25,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bitcoin::Network;
 use clap::{Parser, Subcommand};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sphinx_signer::{ClockConfig, PolicyConfig, Signer, SignerConfig, Status, StatusIndicator};
 
 /// Name of the config file looked for in the data directory.
@@ -30,6 +34,16 @@ const CONFIG_FILE: &str = "sphinx-key.toml";
 const DEFAULT_LOG: &str = "info,lightning_signer=warn,vls_protocol_signer=warn,vls_persist=warn";
 /// Name of the VLS state directory inside the data directory.
 const STATE_DIR: &str = "state";
+/// Default network.
+const DEFAULT_NETWORK: &str = "regtest";
+/// Default broker address.
+const DEFAULT_BROKER: &str = "127.0.0.1:1883";
+/// Default status indicator.
+const DEFAULT_STATUS: &str = "terminal";
+/// Default MQTT keep-alive, seconds.
+const DEFAULT_KEEP_ALIVE_SECS: u64 = 10;
+/// Default cap of the reconnect backoff, seconds.
+const DEFAULT_BACKOFF_MAX_SECS: u64 = 30;
 
 #[derive(Parser, Debug)]
 #[command(name = "sphinx-key", version, about = "Remote Lightning signer device: VLS over MQTT")]
@@ -46,6 +60,13 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `sphinx_key=debug` (default: info, VLS crates at warn).
     #[arg(long, env = "SPHINX_KEY_LOG", global = true)]
     log: Option<String>,
+    /// Read the seed's passphrase from this file (default: the systemd credential, else the terminal).
+    #[arg(long, value_name = "FILE", env = "SPHINX_KEY_PASSPHRASE_FILE", global = true)]
+    passphrase_file: Option<PathBuf>,
+    /// Name of the systemd credential with the passphrase, read from $CREDENTIALS_DIRECTORY
+    /// (default: sphinx-key-passphrase).
+    #[arg(long, value_name = "NAME", env = "SPHINX_KEY_PASSPHRASE_CREDENTIAL", global = true)]
+    passphrase_credential: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -63,6 +84,19 @@ enum Cmd {
         /// Owner public key (33 bytes, hex) that signs control messages; default: the node key.
         #[arg(long, env = "SPHINX_KEY_OWNER_PUBKEY")]
         owner_pubkey: Option<String>,
+        /// Encrypt the seed with a passphrase (asked twice on the terminal, or read from
+        /// --passphrase-file or the systemd credential).
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Encrypt an existing plaintext seed with a passphrase (the file is replaced atomically).
+    Encrypt,
+    /// Change the passphrase of an encrypted seed (the old one from --passphrase-file, the
+    /// credential or the terminal; the new one from --new-passphrase-file or the terminal).
+    ChangePassphrase {
+        /// Read the new passphrase from this file instead of the terminal.
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
     },
     /// Print the node id of the existing seed.
     NodeId,
@@ -92,6 +126,13 @@ enum Cmd {
         /// on an open network, the login token and every request would travel in the clear).
         #[arg(long, env = "SPHINX_KEY_ALLOW_PLAINTEXT")]
         allow_plaintext: bool,
+        /// Serve Prometheus metrics (/metrics) and a status page (/) on ADDR, e.g.
+        /// 127.0.0.1:9091 (default: off).
+        #[arg(long, value_name = "ADDR", env = "SPHINX_KEY_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
+        /// Allow a non-loopback --metrics-listen address (unauthenticated, read-only).
+        #[arg(long, env = "SPHINX_KEY_METRICS_ALLOW_NON_LOOPBACK")]
+        metrics_allow_non_loopback: bool,
     },
     /// Owner control: sign a control message, send it through the broker API, verify and print
     /// the device's answer as JSON (exit code 1 if the device refused it).
@@ -99,7 +140,8 @@ enum Cmd {
 }
 
 /// The TOML config file. Every key is optional; flags and environment variables override it.
-#[derive(Deserialize, Default, Debug)]
+/// `contrib/sphinx-key.toml` documents every key with its default ([`FileConfig::builtin`]).
+#[derive(Deserialize, Serialize, Default, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     data_dir: Option<PathBuf>,
@@ -122,6 +164,50 @@ struct FileConfig {
     msat_per_interval: Option<u64>,
     interval: Option<sphinx_wire::control::Interval>,
     htlc_limit_msat: Option<u64>,
+    passphrase_file: Option<PathBuf>,
+    passphrase_credential: Option<String>,
+    metrics_listen: Option<String>,
+    metrics_allow_non_loopback: Option<bool>,
+}
+
+impl FileConfig {
+    /// The built-in defaults, as the keys of a config file (`None`: no default, e.g. TLS).
+    fn builtin() -> FileConfig {
+        let p = PolicyConfig::default();
+        FileConfig {
+            network: Some(DEFAULT_NETWORK.into()),
+            log: Some(DEFAULT_LOG.into()),
+            broker: Some(DEFAULT_BROKER.into()),
+            permissive: Some(p.permissive),
+            status: Some(DEFAULT_STATUS.into()),
+            keep_alive_secs: Some(DEFAULT_KEEP_ALIVE_SECS),
+            backoff_max_secs: Some(DEFAULT_BACKOFF_MAX_SECS),
+            sweep_min_feerate_per_kw: Some(p.sweep_min_feerate_per_kw),
+            approve_payments: Some(p.approve_payments),
+            approve_onchain: Some(p.approve_onchain),
+            allowlist: Some(p.allowlist),
+            allow_plaintext: Some(false),
+            msat_per_interval: Some(p.limits.msat_per_interval),
+            interval: Some(p.limits.interval),
+            htlc_limit_msat: Some(p.limits.htlc_limit_msat),
+            passphrase_credential: Some(passphrase::DEFAULT_CREDENTIAL.into()),
+            metrics_allow_non_loopback: Some(false),
+            ..FileConfig::default()
+        }
+    }
+
+    /// `self`, with every key it does not set taken from [`FileConfig::builtin`].
+    fn with_builtin(self) -> Result<FileConfig> {
+        let mut v = serde_json::to_value(&self)?;
+        if let (Some(m), serde_json::Value::Object(d)) = (v.as_object_mut(), serde_json::to_value(Self::builtin())?) {
+            for (k, dv) in d {
+                if m.get(&k).is_none_or(|x| x.is_null()) {
+                    m.insert(k, dv);
+                }
+            }
+        }
+        Ok(serde_json::from_value(v)?)
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -135,16 +221,18 @@ fn parse_network(s: &str) -> Result<Network> {
         .map_err(|_| anyhow::anyhow!("unknown network {s:?} (expected bitcoin, testnet, testnet4, signet or regtest)"))
 }
 
+/// The config file, with the built-in default of every key it does not set.
 fn load_file(cli: &Cli) -> Result<FileConfig> {
     let (path, explicit) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => (cli.data_dir.clone().unwrap_or_else(default_data_dir).join(CONFIG_FILE), false),
     };
     if !explicit && !path.exists() {
-        return Ok(FileConfig::default());
+        return FileConfig::default().with_builtin();
     }
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    let file: FileConfig = toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    file.with_builtin()
 }
 
 /// `localhost` or a loopback IP: the only hosts a plaintext connection goes to by default.
@@ -175,7 +263,13 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = real_main(cli) {
         eprintln!("sphinx-key: {e:#}");
-        let code = if e.downcast_ref::<seed::NeedsInit>().is_some() { seed::EXIT_NEEDS_INIT } else { 1 };
+        let code = if e.downcast_ref::<seed::NeedsInit>().is_some() {
+            seed::EXIT_NEEDS_INIT
+        } else if e.downcast_ref::<seed::WrongPassphrase>().is_some() {
+            seed::EXIT_WRONG_PASSPHRASE
+        } else {
+            1
+        };
         std::process::exit(code);
     }
 }
@@ -183,27 +277,64 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     let file = load_file(&cli)?;
     let log = cli.log.clone().or(file.log.clone()).unwrap_or_else(|| DEFAULT_LOG.into());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let network_name = cli.network.clone().or(file.network.clone()).unwrap_or_else(|| DEFAULT_NETWORK.into());
+    let obs = observe::Observer::new(&network_name);
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        let filter = tracing_subscriber::EnvFilter::try_new(&log).context("bad --log filter")?;
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        // The observer sees warnings and errors whatever the log filter (metrics, status page).
+        tracing_subscriber::registry()
+            .with(fmt.with_filter(filter))
+            .with(observe::Layer(obs.clone()).with_filter(tracing_subscriber::filter::LevelFilter::WARN))
+            .init();
+    }
     // The signer catches VLS panics and carries on; log them instead of printing raw backtraces.
     std::panic::set_hook(Box::new(|info| tracing::error!("panic: {info}")));
     let data_dir = cli.data_dir.clone().or(file.data_dir.clone()).unwrap_or_else(default_data_dir);
-    let network = parse_network(cli.network.as_deref().or(file.network.as_deref()).unwrap_or("regtest"))?;
+    let network = parse_network(&network_name)?;
+    let pass = passphrase::Source::new(
+        cli.passphrase_file.clone().or(file.passphrase_file.clone()),
+        cli.passphrase_credential.clone().or(file.passphrase_credential.clone()),
+    );
 
     match cli.cmd {
-        Cmd::Init { mnemonic, seed_hex, owner_pubkey } => {
+        Cmd::Init { mnemonic, seed_hex, owner_pubkey, encrypt } => {
             let owner = owner_pubkey.map(|h| seed::parse_pubkey(&h).context("--owner-pubkey")).transpose()?;
-            init(&data_dir, network, mnemonic, seed_hex, owner)
+            let passphrase = if encrypt { Some(pass.new_passphrase()?) } else { None };
+            init(&data_dir, network, mnemonic, seed_hex, owner, passphrase.as_deref().map(String::as_str))
+        }
+        Cmd::Encrypt => {
+            let seed = match seed::load(&data_dir)? {
+                seed::SeedFile::Plain(s) => s,
+                seed::SeedFile::Encrypted(_) => {
+                    bail!("the seed is already encrypted: use `sphinx-key change-passphrase`")
+                }
+            };
+            let p = seed::rewrite_encrypted(&data_dir, &seed, &pass.new_passphrase()?)?;
+            tracing::warn!(seed = %p.display(), "seed encrypted; the plaintext may survive in the storage's free blocks (see SECURITY.md)");
+            Ok(())
+        }
+        Cmd::ChangePassphrase { new_passphrase_file } => {
+            let seed::SeedFile::Encrypted(sealed) = seed::load(&data_dir)? else {
+                bail!("the seed is not encrypted: use `sphinx-key encrypt`");
+            };
+            let seed = seed::unlock(&data_dir, &sealed, &pass)?;
+            let new = passphrase::Source { file: new_passphrase_file, ..Default::default() }.new_passphrase()?;
+            let p = seed::rewrite_encrypted(&data_dir, &seed, &new)?;
+            tracing::info!(seed = %p.display(), "passphrase changed");
+            Ok(())
         }
         Cmd::Ctl(args) => {
             let seed = if args.node_id.is_some() && args.owner_key_file.is_some() {
                 None
             } else {
-                match seed::read(&data_dir) {
-                    Ok(s) => Some(s),
+                match seed::read(&data_dir, &pass) {
+                    Ok(s) => Some(*s),
                     Err(e) if e.downcast_ref::<seed::NeedsInit>().is_some() => None,
                     Err(e) => return Err(e),
                 }
@@ -216,16 +347,31 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::NodeId => {
-            let seed = seed::read(&data_dir)?;
+            let seed = seed::read(&data_dir, &pass)?;
             println!("{}", hex::encode(sphinx_signer::node_id_for_seed(&seed, network)));
             Ok(())
         }
-        Cmd::Run { broker, permissive, dev_fixed_clock, status, tls_ca, tls_fingerprint, allow_plaintext } => {
-            let broker = broker.or(file.broker.clone()).unwrap_or_else(|| "127.0.0.1:1883".into());
+        Cmd::Run {
+            broker,
+            permissive,
+            dev_fixed_clock,
+            status,
+            tls_ca,
+            tls_fingerprint,
+            allow_plaintext,
+            metrics_listen,
+            metrics_allow_non_loopback,
+        } => {
+            let broker = broker.or(file.broker.clone()).unwrap_or_else(|| DEFAULT_BROKER.into());
             let (host, port) = parse_broker(&broker)?;
-            let status = status.or(file.status.clone()).unwrap_or_else(|| "terminal".into());
-            let mut ind = indicator(&status)?;
+            let status = status.or(file.status.clone()).unwrap_or_else(|| DEFAULT_STATUS.into());
+            let mut ind: Box<dyn StatusIndicator> = Box::new(observe::Observed::new(indicator(&status)?, obs.clone()));
             ind.set(Status::Starting);
+            if let Some(addr) = metrics_listen.or(file.metrics_listen.clone()) {
+                let addr = addr.parse().with_context(|| format!("bad metrics listen address {addr:?} (IP:PORT)"))?;
+                let allow = metrics_allow_non_loopback || file.metrics_allow_non_loopback.unwrap_or(false);
+                web::start(addr, allow, obs.clone())?;
+            }
             let defaults = PolicyConfig::default();
             let policy = PolicyConfig {
                 permissive: permissive || file.permissive.unwrap_or(false),
@@ -250,9 +396,9 @@ fn real_main(cli: Cli) -> Result<()> {
                 None => ClockConfig::System,
             };
             let cfg = SignerConfig { network, policy, clock };
-            let seed = seed::read(&data_dir)?;
+            let seed = seed::read(&data_dir, &pass)?;
             let state_dir = data_dir.join(STATE_DIR);
-            let mut signer = match Signer::open(seed, &state_dir, &cfg) {
+            let mut signer = match Signer::open(*seed, &state_dir, &cfg) {
                 Ok(s) => s,
                 Err(e @ sphinx_signer::Error::WrongSeed { .. }) => bail!(
                     "{e}. The state directory {} belongs to another node (was the seed reset by the owner and a \
@@ -261,6 +407,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 ),
                 Err(e) => return Err(e).context("cannot open signer state"),
             };
+            obs.set_node_id(&signer.node_id_hex());
             if let Some(owner) = seed::read_owner(&data_dir)? {
                 tracing::info!(%owner, "control messages must be signed by the owner key");
                 signer.set_owner_key(owner);
@@ -281,9 +428,9 @@ fn real_main(cli: Cli) -> Result<()> {
             let rc = client::RunConfig {
                 host,
                 port,
-                keep_alive: Duration::from_secs(file.keep_alive_secs.unwrap_or(10).max(1)),
+                keep_alive: Duration::from_secs(file.keep_alive_secs.unwrap_or(DEFAULT_KEEP_ALIVE_SECS).max(1)),
                 backoff_min: Duration::from_millis(250),
-                backoff_max: Duration::from_secs(file.backoff_max_secs.unwrap_or(30).max(1)),
+                backoff_max: Duration::from_secs(file.backoff_max_secs.unwrap_or(DEFAULT_BACKOFF_MAX_SECS).max(1)),
                 tls: tls.map(|t| sphinx_tls::client_config(&t).context("TLS configuration")).transpose()?,
                 data_dir: data_dir.clone(),
             };
@@ -299,8 +446,9 @@ fn init(
     mnemonic: Option<String>,
     seed_hex: Option<String>,
     owner: Option<bitcoin::secp256k1::PublicKey>,
+    passphrase: Option<&str>,
 ) -> Result<()> {
-    let seed = match (mnemonic, seed_hex) {
+    let seed = zeroize::Zeroizing::new(match (mnemonic, seed_hex) {
         (Some(m), _) => seed::seed_from_mnemonic(&m)?,
         (None, Some(h)) => seed::seed_from_hex(&h)?,
         (None, None) => {
@@ -308,9 +456,9 @@ fn init(
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut s);
             s
         }
-    };
-    let path = seed::write_new(data_dir, &seed)?;
-    tracing::info!(seed = %path.display(), "seed written");
+    });
+    let path = seed::write_new(data_dir, &seed, passphrase)?;
+    tracing::info!(seed = %path.display(), encrypted = passphrase.is_some(), "seed written");
     match owner {
         Some(o) => {
             let p = seed::write_owner(data_dir, &o)?;
@@ -381,5 +529,61 @@ mod tests {
         assert_eq!(g.interval, Some(sphinx_wire::control::Interval::Hourly));
         assert_eq!(f.sweep_min_feerate_per_kw, Some(200));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        let e = Cli::try_parse_from(["sphinx-key", "--passphrase-file", "p", "init", "--encrypt"]).unwrap();
+        assert!(matches!(e.cmd, Cmd::Init { encrypt: true, .. }) && e.passphrase_file.is_some());
+        let m = Cli::try_parse_from(["sphinx-key", "run", "--metrics-listen", "127.0.0.1:9091"]).unwrap();
+        assert!(matches!(m.cmd, Cmd::Run { metrics_listen: Some(_), metrics_allow_non_loopback: false, .. }));
+        assert!(Cli::try_parse_from(["sphinx-key", "change-passphrase", "--new-passphrase-file", "n"]).is_ok());
+        assert!(Cli::try_parse_from(["sphinx-key", "encrypt"]).is_ok());
+    }
+
+    /// `contrib/sphinx-key.toml` sets every key that has a default to that default, and shows
+    /// every other key commented out: the example cannot drift from the code.
+    #[test]
+    fn example_config_is_every_key_at_its_default() {
+        let text = include_str!("../../../contrib/sphinx-key.toml");
+        let example: FileConfig = toml::from_str(text).unwrap();
+        assert_eq!(example, FileConfig::builtin());
+        assert_eq!(FileConfig::default().with_builtin().unwrap(), FileConfig::builtin());
+        let keys = serde_json::to_value(FileConfig::default()).unwrap();
+        let keys = keys.as_object().unwrap();
+        for k in keys.keys() {
+            let set = |l: &str| l.starts_with(&format!("{k} = ")) || l.starts_with(&format!("# {k} = "));
+            assert_eq!(text.lines().filter(|l| set(l)).count(), 1, "key {k} must appear once in the example");
+        }
+        // Uncommented, the examples of the keys without a default are valid too.
+        let all: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(r) if r.split_once(" = ").is_some_and(|(k, _)| keys.contains_key(k)) => r,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let all = serde_json::to_value(toml::from_str::<FileConfig>(&all).unwrap()).unwrap();
+        assert!(all.as_object().unwrap().values().all(|v| !v.is_null()), "{all}");
+        // A file's keys win over the defaults.
+        let f: FileConfig = toml::from_str("broker = \"h:1\"\nkeep_alive_secs = 3\n").unwrap();
+        let f = f.with_builtin().unwrap();
+        assert_eq!((f.broker.as_deref(), f.keep_alive_secs, f.backoff_max_secs), (Some("h:1"), Some(3), Some(30)));
+    }
+
+    /// The ExecStart of the shipped unit is a valid `sphinx-key` command line.
+    #[test]
+    fn systemd_unit_command_line_parses() {
+        let unit = include_str!("../../../contrib/systemd/sphinx-key.service");
+        let exec: Vec<&str> = unit.lines().filter_map(|l| l.strip_prefix("ExecStart=")).collect();
+        assert_eq!(exec.len(), 1, "one ExecStart");
+        let args: Vec<&str> = exec[0].split_whitespace().collect();
+        assert!(args[0].ends_with("/sphinx-key"), "{}", args[0]);
+        let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{}: {e}", exec[0]));
+        assert!(matches!(cli.cmd, Cmd::Run { .. }));
+        assert_eq!(cli.data_dir.as_deref(), Some(Path::new("/var/lib/sphinx-key")));
+        // The credential it loads is the one sphinx-key looks for by default.
+        let cred = format!("LoadCredentialEncrypted={}:", passphrase::DEFAULT_CREDENTIAL);
+        assert!(unit.lines().any(|l| l.starts_with(&cred)), "{cred}");
+        assert!(unit.lines().any(
+            |l| l == format!("RestartPreventExitStatus={} {}", seed::EXIT_NEEDS_INIT, seed::EXIT_WRONG_PASSPHRASE)
+        ));
     }
 }

@@ -1,5 +1,10 @@
-//! The seed file: 32 raw bytes at `{data_dir}/seed`, mode 0600, written once; and the optional
+//! The seed file `{data_dir}/seed`, mode 0600: either the 32 raw bytes, or the seed encrypted
+//! with a passphrase (`init --encrypt`; format in [`crate::seedcrypt`]). Also the optional
 //! owner key file `{data_dir}/owner.pub` (the owner's public key in hex).
+//!
+//! Every write goes to a temporary file in the same directory (0600), is fsynced, moved into
+//! place (rename, or a hard link where an existing seed must not be replaced), and the
+//! directory is fsynced: a crash leaves the old file or the new one, never a torn seed.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -7,6 +12,10 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use zeroize::Zeroizing;
+
+use crate::passphrase;
+use crate::seedcrypt::{self, KdfParams, Sealed};
 
 /// File name of the seed inside the data directory.
 pub const SEED_FILE: &str = "seed";
@@ -49,31 +58,88 @@ pub fn seed_from_hex(h: &str) -> Result<[u8; 32]> {
     Ok(seed)
 }
 
-/// Writes a new seed file with mode 0600 and fsyncs it and its directory.
-/// Refuses to overwrite an existing seed.
-pub fn write_new(data_dir: &Path, seed: &[u8; 32]) -> Result<PathBuf> {
-    fs::create_dir_all(data_dir).with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-    let path = seed_path(data_dir);
-    if path.exists() {
-        bail!("{} already exists: refusing to overwrite a seed", path.display());
+/// The passphrase does not open the encrypted seed (exit code [`EXIT_WRONG_PASSPHRASE`]).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot unlock the seed {0}: wrong passphrase (or the file was altered); nothing was changed")]
+pub struct WrongPassphrase(pub String);
+
+/// Exit code of `sphinx-key` when the seed's passphrase is wrong.
+pub const EXIT_WRONG_PASSPHRASE: i32 = 4;
+
+/// What the seed file holds.
+pub enum SeedFile {
+    /// The 32 raw bytes.
+    Plain(Zeroizing<[u8; 32]>),
+    /// The seed encrypted with a passphrase.
+    Encrypted(Sealed),
+}
+
+/// Writes `bytes` to `{dir}/{name}` (0600) through a fsynced temporary file; `replace` says
+/// whether an existing file may be replaced (else the write fails and leaves it alone).
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8], replace: bool) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    match fs::remove_file(&tmp) {
+        Ok(()) => tracing::debug!(file = %tmp.display(), "removed a temporary file left by an interrupted write"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", tmp.display())),
     }
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(seed).with_context(|| format!("cannot write {}", path.display()))?;
-    f.sync_all().with_context(|| format!("cannot fsync {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let written = f.write_all(bytes).and_then(|()| f.sync_all());
     drop(f);
-    File::open(data_dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot fsync {}", data_dir.display()))?;
+    let placed = written.and_then(|()| {
+        if replace {
+            fs::rename(&tmp, &path)
+        } else {
+            // link(2) fails if `path` exists: an existing seed is never replaced, even in a race.
+            fs::hard_link(&tmp, &path).and_then(|()| fs::remove_file(&tmp))
+        }
+    });
+    if let Err(e) = placed {
+        let _ = fs::remove_file(&tmp);
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            bail!("{} already exists: refusing to overwrite a seed", path.display());
+        }
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot fsync {}", dir.display()))?;
     Ok(path)
 }
 
-/// Reads the seed of `data_dir`; warns if the file is readable by group or others.
-pub fn read(data_dir: &Path) -> Result<[u8; 32]> {
+/// The file bytes of `seed`: raw, or sealed under `passphrase`.
+fn encode(seed: &[u8; 32], passphrase: Option<&str>) -> Result<Zeroizing<Vec<u8>>> {
+    Ok(Zeroizing::new(match passphrase {
+        None => seed.to_vec(),
+        Some(p) => Sealed::seal(seed, p.as_bytes(), KdfParams::DEFAULT).context("cannot encrypt the seed")?.encode(),
+    }))
+}
+
+/// Writes a new seed file (0600, atomic and durable), encrypted if a passphrase is given.
+/// Refuses to overwrite an existing seed.
+pub fn write_new(data_dir: &Path, seed: &[u8; 32], passphrase: Option<&str>) -> Result<PathBuf> {
     let path = seed_path(data_dir);
-    let mut f = match File::open(&path) {
+    if path.exists() {
+        bail!("{} already exists: refusing to overwrite a seed", path.display());
+    }
+    write_atomic(data_dir, SEED_FILE, &encode(seed, passphrase)?, false)
+}
+
+/// Replaces the seed file with `seed` sealed under a new passphrase (atomic and durable).
+pub fn rewrite_encrypted(data_dir: &Path, seed: &[u8; 32], passphrase: &str) -> Result<PathBuf> {
+    write_atomic(data_dir, SEED_FILE, &encode(seed, Some(passphrase))?, true)
+}
+
+/// Reads the seed file of `data_dir` without unlocking it; warns if it is readable by group
+/// or others.
+pub fn load(data_dir: &Path) -> Result<SeedFile> {
+    let path = seed_path(data_dir);
+    let f = match File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(NeedsInit(format!(
@@ -88,24 +154,50 @@ pub fn read(data_dir: &Path) -> Result<[u8; 32]> {
     if mode & 0o077 != 0 {
         tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "seed file is readable by others; chmod 600 it");
     }
-    let mut v = Vec::new();
-    f.read_to_end(&mut v)?;
-    let seed: [u8; 32] = v
-        .as_slice()
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("seed {} has {} bytes, expected 32", path.display(), v.len()))?;
-    Ok(seed)
+    let mut v = Zeroizing::new(Vec::new());
+    // Neither format is longer than this; a larger file is not a seed.
+    f.take(1024).read_to_end(&mut v).with_context(|| format!("cannot read seed {}", path.display()))?;
+    if seedcrypt::is_sealed(&v) {
+        return Ok(SeedFile::Encrypted(
+            Sealed::decode(&v).with_context(|| format!("seed {} cannot be read", path.display()))?,
+        ));
+    }
+    if v.len() != 32 {
+        bail!("seed {} has {} bytes: expected 32 (a plain seed) or an encrypted seed file", path.display(), v.len());
+    }
+    let mut seed = Zeroizing::new([0u8; 32]);
+    seed.copy_from_slice(&v);
+    Ok(SeedFile::Plain(seed))
 }
 
-/// Writes the owner's public key (hex) to `{data_dir}/owner.pub`, fsynced.
+/// Opens a sealed seed with the passphrase from `source`.
+pub fn unlock(data_dir: &Path, sealed: &Sealed, source: &passphrase::Source) -> Result<Zeroizing<[u8; 32]>> {
+    let pass = source.existing()?;
+    match sealed.open(pass.as_bytes()) {
+        Ok(seed) => Ok(seed),
+        Err(seedcrypt::Error::WrongPassphrase) => {
+            Err(WrongPassphrase(seed_path(data_dir).display().to_string()).into())
+        }
+        Err(e) => Err(e).context("cannot unlock the seed"),
+    }
+}
+
+/// Reads the seed of `data_dir`, unlocking it with the passphrase from `source` if it is
+/// encrypted. Writes nothing.
+pub fn read(data_dir: &Path, source: &passphrase::Source) -> Result<Zeroizing<[u8; 32]>> {
+    match load(data_dir)? {
+        SeedFile::Plain(s) => Ok(s),
+        SeedFile::Encrypted(sealed) => {
+            let seed = unlock(data_dir, &sealed, source)?;
+            tracing::info!("seed unlocked");
+            Ok(seed)
+        }
+    }
+}
+
+/// Writes the owner's public key (hex) to `{data_dir}/owner.pub` (atomic and durable).
 pub fn write_owner(data_dir: &Path, owner: &bitcoin::secp256k1::PublicKey) -> Result<PathBuf> {
-    fs::create_dir_all(data_dir).with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-    let path = data_dir.join(OWNER_FILE);
-    let mut f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(format!("{}\n", hex::encode(owner.serialize())).as_bytes())?;
-    f.sync_all()?;
-    File::open(data_dir).and_then(|d| d.sync_all())?;
-    Ok(path)
+    write_atomic(data_dir, OWNER_FILE, format!("{}\n", hex::encode(owner.serialize())).as_bytes(), true)
 }
 
 /// Reads the owner's public key, if an owner key was set at `init`.
@@ -168,10 +260,35 @@ mod tests {
     fn write_is_0600_and_never_overwrites() {
         let d = std::env::temp_dir().join(format!("sphinx-key-seed-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
-        let p = write_new(&d, &[7u8; 32]).unwrap();
+        let p = write_new(&d, &[7u8; 32], None).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(write_new(&d, &[8u8; 32]).is_err());
-        assert_eq!(read(&d).unwrap(), [7u8; 32]);
+        assert!(write_new(&d, &[8u8; 32], None).is_err());
+        assert_eq!(*read(&d, &passphrase::Source::default()).unwrap(), [7u8; 32]);
+        // A temporary file left by an interrupted write is replaced, and none is left behind.
+        fs::write(d.join(".owner.pub.tmp"), b"junk").unwrap();
+        let owner = bitcoin::secp256k1::PublicKey::from_secret_key(
+            &bitcoin::secp256k1::Secp256k1::new(),
+            &bitcoin::secp256k1::SecretKey::from_slice(&[1; 32]).unwrap(),
+        );
+        write_owner(&d, &owner).unwrap();
+        assert_eq!(read_owner(&d).unwrap(), Some(owner));
+        let mut names: Vec<_> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["owner.pub", "seed"]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn other_files_are_not_seeds() {
+        let d = std::env::temp_dir().join(format!("sphinx-key-seed-bad-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let none = passphrase::Source::default();
+        assert!(read(&d, &none).unwrap_err().downcast_ref::<NeedsInit>().is_some());
+        fs::write(seed_path(&d), [1u8; 33]).unwrap();
+        assert!(format!("{:#}", read(&d, &none).unwrap_err()).contains("33 bytes"));
+        fs::write(seed_path(&d), b"sphxseed\x02rest").unwrap();
+        assert!(format!("{:#}", read(&d, &none).unwrap_err()).contains("version 2"));
         let _ = fs::remove_dir_all(&d);
     }
 }

@@ -7,15 +7,14 @@
 mod certs;
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
 use bytes::Bytes;
 use certs::self_signed;
-use common::{auth, die_with_test, stop, trace_requests, ALICE, T};
+use common::{auth, die_with_test, stop, trace_requests, Dir, ALICE, T};
 use sphinx_mqtt_server::{self as mqtt, MqttConfig, MqttEvent, MqttEvents, MqttHandle, TlsSettings};
 use sphinx_wire::control::{
     build_request, parse_response, ControlMessage as M, ControlResponse as R, Interval, Policy,
@@ -26,29 +25,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_sphinx-key");
 
 fn alice_keys() -> (PublicKey, SecretKey) {
     sphinx_signer::node_keys_for_seed(&[0x41; 32], bitcoin::Network::Regtest)
-}
-
-/// A fresh directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "sphinx-key-ctl-{}-{name}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn sphinx_key(dir: &Path, args: &[&str]) -> Output {
@@ -134,7 +110,7 @@ async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_messages_over_mqtt_and_reset_keys() {
-    let dir = Dir::new("mqtt");
+    let dir = Dir::new("ctl", "mqtt");
     init_alice(&dir.0, &[]);
     let (h, mut rx) = server(None).await;
     let child = start_signer(&dir.0, &h, &mut rx, &[]).await;
@@ -186,7 +162,7 @@ async fn control_messages_over_mqtt_and_reset_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_owner_key_set_at_init() {
-    let dir = Dir::new("owner");
+    let dir = Dir::new("ctl", "owner");
     let owner = SecretKey::from_slice(&[7; 32]).unwrap();
     let owner_pk = hex::encode(PublicKey::from_secret_key(&Secp256k1::new(), &owner).serialize());
     init_alice(&dir.0, &["--owner-pubkey", &owner_pk]);
@@ -279,7 +255,7 @@ async fn ctl(dir: &Path, api: std::net::SocketAddr, token: &str, args: &[&str]) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_cli_through_the_broker_api() {
-    let dir = Dir::new("cli");
+    let dir = Dir::new("ctl", "cli");
     init_alice(&dir.0, &[]);
     let (h, mut rx) = server(None).await;
     let child = start_signer(&dir.0, &h, &mut rx, &[]).await;
@@ -332,7 +308,7 @@ async fn ctl_cli_through_the_broker_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_the_broker_with_ca_or_pinned_fingerprint() {
-    let dir = Dir::new("tls");
+    let dir = Dir::new("ctl", "tls");
     init_alice(&dir.0, &[]);
     let broker = self_signed(&dir.0, "broker");
     let other_fp = self_signed(&dir.0, "other").fingerprint;
@@ -383,7 +359,7 @@ async fn owner_limits_bite_over_mqtt() {
 
     // Velocity: the 50,000 sat invoice fits, the 1,000 sat keysend after it does not. The refusal
     // is an ordinary reply (approved = false) that CLN turns into a failed payment.
-    let dir = Dir::new("velocity");
+    let dir = Dir::new("ctl", "velocity");
     init_alice(&dir.0, &[]);
     let child = start_signer(&dir.0, &h, &mut rx, &[]).await;
     let p = Policy { msat_per_interval: 50_500_000, ..Policy::default() };
@@ -411,7 +387,7 @@ async fn owner_limits_bite_over_mqtt() {
 
     // HTLC limit below the traced 50,000 sat HTLC: the commitment carrying it is refused on
     // {id}/error with its sequence number.
-    let dir = Dir::new("htlc");
+    let dir = Dir::new("ctl", "htlc");
     init_alice(&dir.0, &[]);
     let child = start_signer(&dir.0, &h, &mut rx, &[]).await;
     let p = Policy { htlc_limit_msat: 40_000_000, ..Policy::default() };

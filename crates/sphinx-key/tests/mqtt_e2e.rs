@@ -5,9 +5,8 @@ mod common;
 
 use std::process::{Child, Command, Stdio};
 
-use bytes::Bytes;
-use common::{auth, die_with_test, stop, trace_requests, ALICE, T};
-use sphinx_mqtt_server::{self as mqtt, MqttConfig, MqttEvent, MqttEvents, MqttHandle};
+use common::{ask, auth, die_with_test, next_message, stop, trace_requests, ALICE};
+use sphinx_mqtt_server::{self as mqtt, MqttConfig};
 use sphinx_wire::serial::{Reply, Request};
 
 fn spawn_signer(dir: &std::path::Path, addr: std::net::SocketAddr) -> Child {
@@ -20,20 +19,6 @@ fn spawn_signer(dir: &std::path::Path, addr: std::net::SocketAddr) -> Child {
         .stdout(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-async fn next_message(rx: &mut MqttEvents) -> (String, Bytes) {
-    loop {
-        match tokio::time::timeout(T, rx.recv()).await.expect("event in time").expect("server up") {
-            MqttEvent::Message { topic, payload, .. } => return (topic, payload),
-            _ => continue,
-        }
-    }
-}
-
-async fn ask(h: &MqttHandle, rx: &mut MqttEvents, req: &Request) -> (String, Bytes) {
-    h.publish(&format!("{ALICE}/vls"), Bytes::from(req.encode())).unwrap();
-    next_message(rx).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@
 //! - [`token`]: the MQTT login token (node key signature over a timestamp).
 //! - [`control`]: the owner's signed control messages and the device's signed responses.
 //! - [`error_report`]: the signer's `{id}/error` report of a refused request.
+//! - [`lss`]: the LSS backup messages of the init dance and of each request (upstream `lss-connector`).
 //!
 //! Every parser here takes untrusted bytes and returns an error, never panics. The only thing
 //! here that looks outside is [`unix_now`], the clock tokens and reports are dated by.
@@ -16,6 +17,7 @@
 pub mod control;
 pub mod error_report;
 pub mod hsmd;
+pub mod lss;
 pub mod serial;
 pub mod token;
 pub mod topics;

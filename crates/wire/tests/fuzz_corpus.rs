@@ -1,4 +1,4 @@
-//! Replays every file of `fuzz/corpus/{serial_request,serial_reply,token,hsmd,control}/` through the
+//! Replays every file of `fuzz/corpus/{serial_request,serial_reply,token,hsmd,control,lss}/` through the
 //! same checks the fuzz targets run (`fuzz/src/wire_checks.rs`, included here), so CI exercises
 //! the corpora and every regression input without a nightly toolchain or cargo-fuzz.
 
@@ -35,6 +35,29 @@ fn hsmd_corpus() {
 #[test]
 fn control_corpus() {
     replay("control", wire_checks::control);
+}
+
+#[test]
+fn lss_corpus() {
+    replay("lss", wire_checks::lss);
+}
+
+/// The LSS seeds are real messages of every variant (they reach past the variant names).
+#[test]
+fn lss_seeds_decode() {
+    use sphinx_wire::lss::{Msg, Response};
+    let mut n = 0;
+    for (path, body) in corpus("lss") {
+        let name = path.file_name().and_then(|f| f.to_str()).unwrap_or_default().to_string();
+        if name.starts_with("seed-msg-") {
+            Msg::decode(&body).unwrap_or_else(|e| panic!("{name}: {e}"));
+            n += 1;
+        } else if name.starts_with("seed-res-") {
+            Response::decode(&body).unwrap_or_else(|e| panic!("{name}: {e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 8);
 }
 
 /// The token seeds must reach the success path, or the fuzzer never explores past the

@@ -1,9 +1,14 @@
 //! Helpers shared by the `sphinx-key` end-to-end tests (`mod common;`).
+// Each test binary uses some of them.
+#![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::process::Child;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sphinx_mqtt_server::Authenticator;
+use bytes::Bytes;
+use sphinx_mqtt_server::{Authenticator, MqttEvent, MqttEvents, MqttHandle};
 use sphinx_wire::serial::Request;
 use sphinx_wire::token;
 
@@ -61,4 +66,44 @@ pub fn die_with_test(cmd: &mut std::process::Command) -> &mut std::process::Comm
 pub fn stop(mut child: Child) {
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// The next message the MQTT server saw (other events skipped), within [`T`].
+pub async fn next_message(rx: &mut MqttEvents) -> (String, Bytes) {
+    loop {
+        match tokio::time::timeout(T, rx.recv()).await.expect("event in time").expect("server up") {
+            MqttEvent::Message { topic, payload, .. } => return (topic, payload),
+            _ => continue,
+        }
+    }
+}
+
+/// Sends `req` to alice's device and returns the next message (its answer).
+pub async fn ask(h: &MqttHandle, rx: &mut MqttEvents, req: &Request) -> (String, Bytes) {
+    h.publish(&format!("{ALICE}/vls"), Bytes::from(req.encode())).unwrap();
+    next_message(rx).await
+}
+
+/// A fresh directory under the system's temporary directory, removed on drop.
+pub struct Dir(pub PathBuf);
+
+impl Dir {
+    /// `sphinx-key-{prefix}-{pid}-{name}-{n}`.
+    pub fn new(prefix: &str, name: &str) -> Dir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "sphinx-key-{prefix}-{}-{name}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

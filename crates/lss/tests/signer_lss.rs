@@ -1,0 +1,315 @@
+//! The signer's LSS backup end to end, without MQTT: a real `lssd`, `sphinx_lss::broker` playing
+//! the broker, and `sphinx_signer::Signer::on_message` (the path sphinx-key's client takes) on a
+//! redb state directory. Replies are compared byte for byte with the in-process oracle
+//! (`Signer::in_memory`, LSS off) on the recorded CLN sessions.
+
+#[path = "../../signer/tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{config, load, temp_dir, Step, T0_OPEN_PAY_CLOSE};
+use sphinx_lss::broker::{self, init_dance, Answered, DanceError, LinkError, LssBackend, LssSession, SignerLink};
+use sphinx_lss::lssd::Lssd;
+use sphinx_lss::LssClient;
+use sphinx_signer::{LssPhase, Output, Signer, WRITER_KEY};
+use sphinx_wire::lss::{Msg, Response};
+use sphinx_wire::serial::{Reply, Request};
+use sphinx_wire::topics;
+
+const ALICE_SEED: [u8; 32] = [0x41; 32];
+const T: Duration = Duration::from_secs(10);
+
+/// A signer device reached by direct calls, with an optional man in the middle.
+struct Device {
+    signer: Signer,
+    tamper: Option<fn(&str, &mut Vec<u8>)>,
+}
+
+impl SignerLink for Device {
+    fn exchange(
+        &mut self,
+        topic: &'static str,
+        mut payload: Vec<u8>,
+        answers: &'static [&'static str],
+    ) -> impl std::future::Future<Output = Result<(String, Vec<u8>), LinkError>> + Send {
+        if let Some(t) = self.tamper {
+            t(topic, &mut payload);
+        }
+        let outs = self.signer.on_message(topic, &payload);
+        let answer = outs
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Publish { topic, payload } if answers.contains(&topic) || topic == topics::ERROR => {
+                    Some((topic.to_string(), payload))
+                }
+                Output::Control(c) if answers.contains(&topics::CONTROL_RES) => {
+                    Some((topics::CONTROL_RES.to_string(), c.response))
+                }
+                _ => None,
+            })
+            .ok_or_else(|| LinkError(format!("no answer to {topic}")));
+        async move { answer }
+    }
+}
+
+fn device(dir: &Path) -> Device {
+    Device { signer: Signer::open(ALICE_SEED, dir, &config(T0_OPEN_PAY_CLOSE + 100)).expect("open"), tamper: None }
+}
+
+/// The trace's `hsmd_init` and the rest.
+fn trace() -> (Request, Vec<Step>) {
+    let mut steps = load("open-pay-close/alice.jsonl");
+    assert_eq!(steps[0].msg_type, 11, "the trace starts with hsmd_init");
+    let init = steps.remove(0).req;
+    (init, steps)
+}
+
+/// What the oracle (in memory, LSS off) answers to the whole trace.
+fn oracle(init: &Request, steps: &[Step]) -> Vec<Result<Vec<u8>, String>> {
+    let mut o = Signer::in_memory(ALICE_SEED, &config(T0_OPEN_PAY_CLOSE + 100)).expect("oracle");
+    o.handle(init).expect("init");
+    steps.iter().map(|s| o.handle(&s.req).map(|r| r.encode()).map_err(|e| e.to_string())).collect()
+}
+
+/// A fresh lssd, the broker's view of it, the trace and the oracle's answers to it.
+struct Setup {
+    server: Lssd,
+    lss: LssBackend,
+    init: Request,
+    steps: Vec<Step>,
+    want: Vec<Result<Vec<u8>, String>>,
+}
+
+async fn setup(name: &str) -> Setup {
+    let server = Lssd::start_temp(name).expect("lssd");
+    let lss = LssBackend::new(&server.url(), T).await.expect("lss");
+    let (init, steps) = trace();
+    let want = oracle(&init, &steps);
+    Setup { server, lss, init, steps, want }
+}
+
+async fn dance(lss: &LssBackend, dev: &mut Device, init: &Request) -> Result<LssSession, DanceError> {
+    let d = init_dance(lss, dev, Some(init.encode())).await?;
+    let reply = Reply::decode(&d.init_reply.expect("init-3 answered")).expect("init reply frame");
+    assert_eq!(reply.seq, init.seq);
+    Ok(d.session)
+}
+
+/// Runs `steps` through the device with LSS, checking each answer against the oracle's.
+async fn run(dev: &mut Device, s: &mut LssSession, steps: &[Step], want: &[Result<Vec<u8>, String>]) {
+    for (i, (step, want)) in steps.iter().zip(want).enumerate() {
+        let got = broker::request(dev, s, topics::VLS, step.req.encode()).await.expect("answered");
+        match (got, want) {
+            (Answered::Reply(r), Ok(w)) => {
+                assert_eq!(&r, w, "step {i} (type {}) differs from the oracle", step.msg_type)
+            }
+            (Answered::Refused(_), Err(_)) => {}
+            (got, want) => panic!("step {i} (type {}): {got:?} but the oracle says {want:?}", step.msg_type),
+        }
+    }
+}
+
+/// Feeds `steps` (from `from`) to the device until one changes state: its `lss-res` payload and
+/// index. Requests that change nothing are answered at once (and refusals change nothing).
+fn next_backup(dev: &mut Device, steps: &[Step], from: usize) -> (usize, Vec<u8>) {
+    for (i, step) in steps.iter().enumerate().skip(from) {
+        for o in dev.signer.on_message(topics::VLS, &step.req.encode()) {
+            if let Output::Publish { topic, payload } = o {
+                if topic == topics::LSS_RES {
+                    return (i, payload);
+                }
+            }
+        }
+    }
+    panic!("no state-changing request after step {from}");
+}
+
+/// Every synced key on the device equals LSS's, and LSS has nothing more.
+async fn assert_agree(url: &str, dev: &mut Device, session_id: &sphinx_wire::lss::InitResponse) {
+    let mut c = LssClient::connect(url, T, session_id).await.expect("connect");
+    let remote = c.get_all(&[9; 32]).await.expect("get").muts;
+    let local = dev.signer.synced_state().expect("local state");
+    assert_eq!(local.len(), remote.len(), "key count: device {} vs LSS {}", local.len(), remote.len());
+    for (l, r) in local.iter().zip(&remote) {
+        assert_eq!((&l.key, l.version), (&r.key, r.version));
+        assert!(l.value == r.value, "{} differs", l.key);
+    }
+    assert!(remote.iter().any(|m| m.key == WRITER_KEY));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_device_backs_up_every_request_and_restores_a_fresh_device_from_lss_alone() {
+    let Setup { server, lss, init, steps, want } = setup("restore").await;
+    // Mid-session: a channel is open and payments are under way (state in every VLS family).
+    let half = 90;
+
+    // Device A: empty data dir; the dance creates the node and stores it in LSS.
+    let dir_a = temp_dir("lss-a");
+    let mut a = device(&dir_a);
+    let d = init_dance(&lss, &mut a, Some(init.encode())).await.expect("dance");
+    assert_eq!(d.restored_keys, 0, "LSS was empty");
+    let identity = d.identity.clone();
+    let mut session = d.session;
+    assert_eq!(a.signer.lss_phase(), Some(LssPhase::Synced));
+    run(&mut a, &mut session, &steps[..half], &want[..half]).await;
+    assert_agree(&server.url(), &mut a, &identity).await;
+    drop(a);
+
+    // Device B: empty data dir, same seed: rebuilt from LSS alone, continues the session.
+    let dir_b = temp_dir("lss-b");
+    let mut b = device(&dir_b);
+    let d = init_dance(&lss, &mut b, Some(init.encode())).await.expect("dance");
+    assert!(d.restored_keys > 10, "restored {} keys", d.restored_keys);
+    assert_eq!(d.identity.client_id, identity.client_id, "same seed, same LSS client");
+    let mut session = d.session;
+    run(&mut b, &mut session, &steps[half..], &want[half..]).await;
+    assert_agree(&server.url(), &mut b, &identity).await;
+    let _ = std::fs::remove_dir_all(dir_a);
+    let _ = std::fs::remove_dir_all(dir_b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_is_held_until_lss_acknowledges_and_a_stale_signer_gets_a_conflict() {
+    let Setup { server: _server, lss, init, steps, want } = setup("conflict").await;
+    let (dir_a, dir_b) = (temp_dir("lss-ca"), temp_dir("lss-cb"));
+    let mut a = device(&dir_a);
+    let mut sa = dance(&lss, &mut a, &init).await.expect("dance a");
+    // Steps 63.. open a channel: state changes from there on.
+    run(&mut a, &mut sa, &steps[..70], &want[..70]).await;
+
+    // B catches up from LSS (a standby), then A goes on alone: B is now stale.
+    let mut b = device(&dir_b);
+    let mut sb = dance(&lss, &mut b, &init).await.expect("dance b");
+    run(&mut a, &mut sa, &steps[70..80], &want[70..80]).await;
+
+    // A state-changing request: the signer answers with its mutations, not the reply.
+    let (i, lss_res) = next_backup(&mut b, &steps, 80);
+    assert!(matches!(Response::decode(&lss_res), Ok(Response::VlsMuts(_))));
+    // Later requests wait behind it (nothing is answered yet); its put conflicts (A wrote
+    // since), and neither its reply nor anything queued behind it is released.
+    assert!(b.signer.on_message(topics::VLS, &steps[i + 1].req.encode()).is_empty(), "queued");
+    let (back, msg) = sb.store(&lss_res).await.expect("store");
+    assert_eq!(back, topics::LSS_CONFLICT);
+    let outs = b.signer.on_message(back, &msg);
+    assert!(matches!(outs.as_slice(), [Output::Publish { topic, .. }] if *topic == topics::LSS_CONFLICT_RES));
+    assert_eq!(b.signer.lss_phase(), Some(LssPhase::Stale));
+    let refused = b.signer.on_message(topics::VLS, &steps[i].req.encode());
+    match refused.as_slice() {
+        [Output::Publish { topic, payload }] if *topic == topics::ERROR => {
+            let text = String::from_utf8_lossy(&payload[2..]).into_owned();
+            assert!(text.contains("not in sync with LSS"), "{text}");
+        }
+        other => panic!("a stale signer must refuse, got {other:?}"),
+    }
+
+    // Re-synced through the dance, B takes over where A stopped, byte for byte.
+    let mut sb = dance(&lss, &mut b, &init).await.expect("re-sync b");
+    run(&mut b, &mut sb, &steps[80..95], &want[80..95]).await;
+    // And now A is the stale one: its next state change is a conflict, not a fork.
+    let (_, lss_res) = next_backup(&mut a, &steps, 95);
+    let (back, msg) = sa.store(&lss_res).await.expect("store");
+    assert_eq!(back, topics::LSS_CONFLICT, "a stale writer must conflict");
+    a.signer.on_message(back, &msg);
+    assert_eq!(a.signer.lss_phase(), Some(LssPhase::Stale));
+    let _ = std::fs::remove_dir_all(dir_a);
+    let _ = std::fs::remove_dir_all(dir_b);
+}
+
+fn flip_value_byte(topic: &str, payload: &mut Vec<u8>) {
+    if topic == topics::INIT_2_MSG {
+        if let Ok(Msg::Created(mut s)) = Msg::decode(payload) {
+            if let Some(m) = s.muts.iter_mut().find(|m| m.key.starts_with("node/state/")) {
+                m.value[10] ^= 1;
+            }
+            *payload = Msg::Created(s).encode();
+        }
+    }
+}
+
+fn forge_stored_hmac(topic: &str, payload: &mut Vec<u8>) {
+    if topic == topics::LSS_MSG {
+        if let Ok(Msg::Stored(mut s)) = Msg::decode(payload) {
+            if let Some(h) = s.server_hmac.as_mut() {
+                h[0] ^= 1;
+            }
+            *payload = Msg::Stored(s).encode();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_lss_state_and_forged_acknowledgements_are_refused() {
+    let Setup { server: _server, lss, init, steps, want } = setup("tamper").await;
+    let (dir_a, dir_b) = (temp_dir("lss-ta"), temp_dir("lss-tb"));
+    let mut a = device(&dir_a);
+    let mut sa = dance(&lss, &mut a, &init).await.expect("dance");
+    run(&mut a, &mut sa, &steps[..70], &want[..70]).await;
+
+    // A fresh device offered LSS's state with one value changed in transit refuses it.
+    let mut b = device(&dir_b);
+    b.tamper = Some(flip_value_byte);
+    match init_dance(&lss, &mut b, Some(init.encode())).await {
+        Err(DanceError::Signer { step: "init-2", text }) => assert!(text.contains("fails its HMAC"), "{text}"),
+        Err(e) => panic!("expected the signer to refuse init-2, got {e}"),
+        Ok(_) => panic!("a tampered state was accepted"),
+    }
+    assert_eq!(b.signer.lss_phase(), Some(LssPhase::Identified), "it signs nothing");
+    // Untampered, the same device restores fine.
+    b.tamper = None;
+    dance(&lss, &mut b, &init).await.expect("clean dance");
+
+    // An acknowledgement whose server HMAC is not LSS's releases nothing.
+    a.tamper = Some(forge_stored_hmac);
+    let mut sa = dance(&lss, &mut a, &init).await.expect("dance a again");
+    let mut refused = None;
+    for step in &steps[70..] {
+        match broker::request(&mut a, &mut sa, topics::VLS, step.req.encode()).await.expect("answer") {
+            // Requests that change nothing need no acknowledgement.
+            Answered::Reply(_) => continue,
+            Answered::Refused(p) => refused = Some(String::from_utf8_lossy(&p[2..]).into_owned()),
+            Answered::Conflict => panic!("unexpected conflict"),
+        }
+        break;
+    }
+    let text = refused.expect("a state-changing request");
+    assert!(text.contains("does not prove it stored"), "{text}");
+    assert_eq!(a.signer.lss_phase(), Some(LssPhase::Stale));
+    let _ = std::fs::remove_dir_all(dir_a);
+    let _ = std::fs::remove_dir_all(dir_b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_while_one_waits_are_answered_after_it_in_order() {
+    let Setup { server, lss, init, steps, want } = setup("queue").await;
+    let dir = temp_dir("lss-q");
+    let mut a = device(&dir);
+    let mut sa = dance(&lss, &mut a, &init).await.expect("dance");
+    run(&mut a, &mut sa, &steps[..63], &want[..63]).await;
+
+    // A broker that sends 20 requests at once (the channel open and first updates).
+    let mut outbox: std::collections::VecDeque<Output> = Default::default();
+    for s in &steps[63..83] {
+        outbox.extend(a.signer.on_message(topics::VLS, &s.req.encode()));
+    }
+    let (mut replies, mut puts) = (Vec::new(), 0);
+    while let Some(o) = outbox.pop_front() {
+        match o {
+            Output::Publish { topic, payload } if topic == topics::VLS_RES => replies.push(payload),
+            Output::Publish { topic, payload } if topic == topics::LSS_RES => {
+                puts += 1;
+                let (back, msg) = sa.store(&payload).await.expect("store");
+                assert_eq!(back, topics::LSS_MSG);
+                outbox.extend(a.signer.on_message(back, &msg));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let expected: Vec<Vec<u8>> = want[63..83].iter().map(|w| w.clone().expect("answered")).collect();
+    assert_eq!(replies, expected, "every reply, in request order, equal to the oracle's");
+    assert!(puts >= 5, "state-changing requests were backed up one by one ({puts})");
+    let identity = init_dance(&lss, &mut a, None).await.expect("dance").identity;
+    assert_agree(&server.url(), &mut a, &identity).await;
+    let _ = std::fs::remove_dir_all(dir);
+}

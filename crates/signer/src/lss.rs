@@ -1,0 +1,604 @@
+//! LSS backup on the signer (docs/signer.md "LSS"; formats in docs/wire.md "LSS").
+//!
+//! LSS is off until the broker starts the init dance ([`Signer::lss_init`]); a broker without
+//! LSS never does, and the signer then behaves exactly as before. Once on:
+//! - init-1 ([`Signer::lss_init`]): the signer's persistence key, auth token and a fresh nonce.
+//! - init-2 ([`Signer::lss_restore`]): LSS's state, checked against its HMAC with that nonce,
+//!   is merged into the device's: newer LSS versions are taken (a standby catching up, a fresh
+//!   device restored from LSS alone), while state the device has and LSS lacks or has older is
+//!   refused (LSS rolled back, or another history of this node). A device that never synced
+//!   uploads what it has. The answer carries what LSS must store.
+//! - Per request ([`Signer::stage`]): the mutations go out on `lss-res` and the reply is held
+//!   until [`Signer::lss_stored`] sees LSS's HMAC over exactly them; only then is the state
+//!   committed locally and the reply released. A conflict ([`Signer::lss_conflict`]) drops the
+//!   staged state: the signer is stale and signs nothing until the next init dance.
+//!
+//! Staging keeps one transaction open; [`Outcome`] and [`Released`] are shaped so that several
+//! staged requests can later share one `Put` and one commit (group commit).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use bitcoin::secp256k1::PublicKey;
+use lightning_signer::persist::Mutations;
+use rand::RngCore;
+use sphinx_wire::lss::{self, InitResponse, Msg, Mutation, Response, SignerMutations};
+use sphinx_wire::serial::Reply;
+use tracing::{info, warn};
+use vls_persist::kvv::{KVVStore, KVV};
+
+use crate::store::{synced, AnyStore, Persister, WRITER_KEY};
+use crate::{commit, panic_text, Backend, ControlOutcome, Error, Signer, REPLY_KEY_PREFIX};
+
+/// What became of a request (or control message) at its commit point.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    /// Committed (or nothing to commit): release it now.
+    Ready(T),
+    /// Its state waits for LSS: publish `lss_res` on `lss-res`; the output is held until
+    /// [`Signer::lss_stored`] releases it.
+    Backup {
+        /// `Response::VlsMuts` payload.
+        lss_res: Vec<u8>,
+    },
+}
+
+/// An output held until LSS acknowledged its state.
+#[derive(Debug)]
+pub enum Held {
+    /// A request's reply (for `vls-res`).
+    Reply(Reply),
+    /// A control message's signed response (for `control-res`).
+    Control(ControlOutcome),
+}
+
+/// The outputs an LSS acknowledgement released, in the order they were staged.
+pub type Released = Vec<Held>;
+
+/// Where the signer is with LSS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LssPhase {
+    /// init-1 answered; waiting for LSS's state (init-2). Signs nothing.
+    Identified,
+    /// In sync with LSS: requests are staged and backed up.
+    Synced,
+    /// A conflict or a failed acknowledgement: the local state may be stale. Signs nothing until
+    /// the next init dance.
+    Stale,
+}
+
+struct Pending {
+    seq: u16,
+    expected: [u8; lss::HASH_LEN],
+    held: Vec<Held>,
+}
+
+/// Broker messages (`vls`, `control`) that arrive while a request waits for LSS are queued and
+/// handled after its acknowledgement, in order; beyond this many they are refused.
+pub const MAX_QUEUED: usize = 1000;
+
+pub(crate) struct LssState {
+    phase: LssPhase,
+    /// `(suffix, payload)` received while `pending`; dropped with it (the broker re-sends).
+    queued: std::collections::VecDeque<(&'static str, Vec<u8>)>,
+    secret: [u8; lss::HASH_LEN],
+    nonce: Option<[u8; lss::HASH_LEN]>,
+    pending: Option<Pending>,
+    /// What building the node wrote (a new node), to be sent to LSS in init-2-res.
+    built: Vec<Mutation>,
+}
+
+impl LssState {
+    pub(crate) fn note_built(&mut self, muts: Mutations) {
+        self.built = to_wire(muts);
+    }
+}
+
+fn to_wire(m: Mutations) -> Vec<Mutation> {
+    m.into_iter().map(|(key, (version, value))| Mutation { key, version, value }).collect()
+}
+
+fn lss_err(text: impl Into<String>) -> Error {
+    Error::Lss(text.into())
+}
+
+/// How init-2's state meets the device's.
+enum Plan {
+    /// Write these LSS entries locally (newer than the device's); `wipe` first when the device
+    /// holds only a never-used node.
+    Adopt { entries: Vec<Mutation>, wipe: bool },
+    /// LSS holds nothing: send the device's state (versions restarted at 0, as LSS requires).
+    Upload,
+}
+
+/// Decides how LSS's state `remote` and the device's synced state `local` (both sorted) meet.
+fn plan(remote: &[Mutation], local: &[KVV]) -> Result<Plan, Error> {
+    let local_synced = local.iter().any(|KVV(k, _)| k == WRITER_KEY);
+    if remote.is_empty() {
+        if local_synced {
+            warn!("LSS holds nothing for this signer, but the device synced with an LSS before: uploading its state again");
+        }
+        return Ok(Plan::Upload);
+    }
+    if !local_synced {
+        // Never synced: only a device that never answered anything may take LSS's state.
+        let used = local.iter().any(|KVV(k, _)| k.starts_with(REPLY_KEY_PREFIX) || k == crate::NONCE_KEY);
+        if used {
+            return Err(lss_err(
+                "this device has state that was never backed up, and LSS holds another state of this node: \
+                 refusing to merge them (wipe the device's state directory to restore it from LSS)",
+            ));
+        }
+        return Ok(Plan::Adopt { entries: remote.to_vec(), wipe: true });
+    }
+    let local_map: std::collections::BTreeMap<&str, &(u64, Vec<u8>)> =
+        local.iter().map(|KVV(k, vv)| (k.as_str(), vv)).collect();
+    let mut adopt = Vec::new();
+    for m in remote {
+        match local_map.get(m.key.as_str()) {
+            None => adopt.push(m.clone()),
+            Some((v, _)) if m.version > *v => adopt.push(m.clone()),
+            Some((v, val)) if m.version == *v && *val == m.value => {}
+            Some((v, _)) if m.version == *v => {
+                return Err(lss_err(format!(
+                    "LSS and the device hold different values of {} at version {v}: forked state",
+                    m.key
+                )))
+            }
+            Some((v, _)) => {
+                return Err(lss_err(format!(
+                    "LSS holds {} at version {}, older than the device's {v}: LSS was rolled back or is another server",
+                    m.key, m.version
+                )))
+            }
+        }
+    }
+    let remote_keys: std::collections::BTreeSet<&str> = remote.iter().map(|m| m.key.as_str()).collect();
+    if let Some(KVV(k, (v, _))) = local.iter().find(|KVV(k, _)| !remote_keys.contains(k.as_str())) {
+        return Err(lss_err(format!(
+            "the device holds {k} (version {v}) that LSS does not: LSS was rolled back or is another server"
+        )));
+    }
+    Ok(Plan::Adopt { entries: adopt, wipe: false })
+}
+
+fn kvvs(m: &[Mutation]) -> Vec<KVV> {
+    m.iter().map(|m| KVV(m.key.clone(), (m.version, m.value.clone()))).collect()
+}
+
+fn store_err(what: &str, e: lightning_signer::persist::Error) -> Error {
+    Error::Persist(format!("{what}: {e:?}"))
+}
+
+impl Signer {
+    /// Where the signer is with LSS (`None`: LSS off).
+    pub fn lss_phase(&self) -> Option<LssPhase> {
+        self.lss.as_ref().map(|l| l.phase)
+    }
+
+    /// The device's committed state that LSS holds too (every key but [`crate::LOCAL_ONLY_KEYS`]),
+    /// sorted: after an acknowledged request it equals LSS's state for this signer.
+    pub fn synced_state(&mut self) -> Result<Vec<Mutation>, Error> {
+        let store = self.core()?.persister.inner().clone();
+        let all = store.get_prefix("").map_err(|e| store_err("reading state", e))?;
+        Ok(all
+            .filter(|KVV(k, _)| synced(k))
+            .map(|KVV(key, (version, value))| Mutation { key, version, value })
+            .collect())
+    }
+
+    /// Refuses to sign when LSS is on but not in sync, or a request is still waiting.
+    pub(crate) fn lss_ready(&self) -> Result<(), Error> {
+        match &self.lss {
+            None => Ok(()),
+            Some(l) => match (&l.pending, l.phase) {
+                (Some(p), _) => Err(Error::LssBusy(p.seq)),
+                (None, LssPhase::Synced) => Ok(()),
+                (None, LssPhase::Identified) => Err(Error::LssNotSynced("waiting for LSS's state (init-2)".into())),
+                (None, LssPhase::Stale) => Err(Error::LssNotSynced("stale after an LSS conflict".into())),
+            },
+        }
+    }
+
+    /// Ends a request's transaction: commits it (LSS off, or nothing to back up), or keeps it
+    /// open and returns the `lss-res` payload (LSS on).
+    pub(crate) fn finish(&mut self, p: &Persister, seq: u16) -> Result<Option<Vec<u8>>, Error> {
+        if let Some(l) = self.lss.as_mut() {
+            let muts = to_wire(p.prepare());
+            if !muts.is_empty() {
+                let expected = lss::server_hmac(&l.secret, &muts);
+                let res = Response::VlsMuts(SignerMutations { client_hmac: lss::client_hmac(&l.secret, &muts), muts });
+                l.pending = Some(Pending { seq, expected, held: Vec::new() });
+                return Ok(Some(res.encode()));
+            }
+        }
+        commit(p).map(|()| None)
+    }
+
+    /// The next queued broker message, if nothing waits for LSS.
+    fn next_queued(&mut self) -> Option<(&'static str, Vec<u8>)> {
+        let l = self.lss.as_mut()?;
+        if l.pending.is_some() {
+            return None;
+        }
+        l.queued.pop_front()
+    }
+
+    /// Holds an output until the staged state is acknowledged.
+    pub(crate) fn hold(&mut self, h: Held) {
+        if let Some(p) = self.lss.as_mut().and_then(|l| l.pending.as_mut()) {
+            p.held.push(h);
+        }
+    }
+
+    /// Drops a staged transaction and the in-memory state that made it.
+    fn drop_pending(&mut self) {
+        if let Some(l) = self.lss.as_mut() {
+            if !l.queued.is_empty() {
+                warn!(
+                    queued = l.queued.len(),
+                    "dropping queued broker messages (the broker re-sends what is unanswered)"
+                );
+                l.queued.clear();
+            }
+        }
+        if let Some(p) = self.lss.as_mut().and_then(|l| l.pending.take()) {
+            warn!(seq = p.seq, held = p.held.len(), "dropping state LSS did not acknowledge; nothing was released");
+            if let Some(c) = self.core.as_ref() {
+                c.persister.abort();
+            }
+            self.rebuild();
+        }
+    }
+
+    /// init-1: `lss::Msg::Init` (the LSS server key) → the `init-1-res` payload: the signer's LSS
+    /// client id (persistence key), auth token and a fresh nonce. A request still waiting for LSS
+    /// is dropped (its reply was never released); the signer signs nothing until init-2.
+    pub fn lss_init(&mut self, init_1_msg: &[u8]) -> Result<Vec<u8>, Error> {
+        let init = match Msg::decode(init_1_msg).map_err(|e| lss_err(format!("init-1: {e}")))? {
+            Msg::Init(i) => i,
+            other => return Err(lss_err(format!("init-1 carries {other:?}"))),
+        };
+        let server = PublicKey::from_slice(&init.server_pubkey)
+            .map_err(|e| lss_err(format!("init-1: server key is not a public key: {e}")))?;
+        self.drop_pending();
+        let core = self.core()?;
+        core.persister.set_lss(true);
+        let node = core.node.clone();
+        let keys = catch_unwind(AssertUnwindSafe(|| {
+            (node.get_persistence_pubkey().serialize(), node.get_persistence_shared_secret(&server))
+        }));
+        let (client_id, secret) = keys.map_err(|p| lss_err(format!("persistence keys: {}", panic_text(p))))?;
+        let mut nonce = [0u8; lss::HASH_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        self.lss = Some(LssState {
+            phase: LssPhase::Identified,
+            queued: Default::default(),
+            secret,
+            nonce: Some(nonce),
+            pending: None,
+            built: Vec::new(),
+        });
+        info!(client_id = %hex::encode(client_id), "LSS: identified to the broker's LSS");
+        let r = InitResponse { client_id, auth_token: lss::auth_token(&secret), nonce: Some(nonce) };
+        Ok(Response::Init(r).encode())
+    }
+
+    /// init-2: `lss::Msg::Created` (LSS's state with its HMAC over init-1's nonce) → the
+    /// `init-2-res` payload with the mutations LSS must store (module docs). A state that fails
+    /// its HMAC, is behind the device's or forks from it is refused and changes nothing.
+    pub fn lss_restore(&mut self, init_2_msg: &[u8]) -> Result<Vec<u8>, Error> {
+        let (secret, nonce) = match self.lss.as_mut() {
+            Some(l) if l.phase == LssPhase::Identified => match l.nonce.take() {
+                Some(n) => (l.secret, n),
+                None => return Err(lss_err("init-2 repeated: its nonce was used")),
+            },
+            _ => return Err(lss_err("init-2 before init-1")),
+        };
+        let state = match Msg::decode(init_2_msg).map_err(|e| lss_err(format!("init-2: {e}")))? {
+            Msg::Created(s) => s,
+            other => return Err(lss_err(format!("init-2 carries {other:?}"))),
+        };
+        if state.server_hmac != Some(lss::shared_hmac(&secret, &nonce, &state.muts)) {
+            return Err(lss_err(format!(
+                "LSS state ({} keys) fails its HMAC: tampered with, replayed or not from this LSS; refusing it",
+                state.muts.len()
+            )));
+        }
+        let remote: Vec<Mutation> = state.muts.into_iter().filter(|m| synced(&m.key)).collect();
+        let local: Vec<KVV> = self.synced_state()?.into_iter().map(|m| KVV(m.key, (m.version, m.value))).collect();
+        let mut upload: std::collections::BTreeMap<String, Mutation> = Default::default();
+        match plan(&remote, &local)? {
+            Plan::Adopt { entries, wipe } => {
+                if wipe {
+                    self.wipe_local()?;
+                }
+                // The store itself, not a node built on it (that would create one on a wiped store).
+                let store = self.backend_store()?;
+                store.put_batch(kvvs(&entries)).map_err(|e| store_err("writing LSS state", e))?;
+                info!(keys = entries.len(), wiped = wipe, "LSS: state restored from LSS");
+            }
+            Plan::Upload => {
+                let store = self.core()?.persister.inner().clone();
+                store.reset_versions().map_err(|e| store_err("restarting versions", e))?;
+                // Every backed-up state has a writer key (kept if the device has one).
+                if store.get(WRITER_KEY).map_err(|e| store_err("reading state", e))?.is_none() {
+                    let writer = vec![KVV(WRITER_KEY.to_string(), (0, store.signer_id().to_vec()))];
+                    store.put_batch(writer).map_err(|e| store_err("writing the writer key", e))?;
+                }
+                for KVV(k, (_, v)) in store.get_prefix("").map_err(|e| store_err("reading state", e))? {
+                    if synced(&k) {
+                        upload.insert(k.clone(), Mutation::new(k, 0, v));
+                    }
+                }
+                info!(keys = upload.len(), "LSS: LSS holds nothing for this signer; sending the device's state");
+            }
+        }
+        // Reload the node from what is now on disk; a new node's creation goes to LSS too.
+        self.core = None;
+        self.reopen_store();
+        let core = self.build_core()?;
+        self.core = Some(core);
+        if let Some(l) = self.lss.as_mut() {
+            for m in std::mem::take(&mut l.built) {
+                upload.insert(m.key.clone(), m);
+            }
+            l.phase = LssPhase::Synced;
+        }
+        let muts: Vec<Mutation> = upload.into_values().collect();
+        Ok(Response::Created(SignerMutations { client_hmac: lss::client_hmac(&secret, &muts), muts }).encode())
+    }
+
+    /// Closes redb (if nothing else holds it) so the next build reads it afresh.
+    fn reopen_store(&mut self) {
+        if let Backend::Redb { store, .. } = &mut self.backend {
+            if store.as_ref().is_some_and(|s| s.is_unique()) {
+                *store = None;
+            }
+        }
+    }
+
+    /// Replaces a never-used local state by an empty one (keeping the local-only keys).
+    fn wipe_local(&mut self) -> Result<(), Error> {
+        let store = self.core()?.persister.inner().clone();
+        let keep: Vec<KVV> =
+            store.get_prefix("").map_err(|e| store_err("reading state", e))?.filter(|KVV(k, _)| !synced(k)).collect();
+        drop(store);
+        self.core = None;
+        match &mut self.backend {
+            Backend::Memory(s) => *s = AnyStore::memory(),
+            Backend::Redb { dir, store } => {
+                if !store.as_ref().is_some_and(|s| s.is_unique()) {
+                    return Err(lss_err("cannot replace the local state: it is still in use"));
+                }
+                *store = None;
+                let file = dir.join("redb");
+                std::fs::remove_file(&file)
+                    .map_err(|e| Error::StateDir { path: file.clone(), reason: e.to_string() })?;
+                *store = Some(crate::open_redb(dir)?);
+            }
+        }
+        self.backend_store()?.put_batch(keep).map_err(|e| store_err("keeping local keys", e))?;
+        Ok(())
+    }
+
+    /// The backend's store (opened if closed), without building a node on it.
+    fn backend_store(&mut self) -> Result<AnyStore, Error> {
+        match &mut self.backend {
+            Backend::Memory(s) => Ok(s.clone()),
+            Backend::Redb { dir, store } => {
+                if store.is_none() {
+                    *store = Some(crate::open_redb(dir)?);
+                }
+                store.clone().ok_or_else(|| lss_err("state store missing"))
+            }
+        }
+    }
+
+    /// `lss-msg`: LSS stored the staged mutations. If its HMAC is the one expected for exactly
+    /// them, the state is committed locally and the held outputs are released, in order.
+    /// Otherwise nothing is released and the signer is stale until the next init dance.
+    pub fn lss_stored(&mut self, lss_msg: &[u8]) -> Result<Released, Error> {
+        let msg = Msg::decode(lss_msg).map_err(|e| lss_err(format!("lss-msg: {e}")));
+        let pending = self.lss.as_mut().and_then(|l| l.pending.take());
+        let Some(pending) = pending else {
+            return Err(lss_err("lss-msg while nothing waits for LSS"));
+        };
+        let ok = matches!(&msg, Ok(Msg::Stored(s)) if s.server_hmac == Some(pending.expected));
+        if !ok {
+            // Put it back so it is dropped with the in-memory state that made it.
+            if let Some(l) = self.lss.as_mut() {
+                l.pending = Some(pending);
+                l.phase = LssPhase::Stale;
+            }
+            self.drop_pending();
+            return Err(match msg {
+                Err(e) => e,
+                Ok(m) => lss_err(format!(
+                    "LSS's acknowledgement does not prove it stored this state ({m:?}); nothing released, re-syncing"
+                )),
+            });
+        }
+        let committed = self.core.as_ref().map(|c| commit(&c.persister));
+        match committed {
+            Some(Ok(())) => Ok(pending.held),
+            Some(Err(e)) => {
+                self.rebuild();
+                if let Some(l) = self.lss.as_mut() {
+                    l.phase = LssPhase::Stale;
+                }
+                Err(e)
+            }
+            None => Err(lss_err("signer state unavailable at commit")),
+        }
+    }
+
+    /// `lss-conflict`: LSS holds newer state than this signer. The staged state is dropped (its
+    /// outputs are never released) and the signer signs nothing until the next init dance.
+    /// Returns the `lss-conflict-res` payload.
+    pub fn lss_conflict(&mut self) -> Vec<u8> {
+        self.drop_pending();
+        if let Some(l) = self.lss.as_mut() {
+            l.phase = LssPhase::Stale;
+        }
+        warn!("LSS conflict: this signer's state is stale; waiting for the broker to re-sync it");
+        Response::PutConflictConfirmed.encode()
+    }
+}
+
+/// What to publish (or do) in answer to one message from the broker.
+#[derive(Debug)]
+pub enum Output {
+    /// Publish `payload` on `{id}/{topic}`.
+    Publish {
+        /// Topic suffix (`sphinx_wire::topics`).
+        topic: &'static str,
+        /// Payload.
+        payload: Vec<u8>,
+    },
+    /// A control message's outcome: publish `response` on `control-res`, then carry out its
+    /// action (the resets, which only the device's front end can do).
+    Control(ControlOutcome),
+}
+
+fn publish(topic: &'static str, payload: Vec<u8>) -> Output {
+    Output::Publish { topic, payload }
+}
+
+impl Signer {
+    /// Handles one message the broker sent on `{id}/{suffix}` and says what to publish: the one
+    /// path every front end (sphinx-key's MQTT client, tests) takes. `vls` and `init-3-msg` carry
+    /// serial request frames; `control` owner messages; `init-1-msg`, `init-2-msg`, `lss-msg`,
+    /// `lss-conflict` LSS messages. Failures are published on `error` (`seq | text`).
+    pub fn on_message(&mut self, suffix: &str, payload: &[u8]) -> Vec<Output> {
+        use sphinx_wire::topics as t;
+        let err = |e: &Error| publish(t::ERROR, sphinx_wire::error_report::encode(0, &e.to_string()));
+        // While a request waits for LSS, later requests wait behind it (in order).
+        if let Some(l) = self.lss.as_mut().filter(|l| l.pending.is_some()) {
+            let queued_suffix = match suffix {
+                t::VLS => Some(t::VLS),
+                t::CONTROL => Some(t::CONTROL),
+                _ => None,
+            };
+            if let Some(q) = queued_suffix {
+                if l.queued.len() < MAX_QUEUED {
+                    l.queued.push_back((q, payload.to_vec()));
+                    return Vec::new();
+                }
+                let seq = if payload.len() >= 4 { u16::from_be_bytes([payload[2], payload[3]]) } else { 0 };
+                let busy = Error::LssBusy(l.pending.as_ref().map(|p| p.seq).unwrap_or(0));
+                return vec![publish(t::ERROR, crate::FrameError { seq, error: busy }.payload())];
+            }
+        }
+        match suffix {
+            t::VLS | t::INIT_3_MSG => {
+                let answer = if suffix == t::VLS { t::VLS_RES } else { t::INIT_3_RES };
+                let seq = if payload.len() >= 4 { u16::from_be_bytes([payload[2], payload[3]]) } else { 0 };
+                let staged =
+                    sphinx_wire::serial::Request::decode(payload).map_err(Error::from).and_then(|req| self.stage(&req));
+                match staged {
+                    Ok(Outcome::Ready(reply)) => vec![publish(answer, reply.encode())],
+                    Ok(Outcome::Backup { lss_res }) => vec![publish(t::LSS_RES, lss_res)],
+                    Err(error) => {
+                        warn!(seq, %error, "request failed");
+                        vec![publish(t::ERROR, crate::FrameError { seq, error }.payload())]
+                    }
+                }
+            }
+            t::CONTROL => match self.stage_control(payload) {
+                Outcome::Ready(o) => vec![Output::Control(o)],
+                Outcome::Backup { lss_res } => vec![publish(t::LSS_RES, lss_res)],
+            },
+            t::INIT_1_MSG => match self.lss_init(payload) {
+                Ok(r) => vec![publish(t::INIT_1_RES, r)],
+                Err(e) => vec![err(&e)],
+            },
+            t::INIT_2_MSG => match self.lss_restore(payload) {
+                Ok(r) => vec![publish(t::INIT_2_RES, r)],
+                Err(e) => {
+                    warn!(error = %e, "LSS state refused");
+                    vec![err(&e)]
+                }
+            },
+            t::LSS_MSG => match self.lss_stored(payload) {
+                Ok(released) => {
+                    let mut out: Vec<Output> = released
+                        .into_iter()
+                        .map(|h| match h {
+                            Held::Reply(r) => publish(t::VLS_RES, r.encode()),
+                            Held::Control(o) => Output::Control(o),
+                        })
+                        .collect();
+                    // Then what waited behind it, until one waits for LSS again.
+                    while let Some((q, p)) = self.next_queued() {
+                        out.extend(self.on_message(q, &p));
+                    }
+                    out
+                }
+                Err(e) => vec![err(&e)],
+            },
+            t::LSS_CONFLICT => vec![publish(t::LSS_CONFLICT_RES, self.lss_conflict())],
+            other => {
+                vec![publish(t::ERROR, sphinx_wire::error_report::encode(0, &format!("unexpected topic {other}")))]
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(k: &str, v: u64, val: &[u8]) -> Mutation {
+        Mutation::new(k, v, val.to_vec())
+    }
+    fn l(k: &str, v: u64, val: &[u8]) -> KVV {
+        KVV(k.to_string(), (v, val.to_vec()))
+    }
+    fn err(p: Result<Plan, Error>) -> String {
+        match p {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn merge_rules_take_newer_lss_state_and_refuse_rollbacks_and_forks() {
+        let local = vec![l(WRITER_KEY, 3, b"me"), l("node/state/x", 5, b"s5"), l("sphinx/reply/1", 2, b"r")];
+        // LSS newer (a standby catching up): newer and new keys are adopted, equal ones skipped.
+        let remote = vec![
+            m(WRITER_KEY, 4, b"other"),
+            m("channel/a", 0, b"c"),
+            m("node/state/x", 6, b"s6"),
+            m("sphinx/reply/1", 2, b"r"),
+        ];
+        match plan(&remote, &local) {
+            Ok(Plan::Adopt { entries, wipe: false }) => {
+                let keys: Vec<_> = entries.iter().map(|m| m.key.as_str()).collect();
+                assert_eq!(keys, vec![WRITER_KEY, "channel/a", "node/state/x"]);
+            }
+            _ => panic!("expected adopt"),
+        }
+        // LSS older than the device: rolled back.
+        let older = vec![m(WRITER_KEY, 3, b"me"), m("node/state/x", 4, b"s4"), m("sphinx/reply/1", 2, b"r")];
+        assert!(err(plan(&older, &local)).contains("rolled back"));
+        // A key the device has and LSS lacks.
+        let missing = vec![m(WRITER_KEY, 3, b"me"), m("node/state/x", 5, b"s5")];
+        assert!(err(plan(&missing, &local)).contains("does not"));
+        // Same version, another value: a fork.
+        let fork = vec![m(WRITER_KEY, 3, b"me"), m("node/state/x", 5, b"X"), m("sphinx/reply/1", 2, b"r")];
+        assert!(err(plan(&fork, &local)).contains("forked"));
+    }
+
+    #[test]
+    fn never_synced_devices_upload_or_restore_but_never_merge_histories() {
+        // LSS empty: whatever the device has is uploaded.
+        assert!(matches!(plan(&[], &[l("node/state/x", 7, b"s")]), Ok(Plan::Upload)));
+        assert!(matches!(plan(&[], &[]), Ok(Plan::Upload)));
+        // A fresh device (a node created at open, nothing answered) takes LSS's state whole.
+        let remote = vec![m(WRITER_KEY, 9, b"w"), m("node/state/x", 40, b"s")];
+        assert!(matches!(plan(&remote, &[l("node/state/x", 0, b"new")]), Ok(Plan::Adopt { wipe: true, .. })));
+        // A device that answered requests without backup does not take another history.
+        let used = vec![l("node/state/x", 3, b"s"), l("sphinx/reply/4", 0, b"r")];
+        assert!(err(plan(&remote, &used)).contains("never backed up"));
+    }
+}
