@@ -463,7 +463,10 @@ impl RpcClient {
                     Some(std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput) => {
                         Err(bad(format!("bad HTTP body: {text}")))
                     }
-                    _ => Err(RpcError::Unreachable { addr, reason: format!("while reading the reply: {text}") }),
+                    _ => Err(RpcError::Unreachable {
+                        addr,
+                        reason: format!("while reading the reply to {method}: {text}"),
+                    }),
                 }
             }
         }

@@ -447,6 +447,12 @@ async fn chain_follower_restarts_after_its_task_panics_and_reports_it() {
     assert_eq!(h.chain().tip().await.unwrap(), btc.tip(), "the signer follows new blocks again");
     assert!(s.failures_total > failures_before, "the failure is counted: {s:?}");
     assert_eq!(s.blocks_added, 8, "each block added once: {s:?}");
+    assert_eq!(s.restarts, 1, "one restart: {s:?}");
+    let failure = s.last_failure.expect("the failure is kept after recovery");
+    assert!(failure.restarted && failure.text.contains("injected panic in the signer link"), "{failure:?}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(failure.time <= now && failure.time + 600 > now, "failure time {} (now {now})", failure.time);
+    assert_eq!(s.last_error, None, "recovered: no current error");
     btc.mine(2);
     wait_synced(&mut f, btc.tip()).await;
     f.task.abort();
@@ -470,6 +476,9 @@ async fn chain_follower_survives_a_bitcoind_answer_that_overflows_the_chunk_arit
     let s = wait_synced(&mut f, btc.tip()).await;
     assert_eq!(btc.raw_answers_pending(), 0, "the hostile answer was sent");
     assert!(s.failures_total >= 1, "the bad answer is counted as a failure: {s:?}");
+    assert_eq!(s.restarts, 0, "an error, not a panic: {s:?}");
+    let failure = s.last_failure.expect("the failure is kept after recovery");
+    assert!(!failure.restarted && failure.text.contains("getblock"), "{failure:?}");
     assert_eq!(h.chain().tip().await.unwrap(), btc.tip());
     f.task.abort();
 }
