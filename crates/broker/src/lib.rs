@@ -38,6 +38,9 @@ pub struct Broker {
     pub hub: Arc<signer_link::SignerHub>,
     /// The operator API, when configured (dropping it stops the API).
     pub api: Option<api::ApiHandle>,
+    /// Where the chain follower reports (the API reads it): give it to
+    /// [`chain::spawn_reporting`].
+    pub chain_status: tokio::sync::watch::Sender<chain::FollowerStatus>,
 }
 
 /// Starts the MQTT server, the relay and, when configured, the operator API.
@@ -78,10 +81,19 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
         waiting_log_interval: cfg.relay.waiting_log_interval,
     };
     let relay = relay::spawn(relay_cfg, Arc::new(mqtt.clone()), link_rx, pin.clone());
+    // With bitcoind configured, chain following waits for lightningd's init from the start.
+    let phase = if cfg.bitcoind.enabled() { chain::Phase::WaitingForInit } else { chain::Phase::Disabled };
+    let (chain_status, chain_rx) = tokio::sync::watch::channel(chain::FollowerStatus { phase, ..Default::default() });
     let api = match api_cfg {
         None => None,
         Some(c) => {
-            let state = api::ApiState { mqtt: mqtt.clone(), hub: hub.clone(), relay: relay.clone(), pin: pin.clone() };
+            let state = api::ApiState {
+                mqtt: mqtt.clone(),
+                hub: hub.clone(),
+                relay: relay.clone(),
+                pin: pin.clone(),
+                chain: chain_rx,
+            };
             match api::start(c, state).await {
                 Ok(h) => Some(h),
                 Err(e) => {
@@ -91,7 +103,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
             }
         }
     };
-    Ok(Broker { relay, mqtt, pin, hub, api })
+    Ok(Broker { relay, mqtt, pin, hub, api, chain_status })
 }
 
 /// Runs as lightningd's hsmd on `root` (fd 3) until lightningd closes it.
@@ -104,10 +116,11 @@ pub async fn run_hsmd(
     let broker = start(cfg).await?;
     let server = Arc::new(hsmd::HsmdServer::new(broker.relay.clone(), cfg.network, status, log_io)?);
     // Chain tracking: follows bitcoind once a signer has answered lightningd's hsmd_init.
-    let follower = chain::spawn(
+    let follower = chain::spawn_reporting(
         chain::FollowerConfig::new(cfg.bitcoind.clone(), cfg.network).with_data_dir(&cfg.data_dir),
         broker.relay.clone(),
         server.init_done(),
+        broker.chain_status.clone(),
     );
     let served = server.serve_root(root).await;
     follower.task.abort();

@@ -251,6 +251,7 @@ pub fn spawn_reporting<L: ChainLink>(
         }
     };
     info!(host = %ep.host, port = ep.port, cookie = matches!(ep.login, rpc::Login::Cookie(_)), "chain tracking configured");
+    status.send_modify(|s| s.phase = Phase::WaitingForInit);
     FollowerHandle { status: rx, task: tokio::spawn(supervise(cfg, ep, Arc::new(link), init_done, status)) }
 }
 
