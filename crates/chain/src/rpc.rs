@@ -374,26 +374,7 @@ impl RpcClient {
         if status == StatusCode::UNAUTHORIZED {
             return Err(RpcError::Unauthorized(self.addr()));
         }
-        let bad = |reason: String| RpcError::BadReply { method: method.to_string(), reason };
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
-            bad(format!(
-                "HTTP {}, body is not JSON ({e}): {}",
-                status.as_u16(),
-                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-            ))
-        })?;
-        if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
-            let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
-            let message = err.get("message").and_then(Value::as_str).unwrap_or("").to_string();
-            if code == -28 {
-                return Err(RpcError::Warmup(message));
-            }
-            return Err(RpcError::Rpc { method: method.to_string(), code, message });
-        }
-        if status != StatusCode::OK {
-            return Err(bad(format!("HTTP status {}", status.as_u16())));
-        }
-        v.get("result").cloned().ok_or_else(|| bad("no result".into()))
+        parse_reply(method, status.as_u16(), &bytes)
     }
 
     /// Sends one request (connecting first if there is no connection) and reads the whole
@@ -474,31 +455,13 @@ impl RpcClient {
 
     /// `getblockchaininfo`.
     pub async fn chain_info(&mut self) -> Result<ChainInfo, RpcError> {
-        let v = self.call("getblockchaininfo", json!([])).await?;
-        let bad = |r: &str| RpcError::BadReply { method: "getblockchaininfo".into(), reason: r.to_string() };
-        let chain = v.get("chain").and_then(Value::as_str).ok_or_else(|| bad("no chain"))?.to_string();
-        let blocks = v.get("blocks").and_then(Value::as_u64).ok_or_else(|| bad("no blocks"))?;
-        let best = v.get("bestblockhash").and_then(Value::as_str).ok_or_else(|| bad("no bestblockhash"))?;
-        let best = BlockHash::from_str(best).map_err(|_| bad("bad bestblockhash"))?;
-        let ibd = v.get("initialblockdownload").and_then(Value::as_bool).unwrap_or(false);
-        let blocks = u32::try_from(blocks).map_err(|_| bad("height out of range"))?;
-        let headers = v.get("headers").and_then(Value::as_u64).and_then(|h| u32::try_from(h).ok()).unwrap_or(blocks);
-        Ok(ChainInfo { chain, blocks, headers, best, ibd })
+        parse_chain_info(&self.call("getblockchaininfo", json!([])).await?)
     }
 
     /// `getblockhash`: `None` when `height` is above bitcoind's tip (error -8).
     pub async fn block_hash(&mut self, height: u32) -> Result<Option<BlockHash>, RpcError> {
         match self.call("getblockhash", json!([height])).await {
-            Ok(v) => {
-                let s = v.as_str().ok_or_else(|| RpcError::BadReply {
-                    method: "getblockhash".into(),
-                    reason: "result is not a string".into(),
-                })?;
-                BlockHash::from_str(s).map(Some).map_err(|_| RpcError::BadReply {
-                    method: "getblockhash".into(),
-                    reason: format!("bad hash {s:?}"),
-                })
-            }
+            Ok(v) => parse_block_hash(&v).map(Some),
             Err(RpcError::Rpc { code: -8, .. }) => Ok(None),
             Err(e) => Err(e),
         }
@@ -506,14 +469,12 @@ impl RpcClient {
 
     /// `getblockheader <hash> false`: the 80-byte header.
     pub async fn header(&mut self, hash: &BlockHash) -> Result<Header, RpcError> {
-        let v = self.call("getblockheader", json!([hash.to_string(), false])).await?;
-        decode_hex::<Header>(&v, "getblockheader")
+        parse_header(&self.call("getblockheader", json!([hash.to_string(), false])).await?)
     }
 
-    /// `getblock <hash> 0`: the whole block.
+    /// `getblock <hash> 0`: the whole block, which must be the one asked for.
     pub async fn block(&mut self, hash: &BlockHash) -> Result<Block, RpcError> {
-        let v = self.call("getblock", json!([hash.to_string(), 0])).await?;
-        let block = decode_hex::<Block>(&v, "getblock")?;
+        let block = parse_block(&self.call("getblock", json!([hash.to_string(), 0])).await?)?;
         if block.block_hash() != *hash {
             return Err(RpcError::BadReply {
                 method: "getblock".into(),
@@ -522,6 +483,61 @@ impl RpcClient {
         }
         Ok(block)
     }
+}
+
+// What is left to parse once HTTP is done (hyper's part): the JSON-RPC envelope and the results
+// of the four calls. Pure functions, fuzzed by the `bitcoind_reply` target (fuzz/README.md).
+
+/// bitcoind's answer to `method` (HTTP status and body) as a JSON-RPC reply: its `result`, or the
+/// error it carries (legacy replies carry errors with HTTP 500/404, JSON-RPC 2.0 ones with 200).
+/// The caller handles HTTP 401 (no JSON body).
+pub fn parse_reply(method: &str, status: u16, body: &[u8]) -> Result<Value, RpcError> {
+    let bad = |reason: String| RpcError::BadReply { method: method.to_string(), reason };
+    let mut v: Value = serde_json::from_slice(body).map_err(|e| {
+        bad(format!("HTTP {status}, body is not JSON ({e}): {}", String::from_utf8_lossy(&body[..body.len().min(200)])))
+    })?;
+    if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+        let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
+        let message = err.get("message").and_then(Value::as_str).unwrap_or("").to_string();
+        if code == -28 {
+            return Err(RpcError::Warmup(message));
+        }
+        return Err(RpcError::Rpc { method: method.to_string(), code, message });
+    }
+    if status != 200 {
+        return Err(bad(format!("HTTP status {status}")));
+    }
+    v.get_mut("result").map(Value::take).ok_or_else(|| bad("no result".into()))
+}
+
+/// `getblockchaininfo`'s result.
+pub fn parse_chain_info(v: &Value) -> Result<ChainInfo, RpcError> {
+    let bad = |r: &str| RpcError::BadReply { method: "getblockchaininfo".into(), reason: r.to_string() };
+    let chain = v.get("chain").and_then(Value::as_str).ok_or_else(|| bad("no chain"))?.to_string();
+    let blocks = v.get("blocks").and_then(Value::as_u64).ok_or_else(|| bad("no blocks"))?;
+    let best = v.get("bestblockhash").and_then(Value::as_str).ok_or_else(|| bad("no bestblockhash"))?;
+    let best = BlockHash::from_str(best).map_err(|_| bad("bad bestblockhash"))?;
+    let ibd = v.get("initialblockdownload").and_then(Value::as_bool).unwrap_or(false);
+    let blocks = u32::try_from(blocks).map_err(|_| bad("height out of range"))?;
+    let headers = v.get("headers").and_then(Value::as_u64).and_then(|h| u32::try_from(h).ok()).unwrap_or(blocks);
+    Ok(ChainInfo { chain, blocks, headers, best, ibd })
+}
+
+/// `getblockhash`'s result.
+pub fn parse_block_hash(v: &Value) -> Result<BlockHash, RpcError> {
+    let bad = |reason: String| RpcError::BadReply { method: "getblockhash".into(), reason };
+    let s = v.as_str().ok_or_else(|| bad("result is not a string".into()))?;
+    BlockHash::from_str(s).map_err(|_| bad(format!("bad hash {s:?}")))
+}
+
+/// `getblockheader <hash> false`'s result: 80 bytes in hex.
+pub fn parse_header(v: &Value) -> Result<Header, RpcError> {
+    decode_hex::<Header>(v, "getblockheader")
+}
+
+/// `getblock <hash> 0`'s result: the serialized block in hex.
+pub fn parse_block(v: &Value) -> Result<Block, RpcError> {
+    decode_hex::<Block>(v, "getblock")
 }
 
 fn decode_hex<T: bitcoin::consensus::Decodable>(v: &Value, method: &str) -> Result<T, RpcError> {
