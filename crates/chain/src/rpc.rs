@@ -214,6 +214,9 @@ pub fn parse_endpoint(url: &str, cookie: Option<PathBuf>, network: Network) -> R
     if host.is_empty() {
         return Err(RpcError::Config(format!("no host in bitcoind URL {url:?}")));
     }
+    if path.parse::<Uri>().is_err() {
+        return Err(RpcError::Config(format!("bad path {path:?} in bitcoind URL")));
+    }
     let port = match port {
         Some(p) => p.parse::<u16>().map_err(|_| RpcError::Config(format!("bad port {p:?} in bitcoind URL")))?,
         None => default_port(network),
@@ -295,8 +298,13 @@ impl RpcClient {
         RpcClient { ep, timeout, limits, conn: None, next_id: 0 }
     }
 
+    /// `host:port` (`[v6]:port`), for messages and the `Host` header.
     fn addr(&self) -> String {
-        format!("{}:{}", self.ep.host, self.ep.port)
+        if self.ep.host.contains(':') {
+            format!("[{}]:{}", self.ep.host, self.ep.port)
+        } else {
+            format!("{}:{}", self.ep.host, self.ep.port)
+        }
     }
 
     /// Drops the connection (the next call reconnects and re-reads the cookie).
@@ -420,7 +428,7 @@ impl RpcClient {
                         self.limits.max_head, self.limits.max_headers
                     )))
                 }
-                Err(e) if e.is_parse() || e.is_parse_status() => return Err(bad(format!("bad HTTP response: {e}"))),
+                Err(e) if e.is_parse() => return Err(bad(format!("bad HTTP response: {e}"))),
                 Err(e) => return Err(RpcError::Unreachable { addr, reason: error_chain(&e) }),
             }
         };
@@ -587,5 +595,6 @@ mod tests {
         assert_eq!((e.host.as_str(), e.port, e.path.as_str()), ("::1", 8332, "/wallet/w"));
         assert!(parse_endpoint("https://h:1", None, Network::Regtest).is_err());
         assert!(parse_endpoint("http://u:p@h:notaport", None, Network::Regtest).is_err());
+        assert!(parse_endpoint("http://u:p@h:1/wal let", None, Network::Regtest).is_err());
     }
 }
