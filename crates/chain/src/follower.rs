@@ -234,7 +234,9 @@ impl<L: ChainLink> Follower<L> {
 
     /// Follows until the task is dropped.
     pub(crate) async fn run(mut self, mut init_done: watch::Receiver<bool>) {
-        self.set(|s| s.phase = Phase::WaitingForInit);
+        if !*init_done.borrow() {
+            self.set(|s| s.phase = Phase::WaitingForInit);
+        }
         if init_done.wait_for(|v| *v).await.is_err() {
             info!("hsmd_init was never answered; chain follower not started");
             return;
