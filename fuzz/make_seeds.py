@@ -3,7 +3,7 @@
 
 Frames come from the recorded CLN sessions in testdata/traces/*/*.jsonl (one message per hsmd
 type, at most 2 KiB each); MQTT packets are encoded here by hand; tokens are upstream's test
-vectors. Re-running it rewrites the seed-* files and leaves everything else (corpus entries the
+vectors; bitcoind's replies carry a regtest block built and mined here. Re-running it rewrites the seed-* files and leaves everything else (corpus entries the
 fuzzer found, regression inputs) alone.
 """
 import glob
@@ -295,6 +295,61 @@ def lss_seeds():
         write("lss", "res-%s" % v.lower(),
               mp_map(1) + mp_str(v) + mp_map(2) + mp_str("client_hmac") + mp_bin(b"\x44" * 32) + mp_muts(muts))
     write("lss", "res-putconflictconfirmed", mp_map(1) + mp_str("PutConflictConfirmed"))
+# --- bitcoind's JSON-RPC replies (target bitcoind_reply: method u8 | HTTP status u16 BE | body) --
+def dsha(b):
+    return hashlib.sha256(hashlib.sha256(b).digest()).digest()
+
+
+REGTEST_GENESIS = "0f9188f13cb7b2c71f2a335e3a4fc328bf5beb436012afca590b1a11466e2206"
+
+
+def regtest_block():
+    """Block 1 on regtest's genesis, as bitcoind mines it: a BIP34 coinbase paying OP_TRUE with a
+    witness commitment (BIP141), valid proof of work under regtest's limit (bits 0x207fffff)."""
+    commitment = dsha(bytes(64))  # witness root of a coinbase-only block is 0; reserved value 0
+    outputs = (struct.pack("<Q", 50 * 100_000_000) + b"\x01\x51"
+               + struct.pack("<Q", 0) + b"\x26\x6a\x24\xaa\x21\xa9\xed" + commitment)
+    txin = bytes(32) + b"\xff\xff\xff\xff" + b"\x03\x51\x01\x2a" + b"\xff\xff\xff\xff"
+    base = struct.pack("<i", 2) + b"\x01" + txin + b"\x02" + outputs + bytes(4)
+    with_witness = (struct.pack("<i", 2) + b"\x00\x01" + b"\x01" + txin + b"\x02" + outputs
+                    + b"\x01\x20" + bytes(32) + bytes(4))
+    merkle = dsha(base)
+    target = 0x7FFFFF << (8 * (0x20 - 3))
+    prefix = (struct.pack("<I", 0x20000000) + bytes.fromhex(REGTEST_GENESIS)[::-1] + merkle
+              + struct.pack("<II", 1_795_466_161, 0x207FFFFF))
+    nonce = 0
+    while int.from_bytes(dsha(prefix + struct.pack("<I", nonce)), "little") > target:
+        nonce += 1
+    header = prefix + struct.pack("<I", nonce)
+    return header, header + b"\x01" + with_witness
+
+
+def rpc_seed(name, method, status, body):
+    write("bitcoind_reply", name, bytes([method]) + struct.pack(">H", status) + body.encode())
+
+
+def bitcoind_seeds():
+    header, block = regtest_block()
+    best = dsha(header)[::-1].hex()
+    ok = lambda result: json.dumps({"result": result, "error": None, "id": 1}) + "\n"
+    err = lambda code, msg: json.dumps({"result": None, "error": {"code": code, "message": msg}, "id": 1}) + "\n"
+    info = {"chain": "regtest", "blocks": 1, "headers": 1, "bestblockhash": best,
+            "difficulty": 4.656542373906925e-10, "time": 1795466161, "mediantime": 1795466161,
+            "verificationprogress": 1, "initialblockdownload": False,
+            "chainwork": "%064x" % 4, "size_on_disk": 577, "pruned": False, "warnings": []}
+    rpc_seed("info", 0, 200, ok(info))
+    rpc_seed("info-v2", 0, 200, json.dumps({"jsonrpc": "2.0", "result": info, "id": 1}) + "\n")
+    rpc_seed("info-warmup", 0, 500, err(-28, "Loading block index\u2026"))
+    rpc_seed("unauthorized", 0, 401, "")
+    rpc_seed("hash", 1, 200, ok(best))
+    rpc_seed("hash-out-of-range", 1, 500, err(-8, "Block height out of range"))
+    rpc_seed("header", 2, 200, ok(header.hex()))
+    rpc_seed("header-not-found", 2, 500, err(-5, "Block not found"))
+    rpc_seed("block-segwit", 3, 200, ok(block.hex()))
+    rpc_seed("block-trailing-data", 3, 200, ok(block.hex() + "00"))
+    rpc_seed("method-not-found", 3, 404, err(-32601, "Method not found"))
+    rpc_seed("proxy-error-page", 3, 502, "<html><body>502 Bad Gateway</body></html>")
+    rpc_seed("nested", 0, 200, "[" * 200 + "]" * 200)
 
 
 def main():
@@ -305,6 +360,7 @@ def main():
     control_seeds()
     lss_seeds()
     config_seeds()
+    bitcoind_seeds()
     for t in sorted(os.listdir(CORPUS)):
         if not os.path.isdir(os.path.join(CORPUS, t)):
             continue

@@ -1,8 +1,8 @@
 //! Reading and replaying `fuzz/corpus/<target>/` outside cargo-fuzz. Not part of the fuzz
 //! library: compiled with `#[path]` into the main workspace's corpus tests
 //! (`crates/wire/tests/fuzz_corpus.rs`, `crates/mqtt-server/tests/mqtt_fuzz_corpus.rs`,
-//! `crates/broker/tests/config_fuzz_corpus.rs`), whose crates sit two levels below the repository
-//! root. Uses `std` only.
+//! `crates/broker/tests/config_fuzz_corpus.rs`, `crates/chain/tests/chain_fuzz_corpus.rs`), whose
+//! crates sit two levels below the repository root. Uses `std` only.
 
 use std::path::{Path, PathBuf};
 

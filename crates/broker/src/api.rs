@@ -221,6 +221,8 @@ pub struct ApiState {
     pub relay: RelayHandle,
     /// The pinned node id.
     pub pin: Arc<PinStore>,
+    /// The chain follower's status (`GET /v1/chain`).
+    pub chain: watch::Receiver<sphinx_chain::FollowerStatus>,
 }
 
 /// Why the API did not start.
@@ -437,8 +439,11 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
             control(shared, &id, req).await
         }
         (&Method::GET, ["v1", "events"]) => events(shared),
+        (&Method::GET, ["v1", "chain"]) => chain_status(shared),
         (&Method::GET, ["v1", "chain", "heartbeat"]) => heartbeat(shared).await,
-        (_, ["v1", "signers"]) | (_, ["v1", "events"]) | (_, ["v1", "chain", "heartbeat"]) => method_not_allowed("GET"),
+        (_, ["v1", "signers"]) | (_, ["v1", "events"]) | (_, ["v1", "chain"]) | (_, ["v1", "chain", "heartbeat"]) => {
+            method_not_allowed("GET")
+        }
         (_, ["v1", "signers", _, "control"]) => method_not_allowed("POST"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     };
@@ -744,6 +749,71 @@ fn events(shared: &Shared) -> Response<ApiBody> {
     r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
     r
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /v1/chain
+
+#[derive(Serialize)]
+struct TipJson {
+    height: u32,
+    hash: String,
+}
+
+#[derive(Serialize)]
+struct FailureJson {
+    text: String,
+    time: u64,
+    restarted: bool,
+}
+
+#[derive(Serialize)]
+struct ChainHeartbeatJson {
+    chain_height: u32,
+    chain_tip: String,
+    current_timestamp: u32,
+    verified: bool,
+}
+
+#[derive(Serialize)]
+struct ChainJson {
+    phase: &'static str,
+    signer_tip: Option<TipJson>,
+    bitcoind_tip: Option<TipJson>,
+    blocks_added: u64,
+    blocks_removed: u64,
+    consecutive_failures: u32,
+    failures_total: u64,
+    restarts: u64,
+    last_error: Option<String>,
+    last_failure: Option<FailureJson>,
+    heartbeat: Option<ChainHeartbeatJson>,
+}
+
+fn chain_status(shared: &Shared) -> Response<ApiBody> {
+    let s = shared.state.chain.borrow().clone();
+    let tip = |t: Option<(u32, bitcoin::BlockHash)>| t.map(|(height, h)| TipJson { height, hash: h.to_string() });
+    json(
+        StatusCode::OK,
+        &ChainJson {
+            phase: s.phase.name(),
+            signer_tip: tip(s.signer_tip),
+            bitcoind_tip: tip(s.bitcoind_tip),
+            blocks_added: s.blocks_added,
+            blocks_removed: s.blocks_removed,
+            consecutive_failures: s.consecutive_failures,
+            failures_total: s.failures_total,
+            restarts: s.restarts,
+            last_error: s.last_error,
+            last_failure: s.last_failure.map(|f| FailureJson { text: f.text, time: f.time, restarted: f.restarted }),
+            heartbeat: s.heartbeat.map(|h| ChainHeartbeatJson {
+                chain_height: h.chain_height,
+                chain_tip: h.chain_tip.to_string(),
+                current_timestamp: h.current_timestamp,
+                verified: h.verified,
+            }),
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

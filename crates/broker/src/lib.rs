@@ -27,6 +27,7 @@ pub mod relay;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 
+use sphinx_chain as chain;
 use sphinx_mqtt_server::{self as mqtt, StartError};
 use tokio::sync::mpsc;
 
@@ -45,6 +46,9 @@ pub struct Broker {
     pub hub: Arc<hub::SignerHub>,
     /// The operator API, when configured (dropping it stops the API).
     pub api: Option<api::ApiHandle>,
+    /// Where the chain follower reports (the API reads it): give it to
+    /// [`chain::spawn_reporting`].
+    pub chain_status: tokio::sync::watch::Sender<chain::FollowerStatus>,
 }
 
 /// Starts the MQTT server, the relay and, when configured, the operator API.
@@ -76,10 +80,19 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
     let (link_tx, link_rx) = mpsc::channel(1024);
     tokio::spawn(mqtt_link::forward_events(mqtt_events, link_tx, hub.clone()));
     let relay = relay::spawn(cfg.relay.clone(), Arc::new(mqtt.clone()), link_rx, pin.clone());
+    // With bitcoind configured, chain following waits for lightningd's init from the start.
+    let phase = if cfg.bitcoind.enabled() { chain::Phase::WaitingForInit } else { chain::Phase::Disabled };
+    let (chain_status, chain_rx) = tokio::sync::watch::channel(chain::FollowerStatus { phase, ..Default::default() });
     let api = match cfg.api.listen {
         None => None,
         Some(_) => {
-            let state = api::ApiState { mqtt: mqtt.clone(), hub: hub.clone(), relay: relay.clone(), pin: pin.clone() };
+            let state = api::ApiState {
+                mqtt: mqtt.clone(),
+                hub: hub.clone(),
+                relay: relay.clone(),
+                pin: pin.clone(),
+                chain: chain_rx,
+            };
             match api::start(&cfg.api, state).await {
                 Ok(h) => Some(h),
                 Err(e) => {
@@ -89,7 +102,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
             }
         }
     };
-    Ok(Broker { relay, mqtt, pin, hub, api })
+    Ok(Broker { relay, mqtt, pin, hub, api, chain_status })
 }
 
 /// Runs as lightningd's hsmd on `root` (fd 3) until lightningd closes it.
@@ -102,10 +115,11 @@ pub async fn run_hsmd(
     let broker = start(cfg).await?;
     let server = Arc::new(hsmd::HsmdServer::new(broker.relay.clone(), cfg.network, status, log_io)?);
     // Chain tracking: follows bitcoind once a signer has answered lightningd's hsmd_init.
-    let follower = sphinx_chain::spawn(
-        sphinx_chain::FollowerConfig::new(cfg.bitcoind.clone(), cfg.network).with_data_dir(&cfg.data_dir),
+    let follower = chain::spawn_reporting(
+        chain::FollowerConfig::new(cfg.bitcoind.clone(), cfg.network).with_data_dir(&cfg.data_dir),
         broker.relay.clone(),
         server.init_done(),
+        broker.chain_status.clone(),
     );
     let served = server.serve_root(root).await;
     follower.task.abort();

@@ -280,6 +280,7 @@ async fn every_endpoint_needs_the_bearer_token() {
     let cases: Vec<(Method, String)> = vec![
         (Method::GET, "/v1/signers".into()),
         (Method::GET, "/v1/events".into()),
+        (Method::GET, "/v1/chain".into()),
         (Method::GET, "/v1/chain/heartbeat".into()),
         (Method::POST, format!("/v1/signers/{node}/control")),
         (Method::GET, "/nope".into()),
@@ -574,6 +575,8 @@ fn broker_binary_serves_the_api_and_exits_when_lightningd_closes_fd3() {
         .env("SPHINX_BROKER_MQTT_LISTEN", "127.0.0.1:0")
         .env("SPHINX_BROKER_API_LISTEN", "127.0.0.1:0")
         .env("SPHINX_BROKER_API_TOKEN_FILE", &token_file)
+        // Nothing listens there: chain following waits for lightningd's init anyway.
+        .env("SPHINX_BROKER_BITCOIND_URL", "http://u:p@127.0.0.1:9")
         .current_dir(&dir.0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -615,6 +618,12 @@ fn broker_binary_serves_the_api_and_exits_when_lightningd_closes_fd3() {
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         let (status, ..) = get(addr, "/v1/signers").await;
         assert_eq!(status, StatusCode::OK);
+        // The chain follower's status: configured, waiting for lightningd's hsmd_init.
+        let (status, _, body) = get(addr, "/v1/chain").await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["phase"], "waiting_for_init", "{v}");
+        assert_eq!((v["restarts"].as_u64(), v["signer_tip"].is_null()), (Some(0), true), "{v}");
     });
     // lightningd goes away.
     drop(ours);

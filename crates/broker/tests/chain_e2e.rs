@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bitcoin::Network;
 use common::{start_key, Dir, KeyProc};
 use fake_bitcoind::{Config as FakeConfig, FakeBitcoind};
+use sphinx_broker::api::ApiToken;
 use sphinx_broker::config::Config;
 use sphinx_chain::signer::SignerChain;
 use sphinx_chain::{self as chain, BitcoindSettings, FollowerConfig, FollowerStatus, Phase};
@@ -44,6 +45,26 @@ fn trace_request(ty: u16) -> Vec<u8> {
     panic!("no request of type {ty}");
 }
 
+const API_TOKEN: &str = "chain-e2e-api-token-0123456789";
+
+/// `GET path` on the operator API at `addr` with the token: the JSON body of a 200.
+async fn api_get(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(io).await.unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, "localhost")
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {API_TOKEN}"))
+        .body(Empty::new())
+        .unwrap();
+    let resp = tokio::time::timeout(BOUND, sender.send_request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), hyper::StatusCode::OK, "GET {path}");
+    let body = tokio::time::timeout(BOUND, resp.into_body().collect()).await.unwrap().unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
 async fn wait(
     rx: &mut watch::Receiver<FollowerStatus>,
     what: &str,
@@ -62,6 +83,8 @@ async fn chain_e2e_over_mqtt_with_a_signer_process() {
 
     let mut cfg = Config { network: Network::Regtest, data_dir: dir.0.join("broker"), ..Config::default() };
     cfg.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.api.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.api.token = Some(ApiToken::new(API_TOKEN).unwrap());
     let broker = sphinx_broker::start(&cfg).await.unwrap();
     let listen = broker.mqtt.local_addr().to_string();
     let signer = start_signer(&dir.0.join("key"), &listen);
@@ -85,7 +108,7 @@ async fn chain_e2e_over_mqtt_with_a_signer_process() {
     fc.poll_interval = Duration::from_millis(20);
     fc.heartbeat_interval = Duration::ZERO;
     let (init_done, init_rx) = watch::channel(true);
-    let mut f = chain::spawn(fc, broker.relay.clone(), init_rx);
+    let mut f = chain::spawn_reporting(fc, broker.relay.clone(), init_rx, broker.chain_status.clone());
 
     // CLN requests keep flowing over MQTT while 300 blocks are caught up.
     let check_pubkey = trace_request(28);
@@ -124,6 +147,23 @@ async fn chain_e2e_over_mqtt_with_a_signer_process() {
     let hb = chain::fetch_heartbeat(broker.relay.clone()).await.unwrap();
     assert!(hb.verified);
     assert_eq!((hb.chain_height, hb.chain_tip), tip);
+
+    // The operator sees the same through the API: tips, counters, the refused block.
+    let api = broker.api.as_ref().unwrap().local_addr();
+    let v = api_get(api, "/v1/chain").await;
+    eprintln!("GET /v1/chain: {v}");
+    assert_eq!(v["signer_tip"]["height"], tip.0);
+    assert_eq!(v["signer_tip"]["hash"], tip.1.to_string());
+    assert_eq!(v["bitcoind_tip"]["height"], tip.0 + 1);
+    assert_eq!(v["blocks_removed"], 3);
+    assert_eq!(v["restarts"], 0);
+    assert_eq!(v["phase"], "retrying");
+    assert!(v["failures_total"].as_u64().unwrap() >= 1);
+    assert!(v["last_error"].as_str().unwrap().contains("bad proof of work"), "{v}");
+    let failure = &v["last_failure"];
+    assert!(failure["text"].as_str().unwrap().contains("bad proof of work"), "{v}");
+    assert!(failure["time"].as_u64().unwrap() > 1_700_000_000 && failure["restarted"] == false, "{v}");
+    assert_eq!(v["heartbeat"]["verified"], true);
     f.task.abort();
     drop(init_done);
     drop(signer);

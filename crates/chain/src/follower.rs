@@ -6,9 +6,10 @@
 //! `RemoveBlock`s down to the fork point, then `AddBlock`s). When the signer is at bitcoind's
 //! tip, the follower asks for a signed heartbeat now and then and polls bitcoind.
 //!
-//! Failures (bitcoind down or warming up, bad login, a refused block, a slow or absent signer)
-//! are logged and retried with exponential backoff; after any failure the signer's tip is read
-//! again, so the follower never acts on a stale idea of the signer's state.
+//! Failures (bitcoind down or warming up, a bad or oversized reply, bad login, a refused block, a
+//! slow or absent signer) are logged and retried with exponential backoff; after any failure the
+//! signer's tip is read again, so the follower never acts on a stale idea of the signer's state.
+//! A panic ends the task; the supervisor in `lib.rs` starts a new follower.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,7 +29,7 @@ use txoo::Attestation;
 
 use crate::rpc::{chain_name, RpcClient, RpcError};
 use crate::signer::{NodeInfo, SignerCallError, SignerChain};
-use crate::{ChainLink, FollowerConfig, FollowerStatus, Phase};
+use crate::{ChainLink, Failure, FollowerConfig, FollowerStatus, Phase};
 
 /// Why one step of following failed; `E` is the [`ChainLink`]'s error.
 #[derive(Debug, thiserror::Error)]
@@ -228,7 +229,9 @@ impl<L: ChainLink> Follower<L> {
 
     /// Follows until the task is dropped.
     pub(crate) async fn run(mut self, mut init_done: watch::Receiver<bool>) {
-        self.set(|s| s.phase = Phase::WaitingForInit);
+        if !*init_done.borrow() {
+            self.set(|s| s.phase = Phase::WaitingForInit);
+        }
         if init_done.wait_for(|v| *v).await.is_err() {
             info!("hsmd_init was never answered; chain follower not started");
             return;
@@ -236,7 +239,8 @@ impl<L: ChainLink> Follower<L> {
         info!(network = %self.cfg.network, "signer initialised: following bitcoind");
         self.set(|s| s.phase = Phase::Starting);
         let mut backoff = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max);
-        let mut failures = 0u32;
+        // After a restart, the failure that caused it counts until the next success.
+        let mut failures = self.status.borrow().consecutive_failures;
         loop {
             match self.step().await {
                 Ok(step) => {
@@ -267,7 +271,9 @@ impl<L: ChainLink> Follower<L> {
                         FollowError::BadBlock { .. } | FollowError::WrongChain { .. } | FollowError::Unrelated(_) => {
                             error!(attempt = failures, retry_in = ?delay, "chain following: {text}")
                         }
-                        FollowError::Rpc(RpcError::Unauthorized(_)) | FollowError::Rpc(RpcError::Config(_)) => {
+                        FollowError::Rpc(RpcError::Unauthorized(_))
+                        | FollowError::Rpc(RpcError::Config(_))
+                        | FollowError::Rpc(RpcError::BadReply { .. }) => {
                             error!(attempt = failures, retry_in = ?delay, "chain following: {text}")
                         }
                         FollowError::Signer(SignerCallError::Link { .. })
@@ -276,11 +282,13 @@ impl<L: ChainLink> Follower<L> {
                         }
                         _ => warn!(attempt = failures, retry_in = ?delay, "chain following: {text}"),
                     }
+                    let failure = Failure { text: text.clone(), time: sphinx_wire::unix_now(), restarted: false };
                     self.set(|s| {
                         s.phase = Phase::Retrying;
                         s.consecutive_failures = failures;
                         s.failures_total += 1;
                         s.last_error = Some(text);
+                        s.last_failure = Some(failure);
                     });
                     tokio::time::sleep(delay).await;
                 }

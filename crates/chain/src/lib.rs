@@ -11,7 +11,10 @@
 //! requests in the relay's FIFO queue); tests implement it with an in-process signer.
 //!
 //! The crate is [`rpc`] (bitcoind JSON-RPC client), [`signer`] (the chain messages over a
-//! [`ChainLink`]) and [`follower`] (the loop).
+//! [`ChainLink`]) and [`follower`] (the loop). [`spawn`] runs the loop under a supervisor: a
+//! failed step is retried by the loop itself, and a panic anywhere in its task (a bug, or one in
+//! the link) restarts it from the signer's tip after a backoff. Both are logged, counted and
+//! shown in [`FollowerStatus`] (a `watch`, for the operator API and a metrics exporter).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -21,13 +24,17 @@ pub mod signer;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bitcoin::{BlockHash, Network};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
+use crate::follower::Backoff;
+
+pub use rpc::RpcLimits;
 pub use signer::Heartbeat;
 
 /// How chain messages reach the signer: one request, one reply (the seam between this crate and
@@ -39,6 +46,15 @@ pub trait ChainLink: Send + Sync + 'static {
     /// Sends `msg` (a VLS message: type + body) to the signer as a request of lightningd's root
     /// connection, and returns the signer's reply (type + body).
     fn request(&self, msg: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, Self::Error>> + Send;
+}
+
+/// A shared link is a link (the supervisor keeps one to hand to each restarted follower).
+impl<L: ChainLink> ChainLink for Arc<L> {
+    type Error = L::Error;
+
+    fn request(&self, msg: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, Self::Error>> + Send {
+        (**self).request(msg)
+    }
 }
 
 /// Where bitcoind is and how to log in (the `[bitcoind]` table of the broker's config file).
@@ -82,8 +98,10 @@ pub struct FollowerConfig {
     pub backoff_min: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
-    /// Bound on one bitcoind call.
+    /// Bound on one bitcoind call (connect, request and the whole reply).
     pub rpc_timeout: Duration,
+    /// Byte bounds on each bitcoind reply (head, header lines, body).
+    pub rpc_limits: rpc::RpcLimits,
     /// Where recent spend-filter headers are kept across restarts (`None`: recomputed from
     /// genesis or txoo's latest checkpoint after a restart).
     pub filter_cache: Option<PathBuf>,
@@ -91,7 +109,8 @@ pub struct FollowerConfig {
 
 impl FollowerConfig {
     /// Defaults: poll every 2 s on regtest and 30 s elsewhere, heartbeat every minute, backoff
-    /// 0.5 s doubling to 30 s, 30 s per bitcoind call, no filter-header file.
+    /// 0.5 s doubling to 30 s, 30 s per bitcoind call, [`rpc::RpcLimits::default`] per reply,
+    /// no filter-header file.
     pub fn new(settings: BitcoindSettings, network: Network) -> FollowerConfig {
         let poll = if network == Network::Regtest { Duration::from_secs(2) } else { Duration::from_secs(30) };
         FollowerConfig {
@@ -102,6 +121,7 @@ impl FollowerConfig {
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             rpc_timeout: Duration::from_secs(30),
+            rpc_limits: rpc::RpcLimits::default(),
             filter_cache: None,
         }
     }
@@ -131,7 +151,35 @@ pub enum Phase {
     Retrying,
 }
 
-/// The follower's state, for logs, tests and an operator status endpoint.
+impl Phase {
+    /// Its name in the operator API (`disabled`, `waiting_for_init`, `starting`, `catching_up`,
+    /// `synced`, `retrying`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Disabled => "disabled",
+            Phase::WaitingForInit => "waiting_for_init",
+            Phase::Starting => "starting",
+            Phase::CatchingUp => "catching_up",
+            Phase::Synced => "synced",
+            Phase::Retrying => "retrying",
+        }
+    }
+}
+
+/// A failure of the follower, kept after it recovers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// What went wrong (the error, or the panic message of a restarted task).
+    pub text: String,
+    /// When (Unix seconds).
+    pub time: u64,
+    /// Whether the follower's task panicked and was restarted (otherwise a step failed and was
+    /// retried).
+    pub restarted: bool,
+}
+
+/// The follower's state, for logs, tests, the operator API and a metrics exporter (the counters
+/// only grow while the broker runs).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FollowerStatus {
     /// What it is doing.
@@ -146,10 +194,14 @@ pub struct FollowerStatus {
     pub blocks_removed: u64,
     /// Failed steps in a row (0 when the last step worked).
     pub consecutive_failures: u32,
-    /// Failed steps since start.
+    /// Failures since start (failed steps and restarts).
     pub failures_total: u64,
-    /// The last failure, while it lasts.
+    /// Times the follower's task panicked and was restarted, since start.
+    pub restarts: u64,
+    /// The current failure, while it lasts (cleared by the next successful step).
     pub last_error: Option<String>,
+    /// The most recent failure and its time, kept after recovery.
+    pub last_failure: Option<Failure>,
     /// The latest signed heartbeat from the signer.
     pub heartbeat: Option<Heartbeat>,
 }
@@ -158,8 +210,8 @@ pub struct FollowerStatus {
 pub struct FollowerHandle {
     /// Its status, updated as it goes.
     pub status: watch::Receiver<FollowerStatus>,
-    /// The task (runs until aborted; ends by itself only when chain tracking is off or
-    /// lightningd never got an `hsmd_init` answer).
+    /// The supervisor's task (runs until aborted, which stops the follower too; ends by itself
+    /// only when chain tracking is off or lightningd never got an `hsmd_init` answer).
     pub task: JoinHandle<()>,
 }
 
@@ -170,23 +222,98 @@ pub struct FollowerHandle {
 /// work (bad URL) are logged as an error and the task ends (check them at start-up with
 /// [`BitcoindSettings::check`]).
 pub fn spawn<L: ChainLink>(cfg: FollowerConfig, link: L, init_done: watch::Receiver<bool>) -> FollowerHandle {
-    let (tx, rx) = watch::channel(FollowerStatus::default());
+    spawn_reporting(cfg, link, init_done, watch::channel(FollowerStatus::default()).0)
+}
+
+/// [`spawn`], reporting into `status` (a channel made before the follower, e.g. so that the
+/// operator API can hold its receiver from the start).
+pub fn spawn_reporting<L: ChainLink>(
+    cfg: FollowerConfig,
+    link: L,
+    init_done: watch::Receiver<bool>,
+    status: watch::Sender<FollowerStatus>,
+) -> FollowerHandle {
+    let rx = status.subscribe();
     let Some(url) = cfg.settings.url.clone() else {
         info!("no bitcoind configured: chain tracking is off (the signer's tracker is not fed)");
+        status.send_modify(|s| s.phase = Phase::Disabled);
         return FollowerHandle { status: rx, task: tokio::spawn(async {}) };
     };
     let ep = match rpc::parse_endpoint(&url, cfg.settings.cookie_file.clone(), cfg.network) {
         Ok(ep) => ep,
         Err(e) => {
             error!("chain tracking disabled: {e}");
-            tx.send_modify(|s| s.last_error = Some(e.to_string()));
-            return FollowerHandle { status: rx, task: tokio::spawn(async move { drop(tx) }) };
+            let failure = Failure { text: e.to_string(), time: sphinx_wire::unix_now(), restarted: false };
+            status.send_modify(|s| {
+                s.phase = Phase::Disabled;
+                s.last_error = Some(failure.text.clone());
+                s.last_failure = Some(failure);
+            });
+            return FollowerHandle { status: rx, task: tokio::spawn(async move { drop(status) }) };
         }
     };
     info!(host = %ep.host, port = ep.port, cookie = matches!(ep.login, rpc::Login::Cookie(_)), "chain tracking configured");
-    let client = rpc::RpcClient::new(ep, cfg.rpc_timeout);
-    let f = follower::Follower::new(cfg, client, signer::SignerChain::new(link), tx);
-    FollowerHandle { status: rx, task: tokio::spawn(f.run(init_done)) }
+    status.send_modify(|s| s.phase = Phase::WaitingForInit);
+    FollowerHandle { status: rx, task: tokio::spawn(supervise(cfg, ep, Arc::new(link), init_done, status)) }
+}
+
+/// Aborts the task when dropped (so that aborting the supervisor stops the follower too).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The text of a panic payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => s,
+        (_, Some(s)) => s,
+        _ => "(no message)",
+    }
+}
+
+/// Runs the follower in its own task and starts a fresh one (new connection, signer's tip read
+/// again) after a backoff whenever that task panics. The counters in `status` carry over.
+async fn supervise<L: ChainLink>(
+    cfg: FollowerConfig,
+    ep: rpc::Endpoint,
+    link: Arc<L>,
+    init_done: watch::Receiver<bool>,
+    status: watch::Sender<FollowerStatus>,
+) {
+    let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+    loop {
+        let client = rpc::RpcClient::with_limits(ep.clone(), cfg.rpc_timeout, cfg.rpc_limits);
+        let f = follower::Follower::new(cfg.clone(), client, signer::SignerChain::new(link.clone()), status.clone());
+        let started = Instant::now();
+        let mut task = AbortOnDrop(tokio::spawn(f.run(init_done.clone())));
+        let payload = match (&mut task.0).await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => e.into_panic(),
+            Err(_) => return, // cancelled: the runtime is shutting down
+        };
+        if started.elapsed() >= cfg.backoff_max {
+            // It ran for a while: this is not a crash loop.
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        let text = format!("the chain follower's task panicked: {}", panic_text(payload.as_ref()));
+        let restarts = status.borrow().restarts + 1;
+        error!(restarts, restart_in = ?delay, "{text}; restarting it from the signer's tip");
+        let failure = Failure { text: text.clone(), time: sphinx_wire::unix_now(), restarted: true };
+        status.send_modify(|s| {
+            s.phase = Phase::Retrying;
+            s.restarts = restarts;
+            s.failures_total += 1;
+            s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+            s.last_error = Some(text);
+            s.last_failure = Some(failure);
+        });
+        tokio::time::sleep(delay).await;
+    }
 }
 
 /// Fetches the signer's latest signed heartbeat (for the operator), verified against the node's

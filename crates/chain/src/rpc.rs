@@ -1,8 +1,17 @@
-//! A small bitcoind JSON-RPC client: HTTP/1.1 with basic auth over one keep-alive TCP
-//! connection, for the four calls the follower needs.
+//! The bitcoind JSON-RPC client: HTTP/1.1 with basic auth on hyper's client connection (one
+//! keep-alive connection, reconnected on demand), for the four calls the follower needs.
+//!
+//! Every reply is untrusted input, and every read is bounded in bytes ([`RpcLimits`]): the status
+//! line and headers together and their count (hyper's `max_header_size`, `max_buf_size` and
+//! `max_headers`: the client errors as soon as the bound is reached, however long the line), and
+//! the body (a declared `Content-Length` over the bound is refused before reading; otherwise
+//! http-body-util's `Limited` stops at the bound, for fixed-length, chunked and close-delimited
+//! bodies alike). hyper parses chunk sizes with checked arithmetic and bounds chunk extensions and
+//! trailers. The whole call (cookie, connect, request, head, body) is bounded by the timeout.
+//! Nothing here panics on a reply.
 //!
 //! The cookie file is read again on every new connection, because bitcoind writes a new cookie
-//! each time it starts. Every reply is untrusted input: nothing here panics on it.
+//! each time it starts.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -12,13 +21,38 @@ use base64::Engine;
 use bitcoin::block::Header;
 use bitcoin::consensus::encode::deserialize_hex;
 use bitcoin::{Block, BlockHash, Network};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Body;
+use hyper::client::conn::http1;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 use tracing::debug;
 
-/// Largest HTTP body accepted (a 4 MB block is 8 MB of hex).
-const MAX_BODY: usize = 64 << 20;
+/// Largest cookie file read (bitcoind's is `__cookie__:` and 64 hex digits).
+const MAX_COOKIE: u64 = 4096;
+
+/// Byte bounds on what is read from bitcoind (see `SECURITY.md` for the defaults and why).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RpcLimits {
+    /// Status line and headers together, in bytes (default 16 KiB; bitcoind sends about 150).
+    pub max_head: usize,
+    /// Header lines (default 32; bitcoind sends 3 or 4).
+    pub max_headers: usize,
+    /// Body, in bytes (default 16 MiB: the largest block, 4 MB, is 8 MB of hex in `getblock`).
+    pub max_body: usize,
+}
+
+impl Default for RpcLimits {
+    fn default() -> Self {
+        RpcLimits { max_head: 16 << 10, max_headers: 32, max_body: 16 << 20 }
+    }
+}
 
 /// Why a bitcoind call failed.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +214,9 @@ pub fn parse_endpoint(url: &str, cookie: Option<PathBuf>, network: Network) -> R
     if host.is_empty() {
         return Err(RpcError::Config(format!("no host in bitcoind URL {url:?}")));
     }
+    if path.parse::<Uri>().is_err() {
+        return Err(RpcError::Config(format!("bad path {path:?} in bitcoind URL")));
+    }
     let port = match port {
         Some(p) => p.parse::<u16>().map_err(|_| RpcError::Config(format!("bad port {p:?} in bitcoind URL")))?,
         None => default_port(network),
@@ -227,23 +264,47 @@ pub fn chain_name(network: Network) -> &'static str {
     }
 }
 
+/// A live connection: hyper's request handle, the task that drives the connection (aborted when
+/// this is dropped, so a dropped connection is closed at once) and the login read for it.
+struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+    auth: HeaderValue,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The client: one connection at a time, reconnecting on demand.
 pub struct RpcClient {
     ep: Endpoint,
     timeout: Duration,
-    conn: Option<BufReader<TcpStream>>,
-    auth_header: String,
+    limits: RpcLimits,
+    conn: Option<Conn>,
     next_id: u64,
 }
 
 impl RpcClient {
-    /// A client for `ep`; each call is bounded by `timeout`.
+    /// A client for `ep` with the default [`RpcLimits`]; each call is bounded by `timeout`.
     pub fn new(ep: Endpoint, timeout: Duration) -> RpcClient {
-        RpcClient { ep, timeout, conn: None, auth_header: String::new(), next_id: 0 }
+        RpcClient::with_limits(ep, timeout, RpcLimits::default())
     }
 
+    /// A client for `ep` reading at most `limits` of each reply; each call is bounded by `timeout`.
+    pub fn with_limits(ep: Endpoint, timeout: Duration, limits: RpcLimits) -> RpcClient {
+        RpcClient { ep, timeout, limits, conn: None, next_id: 0 }
+    }
+
+    /// `host:port` (`[v6]:port`), for messages and the `Host` header.
     fn addr(&self) -> String {
-        format!("{}:{}", self.ep.host, self.ep.port)
+        if self.ep.host.contains(':') {
+            format!("[{}]:{}", self.ep.host, self.ep.port)
+        } else {
+            format!("{}:{}", self.ep.host, self.ep.port)
+        }
     }
 
     /// Drops the connection (the next call reconnects and re-reads the cookie).
@@ -251,30 +312,48 @@ impl RpcClient {
         self.conn = None;
     }
 
-    async fn connect(&mut self) -> Result<(), RpcError> {
+    async fn read_cookie(path: &PathBuf) -> Result<(String, String), RpcError> {
+        let err = |reason: String| RpcError::Cookie { path: path.clone(), reason };
+        let file = tokio::fs::File::open(path).await.map_err(|e| err(e.to_string()))?;
+        let mut raw = Vec::new();
+        file.take(MAX_COOKIE + 1).read_to_end(&mut raw).await.map_err(|e| err(e.to_string()))?;
+        if raw.len() as u64 > MAX_COOKIE {
+            return Err(err(format!("larger than {MAX_COOKIE} bytes: not a bitcoind cookie")));
+        }
+        let text = String::from_utf8(raw).map_err(|_| err("not UTF-8".into()))?;
+        let (u, p) = text.trim_end().split_once(':').ok_or_else(|| err("no ':' in the cookie".into()))?;
+        Ok((u.to_string(), p.to_string()))
+    }
+
+    async fn connect(&self) -> Result<Conn, RpcError> {
         let (user, pass) = match &self.ep.login {
             Login::Static(u, p) => (u.clone(), p.clone()),
-            Login::Cookie(path) => {
-                let text = tokio::fs::read_to_string(path)
-                    .await
-                    .map_err(|e| RpcError::Cookie { path: path.clone(), reason: e.to_string() })?;
-                let (u, p) = text
-                    .trim_end()
-                    .split_once(':')
-                    .ok_or_else(|| RpcError::Cookie { path: path.clone(), reason: "no ':' in the cookie".into() })?;
-                (u.to_string(), p.to_string())
-            }
+            Login::Cookie(path) => Self::read_cookie(path).await?,
         };
-        self.auth_header =
-            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")));
+        let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")));
+        let auth = HeaderValue::from_str(&basic)
+            .map_err(|_| RpcError::Config("the login cannot be sent in an HTTP header".into()))?;
         let addr = self.addr();
-        let stream = TcpStream::connect((self.ep.host.as_str(), self.ep.port))
-            .await
-            .map_err(|e| RpcError::Unreachable { addr: addr.clone(), reason: e.to_string() })?;
+        let unreachable = |reason: String| RpcError::Unreachable { addr: addr.clone(), reason };
+        let stream =
+            TcpStream::connect((self.ep.host.as_str(), self.ep.port)).await.map_err(|e| unreachable(e.to_string()))?;
         let _ = stream.set_nodelay(true);
+        // hyper refuses a head over `max_header_size` as soon as that much is buffered, and never
+        // buffers more than `max_buf_size` (which it requires to be at least 8 KiB).
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(self.limits.max_head.max(8192))
+            .max_header_size(self.limits.max_head)
+            .max_headers(self.limits.max_headers)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "bitcoind connection ended");
+            }
+        });
         debug!(bitcoind = %addr, "connected to bitcoind");
-        self.conn = Some(BufReader::new(stream));
-        Ok(())
+        Ok(Conn { sender, auth, task })
     }
 
     /// One JSON-RPC call; returns `result`.
@@ -297,70 +376,86 @@ impl RpcClient {
 
     async fn call_inner(&mut self, method: &str, params: Value) -> Result<Value, RpcError> {
         self.next_id += 1;
-        let body = json!({"jsonrpc": "1.0", "id": self.next_id, "method": method, "params": params}).to_string();
-        // A kept-alive connection may have been closed by bitcoind: retry once on a fresh one.
-        let reused = self.conn.is_some();
-        let (status, bytes) = match self.exchange(method, &body).await {
-            Ok(r) => r,
-            Err(RpcError::Unreachable { .. }) if reused => self.exchange(method, &body).await?,
-            Err(e) => return Err(e),
-        };
-        if status == 401 {
+        let body =
+            Bytes::from(json!({"jsonrpc": "1.0", "id": self.next_id, "method": method, "params": params}).to_string());
+        let (status, bytes) = self.exchange(method, body).await?;
+        if status == StatusCode::UNAUTHORIZED {
             return Err(RpcError::Unauthorized(self.addr()));
         }
-        let bad = |reason: String| RpcError::BadReply { method: method.to_string(), reason };
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
-            bad(format!(
-                "HTTP {status}, body is not JSON ({e}): {}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-            ))
-        })?;
-        if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
-            let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
-            let message = err.get("message").and_then(Value::as_str).unwrap_or("").to_string();
-            if code == -28 {
-                return Err(RpcError::Warmup(message));
-            }
-            return Err(RpcError::Rpc { method: method.to_string(), code, message });
-        }
-        if status != 200 {
-            return Err(bad(format!("HTTP status {status}")));
-        }
-        v.get("result").cloned().ok_or_else(|| bad("no result".into()))
+        parse_reply(method, status.as_u16(), &bytes)
     }
 
-    /// Sends one request on the current connection (connecting first if there is none) and
-    /// reads the response. Any failure drops the connection.
-    async fn exchange(&mut self, method: &str, body: &str) -> Result<(u16, Vec<u8>), RpcError> {
-        if self.conn.is_none() {
-            self.connect().await?;
-        }
+    /// Sends one request (connecting first if there is no connection) and reads the whole
+    /// response within the limits: (status, body).
+    async fn exchange(&mut self, method: &str, body: Bytes) -> Result<(StatusCode, Bytes), RpcError> {
         let addr = self.addr();
-        let req = format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
-            self.ep.path,
-            addr,
-            self.auth_header,
-            body.len(),
-            body
-        );
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(RpcError::Unreachable { addr, reason: "not connected".into() });
-        };
-        let res = read_exchange(conn, req.as_bytes()).await;
-        match res {
-            Ok((status, body, keep)) => {
-                if !keep {
-                    self.conn = None;
+        let bad = |reason: String| RpcError::BadReply { method: method.to_string(), reason };
+        let uri: Uri =
+            self.ep.path.parse().map_err(|_| RpcError::Config(format!("bad URL path {:?}", self.ep.path)))?;
+        let mut reused = true;
+        let response = loop {
+            // bitcoind closes idle connections: a kept-alive one may be gone.
+            let kept = match self.conn.take() {
+                Some(mut c) => c.sender.ready().await.is_ok().then_some(c),
+                None => None,
+            };
+            let conn = match kept {
+                Some(c) => c,
+                None => {
+                    reused = false;
+                    self.connect().await?
                 }
-                Ok((status, body))
+            };
+            let conn = self.conn.insert(conn);
+            let req = Request::post(uri.clone())
+                .header(header::HOST, addr.as_str())
+                .header(header::AUTHORIZATION, conn.auth.clone())
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body.clone()))
+                .map_err(|e| RpcError::Config(format!("cannot build the request: {e}")))?;
+            match conn.sender.send_request(req).await {
+                Ok(r) => break r,
+                // Closed before any answer on a connection that had served calls: once more
+                // on a fresh one (the four calls are read-only).
+                Err(e) if reused && (e.is_canceled() || e.is_closed() || e.is_incomplete_message()) => {
+                    debug!(error = %e, "kept-alive bitcoind connection closed; reconnecting");
+                    self.conn = None;
+                    reused = false;
+                }
+                Err(e) if e.is_parse_too_large() => {
+                    return Err(bad(format!(
+                        "response head larger than {} bytes or with more than {} header lines",
+                        self.limits.max_head, self.limits.max_headers
+                    )))
+                }
+                Err(e) if e.is_parse() => return Err(bad(format!("bad HTTP response: {e}"))),
+                Err(e) => return Err(RpcError::Unreachable { addr, reason: error_chain(&e) }),
+            }
+        };
+        let status = response.status();
+        let body = response.into_body();
+        let max = self.limits.max_body;
+        if body.size_hint().lower() > max as u64 {
+            return Err(bad(format!(
+                "body of {} bytes declared, larger than the bound of {max} bytes",
+                body.size_hint().lower()
+            )));
+        }
+        match Limited::new(body, max).collect().await {
+            Ok(c) => Ok((status, c.to_bytes())),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                Err(bad(format!("body larger than the bound of {max} bytes")))
             }
             Err(e) => {
-                self.conn = None;
-                if e.kind() == std::io::ErrorKind::InvalidData {
-                    Err(RpcError::BadReply { method: method.to_string(), reason: format!("bad HTTP response: {e}") })
-                } else {
-                    Err(RpcError::Unreachable { addr, reason: e.to_string() })
+                let text = error_chain(&*e);
+                match io_kind(&*e) {
+                    Some(std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput) => {
+                        Err(bad(format!("bad HTTP body: {text}")))
+                    }
+                    _ => Err(RpcError::Unreachable {
+                        addr,
+                        reason: format!("while reading the reply to {method}: {text}"),
+                    }),
                 }
             }
         }
@@ -368,31 +463,13 @@ impl RpcClient {
 
     /// `getblockchaininfo`.
     pub async fn chain_info(&mut self) -> Result<ChainInfo, RpcError> {
-        let v = self.call("getblockchaininfo", json!([])).await?;
-        let bad = |r: &str| RpcError::BadReply { method: "getblockchaininfo".into(), reason: r.to_string() };
-        let chain = v.get("chain").and_then(Value::as_str).ok_or_else(|| bad("no chain"))?.to_string();
-        let blocks = v.get("blocks").and_then(Value::as_u64).ok_or_else(|| bad("no blocks"))?;
-        let best = v.get("bestblockhash").and_then(Value::as_str).ok_or_else(|| bad("no bestblockhash"))?;
-        let best = BlockHash::from_str(best).map_err(|_| bad("bad bestblockhash"))?;
-        let ibd = v.get("initialblockdownload").and_then(Value::as_bool).unwrap_or(false);
-        let blocks = u32::try_from(blocks).map_err(|_| bad("height out of range"))?;
-        let headers = v.get("headers").and_then(Value::as_u64).and_then(|h| u32::try_from(h).ok()).unwrap_or(blocks);
-        Ok(ChainInfo { chain, blocks, headers, best, ibd })
+        parse_chain_info(&self.call("getblockchaininfo", json!([])).await?)
     }
 
     /// `getblockhash`: `None` when `height` is above bitcoind's tip (error -8).
     pub async fn block_hash(&mut self, height: u32) -> Result<Option<BlockHash>, RpcError> {
         match self.call("getblockhash", json!([height])).await {
-            Ok(v) => {
-                let s = v.as_str().ok_or_else(|| RpcError::BadReply {
-                    method: "getblockhash".into(),
-                    reason: "result is not a string".into(),
-                })?;
-                BlockHash::from_str(s).map(Some).map_err(|_| RpcError::BadReply {
-                    method: "getblockhash".into(),
-                    reason: format!("bad hash {s:?}"),
-                })
-            }
+            Ok(v) => parse_block_hash(&v).map(Some),
             Err(RpcError::Rpc { code: -8, .. }) => Ok(None),
             Err(e) => Err(e),
         }
@@ -400,14 +477,12 @@ impl RpcClient {
 
     /// `getblockheader <hash> false`: the 80-byte header.
     pub async fn header(&mut self, hash: &BlockHash) -> Result<Header, RpcError> {
-        let v = self.call("getblockheader", json!([hash.to_string(), false])).await?;
-        decode_hex::<Header>(&v, "getblockheader")
+        parse_header(&self.call("getblockheader", json!([hash.to_string(), false])).await?)
     }
 
-    /// `getblock <hash> 0`: the whole block.
+    /// `getblock <hash> 0`: the whole block, which must be the one asked for.
     pub async fn block(&mut self, hash: &BlockHash) -> Result<Block, RpcError> {
-        let v = self.call("getblock", json!([hash.to_string(), 0])).await?;
-        let block = decode_hex::<Block>(&v, "getblock")?;
+        let block = parse_block(&self.call("getblock", json!([hash.to_string(), 0])).await?)?;
         if block.block_hash() != *hash {
             return Err(RpcError::BadReply {
                 method: "getblock".into(),
@@ -418,6 +493,61 @@ impl RpcClient {
     }
 }
 
+// What is left to parse once HTTP is done (hyper's part): the JSON-RPC envelope and the results
+// of the four calls. Pure functions, fuzzed by the `bitcoind_reply` target (fuzz/README.md).
+
+/// bitcoind's answer to `method` (HTTP status and body) as a JSON-RPC reply: its `result`, or the
+/// error it carries (legacy replies carry errors with HTTP 500/404, JSON-RPC 2.0 ones with 200).
+/// The caller handles HTTP 401 (no JSON body).
+pub fn parse_reply(method: &str, status: u16, body: &[u8]) -> Result<Value, RpcError> {
+    let bad = |reason: String| RpcError::BadReply { method: method.to_string(), reason };
+    let mut v: Value = serde_json::from_slice(body).map_err(|e| {
+        bad(format!("HTTP {status}, body is not JSON ({e}): {}", String::from_utf8_lossy(&body[..body.len().min(200)])))
+    })?;
+    if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+        let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
+        let message = err.get("message").and_then(Value::as_str).unwrap_or("").to_string();
+        if code == -28 {
+            return Err(RpcError::Warmup(message));
+        }
+        return Err(RpcError::Rpc { method: method.to_string(), code, message });
+    }
+    if status != 200 {
+        return Err(bad(format!("HTTP status {status}")));
+    }
+    v.get_mut("result").map(Value::take).ok_or_else(|| bad("no result".into()))
+}
+
+/// `getblockchaininfo`'s result.
+pub fn parse_chain_info(v: &Value) -> Result<ChainInfo, RpcError> {
+    let bad = |r: &str| RpcError::BadReply { method: "getblockchaininfo".into(), reason: r.to_string() };
+    let chain = v.get("chain").and_then(Value::as_str).ok_or_else(|| bad("no chain"))?.to_string();
+    let blocks = v.get("blocks").and_then(Value::as_u64).ok_or_else(|| bad("no blocks"))?;
+    let best = v.get("bestblockhash").and_then(Value::as_str).ok_or_else(|| bad("no bestblockhash"))?;
+    let best = BlockHash::from_str(best).map_err(|_| bad("bad bestblockhash"))?;
+    let ibd = v.get("initialblockdownload").and_then(Value::as_bool).unwrap_or(false);
+    let blocks = u32::try_from(blocks).map_err(|_| bad("height out of range"))?;
+    let headers = v.get("headers").and_then(Value::as_u64).and_then(|h| u32::try_from(h).ok()).unwrap_or(blocks);
+    Ok(ChainInfo { chain, blocks, headers, best, ibd })
+}
+
+/// `getblockhash`'s result.
+pub fn parse_block_hash(v: &Value) -> Result<BlockHash, RpcError> {
+    let bad = |reason: String| RpcError::BadReply { method: "getblockhash".into(), reason };
+    let s = v.as_str().ok_or_else(|| bad("result is not a string".into()))?;
+    BlockHash::from_str(s).map_err(|_| bad(format!("bad hash {s:?}")))
+}
+
+/// `getblockheader <hash> false`'s result: 80 bytes in hex.
+pub fn parse_header(v: &Value) -> Result<Header, RpcError> {
+    decode_hex::<Header>(v, "getblockheader")
+}
+
+/// `getblock <hash> 0`'s result: the serialized block in hex.
+pub fn parse_block(v: &Value) -> Result<Block, RpcError> {
+    decode_hex::<Block>(v, "getblock")
+}
+
 fn decode_hex<T: bitcoin::consensus::Decodable>(v: &Value, method: &str) -> Result<T, RpcError> {
     let s = v
         .as_str()
@@ -425,90 +555,28 @@ fn decode_hex<T: bitcoin::consensus::Decodable>(v: &Value, method: &str) -> Resu
     deserialize_hex::<T>(s).map_err(|e| RpcError::BadReply { method: method.into(), reason: e.to_string() })
 }
 
-/// Writes `req` and reads one HTTP/1.1 response: (status, body, connection reusable).
-async fn read_exchange(conn: &mut BufReader<TcpStream>, req: &[u8]) -> std::io::Result<(u16, Vec<u8>, bool)> {
-    use std::io::{Error, ErrorKind};
-    conn.get_mut().write_all(req).await?;
-    let mut line = String::new();
-    if conn.read_line(&mut line).await? == 0 {
-        return Err(Error::new(ErrorKind::UnexpectedEof, "connection closed by bitcoind"));
+/// `e` and its causes, as one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cur = c.source();
     }
-    let mut parts = line.split_whitespace();
-    let version = parts.next().unwrap_or("");
-    if !version.starts_with("HTTP/1.") {
-        return Err(Error::new(ErrorKind::InvalidData, format!("not an HTTP response: {:?}", line.trim_end())));
+    text
+}
+
+/// The kind of the I/O error behind `e`, if there is one.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cur = c.source();
     }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::new(ErrorKind::InvalidData, "no HTTP status"))?;
-    let mut keep = version == "HTTP/1.1";
-    let mut length: Option<usize> = None;
-    let mut chunked = false;
-    let mut header_bytes = 0usize;
-    loop {
-        let mut h = String::new();
-        let n = conn.read_line(&mut h).await?;
-        if n == 0 {
-            return Err(Error::new(ErrorKind::UnexpectedEof, "connection closed in headers"));
-        }
-        header_bytes += n;
-        if header_bytes > 64 << 10 {
-            return Err(Error::new(ErrorKind::InvalidData, "HTTP headers too large"));
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            let (k, v) = (k.trim(), v.trim());
-            if k.eq_ignore_ascii_case("content-length") {
-                length = v.parse().ok();
-            } else if k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked") {
-                chunked = true;
-            } else if k.eq_ignore_ascii_case("connection") {
-                keep = !v.eq_ignore_ascii_case("close");
-            }
-        }
-    }
-    let mut body = Vec::new();
-    if chunked {
-        loop {
-            let mut size_line = String::new();
-            conn.read_line(&mut size_line).await?;
-            let size = usize::from_str_radix(size_line.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| Error::new(ErrorKind::InvalidData, "bad chunk size"))?;
-            if body.len() + size > MAX_BODY {
-                return Err(Error::new(ErrorKind::InvalidData, "HTTP body too large"));
-            }
-            if size == 0 {
-                // Trailers, then the empty line.
-                loop {
-                    let mut t = String::new();
-                    if conn.read_line(&mut t).await? == 0 || t.trim_end().is_empty() {
-                        break;
-                    }
-                }
-                break;
-            }
-            let start = body.len();
-            body.resize(start + size, 0);
-            conn.read_exact(&mut body[start..]).await?;
-            let mut crlf = [0u8; 2];
-            conn.read_exact(&mut crlf).await?;
-        }
-    } else if let Some(len) = length {
-        if len > MAX_BODY {
-            return Err(Error::new(ErrorKind::InvalidData, "HTTP body too large"));
-        }
-        body.resize(len, 0);
-        conn.read_exact(&mut body).await?;
-    } else {
-        // Delimited by the end of the connection.
-        (&mut *conn).take(MAX_BODY as u64).read_to_end(&mut body).await?;
-        keep = false;
-    }
-    Ok((status, body, keep))
+    None
 }
 
 #[cfg(test)]
@@ -527,5 +595,6 @@ mod tests {
         assert_eq!((e.host.as_str(), e.port, e.path.as_str()), ("::1", 8332, "/wallet/w"));
         assert!(parse_endpoint("https://h:1", None, Network::Regtest).is_err());
         assert!(parse_endpoint("http://u:p@h:notaport", None, Network::Regtest).is_err());
+        assert!(parse_endpoint("http://u:p@h:1/wal let", None, Network::Regtest).is_err());
     }
 }

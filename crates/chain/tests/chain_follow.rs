@@ -397,3 +397,88 @@ async fn chain_bitcoind_behind_and_syncing_is_not_a_reorg() {
     assert!(!h.types().contains(&2006), "no RemoveBlock");
     f.task.abort();
 }
+
+/// A [`ChainLink`] that panics on the first `AddBlock` after [`PanicOnce::arm`]: a bug anywhere in
+/// the follower's task (here in the link, which is outside code to the follower).
+#[derive(Clone)]
+struct PanicOnce {
+    inner: DirectLink,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PanicOnce {
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+}
+
+impl ChainLink for PanicOnce {
+    type Error = Refused;
+
+    fn request(&self, msg: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, Refused>> + Send {
+        let add_block = msg.get(..2) == Some(&2005u16.to_be_bytes()[..]);
+        let panic_now = add_block && self.armed.swap(false, Ordering::SeqCst);
+        let inner = self.inner.clone();
+        async move {
+            if panic_now {
+                panic!("injected panic in the signer link");
+            }
+            inner.call(ClientContext::ROOT, msg).await
+        }
+    }
+}
+
+/// The follower's task panics: it is restarted, follows new blocks again, and the failure is
+/// reported in its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_follower_restarts_after_its_task_panics_and_reports_it() {
+    let h = Harness::new("panic", false).await;
+    let btc = fake(true, None).await;
+    btc.mine(5);
+    let link = PanicOnce { inner: h.link.clone(), armed: Default::default() };
+    let mut f = chain::spawn(fast_follower(logged_in(&btc), None), link.clone(), h.init_done.subscribe());
+    h.init_done.send_replace(true);
+    wait_synced(&mut f, btc.tip()).await;
+    let failures_before = f.status.borrow().failures_total;
+
+    link.arm();
+    btc.mine(3);
+    let s = wait_synced(&mut f, btc.tip()).await;
+    assert_eq!(h.chain().tip().await.unwrap(), btc.tip(), "the signer follows new blocks again");
+    assert!(s.failures_total > failures_before, "the failure is counted: {s:?}");
+    assert_eq!(s.blocks_added, 8, "each block added once: {s:?}");
+    assert_eq!(s.restarts, 1, "one restart: {s:?}");
+    let failure = s.last_failure.expect("the failure is kept after recovery");
+    assert!(failure.restarted && failure.text.contains("injected panic in the signer link"), "{failure:?}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(failure.time <= now && failure.time + 600 > now, "failure time {} (now {now})", failure.time);
+    assert_eq!(s.last_error, None, "recovered: no current error");
+    btc.mine(2);
+    wait_synced(&mut f, btc.tip()).await;
+    f.task.abort();
+}
+
+/// A hostile answer that used to panic the follower's task (a chunk size whose sum with the
+/// body so far overflows): an error, retried; the follower keeps following.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_follower_survives_a_bitcoind_answer_that_overflows_the_chunk_arithmetic() {
+    let h = Harness::new("hostile", false).await;
+    let btc = fake(true, None).await;
+    btc.mine(3);
+    let mut f = h.follow(logged_in(&btc));
+    wait_synced(&mut f, btc.tip()).await;
+    btc.answer_raw_once(
+        "getblock",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\nffffffffffffffff\r\n"
+            .to_vec(),
+    );
+    btc.mine(2);
+    let s = wait_synced(&mut f, btc.tip()).await;
+    assert_eq!(btc.raw_answers_pending(), 0, "the hostile answer was sent");
+    assert!(s.failures_total >= 1, "the bad answer is counted as a failure: {s:?}");
+    assert_eq!(s.restarts, 0, "an error, not a panic: {s:?}");
+    let failure = s.last_failure.expect("the failure is kept after recovery");
+    assert!(!failure.restarted && failure.text.contains("getblock"), "{failure:?}");
+    assert_eq!(h.chain().tip().await.unwrap(), btc.tip());
+    f.task.abort();
+}

@@ -17,7 +17,8 @@
 //! The chain is real: blocks are regtest blocks (`bits` 0x207fffff) with a BIP34 coinbase and a
 //! witness commitment, mined here with valid proof of work. Tests can add transactions, reorganise
 //! the chain, and make the server lie (a block with bad proof of work, or one that does not build
-//! on its parent), and can stop and restart the server on the same port.
+//! on its parent, or any raw bytes as the answer to a call: `answer_raw_once`), and can stop and
+//! restart the server on the same port.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -234,6 +235,9 @@ struct Inner {
     calls: Mutex<HashMap<String, u64>>,
     /// While `Some(n)`, bitcoind reports `n` more headers than blocks and initial block download.
     syncing: Mutex<Option<u32>>,
+    /// Raw HTTP responses to send instead of the real answer, each once, to the next call of
+    /// its method (a hostile or broken bitcoind, or something in front of it).
+    raw_answers: Mutex<Vec<(String, Vec<u8>)>>,
 }
 
 /// A running (or stopped) fake bitcoind. Cheap to clone; all clones share the chain.
@@ -264,6 +268,7 @@ impl FakeBitcoind {
             warmup: Mutex::new(None),
             calls: Mutex::new(HashMap::new()),
             syncing: Mutex::new(None),
+            raw_answers: Mutex::new(Vec::new()),
         });
         let fake = FakeBitcoind { inner, addr, server: Arc::new(Mutex::new(None)) };
         fake.serve(listener)?;
@@ -338,6 +343,18 @@ impl FakeBitcoind {
     /// and `initialblockdownload` is true (as during a reindex or initial download).
     pub fn set_syncing(&self, headers_ahead: Option<u32>) {
         *lock(&self.inner.syncing) = headers_ahead;
+    }
+
+    /// The next call of `method` is answered with `response` as is (bytes on the socket: status
+    /// line, headers, body, however malformed), and the connection is closed after it.
+    /// Answers queued for one method go out in order, one per call.
+    pub fn answer_raw_once(&self, method: &str, response: Vec<u8>) {
+        lock(&self.inner.raw_answers).push((method.to_string(), response));
+    }
+
+    /// Raw answers queued with [`FakeBitcoind::answer_raw_once`] and not sent yet.
+    pub fn raw_answers_pending(&self) -> usize {
+        lock(&self.inner.raw_answers).len()
     }
 
     /// How many times `method` was called.
@@ -498,6 +515,10 @@ async fn serve_conn(stream: TcpStream, inner: Arc<Inner>, mut shutdown: watch::R
             Ok(Some(r)) => r,
             _ => return,
         };
+        if let Some(raw) = take_raw_answer(&inner, &req) {
+            let _ = wr.write_all(&raw).await;
+            return;
+        }
         let close = req.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let (status, extra, body) = handle_http(&inner, &req);
         let reason = match status {
@@ -520,6 +541,16 @@ async fn serve_conn(stream: TcpStream, inner: Arc<Inner>, mut shutdown: watch::R
             return;
         }
     }
+}
+
+/// The raw answer queued for this request's method, if any (counted as a call of it).
+fn take_raw_answer(inner: &Inner, req: &HttpRequest) -> Option<Vec<u8>> {
+    let value: Value = serde_json::from_slice(&req.body).ok()?;
+    let method = value.get("method").and_then(Value::as_str)?;
+    let mut answers = lock(&inner.raw_answers);
+    let i = answers.iter().position(|(m, _)| m == method)?;
+    *lock(&inner.calls).entry(method.to_string()).or_default() += 1;
+    Some(answers.remove(i).1)
 }
 
 /// Status, extra headers, body.

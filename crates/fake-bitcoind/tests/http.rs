@@ -130,3 +130,17 @@ async fn cookie_is_rewritten_on_restart_and_removed_on_stop() {
     assert_eq!(post(&f, Some((&u, &p2)), &body, "POST").await.0, 200);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_raw_answer_replaces_one_call_of_its_method() {
+    let f = FakeBitcoind::start(Config { users: vec![("u".into(), "p".into())], ..Config::default() }).await.unwrap();
+    let call = |m: &str| json!({"id": 1, "method": m, "params": []}).to_string();
+    f.answer_raw_once("getblockcount", b"HTTP/1.1 418 I'm a teapot\r\nContent-Length: 0\r\n\r\n".to_vec());
+    assert_eq!(f.raw_answers_pending(), 1);
+    assert_eq!(post(&f, Some(("u", "p")), &call("getbestblockhash"), "POST").await.0, 200, "other methods unchanged");
+    assert_eq!(post(&f, Some(("u", "p")), &call("getblockcount"), "POST").await.0, 418);
+    assert_eq!(f.raw_answers_pending(), 0);
+    let (st, _, body) = post(&f, Some(("u", "p")), &call("getblockcount"), "POST").await;
+    assert_eq!((st, j(&body)["result"].clone()), (200, json!(0)), "only once");
+    assert_eq!(f.calls("getblockcount"), 2);
+}
