@@ -1,5 +1,5 @@
 //! A real `lssd` (crates.io `lssd` 0.5.1, redb backend) on loopback for the tests and the demo,
-//! installed by `scripts/setup` and found as `$LSSD`, `lssd` on `PATH`, or `~/.cargo/bin/lssd`.
+//! built by the workspace (crates/lssd, the `lssd` binary next to the tests) and found by [`binary`].
 //!
 //! `lssd` keeps its identity key in `$HOME/.lss/server_key`, so each instance gets its own
 //! directory as `HOME` (key and redb data inside it): a restart in the same directory is the
@@ -23,17 +23,25 @@ pub struct Lssd {
     remove_dir: bool,
 }
 
-/// The `lssd` binary, if installed.
+/// The `lssd` binary: `$LSSD`, else the workspace's own build (crates/lssd, next to the running
+/// test or binary in the target directory), else `lssd` on `PATH` or in `~/.cargo/bin`.
 pub fn binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("LSSD") {
         return Some(PathBuf::from(p));
     }
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("lssd"))
-        .find(|p| p.is_file());
-    on_path.or_else(|| {
+    let built = std::env::current_exe().ok().and_then(|exe| {
+        // target/release/lssd, seen from target/release/<bin> or target/release/deps/<test>.
+        let dir = exe.parent()?;
+        [dir.join("lssd"), dir.parent()?.join("lssd")].into_iter().find(|p| p.is_file() && *p != exe)
+    });
+    let on_path = || {
+        std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join("lssd"))
+            .find(|p| p.is_file())
+    };
+    built.or_else(on_path).or_else(|| {
         let p = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/lssd");
         p.is_file().then_some(p)
     })
@@ -58,7 +66,9 @@ impl Lssd {
 
     /// Starts `lssd` with `dir` as its home (created if missing) on `port` (a free one if `None`).
     pub fn start_in(dir: &Path, port: Option<u16>) -> Result<Lssd, String> {
-        let bin = binary().ok_or("lssd is not installed (scripts/setup installs it; or set LSSD=/path/to/lssd)")?;
+        let bin = binary().ok_or(
+            "lssd not found: `cargo build --release -p sphinx-lssd` (scripts/test does), or set LSSD=/path/to/lssd",
+        )?;
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let port = match port {
             Some(p) => p,
