@@ -21,16 +21,43 @@ use super::{lock, topic, MqttEvent, SessionEntry, Shared, MAX_CONNECT_PACKET};
 /// Why a connection ended (logged).
 type Reason = String;
 
+/// What the first packet turned out to be.
+enum FirstPacket {
+    /// A CONNECT of protocol level 4 (MQTT 3.1.1).
+    Connect(Connect),
+    /// A CONNECT of another protocol level (MQTT 5, MQTT 3.1): answered with CONNACK 0x01.
+    UnsupportedLevel(u8),
+}
+
+/// The protocol level of a CONNECT whose variable header is buffered, if it is not 4. Seen before
+/// the 3.1.1 codec parses the packet: an MQTT 5 CONNECT carries a properties block the 3.1.1
+/// layout misreads (as the client id length), so the codec would fail or misparse it.
+fn unsupported_level(buf: &[u8]) -> Option<u8> {
+    // Fixed header: type byte, then a 1..4 byte variable-length remaining length.
+    let len_bytes = buf.iter().skip(1).take(4).position(|b| b & 0x80 == 0)? + 1;
+    let vh = buf.get(1 + len_bytes..)?;
+    let level = match vh {
+        [0x00, 0x04, b'M', b'Q', b'T', b'T', level, ..] => *level,
+        [0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', level, ..] => *level,
+        _ => return None,
+    };
+    (level != 4).then_some(level)
+}
+
 /// Reads the CONNECT packet. The first byte must be a CONNECT fixed header (0x10), checked as soon
 /// as it arrives so garbage is refused without waiting for a whole "frame".
-async fn read_connect<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Result<Connect, Reason> {
+async fn read_connect<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> Result<FirstPacket, Reason> {
     loop {
         if let Some(&b) = buf.first() {
             if b != 0x10 {
                 return Err(format!("first packet is not CONNECT (byte 0x{b:02x})"));
             }
+            if let Some(level) = unsupported_level(buf) {
+                return Ok(FirstPacket::UnsupportedLevel(level));
+            }
             match v4::Packet::read(buf, MAX_CONNECT_PACKET) {
-                Ok(Packet::Connect(c)) => return Ok(c),
+                Ok(Packet::Connect(c)) if c.protocol == Protocol::V4 => return Ok(FirstPacket::Connect(c)),
+                Ok(Packet::Connect(_)) => return Ok(FirstPacket::UnsupportedLevel(5)),
                 Ok(p) => return Err(format!("first packet is not CONNECT: {p:?}")),
                 Err(CodecError::InsufficientBytes(_)) => {}
                 Err(e) => return Err(format!("bad CONNECT: {e}")),
@@ -89,13 +116,13 @@ pub(super) async fn run<S>(
             warn!("closing: {why}");
             return;
         }
-        Ok(Ok(c)) => c,
+        Ok(Ok(FirstPacket::Connect(c))) => c,
+        Ok(Ok(FirstPacket::UnsupportedLevel(level))) => {
+            warn!(level, "refused: protocol level {level} is not supported (use MQTT 3.1.1, level 4)");
+            refuse(&mut stream, ConnectReturnCode::RefusedProtocolVersion).await;
+            return;
+        }
     };
-    if connect.protocol != Protocol::V4 {
-        warn!("refused: MQTT 5 is not supported (use 3.1.1)");
-        refuse(&mut stream, ConnectReturnCode::RefusedProtocolVersion).await;
-        return;
-    }
     if connect.last_will.is_some() {
         debug!("client set a will; wills are not supported and it is ignored");
     }

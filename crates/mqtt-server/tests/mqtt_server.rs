@@ -576,6 +576,32 @@ async fn mqtt5_connect_refused_with_protocol_version() {
     r.expect_eof().await;
 }
 
+/// A real MQTT 5 CONNECT (with a properties block, which a 3.1.1 parser misreads as the client
+/// id length) and an MQTT 3.1 CONNECT ("MQIsdp", level 3) are answered with CONNACK 0x01, as
+/// raw bytes, then closed.
+#[tokio::test]
+async fn mqtt5_connect_with_properties_gets_connack_0x01() {
+    let (h, _rx) = server().await;
+    let v5: &[u8] = &[
+        0x10, 17, // CONNECT, remaining length
+        0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, // protocol name, level 5
+        0x02, 0x00, 0x3c, // flags (clean start), keep alive 60
+        0x05, 0x11, 0x00, 0x00, 0x00, 0x0a, // properties: session expiry interval 10
+        0x00, 0x00, // empty client id
+    ];
+    let v31: &[u8] = &[0x10, 14, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 0x03, 0x02, 0x00, 0x3c, 0x00, 0x00];
+    for connect in [v5, v31] {
+        let mut r = Raw::open(&h).await;
+        r.send(connect).await;
+        let mut got = [0u8; 4];
+        match tokio::time::timeout(WAIT, r.s.read_exact(&mut got)).await {
+            Ok(Ok(_)) => assert_eq!(got, [0x20, 0x02, 0x00, 0x01], "CONNACK 0x01"),
+            other => panic!("expected a CONNACK, got {other:?}"),
+        }
+        r.expect_eof().await;
+    }
+}
+
 #[tokio::test]
 async fn connect_timeout_closes_silent_socket() {
     let limits = Limits { connect_timeout: Duration::from_millis(300), ..Limits::default() };
