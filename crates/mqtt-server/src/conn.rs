@@ -211,7 +211,14 @@ pub(super) async fn run<S>(
 
     let (mut rd, wr) = tokio::io::split(stream);
     let writer = tokio::spawn(write_loop(wr, out_rx, kill.clone()));
-    let mut session = Session { shared: &shared, identity: &identity, conn_id, out: out_tx, inflight };
+    let mut session = Session {
+        shared: &shared,
+        identity: &identity,
+        conn_id,
+        out: out_tx,
+        inflight,
+        refusals: RefusalLog::default(),
+    };
     let mut shutdown = shared.shutdown.subscribe();
 
     let limit = ka.map(|k| Duration::from_millis(u64::from(k) * 1500));
@@ -318,6 +325,41 @@ struct Session<'a> {
     conn_id: u64,
     out: mpsc::Sender<Bytes>,
     inflight: Arc<AtomicUsize>,
+    refusals: RefusalLog,
+}
+
+/// Rate limit for the "subscription refused" warning of one connection: at most one warning per
+/// [`REFUSAL_WARN_EVERY`]; refused packets in between are logged at `debug` and counted into
+/// the next warning.
+#[derive(Default)]
+struct RefusalLog {
+    last_warn: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+/// Minimum interval between two "subscription refused" warnings of one connection.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl RefusalLog {
+    /// Logs one SUBSCRIBE packet with refused filters, once (never per filter); called outside locks.
+    fn log(&mut self, pkid: u16, acl: usize, over_limit: usize, example: &str) {
+        let now = tokio::time::Instant::now();
+        if self.last_warn.is_some_and(|t| now.duration_since(t) < REFUSAL_WARN_EVERY) {
+            self.suppressed += 1;
+            debug!(pkid, acl, over_limit, example = %example.escape_debug(), "subscription refused (warning rate-limited)");
+            return;
+        }
+        warn!(
+            pkid,
+            acl,
+            over_limit,
+            example = %example.escape_debug(),
+            suppressed_packets = self.suppressed,
+            "subscription refused: {acl} filter(s) by the ACL or as invalid, {over_limit} over max_subscriptions"
+        );
+        self.last_warn = Some(now);
+        self.suppressed = 0;
+    }
 }
 
 impl Session<'_> {
@@ -371,6 +413,8 @@ impl Session<'_> {
             Packet::Subscribe(s) => {
                 let mut codes = Vec::with_capacity(s.filters.len());
                 let mut changed = false;
+                // Counted under the lock, logged after it: one line per packet, not per filter.
+                let (mut acl_refused, mut over_limit, mut example) = (0usize, 0usize, None);
                 {
                     let mut map = lock(&self.shared.sessions);
                     let entry = map.get_mut(self.identity).filter(|e| e.conn_id == self.conn_id);
@@ -379,7 +423,8 @@ impl Session<'_> {
                     };
                     for f in &s.filters {
                         if !topic::valid_filter(&f.path) || !self.shared.acl.may_subscribe(self.identity, &f.path) {
-                            warn!(filter = %f.path.escape_debug(), "ACL: subscription refused");
+                            acl_refused += 1;
+                            example.get_or_insert_with(|| f.path.clone());
                             codes.push(SubscribeReasonCode::Failure);
                             continue;
                         }
@@ -387,16 +432,20 @@ impl Session<'_> {
                         if let Some(existing) = entry.subs.iter_mut().find(|(p, _)| *p == f.path) {
                             existing.1 = granted;
                         } else if entry.subs.len() >= self.shared.limits.max_subscriptions {
-                            warn!(filter = %f.path.escape_debug(), "subscription refused: max_subscriptions reached");
+                            over_limit += 1;
+                            example.get_or_insert_with(|| f.path.clone());
                             codes.push(SubscribeReasonCode::Failure);
                             continue;
                         } else {
                             entry.subs.push((f.path.clone(), granted));
                         }
-                        debug!(filter = %f.path, qos = ?granted, "subscribed");
+                        debug!(filter = %f.path.escape_debug(), qos = ?granted, "subscribed");
                         changed = true;
                         codes.push(SubscribeReasonCode::Success(granted));
                     }
+                }
+                if let Some(example) = example {
+                    self.refusals.log(s.pkid, acl_refused, over_limit, &example);
                 }
                 // SUBACK is queued before waiters learn of the subscription, so anything the
                 // application publishes in response reaches the client after the SUBACK.

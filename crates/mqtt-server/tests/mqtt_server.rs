@@ -602,6 +602,59 @@ async fn mqtt5_connect_with_properties_gets_connack_0x01() {
     }
 }
 
+/// Captured log output of the current thread (the test runtime is current-thread, so the
+/// server's tasks log here too).
+#[derive(Clone, Default)]
+struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
+    type Writer = LogBuf;
+    fn make_writer(&'a self) -> LogBuf {
+        self.clone()
+    }
+}
+
+/// One SUBSCRIBE with thousands of refused filters: SUBACK 0x80 for each, one warning line for
+/// the packet (not one per filter); a second such packet right after is not warned again.
+#[tokio::test]
+async fn many_refused_filters_logged_once() {
+    let logs = LogBuf::default();
+    let sub = tracing_subscriber::fmt().with_writer(logs.clone()).with_max_level(tracing::Level::WARN).finish();
+    let _guard = tracing::subscriber::set_default(sub);
+    let (h, mut rx) = server().await;
+    let (mut r, _) = Raw::connect(&h, &mut rx, "alice", 30).await;
+    const N: usize = 3000;
+    for pkid in [7u16, 8] {
+        let filters =
+            (0..N).map(|i| v4::SubscribeFilter::new(format!("bob/f{i}"), QoS::AtLeastOnce)).collect::<Vec<_>>();
+        let mut s = v4::Subscribe::new_many(filters);
+        s.pkid = pkid;
+        r.send(&frame(Packet::Subscribe(s))).await;
+        match r.read().await {
+            Some(Packet::SubAck(a)) => {
+                assert_eq!(a.pkid, pkid);
+                assert_eq!(a.return_codes.len(), N);
+                assert!(a.return_codes.iter().all(|c| *c == v4::SubscribeReasonCode::Failure));
+            }
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let refused = text.lines().filter(|l| l.contains("subscription refused")).count();
+    assert_eq!(refused, 1, "one warning for both packets, got:\n{text}");
+    assert!(text.contains("3000 filter(s)"), "{text}");
+}
+
 #[tokio::test]
 async fn connect_timeout_closes_silent_socket() {
     let limits = Limits { connect_timeout: Duration::from_millis(300), ..Limits::default() };
