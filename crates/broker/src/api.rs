@@ -462,6 +462,9 @@ struct SignerJson {
     since: Option<u64>,
     pinned: bool,
     last_error: Option<ErrorJson>,
+    /// LSS backup: "off", "syncing", "synced", "stale" or "error" (then `lss_error` says why).
+    lss: &'static str,
+    lss_error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -496,6 +499,8 @@ fn signers(shared: &Shared) -> Response<ApiBody> {
             ready: s.ready,
             since: Some(s.since),
             last_error: s.last_error.map(|e| ErrorJson { seq: e.seq, text: e.text, time: e.time }),
+            lss: s.lss.parts().0,
+            lss_error: s.lss.parts().1.map(str::to_string),
             node_id: s.node_id,
         })
         .collect();
@@ -508,6 +513,8 @@ fn signers(shared: &Shared) -> Response<ApiBody> {
                 since: None,
                 pinned: true,
                 last_error: None,
+                lss: "off",
+                lss_error: None,
             });
         }
     }

@@ -8,6 +8,7 @@
 //! | `[relay]` | [`RelayConfig`] | [`crate::relay`] |
 //! | `[bitcoind]` | [`BitcoindSettings`] | crate `sphinx-chain` |
 //! | `[api]` | [`ApiConfig`] | [`crate::api`] |
+//! | `[lss]` | [`LssSettings`] | [`crate::lss_link`] |
 //!
 //! Each is one serde struct whose fields document their defaults. Sources, each overriding the
 //! one before ([`Config::load`]): the defaults, the TOML file, then environment variables and
@@ -28,6 +29,7 @@ use sphinx_chain::BitcoindSettings;
 use sphinx_wire::hsmd::ClnRelease;
 
 use crate::api::ApiConfig;
+use crate::lss_link::LssSettings;
 use crate::mqtt_link::MqttSettings;
 use crate::relay::RelayConfig;
 
@@ -61,6 +63,8 @@ pub struct Config {
     pub bitcoind: BitcoindSettings,
     /// `[api]`: the operator HTTP API (off unless `api.listen` is set).
     pub api: ApiConfig,
+    /// `[lss]`: LSS backup of the signer's state (off unless `lss.url` is set).
+    pub lss: LssSettings,
 }
 
 impl Default for Config {
@@ -74,6 +78,7 @@ impl Default for Config {
             relay: RelayConfig::default(),
             bitcoind: BitcoindSettings::default(),
             api: ApiConfig::default(),
+            lss: LssSettings::default(),
         }
     }
 }
@@ -203,6 +208,9 @@ pub struct Overrides {
     /// bitcoind's .cookie file, used when the URL carries no user:password.
     #[arg(long, env = "SPHINX_BROKER_BITCOIND_COOKIE")]
     pub bitcoind_cookie: Option<PathBuf>,
+    /// Lightning Storage Server URL (http://host:port) for LSS backup; off without one.
+    #[arg(long, env = "SPHINX_BROKER_LSS_URL")]
+    pub lss_url: Option<String>,
 }
 
 impl Config {
@@ -304,6 +312,9 @@ impl Config {
         if let Some(c) = &o.bitcoind_cookie {
             cfg.bitcoind.cookie_file = Some(c.clone());
         }
+        if let Some(u) = &o.lss_url {
+            cfg.lss.url = Some(u.clone());
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -332,6 +343,7 @@ impl Config {
         self.bitcoind.check(self.network)?;
         self.mqtt.tls()?;
         self.api.validate()?;
+        self.lss.validate()?;
         self.relay.validate()
     }
 }
@@ -367,6 +379,7 @@ mod tests {
         assert_eq!(c.mqtt.listen.port(), 8883);
         assert_eq!(c.mqtt.token_window, Duration::from_secs(300), "unset keys keep their defaults");
         assert_eq!(c.relay, RelayConfig::default());
+        assert_eq!(c.lss.url, None, "LSS is off unless configured");
         assert!(parse("bogus = 1\n").is_err());
         assert!(parse("[relay]\nbogus = 1\n").is_err());
         assert!(parse("network = \"mars\"\n").is_err());

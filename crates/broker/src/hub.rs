@@ -76,6 +76,38 @@ pub struct SignerStatus {
     pub since: u64,
     /// The last `{id}/error` report, kept across reconnects.
     pub last_error: Option<SignerErrorReport>,
+    /// Where the signer is with LSS backup (set by the relay; `Off` without `[lss] url`).
+    pub lss: LssStatus,
+}
+
+/// A signer's LSS backup status, as the API shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LssStatus {
+    /// LSS is not configured.
+    #[default]
+    Off,
+    /// The init dance is running: not ready yet.
+    Syncing,
+    /// In sync with LSS: every state change is stored before its reply.
+    Synced,
+    /// LSS holds newer state (a conflict): not ready until it is synced again.
+    Stale,
+    /// The dance or a store failed (the text says why): not ready until it is synced again.
+    Error(String),
+}
+
+impl LssStatus {
+    /// The status word and the error text, if any.
+    pub fn parts(&self) -> (&'static str, Option<&str>) {
+        match self {
+            LssStatus::Off => ("off", None),
+            LssStatus::Syncing => ("syncing", None),
+            LssStatus::Synced => ("synced", None),
+            LssStatus::Stale => ("stale", None),
+            LssStatus::Error(e) => ("error", Some(e)),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -215,6 +247,7 @@ impl SignerHub {
             ready: false,
             since: now,
             last_error: None,
+            lss: LssStatus::Off,
         })
     }
 
@@ -276,6 +309,12 @@ impl SignerHub {
             Self::entry(&mut st, node_id, now).last_error = Some(report.clone());
         }
         self.send(SignerEvent::Error(report));
+    }
+
+    /// The relay's view of `node_id`'s LSS backup changed.
+    pub fn set_lss(&self, node_id: &str, status: LssStatus) {
+        let mut st = self.lock();
+        Self::entry(&mut st, node_id, unix_now()).lss = status;
     }
 
     /// `node_id` published on `{id}/control-res`: handed to the waiting control call, if any.

@@ -20,6 +20,7 @@ pub mod config;
 pub mod hsmd;
 pub mod hub;
 pub mod init;
+pub mod lss_link;
 pub mod mqtt_link;
 pub mod pin;
 pub mod relay;
@@ -79,7 +80,12 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
     let hub = Arc::new(hub::SignerHub::new(cfg.api.event_capacity));
     let (link_tx, link_rx) = mpsc::channel(1024);
     tokio::spawn(mqtt_link::forward_events(mqtt_events, link_tx, hub.clone()));
-    let relay = relay::spawn(cfg.relay.clone(), Arc::new(mqtt.clone()), link_rx, pin.clone());
+    let link: Arc<dyn relay::SignerLink> = Arc::new(mqtt.clone());
+    let lss = lss_link::LssRelay::new(&cfg.lss, link.clone(), hub.clone());
+    if let Some(url) = &cfg.lss.url {
+        tracing::info!(%url, "LSS backup on: a signer is ready once in sync with LSS");
+    }
+    let relay = relay::spawn_with_lss(cfg.relay.clone(), link, link_rx, pin.clone(), lss);
     // With bitcoind configured, chain following waits for lightningd's init from the start.
     let phase = if cfg.bitcoind.enabled() { chain::Phase::WaitingForInit } else { chain::Phase::Disabled };
     let (chain_status, chain_rx) = tokio::sync::watch::channel(chain::FollowerStatus { phase, ..Default::default() });
@@ -113,7 +119,8 @@ pub async fn run_hsmd(
     log_io: bool,
 ) -> anyhow::Result<()> {
     let broker = start(cfg).await?;
-    let server = Arc::new(hsmd::HsmdServer::new(broker.relay.clone(), cfg.network, cfg.cln_release()?, status, log_io)?);
+    let server =
+        Arc::new(hsmd::HsmdServer::new(broker.relay.clone(), cfg.network, cfg.cln_release()?, status, log_io)?);
     // Chain tracking: follows bitcoind once a signer has answered lightningd's hsmd_init.
     let follower = chain::spawn_reporting(
         chain::FollowerConfig::new(cfg.bitcoind.clone(), cfg.network).with_data_dir(&cfg.data_dir),

@@ -123,6 +123,11 @@ pub async fn forward_events(mut from: MqttEvents, to: mpsc::Sender<LinkEvent>, h
                         hub.on_error(&identity, &payload);
                         LinkEvent::Error(identity, payload.to_vec())
                     }
+                    topics::INIT_1_RES
+                    | topics::INIT_2_RES
+                    | topics::INIT_3_RES
+                    | topics::LSS_RES
+                    | topics::LSS_CONFLICT_RES => LinkEvent::Lss(identity, suffix.to_string(), payload.to_vec()),
                     topics::CONTROL_RES => {
                         hub.on_control_response(&identity, payload);
                         continue;

@@ -28,6 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::ConfigError;
 use crate::init::{self, InitReplay};
+use crate::lss_link::{LssEvent, LssRelay, Next};
 use crate::pin::PinStore;
 
 /// Why a request got no reply.
@@ -76,6 +77,9 @@ pub enum LinkEvent {
     Reply(String, Vec<u8>),
     /// A `{id}/error` payload: `seq u16 BE | utf8 text`.
     Error(String, Vec<u8>),
+    /// An LSS message from a signer: `(id, topic suffix, payload)` on `init-1-res`,
+    /// `init-2-res`, `init-3-res`, `lss-res` or `lss-conflict-res` ([`crate::lss_link`]).
+    Lss(String, String, Vec<u8>),
 }
 
 /// The request path's settings: the `[relay]` table of the config file.
@@ -190,6 +194,17 @@ pub fn spawn(
     events: mpsc::Receiver<LinkEvent>,
     pin: Arc<PinStore>,
 ) -> RelayHandle {
+    spawn_with_lss(cfg, link, events, pin, None)
+}
+
+/// [`spawn`], with LSS backup when `lss` is given (a signer is ready only once in sync with LSS).
+pub fn spawn_with_lss(
+    cfg: RelayConfig,
+    link: Arc<dyn SignerLink>,
+    events: mpsc::Receiver<LinkEvent>,
+    pin: Arc<PinStore>,
+    lss: Option<LssRelay>,
+) -> RelayHandle {
     let (jobs_tx, jobs_rx) = mpsc::channel(cfg.queue_capacity);
     let handle = RelayHandle { jobs: jobs_tx.clone(), timeout: cfg.request_timeout };
     let relay = Relay {
@@ -201,6 +216,7 @@ pub fn spawn(
         next_seq: 0,
         inflight: VecDeque::new(),
         jobs_probe: jobs_tx.downgrade(),
+        lss,
     };
     tokio::spawn(relay.run(jobs_rx, events));
     handle
@@ -219,6 +235,8 @@ struct Relay {
     inflight: VecDeque<Pending>,
     /// To read the queue length for logs without keeping the queue open.
     jobs_probe: mpsc::WeakSender<Job>,
+    /// LSS backup, when configured.
+    lss: Option<LssRelay>,
 }
 
 impl Relay {
@@ -226,6 +244,7 @@ impl Relay {
         let mut ticker = tokio::time::interval(self.cfg.waiting_log_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut jobs_open = true;
+        let mut lss_events = self.lss.as_mut().and_then(LssRelay::take_events);
         loop {
             let can_send = jobs_open && self.signer.is_some() && self.inflight.len() < self.cfg.max_inflight;
             tokio::select! {
@@ -241,6 +260,12 @@ impl Relay {
                     }
                 },
                 _ = ticker.tick() => self.on_tick(),
+                Some(ev) = async {
+                    match lss_events.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.on_lss_event(ev),
             }
             if !jobs_open && self.inflight.is_empty() {
                 debug!("all callers gone; relay stopping");
@@ -310,13 +335,26 @@ impl Relay {
         match ev {
             LinkEvent::Hello(id) => self.on_hello(id),
             LinkEvent::Gone(id) => {
+                if let Some(lss) = self.lss.as_mut() {
+                    lss.on_gone(&id);
+                }
                 if self.signer.as_deref() == Some(id.as_str()) {
                     warn!(signer = %id, inflight = self.inflight.len(), "signer disconnected");
                     self.signer = None;
                 }
             }
             LinkEvent::Reply(id, payload) => self.on_reply(id, payload),
-            LinkEvent::Error(id, payload) => self.on_error(id, payload),
+            LinkEvent::Error(id, payload) => {
+                if !self.lss.as_mut().is_some_and(|l| l.on_message(&id, topics::ERROR, &payload)) {
+                    self.on_error(id, payload)
+                }
+            }
+            LinkEvent::Lss(id, suffix, payload) => match self.lss.as_mut() {
+                Some(l) => {
+                    l.on_message(&id, &suffix, &payload);
+                }
+                None => debug!(signer = %id, %suffix, "LSS message while LSS is off; ignored"),
+            },
         }
     }
 
@@ -336,12 +374,73 @@ impl Relay {
         // only the periodic tick did this.) Proved by standin/tests/failures.rs
         // slow_signer_never_holds_a_caller_beyond_the_bound.
         self.forget_abandoned();
+        if self.lss.is_some() {
+            // Not ready until it is in sync with LSS (the dance sends lightningd's init as init-3).
+            if self.signer.as_deref() == Some(id.as_str()) {
+                self.signer = None;
+            }
+            let init = self.init_frame();
+            if let Some(l) = self.lss.as_mut() {
+                l.on_hello(&id, init);
+            }
+            return;
+        }
+        self.ready(id, true);
+    }
+
+    /// lightningd's `hsmd_init` as a request frame to replay, unless it is itself still
+    /// unanswered (then it is re-sent as it is).
+    fn init_frame(&mut self) -> Option<Vec<u8>> {
+        if self.inflight.iter().any(|p| p.kind == Kind::Cln && p.msg_type == hsmd::HSMD_INIT) {
+            return None;
+        }
+        let init = self.init.message()?.to_vec();
+        let seq = self.alloc_seq();
+        Some(Request { seq, peer_id: [0; 33], dbid: 0, message: init }.encode())
+    }
+
+    fn on_lss_event(&mut self, ev: LssEvent) {
+        if self.lss.is_none() {
+            return;
+        }
+        // Only needed when a dance may start again (allocates a sequence number).
+        let init = match &ev {
+            LssEvent::Stored { .. } | LssEvent::Retry { .. } => self.init_frame(),
+            LssEvent::Danced { .. } => None,
+        };
+        let Some(lss) = self.lss.as_mut() else { return };
+        match lss.on_event(ev, || init) {
+            Next::Nothing => {}
+            Next::NotReady(id) => {
+                if self.signer.as_deref() == Some(id.as_str()) {
+                    warn!(signer = %id, "LSS: signer not ready until it is in sync again");
+                    self.signer = None;
+                }
+            }
+            Next::Ready { id, init_reply } => {
+                if let Some(frame) = init_reply {
+                    let checked = Reply::decode(&frame)
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| init::check_reply(&id, &r.message, &self.pin).map_err(|e| e.to_string()));
+                    if let Err(e) = checked {
+                        error!(signer = %id, error = %e, "signer's init reply (init-3) rejected; disconnecting it");
+                        self.link.disconnect(&id);
+                        return;
+                    }
+                }
+                self.ready(id, false);
+            }
+        }
+    }
+
+    /// `id` can take requests: lightningd's init first (when `replay_init`), then what is pending.
+    fn ready(&mut self, id: String, replay_init: bool) {
         info!(signer = %id, resend = self.inflight.len(), "signer ready");
         self.signer = Some(id);
         self.inflight.retain(|p| p.kind != Kind::InitReplay);
         // lightningd's init goes first unless it is itself still unanswered.
         let init_in_flight = self.inflight.iter().any(|p| p.msg_type == hsmd::HSMD_INIT);
-        if let (Some(init), false) = (self.init.message().map(<[u8]>::to_vec), init_in_flight) {
+        if let (Some(init), false, true) = (self.init.message().map(<[u8]>::to_vec), init_in_flight, replay_init) {
             let seq = self.alloc_seq();
             let frame = Request { seq, peer_id: [0; 33], dbid: 0, message: init }.encode();
             let p = Pending { seq, frame, kind: Kind::InitReplay, msg_type: hsmd::HSMD_INIT, reply: None };

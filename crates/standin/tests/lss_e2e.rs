@@ -1,0 +1,190 @@
+//! LSS backup end to end, through the real binaries:
+//!
+//! FakeLightningd ──fd 3──▶ sphinx-broker ──MQTT──▶ sphinx-key run ──▶ VLS (redb state)
+//!                                 └──gRPC──▶ lssd (redb)
+//!
+//! - `fresh_device_restored_from_lss_alone_continues_the_session`: the broker runs with
+//!   `SPHINX_BROKER_LSS_URL`; device A answers the first half of a recorded session, is
+//!   SIGKILLed, and device B (empty data dir, same seed, `sphinx-key init`) takes over: it is
+//!   rebuilt from LSS alone by the init dance and answers the second half. Every reply of the
+//!   whole session must be byte-identical to the in-process oracle's (LSS off).
+//! - `lss_down_at_start_keeps_the_signer_not_ready_until_it_is_up`: LSS unreachable when the
+//!   signer says hello: the broker logs a clear error, the signer is not ready (lightningd's
+//!   `hsmd_init` is not answered), and once lssd is up the dance is retried and the session
+//!   completes, again byte-identical.
+//!
+//! Needs the binaries next to this test's directory (`target/release/{sphinx-broker,sphinx-key,lssd}`):
+//! `cargo build --release -p sphinx-broker -p sphinx-key -p sphinx-lssd` first.
+
+mod common;
+
+use std::ffi::OsString;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::recorded_session;
+use sphinx_lss::lssd::Lssd;
+use sphinx_standin::harness::{
+    bin, broker_envs, free_port, init_signer, log_text, tail, wait_log, SignerProcess, TempDir,
+};
+use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions};
+use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions, ReplayReport};
+use sphinx_standin::trace::Trace;
+
+const API_TOKEN: &str = "lss-e2e-api-token-0123456789";
+
+/// The broker's `GET /v1/signers` body (plain HTTP/1.1 on loopback, no client crate).
+fn signers_json(api: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /v1/signers HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {API_TOKEN}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn options(d: &TempDir, listen: &str, lss_url: &str, api: &str) -> ReplayOptions {
+    let mut opts = ReplayOptions::new(bin("sphinx-broker").unwrap());
+    opts.envs = broker_envs(&d.join("broker"), listen);
+    for (k, v) in
+        [("SPHINX_BROKER_LSS_URL", lss_url), ("SPHINX_BROKER_API_LISTEN", api), ("SPHINX_BROKER_API_TOKEN", API_TOKEN)]
+    {
+        opts.envs.push((OsString::from(k), OsString::from(v)));
+    }
+    opts.spawn = SpawnOptions {
+        call_timeout: Duration::from_secs(30),
+        init_timeout: Duration::from_secs(60),
+        output: BrokerOutput::File(d.join("broker.log")),
+        ..SpawnOptions::default()
+    };
+    opts
+}
+
+fn logs(d: &TempDir) -> String {
+    format!(
+        "--- broker log ---\n{}\n--- signer a ---\n{}\n--- signer b ---\n{}",
+        tail(&d.join("broker.log"), 5000),
+        tail(&d.join("signer-a.log"), 3000),
+        tail(&d.join("signer-b.log"), 3000)
+    )
+}
+
+/// Every reply equals the in-process oracle's (LSS off), and the broker exited cleanly.
+fn assert_like_oracle(tr: &Trace, seed: [u8; 32], clock: u64, report: &ReplayReport, d: &TempDir) {
+    let cfg = replay::signer::replay_config(clock, Default::default());
+    let mut signer = replay::signer::in_memory(seed, &cfg).unwrap();
+    let expected = oracle_replay(tr, &mut signer, true);
+    let mismatches = compare_with_oracle(&report.steps, &expected);
+    let list: Vec<String> = mismatches
+        .iter()
+        .take(20)
+        .map(|m| format!("  #{} conn {} type {}: {}", m.index, m.conn, m.msg_type, m.what))
+        .collect();
+    assert!(
+        mismatches.is_empty() && report.brokers_exited_cleanly(),
+        "{} mismatches vs the oracle, broker exits {:?}\n{}\n{}",
+        mismatches.len(),
+        report.broker_exits,
+        list.join("\n"),
+        logs(d)
+    );
+    assert_eq!(report.steps.len(), tr.request_count());
+}
+
+#[test]
+fn fresh_device_restored_from_lss_alone_continues_the_session() {
+    let (tr, seed, clock) = recorded_session("open-pay-close", "alice");
+    let d = TempDir::new("lss-e2e-restore").unwrap();
+    let lssd = Lssd::start_temp("e2e-restore").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let key = bin("sphinx-key").unwrap();
+    init_signer(&key, &d.join("signer-a"), seed).unwrap();
+    let a = SignerProcess::start(&key, &d.join("signer-a"), &listen, clock, &d.join("signer-a.log"), &[]).unwrap();
+    let mut current = Some(a);
+
+    // Mid-session: a channel is open and payments are under way (request 63 on opens it), so
+    // device B cannot answer the rest without A's state.
+    let half = 90;
+    assert!(half < tr.request_count());
+    let api = format!("127.0.0.1:{}", free_port().unwrap());
+    let opts = options(&d, &listen, &lssd.url(), &api);
+    let mut api_seen = Vec::new();
+    let mut on_step = |s: &replay::Step| {
+        if s.index == 10 || s.index == half + 10 {
+            api_seen.push(signers_json(&api));
+        }
+        if s.index + 1 == half {
+            // A dies for good; B has never seen this node: it can only be rebuilt from LSS.
+            if let Some(mut a) = current.take() {
+                a.kill().unwrap();
+            }
+            init_signer(&key, &d.join("signer-b"), seed).unwrap();
+            current = Some(
+                SignerProcess::start(&key, &d.join("signer-b"), &listen, clock, &d.join("signer-b.log"), &[]).unwrap(),
+            );
+        }
+    };
+    let report = replay::replay(&tr, &opts, &mut on_step).unwrap_or_else(|e| panic!("{e}\n{}", logs(&d)));
+    drop(current);
+    assert_like_oracle(&tr, seed, clock, &report, &d);
+    for body in &api_seen {
+        assert!(body.contains(r#""lss":"synced""#) && body.contains(r#""lss_error":null"#), "/v1/signers: {body}");
+    }
+    assert_eq!(api_seen.len(), 2);
+
+    let b_log = log_text(&d.join("signer-b.log"));
+    assert!(b_log.contains("state restored from LSS"), "B was not restored from LSS\n{}", logs(&d));
+    let broker_log = log_text(&d.join("broker.log"));
+    assert_eq!(broker_log.matches("LSS: signer in sync").count(), 2, "one dance per device\n{}", logs(&d));
+}
+
+#[test]
+fn lss_down_at_start_keeps_the_signer_not_ready_until_it_is_up() {
+    let (tr, seed, clock) = recorded_session("open-pay-close", "alice");
+    let d = TempDir::new("lss-e2e-down").unwrap();
+    let lss_port = free_port().unwrap();
+    let lss_url = format!("http://127.0.0.1:{lss_port}");
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let key = bin("sphinx-key").unwrap();
+    init_signer(&key, &d.join("signer-a"), seed).unwrap();
+    let _a = SignerProcess::start(&key, &d.join("signer-a"), &listen, clock, &d.join("signer-a.log"), &[]).unwrap();
+
+    // Once the broker reports the failed dance, bring LSS up on the configured port.
+    let broker_log = d.join("broker.log");
+    let lss_dir = d.join("lssd");
+    let api = format!("127.0.0.1:{}", free_port().unwrap());
+    let api2 = api.clone();
+    let started: Arc<Mutex<Option<(Instant, Lssd)>>> = Arc::default();
+    let starter = {
+        let started = started.clone();
+        std::thread::spawn(move || {
+            let line = wait_log(&broker_log, "init dance failed", Duration::from_secs(60))?;
+            let body = signers_json(&api2);
+            if !(body.contains(r#""lss":"error""#) && body.contains("cannot reach LSS")) {
+                return Err(format!("/v1/signers while LSS is down: {body}"));
+            }
+            let lssd = Lssd::start_in(&lss_dir, Some(lss_port))?;
+            *started.lock().unwrap() = Some((Instant::now(), lssd));
+            Ok::<String, String>(line)
+        })
+    };
+
+    let mut first_reply = None;
+    let opts = options(&d, &listen, &lss_url, &api);
+    let report = replay::replay(&tr, &opts, &mut |s| {
+        if s.index == 0 {
+            first_reply = Some(Instant::now());
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&d)));
+    let failed = starter.join().unwrap().unwrap_or_else(|e| panic!("{e}\n{}", logs(&d)));
+    assert!(failed.contains("cannot reach LSS"), "not a clear error: {failed}");
+    let lss_up = started.lock().unwrap().as_ref().map(|(t, _)| *t).unwrap();
+    assert!(first_reply.unwrap() > lss_up, "lightningd's init was answered while LSS was down\n{}", logs(&d));
+    assert_like_oracle(&tr, seed, clock, &report, &d);
+}
