@@ -538,3 +538,67 @@ fn signer_logs_in_while_idle_sockets_hold_the_handshake_slots() {
     assert!(mismatches.is_empty(), "{mismatches:#?}\n--- broker ---\n{}", tail(&blog, 4000));
     assert!(report.brokers_exited_cleanly(), "{:?}", report.broker_exits);
 }
+
+/// The network attacker's token replay by signature malleability: from the signer's CONNECT it
+/// reads the token, and logs in with its high-s twin (same key, same time, `(r, n - s)`), which
+/// recovers the same key but is not the same bytes. Before a node id is pinned that took over the
+/// signer's session; after the pin too (the first login predates the pin, so no login time was on
+/// disk). Both are refused, and the real signer keeps signing.
+#[test]
+fn the_high_s_twin_of_a_captured_token_is_refused_before_and_after_the_pin() {
+    let (tr, seed, clock) = recorded_session("open-pay-close", "alice");
+    let cfg = replay::signer::replay_config(clock, Default::default());
+    let me = replay::signer::in_memory(seed, &cfg).unwrap();
+    let sid = me.node_id_hex();
+
+    let d = TempDir::new("foreign-twin").unwrap();
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let key_bin = bin("sphinx-key").unwrap();
+    let signer_dir = d.join("signer");
+    let blog = d.join("broker.log");
+    init_signer(&key_bin, &signer_dir, seed).unwrap();
+    let mut opts = ReplayOptions::new(bin("sphinx-broker").unwrap());
+    opts.envs = broker_envs(&d.join("broker"), &listen);
+    opts.spawn = SpawnOptions {
+        call_timeout: Duration::from_secs(20),
+        output: BrokerOutput::File(blog.clone()),
+        ..SpawnOptions::default()
+    };
+    let mut sess = Session::start(&tr, opts).unwrap();
+    sess.set_wait_listen(&listen).unwrap();
+    let proxy = TcpProxy::start(&listen).unwrap();
+    let signer = SignerProcess::start(&key_bin, &signer_dir, &proxy.addr(), clock, &d.join("signer.log"), &[]).unwrap();
+    wait_log(&blog, &format!("signer ready signer={sid}"), Duration::from_secs(20)).unwrap();
+    assert!(!d.join("broker").join("pinned-node-id").exists(), "no node id pinned yet");
+
+    let captured = proxy
+        .first_bytes()
+        .iter()
+        .find_map(|b| connect_password(b, &sid))
+        .expect("the signer's CONNECT went through the proxy");
+    let twin = token::high_s_twin(&captured).unwrap();
+    assert_ne!(twin.as_bytes(), captured.as_slice());
+    let refusals = || log_text(&blog).matches("token signature has a high s").count();
+
+    // Before the pin.
+    let (_c, rc) = Raw::connect(port, &sid, twin.as_bytes());
+    assert_eq!(rc, 0x04, "the twin must be refused before the pin\n{}", tail(&blog, 3000));
+    assert_eq!(refusals(), 1, "{}", tail(&blog, 3000));
+
+    // The real signer answers hsmd_init and is pinned; the twin is refused again.
+    let init = sess.step().unwrap();
+    assert!(init.reply.is_ok(), "hsmd_init: {:?}\n{}", init.reply, tail(&blog, 3000));
+    let pinned = std::fs::read_to_string(d.join("broker").join("pinned-node-id")).unwrap();
+    assert_eq!(pinned.trim(), sid);
+    let (_c, rc) = Raw::connect(port, &sid, twin.as_bytes());
+    assert_eq!(rc, 0x04, "the twin must be refused after the pin\n{}", tail(&blog, 3000));
+    assert_eq!(refusals(), 2, "{}", tail(&blog, 3000));
+
+    // The signer's session was never taken over: it signs the next requests.
+    sess.run_until(|ex| ex.index >= 10);
+    let report = sess.finish();
+    drop(signer);
+    assert!(report.steps.iter().all(|s| s.reply.is_ok()), "{}", tail(&blog, 3000));
+    assert_eq!(log_text(&blog).matches(&format!("signer ready signer={sid}")).count(), 1, "{}", tail(&blog, 3000));
+}
