@@ -94,6 +94,14 @@ pub fn hsmd(data: &[u8]) {
     if let Ok(caps) = &caps {
         assert!(caps.len() <= usize::from(u16::MAX));
     }
+    // A parsed init accounts for every byte: fixed part, then records in increasing type order.
+    if let Ok(init) = hsmd::parse_init(data) {
+        assert!(init.fixed_len <= data.len());
+        assert!(init.tlvs.windows(2).all(|w| w[0].typ < w[1].typ));
+        let values: usize = init.tlvs.iter().map(|t| t.value.len() + 2).sum();
+        assert!(values <= data.len() - init.fixed_len, "TLV values longer than the stream");
+        assert_eq!(hsmd::parse_tlv_stream(&data[init.fixed_len..]).as_ref(), Ok(&init.tlvs));
+    }
     // Framing a message and reading its prefix back gives its length (when in range).
     if data.len() <= 4096 {
         let framed = hsmd::frame(data);

@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -44,14 +45,14 @@ const LATE_NONCES: usize = 16;
 /// `nonce u64 | sig65` after the msgpack of a control request or response.
 const CONTROL_TRAILER: usize = 8 + 65;
 
-/// Simultaneous HTTP connections; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 32;
 /// Simultaneous `/v1/events` streams; more get 503.
 const MAX_EVENT_STREAMS: usize = 8;
 /// Interval of SSE keep-alive comments.
 const KEEPALIVE: Duration = Duration::from_secs(15);
-/// A client must send a request's headers within this time, and its body within it too.
+/// A client must send a control request's body within this time.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connection-limit warnings are logged at most this often (each refusal is logged at `debug`).
+const LIMIT_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The operator API: the `[api]` table of the config file (see docs/api.md). Off unless
 /// [`ApiConfig::listen`] is set.
@@ -76,6 +77,20 @@ pub struct ApiConfig {
     pub control_timeout: Duration,
     /// Events buffered per `/v1/events` subscriber before it starts losing them. Default 256.
     pub event_capacity: usize,
+    /// Simultaneous connections in all (file: `max_connections`). When all are taken, a new
+    /// connection replaces the oldest one that has not sent a complete request head yet; if
+    /// every one is serving a request, the new one is closed. Default 32.
+    pub max_connections: usize,
+    /// Simultaneous connections from one source address (file: `max_connections_per_addr`), so
+    /// that one address cannot take every slot. Beyond it, a new connection from that address
+    /// replaces its oldest one without a complete request head, or is closed. Default 16 (above
+    /// the 8 event streams, so that a client holding them all can still make other requests).
+    pub max_connections_per_addr: usize,
+    /// A client must send a complete request head within this time of connecting (and of its
+    /// previous response, on a kept-alive connection), else it is closed (file:
+    /// `header_timeout_secs`). Default 5 s.
+    #[serde(rename = "header_timeout_secs", deserialize_with = "crate::config::secs")]
+    pub header_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -87,6 +102,9 @@ impl Default for ApiConfig {
             token_file: None,
             control_timeout: Duration::from_secs(10),
             event_capacity: 256,
+            max_connections: 32,
+            max_connections_per_addr: 16,
+            header_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -150,6 +168,15 @@ impl ApiConfig {
         }
         if self.event_capacity == 0 {
             return Err(ConfigError::Invalid("api.event_capacity", "must be at least 1".into()));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid("api.max_connections", "must be at least 1".into()));
+        }
+        if self.max_connections_per_addr == 0 {
+            return Err(ConfigError::Invalid("api.max_connections_per_addr", "must be at least 1".into()));
+        }
+        if self.header_timeout.is_zero() {
+            return Err(ConfigError::Invalid("api.header_timeout_secs", "must be positive".into()));
         }
         Ok(())
     }
@@ -292,6 +319,8 @@ pub async fn start(cfg: &ApiConfig, state: ApiState) -> Result<ApiHandle, ApiErr
         warn!(listen = %local_addr, "operator API on a non-loopback address (explicitly allowed): plain HTTP, the token travels in clear text");
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let conns = Arc::new(ConnLimits::new(cfg.max_connections, cfg.max_connections_per_addr));
+    let header_timeout = cfg.header_timeout;
     let shared = Arc::new(Shared {
         control_timeout: cfg.control_timeout,
         token,
@@ -300,20 +329,133 @@ pub async fn start(cfg: &ApiConfig, state: ApiState) -> Result<ApiHandle, ApiErr
         shutdown: shutdown_rx.clone(),
     });
     info!(listen = %local_addr, "operator API listening");
-    tokio::spawn(accept_loop(listener, shared, shutdown_rx));
+    tokio::spawn(accept_loop(listener, shared, conns, header_timeout, shutdown_rx));
     Ok(ApiHandle { local_addr, shutdown: shutdown_tx })
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let conns = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            p = conns.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.changed() => break,
+/// The open connections, for [`ApiConfig::max_connections`] and
+/// [`ApiConfig::max_connections_per_addr`]. Connections are admitted at accept (no slot is held
+/// while waiting for one), and an idle one (no complete request head yet) is shed to make room,
+/// so idle sockets cannot lock a client with a request out.
+struct ConnLimits {
+    max: usize,
+    per_addr: usize,
+    table: std::sync::Mutex<ConnTable>,
+}
+
+#[derive(Default)]
+struct ConnTable {
+    next_id: u64,
+    /// By id, which is also age order (oldest first). At most `max` entries.
+    open: std::collections::BTreeMap<u64, ConnEntry>,
+    last_warn: Option<Instant>,
+}
+
+/// [`ConnEntry::state`]: no complete request head yet (may be shed).
+const CONN_IDLE: u8 = 0;
+/// A complete request head arrived: the connection is being served, never shed.
+const CONN_BUSY: u8 = 1;
+/// Chosen to make room; closing.
+const CONN_SHED: u8 = 2;
+
+struct ConnEntry {
+    ip: std::net::IpAddr,
+    /// [`CONN_IDLE`] → [`CONN_BUSY`] (first request) or [`CONN_SHED`], by compare-and-swap, so
+    /// a connection whose request just arrived is never shed.
+    state: Arc<AtomicU8>,
+    /// Told to close when shed (a stored permit: works even before the task waits on it).
+    shed: Arc<tokio::sync::Notify>,
+}
+
+/// A connection's place in [`ConnLimits`], given back when dropped.
+struct ConnSlot {
+    limits: Arc<ConnLimits>,
+    id: u64,
+    state: Arc<AtomicU8>,
+    shed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.limits.lock().open.remove(&self.id);
+    }
+}
+
+/// Why a new connection was closed at once.
+#[derive(Debug)]
+enum Refused {
+    PerAddr,
+    Full,
+}
+
+impl ConnLimits {
+    fn new(max: usize, per_addr: usize) -> ConnLimits {
+        ConnLimits { max: max.max(1), per_addr: per_addr.max(1), table: Default::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnTable> {
+        // The table stays consistent at every step; a panic elsewhere cannot tear it.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a connection from `peer`, shedding an idle one if a limit is reached: that
+    /// address's oldest idle connection when it is at its own limit, else the oldest idle one
+    /// when all slots are taken. Refused if there is nothing idle to shed.
+    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<ConnSlot, Refused> {
+        let ip = peer.ip().to_canonical();
+        let mut t = self.lock();
+        // Claims the entry for shedding unless its first request has just arrived.
+        let claim =
+            |e: &ConnEntry| e.state.compare_exchange(CONN_IDLE, CONN_SHED, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        let from_ip = t.open.values().filter(|e| e.ip == ip).count();
+        let victim = if from_ip >= self.per_addr {
+            Some(t.open.iter().find(|(_, e)| e.ip == ip && claim(e)).map(|(id, _)| *id).ok_or(Refused::PerAddr))
+        } else if t.open.len() >= self.max {
+            Some(t.open.iter().find(|(_, e)| claim(e)).map(|(id, _)| *id).ok_or(Refused::Full))
+        } else {
+            None
         };
+        let limited = victim.is_some();
+        let outcome = match victim {
+            Some(Err(why)) => Err(why),
+            Some(Ok(id)) => {
+                if let Some(old) = t.open.remove(&id) {
+                    debug!(%peer, shed = %old.ip, "API connection limit: shedding an idle connection");
+                    old.shed.notify_one();
+                }
+                Ok(())
+            }
+            None => Ok(()),
+        };
+        if limited && t.last_warn.is_none_or(|w| w.elapsed() >= LIMIT_WARN_EVERY) {
+            t.last_warn = Some(Instant::now());
+            warn!(
+                %peer,
+                open = t.open.len(),
+                max = self.max,
+                per_addr = self.per_addr,
+                "API connection limits reached: idle connections are shed, others refused (logged at most every {}s)",
+                LIMIT_WARN_EVERY.as_secs()
+            );
+        }
+        outcome?;
+        let id = t.next_id;
+        t.next_id += 1;
+        let state = Arc::new(AtomicU8::new(CONN_IDLE));
+        let shed = Arc::new(tokio::sync::Notify::new());
+        t.open.insert(id, ConnEntry { ip, state: state.clone(), shed: shed.clone() });
+        Ok(ConnSlot { limits: self.clone(), id, state, shed })
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    conns: Arc<ConnLimits>,
+    header_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -326,29 +468,43 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
             },
             _ = shutdown.changed() => break,
         };
+        let slot = match conns.admit(peer) {
+            Ok(slot) => slot,
+            Err(why) => {
+                debug!(%peer, ?why, "API connection refused: limit reached and nothing idle to shed");
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let mut shutdown = shutdown.clone();
         let span = tracing::debug_span!("api", %peer);
         tokio::spawn(
             async move {
-                let _permit = permit;
                 let svc_shared = shared.clone();
+                let state = slot.state.clone();
                 let svc = service_fn(move |req| {
+                    // A complete request head arrived: from now on this connection is served,
+                    // not shed (a refused one closes after its 401). If it was shed just
+                    // before, the select below is ending it anyway.
+                    let _ = state.compare_exchange(CONN_IDLE, CONN_BUSY, Ordering::AcqRel, Ordering::Acquire);
                     let shared = svc_shared.clone();
                     async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(READ_TIMEOUT)
+                    .header_read_timeout(header_timeout)
                     .max_buf_size(64 * 1024)
                     .serve_connection(TokioIo::new(stream), svc);
                 tokio::select! {
                     r = conn => if let Err(e) = r {
                         debug!(error = %e, "API connection ended with an error");
                     },
+                    _ = slot.shed.notified() => debug!("API connection shed (idle, limit reached)"),
                     _ = shutdown.changed() => debug!("API shutting down; connection closed"),
                 }
+                drop(slot);
             }
             .instrument(span),
         );
@@ -394,9 +550,12 @@ fn error(status: StatusCode, msg: &str) -> Response<ApiBody> {
     json(status, &ErrorBody { error: msg })
 }
 
+/// 401, and the connection closes after it (`Connection: close`): a client without the token
+/// gets nothing more from the connection, and does not keep its slot.
 fn unauthorized(msg: &str) -> Response<ApiBody> {
     let mut r = error(StatusCode::UNAUTHORIZED, msg);
     r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"sphinx-broker\""));
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
 

@@ -25,6 +25,8 @@ use bitcoin::Network;
 use serde::{Deserialize, Deserializer};
 use sphinx_chain::BitcoindSettings;
 
+use sphinx_wire::hsmd::ClnRelease;
+
 use crate::api::ApiConfig;
 use crate::mqtt_link::MqttSettings;
 use crate::relay::RelayConfig;
@@ -35,6 +37,9 @@ use crate::relay::RelayConfig;
 pub struct Config {
     /// The exact line `lightningd --version` prints (e.g. `v25.12.1`); `--version` echoes it
     /// (`SPHINX_BROKER_CLN_VERSION`, `--cln-version`). Default unset: `--version` fails.
+    /// It must lie in the supported range ([`sphinx_wire::hsmd::SUPPORTED_CLN_RANGE`], v25.12.x to v26.x),
+    /// and picks that release's hsmd message set: requests the release does not define are
+    /// refused (unset: v25.12's).
     pub cln_version: Option<String>,
     /// The chain lightningd must be on, by CLN's name (bitcoin, testnet, testnet4, signet,
     /// regtest); `hsmd_init` carrying another chain is refused (`SPHINX_BROKER_NETWORK`,
@@ -325,8 +330,17 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The CLN release lightningd is, from `cln_version` (unset: v25.12).
+    pub fn cln_release(&self) -> Result<ClnRelease, ConfigError> {
+        match &self.cln_version {
+            None => Ok(ClnRelease::V25_12),
+            Some(v) => ClnRelease::from_version(v).map_err(|e| ConfigError::Invalid("cln_version", e.to_string())),
+        }
+    }
+
     /// Rejects values the broker cannot run with: each section's own checks, in one pass.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.cln_release()?;
         if let Some(id) = &self.signer_node_id {
             let ok = bitcoin::secp256k1::PublicKey::from_slice(&hex::decode(id).unwrap_or_default())
                 .is_ok_and(|k| k.to_string() == *id);
@@ -394,7 +408,7 @@ mod tests {
     #[test]
     fn every_documented_key_is_read() {
         let c = parse(
-            "cln_version = \"v\"\nnetwork = \"signet\"\ndata_dir = \"d\"\n\
+            "cln_version = \"v26.04\"\nnetwork = \"signet\"\ndata_dir = \"d\"\n\
              metrics_listen = \"0.0.0.0:3\"\nmetrics_allow_non_loopback = true\n\
              signer_node_id = \"029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46\"\n\
              [mqtt]\nlisten = \"127.0.0.1:1\"\nmax_payload = 7\ntoken_window_secs = 8\n\

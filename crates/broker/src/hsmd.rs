@@ -28,6 +28,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, error, info, warn};
 
 use crate::init::{self, InitError, WrongChain};
+use sphinx_wire::hsmd::ClnRelease;
 use crate::relay::{RelayError, RelayHandle};
 
 /// `hsmstatus_client_bad_request` (common `hsmd_wire.csv`), sent to lightningd on the status socket.
@@ -45,6 +46,17 @@ pub enum HsmdError {
     /// `hsmd_init` is for another chain than the broker's.
     #[error(transparent)]
     WrongChain(#[from] WrongChain),
+    /// `hsmd_init` cannot be served by a remote signer (passphrase, unknown TLV, version).
+    #[error(transparent)]
+    Init(InitError),
+    /// lightningd sent a request its own release does not define (`cln_version`).
+    #[error("request type {msg_type} does not exist in the hsmd protocol of CLN {release:?} (cln_version); refused")]
+    NotInRelease {
+        /// Request type.
+        msg_type: u16,
+        /// The configured release.
+        release: ClnRelease,
+    },
     /// A root request failed; CLN's hsmd treats this as fatal.
     #[error("root request type {msg_type} failed: {error}")]
     RootRequest {
@@ -60,6 +72,7 @@ impl From<InitError> for HsmdError {
         match e {
             InitError::Wire(e) => HsmdError::Wire(e),
             InitError::WrongChain(e) => HsmdError::WrongChain(e),
+            e => HsmdError::Init(e),
         }
     }
 }
@@ -68,6 +81,7 @@ impl From<InitError> for HsmdError {
 pub struct HsmdServer {
     relay: RelayHandle,
     network: Network,
+    release: ClnRelease,
     status: Option<Arc<Mutex<UnixStream>>>,
     log_io: bool,
     /// Set once a signer has answered lightningd's `hsmd_init` (chain following starts then).
@@ -75,10 +89,12 @@ pub struct HsmdServer {
 }
 
 impl HsmdServer {
-    /// `status` is fd 0 when it is a socket (it is under lightningd).
+    /// `status` is fd 0 when it is a socket (it is under lightningd); `release` is the CLN
+    /// release lightningd is (from `cln_version`): requests it does not define are refused.
     pub fn new(
         relay: RelayHandle,
         network: Network,
+        release: ClnRelease,
         status: Option<StdUnixStream>,
         log_io: bool,
     ) -> std::io::Result<Self> {
@@ -90,7 +106,7 @@ impl HsmdServer {
             None => None,
         };
         let (init_done, _) = tokio::sync::watch::channel(false);
-        Ok(HsmdServer { relay, network, status, log_io, init_done })
+        Ok(HsmdServer { relay, network, release, status, log_io, init_done })
     }
 
     /// Becomes `true` once a signer has answered lightningd's `hsmd_init` (step 4 of
@@ -131,9 +147,16 @@ impl HsmdServer {
                     tokio::spawn(self.clone().serve_client(stream, ctx, clients));
                 }
                 hsmd::DEV_MEMLEAK => write_msg(&mut root, &hsmd::memleak_reply()).await?,
+                t if !self.release.defines(t) => {
+                    return Err(HsmdError::NotInRelease { msg_type: t, release: self.release });
+                }
                 _ => {
+                    let mut msg = msg;
+                    let mut versions = None;
                     if msg_type == hsmd::HSMD_INIT {
-                        init::check_chain(&msg, self.network)?;
+                        let checked = init::check_init(&msg, self.network)?;
+                        versions = Some(checked.versions);
+                        msg = checked.message;
                         info!("hsmd_init from lightningd; waiting for the signer's answer");
                     }
                     // lightningd waits for this reply; if it dies meanwhile, so do we (CLN's hsmd
@@ -148,6 +171,9 @@ impl HsmdServer {
                             return Ok(());
                         }
                     };
+                    if let Some(versions) = versions {
+                        init::check_reply_version(versions, &reply)?;
+                    }
                     write_msg(&mut root, &reply).await?;
                     if msg_type == hsmd::HSMD_INIT {
                         info!("signer answered hsmd_init");
@@ -179,6 +205,10 @@ impl HsmdServer {
                 hsmd::DEV_MEMLEAK => Ok(hsmd::memleak_reply()),
                 hsmd::CLIENT_HSMFD | hsmd::HSMD_INIT | hsmd::DEV_PREINIT => Err(RelayError::Refused(format!(
                     "message type {msg_type} is only valid on lightningd's connection"
+                ))),
+                t if !self.release.defines(t) => Err(RelayError::Refused(format!(
+                    "message type {t} does not exist in the hsmd protocol of CLN {:?} (cln_version)",
+                    self.release
                 ))),
                 _ => self.relay.call(ctx, msg.clone()).await,
             };

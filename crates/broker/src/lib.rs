@@ -146,7 +146,7 @@ pub async fn run_hsmd(
     log_io: bool,
 ) -> anyhow::Result<()> {
     let broker = start(cfg).await?;
-    let server = Arc::new(hsmd::HsmdServer::new(broker.relay.clone(), cfg.network, status, log_io)?);
+    let server = Arc::new(hsmd::HsmdServer::new(broker.relay.clone(), cfg.network, cfg.cln_release()?, status, log_io)?);
     // Chain tracking: follows bitcoind once a signer has answered lightningd's hsmd_init.
     let follower = chain::spawn_reporting(
         chain::FollowerConfig::new(cfg.bitcoind.clone(), cfg.network).with_data_dir(&cfg.data_dir),

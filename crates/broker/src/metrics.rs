@@ -469,12 +469,13 @@ pub struct Sources<'a> {
 }
 
 /// Every `cause` label of `token_refusals` (created at zero, so a scrape shows them all).
-pub const TOKEN_CAUSES: [&str; 13] = [
+pub const TOKEN_CAUSES: [&str; 15] = [
     "no_username",
     "no_password",
     "token_encoding",
     "token_length",
     "token_signature",
+    "token_high_s",
     "token_wrong_key",
     "token_username",
     "token_expired",
@@ -482,6 +483,7 @@ pub const TOKEN_CAUSES: [&str; 13] = [
     "not_pinned",
     "replayed",
     "not_after_last_login",
+    "last_login_unreadable",
     "record_failed",
 ];
 
@@ -494,6 +496,7 @@ fn token_cause(e: &LoginError) -> &'static str {
             token::Error::Encoding => "token_encoding",
             token::Error::Length(_) => "token_length",
             token::Error::Signature => "token_signature",
+            token::Error::HighS => "token_high_s",
             token::Error::WrongKey { .. } => "token_wrong_key",
             token::Error::Username(_) => "token_username",
             token::Error::Expired { .. } => "token_expired",
@@ -504,6 +507,7 @@ fn token_cause(e: &LoginError) -> &'static str {
         LoginError::Pin(PinError::Io { .. } | PinError::Corrupt(_)) => "record_failed",
         LoginError::Replayed => "replayed",
         LoginError::NotAfterLastLogin { .. } => "not_after_last_login",
+        LoginError::LastLoginUnreadable { .. } => "last_login_unreadable",
         LoginError::Record { .. } => "record_failed",
     }
 }

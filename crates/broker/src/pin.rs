@@ -1,12 +1,13 @@
 //! The signer key the broker trusts, pinned on disk.
 //!
 //! The first signer whose `hsmd_init` reply reaches lightningd fixes the node id; from then on
-//! only that key may log in, across broker restarts. The file is written atomically (temp file,
-//! fsync, rename, directory fsync), so a crash leaves either no pin or the whole pin.
+//! only that key may log in, across broker restarts. The file is written atomically (a unique
+//! temp file, fsync, rename, directory fsync), so a crash leaves either no pin or the whole pin.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Errors of the pin store.
@@ -91,17 +92,43 @@ impl PinStore {
 }
 
 /// Replaces `path` with `contents` so that a crash leaves the old or the new file, never a torn
-/// one: temp file, fsync, rename, directory fsync.
+/// one: a temporary file of its own in the same directory, fsync, rename, directory fsync.
+/// Concurrent writers never share a temporary file (each name is unique: pid, counter and a
+/// random suffix, created exclusively), so the last rename wins and none fails for the other.
 pub(crate) fn write_durably(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?
+        .to_string_lossy();
+    let (tmp, mut f) = create_temp(dir, &name)?;
+    let written = f.write_all(contents).and_then(|()| f.sync_all()).and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    Ok(())
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir/.{name}.{pid}.{n}.{random}.tmp`, exclusively (an existing file is never reused).
+fn create_temp(dir: &Path, name: &str) -> std::io::Result<(PathBuf, File)> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let pid = std::process::id();
+    let mut last = None;
+    for _ in 0..8 {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let r: u32 = bitcoin::secp256k1::rand::random();
+        let tmp = dir.join(format!(".{name}.{pid}.{n}.{r:08x}.tmp"));
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::AlreadyExists, "no free temporary name")))
 }
 
 #[cfg(test)]
@@ -123,6 +150,31 @@ mod tests {
         assert!(s2.pin(&b).is_err());
         fs::write(dir.join("pinned-node-id"), "junk").unwrap();
         assert!(PinStore::open(&dir).is_err());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn concurrent_durable_writes_all_succeed_and_leave_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("pin-write-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        let barrier = std::sync::Barrier::new(16);
+        std::thread::scope(|sc| {
+            for i in 0..16 {
+                let (path, barrier) = (&path, &barrier);
+                sc.spawn(move || {
+                    barrier.wait();
+                    for j in 0..8 {
+                        write_durably(path, format!("{i} {j}\n").as_bytes()).unwrap();
+                    }
+                });
+            }
+        });
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with(" 7\n"), "a whole last write: {text:?}");
+        let names: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("f")]);
         let _ = fs::remove_dir_all(&dir);
     }
 }

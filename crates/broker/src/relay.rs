@@ -514,6 +514,7 @@ mod tests {
         m.extend_from_slice(&6u32.to_be_bytes());
         m.extend_from_slice(&0u16.to_be_bytes());
         m.extend_from_slice(&hex::decode(node).unwrap());
+        m.extend_from_slice(&[0u8; hsmd::EXT_KEY_LEN + 33]); // bip32, bolt12
         m
     }
 

@@ -652,3 +652,138 @@ fn broker_binary_serves_the_api_and_exits_when_lightningd_closes_fd3() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no token"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Connection limits: a refused request closes its connection, idle ones are shed or time out
+
+/// Reads until EOF (or a reset) within `bound`; the bytes read, or `None` if still open.
+async fn read_to_close(s: &mut TcpStream, bound: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    let mut b = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut b)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(all),
+            Ok(Ok(n)) => all.extend_from_slice(&b[..n]),
+        }
+    }
+}
+
+/// A TCP connection to `addr` from the loopback address `from` (any 127.x.y.z is ours on Linux).
+async fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::from((from, 0))).unwrap();
+    s.connect(addr).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_refused_request_closes_its_connection() {
+    use tokio::io::AsyncWriteExt;
+    let dir = temp_dir("close401");
+    let b = broker(&dir, WAIT).await;
+    let addr = api_addr(&b);
+    // No token, then a second (pipelined) request with the token: the 401 ends the connection,
+    // the second request is never answered.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let two = format!(
+        "GET /v1/signers HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/signers HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+        bearer()
+    );
+    s.write_all(two.as_bytes()).await.unwrap();
+    let got = read_to_close(&mut s, Duration::from_secs(3)).await.expect("closed after the 401, not kept open");
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 401"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert_eq!(text.matches("http/1.1 ").count(), 1, "only the refused request is answered: {text}");
+    // A wrong token and a POST with a body it never reads: the same.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /v1/signers/02/control HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong-token-0123456789\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_to_close(&mut s, Duration::from_secs(3)).await.expect("closed after the 401");
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 401"));
+    // With the token, the connection is kept alive for the next request.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET /v1/signers HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n", bearer()).as_bytes())
+        .await
+        .unwrap();
+    assert!(read_to_close(&mut s, Duration::from_millis(300)).await.is_none(), "an authorized connection stays open");
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_header_deadline() {
+    use tokio::io::AsyncWriteExt;
+    init_tracing();
+    let dir = temp_dir("idle");
+    let mut cfg = config(&dir, WAIT);
+    cfg.api.header_timeout = Duration::from_secs(1);
+    let b = sphinx_broker::start(&cfg).await.unwrap();
+    let addr = api_addr(&b);
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut partial = TcpStream::connect(addr).await.unwrap();
+    partial.write_all(b"GET /v1/signers HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    assert!(read_to_close(&mut silent, Duration::from_secs(4)).await.is_some(), "a silent connection is closed");
+    assert!(read_to_close(&mut partial, Duration::from_secs(4)).await.is_some(), "an incomplete head is closed");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_client_gets_in_while_an_attacker_holds_many_idle_sockets() {
+    init_tracing();
+    let dir = temp_dir("slots");
+    let mut cfg = config(&dir, WAIT);
+    // Idle sockets are not closed by the header deadline during this test: only the limits act.
+    cfg.api.header_timeout = Duration::from_secs(120);
+    let (max, per_addr) = (cfg.api.max_connections, cfg.api.max_connections_per_addr);
+    assert_eq!((max, per_addr), (32, 16), "the defaults");
+    let b = sphinx_broker::start(&cfg).await.unwrap();
+    let addr = api_addr(&b);
+    // The attacker: 2 × per_addr idle sockets from the client's own address, and per_addr from
+    // each of 8 other addresses: more than all the slots.
+    let mut idle = Vec::new();
+    for _ in 0..2 * per_addr {
+        idle.push(connect_from([127, 0, 0, 1], addr).await);
+    }
+    for a in 2..10u8 {
+        for _ in 0..per_addr {
+            idle.push(connect_from([127, 0, 0, a], addr).await);
+        }
+    }
+    // Everything beyond the limits is shed at once (not after a timeout), oldest first: the
+    // first per_addr from 127.0.0.1 make room for the next per_addr of that address, then the
+    // oldest go until `max` remain.
+    let shed = idle.len() - max;
+    for (i, s) in idle.iter_mut().enumerate() {
+        let bound = if i < shed { WAIT } else { Duration::from_millis(20) };
+        let closed = read_to_close(s, bound).await.is_some();
+        assert_eq!(closed, i < shed, "socket {i} of {}: {max} slots", shed + max);
+    }
+    // The legitimate client, from the same address as some of the attacker's sockets, gets in
+    // at once, again and again.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, ..) = tokio::time::timeout(Duration::from_secs(3), get(addr, "/v1/signers"))
+            .await
+            .expect("the client is served while the attacker holds its sockets");
+        assert_eq!(status, StatusCode::OK);
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    // A busy connection (its request is being served) is never shed: an SSE stream stays open
+    // while the attacker opens more idle sockets than there are slots.
+    let mut sse = Sse::open(addr).await;
+    let mut more = Vec::new();
+    for _ in 0..max + per_addr {
+        more.push(connect_from([127, 0, 0, 1], addr).await);
+    }
+    let (status, ..) = tokio::time::timeout(Duration::from_secs(3), get(addr, "/v1/signers")).await.expect("served");
+    assert_eq!(status, StatusCode::OK);
+    let (_sk, id) = key(0x61);
+    b.hub.on_connected(&id);
+    let ev = sse.expect("signer-connected").await;
+    assert_eq!(ev["node_id"], id, "the stream survived the attacker's sockets");
+    drop(idle);
+}

@@ -13,10 +13,11 @@ use rumqttc::mqttbytes::v4::{
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
-use tracing::{debug, info, warn};
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{debug, info, warn, Instrument};
 
-use super::{lock, topic, MqttEvent, SessionEntry, Shared, MAX_CONNECT_PACKET};
+use super::prelogin::Slot;
+use super::{lock, topic, MqttEvent, OutQueue, QueueError, SessionEntry, Shared, MAX_CONNECT_PACKET};
 
 /// Why a connection ended (logged).
 type Reason = String;
@@ -94,20 +95,32 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, code: ConnectReturnCode) 
     let _ = stream.shutdown().await;
 }
 
-/// Runs one connection to its end. `permit` is a handshake slot, released after CONNACK; the
-/// CONNECT must have arrived by `deadline`.
+/// Runs one connection to its end. `slot` is its handshake slot, released after CONNACK; the
+/// CONNECT must have arrived by `deadline`, and the connection closes if the slot is shed first.
 pub(super) async fn run<S>(
     shared: Arc<Shared>,
     mut stream: S,
     peer: SocketAddr,
     conn_id: u64,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
     deadline: tokio::time::Instant,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::with_capacity(4096);
-    let connect = match tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut buf)).await {
+    let first = tokio::select! {
+        r = tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut buf)) => r,
+        () = slot.shed() => {
+            debug!("closed before CONNECT to make room for a newer connection");
+            return;
+        }
+    };
+    // Shed just as the CONNECT completed: the slot is already another connection's.
+    if matches!(first, Ok(Ok(_))) && !slot.connect_received() {
+        debug!("closed at CONNECT to make room for a newer connection");
+        return;
+    }
+    let connect = match first {
         Err(_) => {
             warn!("no CONNECT within {:?}; closing", shared.limits.connect_timeout);
             return;
@@ -153,7 +166,8 @@ pub(super) async fn run<S>(
     tracing::Span::current().record("identity", identity.as_str());
 
     // Register, taking over any session of the same identity.
-    let (out_tx, out_rx) = mpsc::channel::<Bytes>(shared.limits.outbound_queue);
+    let (tx, out_rx) = mpsc::channel::<Bytes>(shared.limits.outbound_queue);
+    let out_tx = OutQueue { tx, bytes: Arc::new(AtomicUsize::new(0)), max_bytes: shared.limits.outbound_queue_bytes };
     let kill = Arc::new(Notify::new());
     let (done_tx, done_rx) = watch::channel(false);
     let inflight = Arc::new(AtomicUsize::new(0));
@@ -205,12 +219,14 @@ pub(super) async fn run<S>(
         let _ = done_tx.send(true);
         return;
     }
-    drop(permit);
+    drop(slot);
     info!(client_id = %connect.client_id.escape_debug(), keep_alive = ?ka, "connected");
     shared.emit(MqttEvent::Connected { identity: identity.clone(), conn_id }).await;
 
     let (mut rd, wr) = tokio::io::split(stream);
-    let writer = tokio::spawn(write_loop(wr, out_rx, kill.clone()));
+    let writer = tokio::spawn(
+        write_loop(wr, out_rx, out_tx.clone(), kill.clone(), shared.limits.write_stall_timeout).in_current_span(),
+    );
     let mut session = Session {
         shared: &shared,
         identity: &identity,
@@ -292,28 +308,83 @@ fn unregister(shared: &Shared, identity: &str, conn_id: u64) {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Bytes>, kill: Arc<Notify>) {
+/// Frames smaller than this are coalesced into writes of at most this size; bigger ones are
+/// written as they are (never copied, so the batch buffer stays this small).
+const COALESCE_MAX: usize = 64 * 1024;
+
+/// Writes all of `buf` and flushes, failing if any single write or the flush accepts nothing for
+/// `stall` (the client stopped reading: its socket buffers are full).
+async fn write_all_within<W: AsyncWrite + Unpin>(wr: &mut W, mut buf: &[u8], stall: Duration) -> Result<(), WriteFail> {
+    while !buf.is_empty() {
+        match tokio::time::timeout(stall, wr.write(buf)).await {
+            Err(_) => return Err(WriteFail::Stalled),
+            Ok(Err(e)) => return Err(WriteFail::Io(e)),
+            Ok(Ok(0)) => return Err(WriteFail::Io(std::io::ErrorKind::WriteZero.into())),
+            Ok(Ok(n)) => buf = buf.get(n..).unwrap_or_default(),
+        }
+    }
+    match tokio::time::timeout(stall, wr.flush()).await {
+        Err(_) => Err(WriteFail::Stalled),
+        Ok(r) => r.map_err(WriteFail::Io),
+    }
+}
+
+/// Why the writer gave up.
+enum WriteFail {
+    /// No progress within the stall timeout.
+    Stalled,
+    /// The socket failed (the reader side sees it too).
+    Io(std::io::Error),
+}
+
+/// Drains the session's queue into the socket. Queued bytes are released from `out`'s count only
+/// once written, so the count covers everything the server holds for this client.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Bytes>,
+    out: OutQueue,
+    kill: Arc<Notify>,
+    stall: Duration,
+) {
     let mut batch = BytesMut::new();
-    while let Some(frame) = rx.recv().await {
-        // Coalesce whatever is already queued into one write.
-        let res = if let Ok(next) = rx.try_recv() {
+    // A frame taken from the queue that did not fit the previous batch.
+    let mut carried: Option<Bytes> = None;
+    loop {
+        let frame = match carried.take() {
+            Some(f) => f,
+            None => match rx.recv().await {
+                Some(f) => f,
+                None => break,
+            },
+        };
+        let (res, n) = if frame.len() >= COALESCE_MAX {
+            (write_all_within(&mut wr, &frame, stall).await, frame.len())
+        } else {
+            // Coalesce whatever small frames are already queued into one write.
             batch.clear();
             batch.extend_from_slice(&frame);
-            batch.extend_from_slice(&next);
-            while batch.len() < 256 * 1024 {
-                match rx.try_recv() {
-                    Ok(f) => batch.extend_from_slice(&f),
-                    Err(_) => break,
+            while let Ok(f) = rx.try_recv() {
+                if batch.len() + f.len() > COALESCE_MAX {
+                    carried = Some(f);
+                    break;
                 }
+                batch.extend_from_slice(&f);
             }
-            send_now(&mut wr, &batch).await
-        } else {
-            send_now(&mut wr, &frame).await
+            (write_all_within(&mut wr, &batch, stall).await, batch.len())
         };
-        if let Err(e) = res {
-            debug!("write error: {e}");
-            kill.notify_one();
-            return;
+        out.written(n);
+        match res {
+            Ok(()) => {}
+            Err(WriteFail::Stalled) => {
+                warn!("dropping client: no write progress for {stall:?} (client not reading)");
+                kill.notify_one();
+                return;
+            }
+            Err(WriteFail::Io(e)) => {
+                debug!("write error: {e}");
+                kill.notify_one();
+                return;
+            }
         }
     }
     let _ = wr.shutdown().await;
@@ -323,7 +394,7 @@ struct Session<'a> {
     shared: &'a Shared,
     identity: &'a str,
     conn_id: u64,
-    out: mpsc::Sender<Bytes>,
+    out: OutQueue,
     inflight: Arc<AtomicUsize>,
     refusals: RefusalLog,
 }
@@ -364,9 +435,9 @@ impl RefusalLog {
 
 impl Session<'_> {
     fn send(&self, frame: Bytes) -> Result<(), Reason> {
-        self.out.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => "outbound queue full (client not keeping up)".into(),
-            mpsc::error::TrySendError::Closed(_) => "writer gone".into(),
+        self.out.push(frame).map_err(|e| match e {
+            QueueError::Full => "outbound queue full (client not reading fast enough)".into(),
+            QueueError::Closed => "writer gone".into(),
         })
     }
 

@@ -81,7 +81,10 @@
 //! * [`start`] binds a TCP listener and spawns an **accept loop**. Every accepted socket gets
 //!   `TCP_NODELAY` and its own **connection task**; the number of connections still in the
 //!   CONNECT handshake and the number of authenticated sessions are each capped at
-//!   [`MqttConfig::max_clients`].
+//!   [`MqttConfig::max_clients`], and handshakes per source address at
+//!   [`Limits::max_handshakes_per_ip`]. When either handshake cap is reached, the oldest
+//!   connection that has not yet sent a complete CONNECT is shed to admit the newcomer, so idle
+//!   sockets cannot keep a legitimate client out.
 //! * With [`MqttConfig::tls`] set, the connection task first runs the TLS handshake (rustls,
 //!   `ring` provider, certificate chain and key from PEM files); TCP and TLS then share one code
 //!   path, generic over the stream (`AsyncRead + AsyncWrite`). A plaintext listener on an address
@@ -94,9 +97,11 @@
 //!   [`MqttEvent::Disconnected`] is emitted *before* the new [`MqttEvent::Connected`]).
 //! * After CONNACK the socket is split: the connection task keeps reading and handles packets
 //!   (ACL, events, acknowledgements), and a **writer task** drains a bounded queue of encoded
-//!   frames ([`Limits::outbound_queue`]). Everything sent to a client — acknowledgements and
-//!   publishes routed by [`MqttHandle::publish`] or by other clients — goes through that queue with
-//!   a non-blocking `try_send`; a client whose queue is full cannot keep up and is dropped.
+//!   frames ([`Limits::outbound_queue`] frames, [`Limits::outbound_queue_bytes`] bytes). Everything
+//!   sent to a client — acknowledgements and publishes routed by [`MqttHandle::publish`] or by
+//!   other clients — goes through that queue without waiting; a client whose queue is full, or
+//!   whose socket accepts nothing for [`Limits::write_stall_timeout`], is not reading and is
+//!   dropped.
 //! * Every PUBLISH and SUBSCRIBE filter is checked by the [`Authorizer`]: a refused publish is
 //!   dropped (and acknowledged, so the client cannot tell), a refused filter gets SUBACK failure.
 //! * Packets are decoded and encoded with `rumqttc::mqttbytes::v4` (the MQTT 3.1.1 codec of the
@@ -115,6 +120,7 @@
 #![warn(missing_docs)]
 
 mod conn;
+mod prelogin;
 pub mod topic;
 
 use std::collections::HashMap;
@@ -128,7 +134,7 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
@@ -217,10 +223,23 @@ impl MqttConfig {
 /// Secondary limits, with sensible [`Default`]s; pass them with [`start_with`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Time a new connection has to deliver its CONNECT packet (default 10 s).
+    /// Time a new connection has to finish the TLS handshake (if any) and deliver its CONNECT
+    /// packet (default 5 s).
     pub connect_timeout: Duration,
+    /// Connections from one source (an IPv4 address, or an IPv6 /64) that may be in the
+    /// handshake (between accept and CONNACK) at once (default 4; loopback is not exempt). A
+    /// newcomer beyond it sheds that source's oldest connection that has not yet sent a complete
+    /// CONNECT; if there is none, the newcomer is closed.
+    pub max_handshakes_per_ip: usize,
     /// Frames queued for one client before it is dropped as too slow (default 1024).
     pub outbound_queue: usize,
+    /// Bytes queued for one client, including the write in progress, before it is dropped as too
+    /// slow (default 4 MiB; raised to one largest PUBLISH frame if smaller, so one maximal
+    /// publish always fits an empty queue).
+    pub outbound_queue_bytes: usize,
+    /// A write to a client that makes no progress (not one byte accepted) for this long drops it
+    /// as not reading (default 30 s).
+    pub write_stall_timeout: Duration,
     /// Outbound QoS 1 publishes a client may leave unacknowledged before it is dropped
     /// (default 1024; at most 65535).
     pub max_inflight: usize,
@@ -234,8 +253,11 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_handshakes_per_ip: 4,
             outbound_queue: 1024,
+            outbound_queue_bytes: 4 << 20,
+            write_stall_timeout: Duration::from_secs(30),
             max_inflight: 1024,
             max_subscriptions: 64,
             takeover_wait: Duration::from_secs(5),
@@ -388,12 +410,55 @@ pub enum MqttError {
     },
 }
 
+/// A session's outbound queue: encoded frames for its writer task, bounded in frames (the
+/// channel) and in bytes (`bytes`, counted from enqueue until the writer has written them).
+#[derive(Clone)]
+struct OutQueue {
+    tx: mpsc::Sender<Bytes>,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// Why a frame could not be queued.
+enum QueueError {
+    /// Full in frames or in bytes: the client is not keeping up.
+    Full,
+    /// The writer is gone (the connection is closing).
+    Closed,
+}
+
+impl OutQueue {
+    /// Queues `frame` without waiting.
+    fn push(&self, frame: Bytes) -> Result<(), QueueError> {
+        let n = frame.len();
+        self.bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| q.checked_add(n).filter(|t| *t <= self.max_bytes))
+            .map_err(|_| QueueError::Full)?;
+        self.tx.try_send(frame).map_err(|e| {
+            self.written(n);
+            match e {
+                mpsc::error::TrySendError::Full(_) => QueueError::Full,
+                mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
+            }
+        })
+    }
+
+    /// `n` queued bytes have left the queue (written, or never queued).
+    fn written(&self, n: usize) {
+        let _ = self.bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| Some(q.saturating_sub(n)));
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
 /// One authenticated session, as seen by routing and by the handle.
 struct SessionEntry {
     conn_id: u64,
     peer: SocketAddr,
     /// Encoded frames for the writer task.
-    out: mpsc::Sender<Bytes>,
+    out: OutQueue,
     /// Closes the connection (takeover, `disconnect`, slow client, shutdown).
     kill: Arc<Notify>,
     /// Becomes `true` when the connection task has finished (after its `Disconnected`).
@@ -427,7 +492,8 @@ struct Shared {
     events: mpsc::Sender<MqttEvent>,
     sessions: Mutex<HashMap<String, SessionEntry>>,
     next_conn: AtomicU64,
-    handshakes: Arc<Semaphore>,
+    /// Connections between accept and CONNACK.
+    handshakes: Arc<prelogin::Prelogin>,
     /// Bumped on every subscription change (for [`MqttHandle::wait_subscriber`]).
     subs_changed: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
@@ -491,7 +557,7 @@ impl Shared {
             warn!(topic, "cannot encode publish: {e}");
             return 0;
         }
-        match s.out.try_send(frame.freeze()) {
+        match s.out.push(frame.freeze()) {
             Ok(()) => {
                 if qos == QoS::AtLeastOnce {
                     s.inflight.fetch_add(1, Ordering::Relaxed);
@@ -499,11 +565,11 @@ impl Shared {
                 debug!(identity, conn = s.conn_id, topic, bytes = payload.len(), "routed");
                 1
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                s.kill(identity, "outbound queue full (client not keeping up)");
+            Err(QueueError::Full) => {
+                s.kill(identity, "outbound queue full (client not reading fast enough)");
                 0
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => 0,
+            Err(QueueError::Closed) => 0,
         }
     }
 
@@ -574,6 +640,13 @@ impl MqttHandle {
         v
     }
 
+    /// Bytes queued for `identity`'s session or being written to its socket, at most
+    /// [`Limits::outbound_queue_bytes`] (`None` if it has no live session). What the server
+    /// buffers for that client, for tests and monitoring.
+    pub fn outbound_bytes(&self, identity: &str) -> Option<usize> {
+        lock(&self.shared.sessions).get(identity).filter(|s| !s.killed).map(|s| s.out.queued_bytes())
+    }
+
     /// Is some session subscribed to a filter matching `topic`?
     pub fn has_subscriber(&self, topic: &str) -> bool {
         self.shared.has_subscriber(topic)
@@ -638,13 +711,23 @@ pub async fn start_with(
     let listener = TcpListener::bind(cfg.listen).await.map_err(bind_err)?;
     let local_addr = listener.local_addr().map_err(bind_err)?;
     let (events, rx) = mpsc::channel(cfg.event_capacity.max(1));
+    // One largest PUBLISH frame: its remaining length plus a 5-byte fixed header at most.
+    let max_frame = cfg.max_payload.saturating_add(2 + usize::from(u16::MAX) + 2 + 5);
+    if limits.outbound_queue_bytes < max_frame {
+        info!(
+            outbound_queue_bytes = limits.outbound_queue_bytes,
+            max_frame, "outbound_queue_bytes raised to one largest PUBLISH frame"
+        );
+    }
     let limits = Limits {
         outbound_queue: limits.outbound_queue.max(1),
+        outbound_queue_bytes: limits.outbound_queue_bytes.max(max_frame),
+        max_handshakes_per_ip: limits.max_handshakes_per_ip.max(1),
         max_inflight: limits.max_inflight.clamp(1, usize::from(u16::MAX)),
         ..limits
     };
     let shared = Arc::new(Shared {
-        handshakes: Arc::new(Semaphore::new(cfg.max_clients.max(1))),
+        handshakes: prelogin::Prelogin::new(cfg.max_clients, limits.max_handshakes_per_ip),
         cfg,
         limits,
         local_addr,
@@ -661,8 +744,14 @@ pub async fn start_with(
     Ok((MqttHandle { shared }, MqttEvents { rx }))
 }
 
+/// Minimum interval between two warnings about handshake slots (an attacker can cause one per
+/// connection).
+const SLOT_WARN_EVERY: Duration = Duration::from_secs(10);
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<TlsAcceptor>) {
     let mut shutdown = shared.shutdown.subscribe();
+    let (mut shed_warn, mut full_warn) =
+        (prelogin::Throttle::new(SLOT_WARN_EVERY), prelogin::Throttle::new(SLOT_WARN_EVERY));
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -678,9 +767,23 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls
             }
         };
         let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
-            warn!(conn = conn_id, %peer, "too many connections in handshake; closing");
-            continue;
+        let slot = match shared.handshakes.admit(conn_id, peer.ip()) {
+            Ok(prelogin::Admitted { slot, shed }) => {
+                if let Some(old) = shed {
+                    debug!(conn = conn_id, %peer, shed_conn = old, "handshake slots full: shed the oldest connection without CONNECT");
+                    if let Some(suppressed) = shed_warn.allow() {
+                        warn!(conn = conn_id, %peer, suppressed, "handshake slots full (max_clients or max_handshakes_per_ip): shedding the oldest connections that have not sent CONNECT");
+                    }
+                }
+                slot
+            }
+            Err(full) => {
+                debug!(conn = conn_id, %peer, ?full, "handshake slots full, all authenticating; closing");
+                if let Some(suppressed) = full_warn.allow() {
+                    warn!(conn = conn_id, %peer, ?full, suppressed, "too many connections in handshake; closing");
+                }
+                continue;
+            }
         };
         if let Err(e) = stream.set_nodelay(true) {
             warn!(conn = conn_id, %peer, "cannot set TCP_NODELAY: {e}");
@@ -691,31 +794,35 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<Tls
             peer = %peer,
             identity = tracing::field::Empty
         );
-        tokio::spawn(serve(shared.clone(), tls.clone(), stream, peer, conn_id, permit).instrument(span));
+        tokio::spawn(serve(shared.clone(), tls.clone(), stream, peer, conn_id, slot).instrument(span));
     }
     info!("MQTT server stopped accepting");
 }
 
 /// Runs one accepted connection: the TLS handshake if configured, then [`conn::run`]. The
 /// handshake and the CONNECT share one deadline ([`Limits::connect_timeout`]) and the
-/// handshake slot (`permit`).
+/// handshake slot (`slot`; the connection closes if it is shed).
 async fn serve(
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
     stream: TcpStream,
     peer: SocketAddr,
     conn_id: u64,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    slot: prelogin::Slot,
 ) {
     let deadline = tokio::time::Instant::now() + shared.limits.connect_timeout;
     let Some(acceptor) = tls else {
-        conn::run(shared, stream, peer, conn_id, permit, deadline).await;
+        conn::run(shared, stream, peer, conn_id, slot, deadline).await;
         return;
     };
     let mut shutdown = shared.shutdown.subscribe();
     let handshake = tokio::select! {
         r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => r,
         _ = shutdown.wait_for(|v| *v) => return,
+        () = slot.shed() => {
+            debug!("closed during the TLS handshake to make room for a newer connection");
+            return;
+        }
     };
     match handshake {
         Ok(Ok(stream)) => {
@@ -725,7 +832,7 @@ async fn serve(
                 cipher = ?session.negotiated_cipher_suite().map(|c| c.suite()),
                 "TLS handshake done"
             );
-            conn::run(shared, stream, peer, conn_id, permit, deadline).await;
+            conn::run(shared, stream, peer, conn_id, slot, deadline).await;
         }
         Ok(Err(e)) => warn!("TLS handshake failed: {e}"),
         Err(_) => warn!("TLS handshake not finished within {:?}; closing", shared.limits.connect_timeout),

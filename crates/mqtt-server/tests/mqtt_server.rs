@@ -812,3 +812,177 @@ async fn mosquitto_clients_interoperate() {
     assert!(!status.success());
     assert!(rx.try_recv().is_none());
 }
+
+// ---------- pre-login slot exhaustion (issue 8, item 2) ----------
+
+/// An attacker's idle sockets: `per_ip` from each address in `ips`, never sending a byte, each
+/// reopened 50 ms after the server closes it. Resolves once every socket has connected once;
+/// abort the returned tasks to stop the attack.
+async fn idle_attack(
+    addr: std::net::SocketAddr,
+    ips: &[std::net::Ipv4Addr],
+    per_ip: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let (up_tx, mut up_rx) = mpsc::channel::<()>(1024);
+    let mut tasks = Vec::new();
+    for ip in ips {
+        for _ in 0..per_ip {
+            let (ip, up) = (*ip, up_tx.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut first = Some(up);
+                loop {
+                    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                    sock.bind((ip, 0).into()).unwrap();
+                    if let Ok(mut s) = sock.connect(addr).await {
+                        if let Some(up) = first.take() {
+                            let _ = up.send(()).await;
+                        }
+                        // Hold it until the server closes it.
+                        let mut b = [0u8; 64];
+                        while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }));
+        }
+    }
+    drop(up_tx);
+    for _ in 0..tasks.len() {
+        tokio::time::timeout(WAIT, up_rx.recv()).await.unwrap().unwrap();
+    }
+    tasks
+}
+
+/// Logs `name` in from 127.0.0.1, retrying (every 20 ms) while the server closes the socket
+/// without a CONNACK; panics unless it succeeds within `bound`. Returns the connection.
+async fn login_within(h: &MqttHandle, rx: &mut MqttEvents, name: &str, bound: Duration) -> (Raw, u64) {
+    let t = Instant::now();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut r = Raw::open(h).await;
+        let mut c = v4::Connect::new(name);
+        c.keep_alive = 30;
+        c.set_login(name, name);
+        if r.s.write_all(&frame(Packet::Connect(c))).await.is_ok() {
+            match r.read().await {
+                Some(Packet::ConnAck(a)) if a.code == ConnectReturnCode::Success => {
+                    return (r, expect_connected(rx, name).await);
+                }
+                Some(other) => panic!("expected CONNACK, got {other:?}"),
+                None => {}
+            }
+        }
+        assert!(t.elapsed() < bound, "{name} could not log in within {bound:?} ({attempts} attempts)");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legit_client_logs_in_while_200_idle_sockets_are_held_and_reopened() {
+    // Default limits and max_clients (64 handshake slots); the attacker holds 200 idle sockets
+    // from 25 loopback addresses, 127.0.0.1 (the legitimate client's own) among them.
+    init_tracing();
+    let (h, mut rx) =
+        mqtt::start_with(MqttConfig::new("127.0.0.1:0".parse().unwrap()), Limits::default(), TokenAuth, OwnPrefix)
+            .await
+            .unwrap();
+    let ips: Vec<std::net::Ipv4Addr> = (1..=25).map(|i| std::net::Ipv4Addr::new(127, 0, 0, i)).collect();
+    let attack = idle_attack(h.local_addr(), &ips, 8).await;
+    // Well below the CONNECT deadline: before the fix every slot stayed taken for all of it.
+    let bound = Duration::from_secs(3);
+    for i in 0..5 {
+        let name = format!("signer{i}");
+        let (mut r, c) = login_within(&h, &mut rx, &name, bound).await;
+        r.send(&frame(Packet::Disconnect)).await;
+        expect_disconnected(&mut rx, &name, c).await;
+    }
+    for t in attack {
+        t.abort();
+    }
+}
+
+#[tokio::test]
+async fn fifth_idle_socket_from_one_address_sheds_the_oldest() {
+    let (h, _rx) = server().await;
+    let addr = h.local_addr();
+    let open_from = |ip: [u8; 4]| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind((std::net::Ipv4Addr::from(ip), 0).into()).unwrap();
+        Raw { s: sock.connect(addr).await.unwrap(), buf: BytesMut::new() }
+    };
+    let mut first = open_from([127, 0, 0, 9]).await;
+    let mut rest = Vec::new();
+    for _ in 0..4 {
+        rest.push(open_from([127, 0, 0, 9]).await);
+    }
+    // Closed long before the CONNECT deadline (5 s): shed for the fifth.
+    let t = Instant::now();
+    first.expect_eof().await;
+    assert!(t.elapsed() < Duration::from_secs(3), "shed after {:?}", t.elapsed());
+}
+
+// ---------- outbound queue bounded in bytes (issue 8, item 3) ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_is_dropped_at_the_byte_bound_while_a_reader_gets_everything() {
+    let cfg = MqttConfig { max_payload: 1 << 20, ..config() };
+    let limits = Limits::default();
+    let bound = limits.outbound_queue_bytes;
+    let (h, mut rx) = server_with(cfg, limits).await;
+    let (mut slow, slow_conn) = Raw::connect(&h, &mut rx, "slow", 30).await;
+    slow.subscribe("slow/vls", QoS::AtLeastOnce).await;
+    let (mut fast, _) = Raw::connect(&h, &mut rx, "fast", 30).await;
+    fast.subscribe("fast/vls", QoS::AtLeastOnce).await;
+    // The reading subscriber acknowledges and reports every publish it gets.
+    let (got_tx, mut got) = mpsc::unbounded_channel::<Bytes>();
+    let reader = tokio::spawn(async move {
+        while let Some(p) = fast.read().await {
+            if let Packet::Publish(p) = p {
+                fast.send(&frame(Packet::PubAck(v4::PubAck::new(p.pkid)))).await;
+                got_tx.send(p.payload).unwrap();
+            }
+        }
+    });
+    // 48 publishes of 1 MiB to each; "slow" never reads.
+    let n = 48u8;
+    let (mut peak, mut slow_dropped_at) = (0usize, None);
+    for i in 0..n {
+        let payload = Bytes::from(vec![i; 1 << 20]);
+        if h.publish_count("slow/vls", payload.clone()).unwrap() == 0 && slow_dropped_at.is_none() {
+            slow_dropped_at = Some(i);
+        }
+        // Only routing grows the count, so sampling after each publish sees its peak.
+        peak = peak.max(h.outbound_bytes("slow").unwrap_or(0));
+        assert_eq!(h.publish_count("fast/vls", payload.clone()).unwrap(), 1, "the reader stays connected");
+        let p = tokio::time::timeout(WAIT, got.recv()).await.unwrap().unwrap();
+        assert!(p == payload, "publish {i} reached the reader intact");
+    }
+    assert!(peak > 0 && peak <= bound, "buffered for the slow reader: {peak} bytes, bound {bound}");
+    assert!(slow_dropped_at.is_some(), "the slow reader was never dropped (peak {peak} bytes)");
+    expect_disconnected(&mut rx, "slow", slow_conn).await;
+    assert_eq!(h.outbound_bytes("slow"), None);
+    assert_eq!(h.connected(), vec!["fast".to_string()]);
+    reader.abort();
+}
+
+#[tokio::test]
+async fn writer_without_progress_is_dropped() {
+    // A byte bound too large to matter: only the stalled write can drop the client.
+    let cfg = MqttConfig { max_payload: 1 << 20, ..config() };
+    let limits = Limits {
+        outbound_queue_bytes: 256 << 20,
+        write_stall_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (h, mut rx) = server_with(cfg, limits).await;
+    let (mut r, c) = Raw::connect(&h, &mut rx, "alice", 30).await;
+    r.subscribe("alice/vls", QoS::AtMostOnce).await;
+    // More than the loopback socket buffers hold; the client never reads.
+    for i in 0..32u8 {
+        assert_eq!(h.publish_count("alice/vls", Bytes::from(vec![i; 1 << 20])), Ok(1));
+    }
+    let t = Instant::now();
+    expect_disconnected(&mut rx, "alice", c).await;
+    assert!(t.elapsed() < Duration::from_secs(5), "dropped after {:?}", t.elapsed());
+}

@@ -550,6 +550,9 @@ impl Signer {
         let Some(root) = core.root.as_ref() else {
             return Err(Error::NotInitialized(msg_type, msg_name(msg_type)));
         };
+        if let Message::SetupChannel(m) = &msg {
+            funding_outpoint_unused(&core.node, &req.peer_id, req.dbid, m)?;
+        }
         let persister = core.persister.clone();
         let node = core.node.clone();
         begin(&persister)?;
@@ -761,6 +764,38 @@ fn commit(p: &Persister) -> Result<(), Error> {
 fn load_record(p: &Persister, key: &str) -> Option<ReplyRecord> {
     let (_, v) = p.get(key).ok()??;
     serde_json::from_slice(&v).ok()
+}
+
+/// The named check `policy-setup-channel-funding-outpoint-unused`: refuses a `setup_channel`
+/// whose funding outpoint another channel already has. VLS 1.0.0-rc.1 accepts it, but a node
+/// holding two channels on one outpoint cannot be restored ("tracker not found for point"), so a
+/// hostile host could make the device unable to start again (found by `benches/startup.rs`).
+/// Setting up the same channel again is not refused.
+fn funding_outpoint_unused(
+    node: &Node,
+    peer_id: &[u8; 33],
+    dbid: u64,
+    m: &vls_protocol::msgs::SetupChannel,
+) -> Result<(), Error> {
+    use lightning_signer::channel::{ChannelId, ChannelSlot};
+    let this = ChannelId::new_from_peer_id_and_oid(peer_id, dbid);
+    let outpoint = bitcoin::OutPoint { txid: m.funding_txid, vout: u32::from(m.funding_txout) };
+    for (id, slot) in node.get_channels().iter() {
+        if *id == this {
+            continue;
+        }
+        let taken = slot.lock().is_ok_and(|s| matches!(&*s, ChannelSlot::Ready(c) if c.setup.funding_outpoint == outpoint));
+        if taken {
+            return Err(Error::Refused {
+                msg_type: 31,
+                name: msg_name(31),
+                reason: format!(
+                    "policy-setup-channel-funding-outpoint-unused: funding outpoint {outpoint} is already channel {id}'s"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

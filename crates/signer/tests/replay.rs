@@ -283,3 +283,36 @@ fn redb_signer_recovers_from_vls_panic_with_state_from_disk() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A second channel set up on the funding outpoint of another is refused (named check): VLS
+/// alone accepts it, and its node then cannot be restored from disk ("tracker not found for
+/// point"), which would leave the device unable to start. A channel on its own outpoint is
+/// accepted, and the state reopens.
+#[test]
+fn second_channel_on_a_used_funding_outpoint_is_refused_and_state_still_reopens() {
+    let trace = load("open-pay-close/alice.jsonl");
+    let cfg = config(T0_OPEN_PAY_CLOSE + 100);
+    let dir = temp_dir("dup-outpoint");
+    let setup_at = trace.iter().position(|st| st.msg_type == 31).unwrap();
+    let new = trace.iter().find(|st| st.msg_type == 30).unwrap().req.clone();
+    let setup = trace[setup_at].req.clone();
+    let mut s = Signer::open(ALICE_SEED, &dir, &cfg).unwrap();
+    for st in &trace[..=setup_at] {
+        s.handle(&st.req).unwrap();
+    }
+    // Channel dbid 77 of the same peer: new_channel (root, dbid in the body), then setup_channel.
+    let mut new77 = new.clone();
+    new77.message[2 + 33..2 + 33 + 8].copy_from_slice(&77u64.to_be_bytes());
+    new77.seq = 60000;
+    s.handle(&new77).unwrap();
+    let setup77 = Request { seq: 60001, dbid: 77, ..setup.clone() };
+    let e = s.handle(&setup77).unwrap_err();
+    assert!(e.to_string().contains("policy-setup-channel-funding-outpoint-unused"), "{e}");
+    // On an outpoint of its own (funding txid changed), the same setup is accepted.
+    let mut own = setup77.clone();
+    own.seq = 60002;
+    own.message[2 + 1 + 8 + 8] ^= 0xff;
+    s.handle(&own).unwrap();
+    drop(s);
+    Signer::open(ALICE_SEED, &dir, &cfg).expect("state with two channels on distinct outpoints reopens");
+}

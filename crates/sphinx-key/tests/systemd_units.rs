@@ -76,9 +76,8 @@ fn sphinx_key_unit_verifies_and_is_hardened() {
 fn lssd_unit_verifies_is_hardened_and_its_command_line_parses() {
     let Some(analyze) = analyze() else { return };
     let d = tempdir("lssd");
-    // The workspace builds lssd (crates/lssd) next to this test: target/release/lssd.
-    let built = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.parent()?.join("lssd")));
-    let lssd = std::env::var_os("LSSD").map(PathBuf::from).or(built.filter(|p| p.is_file())).or_else(|| which("lssd"));
+    // The workspace builds lssd (crates/lssd): $LSSD, target/release/lssd, PATH, ~/.cargo/bin.
+    let lssd = sphinx_lss::lssd::binary();
     if lssd.is_none() && std::env::var_os("CI").is_some() {
         panic!("lssd missing: scripts/test builds it (cargo build --release --workspace --bins)");
     }

@@ -31,14 +31,80 @@ fn version_comes_from_configuration_and_its_absence_is_a_clear_error() {
     assert!(out.status.success());
     assert_eq!(out.stdout, b"v25.12.1\n");
     let d = tempdir("version-file");
-    std::fs::write(d.join("b.toml"), "cln_version = \"v25.09\"\n").unwrap();
+    std::fs::write(d.join("b.toml"), "cln_version = \"v26.04\"\n").unwrap();
     let out = Command::new(&broker)
         .args(["--version", "--config"])
         .arg(d.join("b.toml"))
         .env_remove("SPHINX_BROKER_CLN_VERSION")
         .output()
         .unwrap();
-    assert_eq!(out.stdout, b"v25.09\n", "from the config file");
+    assert_eq!(out.stdout, b"v26.04\n", "from the config file");
+    // A release outside the supported range fails at `--version`, so lightningd never starts on it.
+    let out = Command::new(&broker).arg("--version").env("SPHINX_BROKER_CLN_VERSION", "v25.09").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("v25.09") && err.contains("supported range v25.12.x to v26.x"), "{err}");
+}
+
+/// lightningd's init with an `hsm_passphrase` TLV (CLN v25.12, `--hsm-passphrase`): VLS would
+/// refuse its trailing bytes with a parse error; the broker refuses it first, saying why.
+#[test]
+fn hsmd_init_with_a_passphrase_is_refused_with_a_clear_error() {
+    let d = tempdir("passphrase");
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let envs = broker_envs(&d.join("broker"), &listen);
+    let log = d.join("broker.log");
+    let opts = SpawnOptions { output: BrokerOutput::File(log.clone()), ..SpawnOptions::default() };
+    let mut ld = FakeLightningd::spawn_with(bin("sphinx-broker").unwrap(), Vec::<String>::new(), envs, opts).unwrap();
+    let mut init = init_request();
+    init.extend_from_slice(&[hsmd::INIT_TLV_HSM_PASSPHRASE as u8, 4]);
+    init.extend_from_slice(b"pw1\0");
+    assert!(ld.root_call(&init).is_err(), "no init reply for a passphrase the signer cannot apply");
+    let status = ld.shutdown().unwrap();
+    assert_eq!(status.code(), Some(3), "runtime failure exit code");
+    let text = tail(&log, 4000);
+    assert!(text.contains("hsm_passphrase") && text.contains("cannot apply it"), "{text}");
+    assert!(!d.join("broker/pinned-node-id").exists(), "nothing was initialised");
+}
+
+/// Under `cln_version = v26.x`, `hsmd_sign_local_htlc_tx` (16), gone from v26's hsmd wire, is
+/// refused by the broker itself (bad-request report, client closed) without waiting for a
+/// signer; under v25.12 the same request is queued for the signer as any other.
+#[test]
+fn cln_v26_message_set_refuses_the_removed_sign_local_htlc_tx() {
+    let ctx = ClientContext { peer_id: [2u8; 33], dbid: 1, permissions: 447 };
+    let mut req = hsmd::SIGN_LOCAL_HTLC_TX.to_be_bytes().to_vec();
+    req.extend_from_slice(&[0u8; 16]);
+    for (version, removed) in [("v26.04", true), ("v25.12.1", false)] {
+        let d = tempdir("v26-set");
+        let listen = format!("127.0.0.1:{}", free_port().unwrap());
+        let mut envs = broker_envs(&d.join("broker"), &listen);
+        envs.retain(|(k, _)| k.to_str() != Some("SPHINX_BROKER_CLN_VERSION"));
+        envs.push(("SPHINX_BROKER_CLN_VERSION".into(), version.into()));
+        envs.push(("SPHINX_BROKER_REQUEST_TIMEOUT".into(), "2".into()));
+        let log = d.join("broker.log");
+        let opts = SpawnOptions {
+            output: BrokerOutput::File(log.clone()),
+            expected_version: version.into(),
+            ..SpawnOptions::default()
+        };
+        let mut ld =
+            FakeLightningd::spawn_with(bin("sphinx-broker").unwrap(), Vec::<String>::new(), envs, opts).unwrap();
+        let mut client = ld.new_client(&ctx).unwrap();
+        let before = ld.status_log().count;
+        let t0 = Instant::now();
+        assert!(client.call(&req).is_err(), "{version}: no reply without a signer");
+        let status = ld.wait_status(before + 1, Duration::from_secs(10)).expect("a bad-request report");
+        let report = String::from_utf8_lossy(status.frames.last().unwrap()).to_string();
+        if removed {
+            assert!(report.contains("does not exist in the hsmd protocol of CLN V26"), "{report}");
+            assert!(t0.elapsed() < Duration::from_secs(2), "refused at once, not at the request bound");
+        } else {
+            assert!(report.contains("no reply from the signer within"), "{version}: queued for the signer: {report}");
+        }
+        drop(client);
+        assert_eq!(ld.shutdown().unwrap().code(), Some(0), "{}", tail(&log, 3000));
+    }
 }
 
 #[test]

@@ -408,3 +408,197 @@ fn foreign_clients_are_refused_while_the_signer_keeps_signing() {
     assert_eq!(report.steps.len(), tr.request_count());
     assert!(report.brokers_exited_cleanly(), "{:?}", report.broker_exits);
 }
+
+/// A TCP connection to `to` from the local address `from` (e.g. 127.0.0.7), as an attacker
+/// holding sockets from several addresses would open it.
+fn connect_from(from: std::net::Ipv4Addr, to: std::net::SocketAddrV4) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.bind(&std::net::SocketAddrV4::new(from, 0).into())?;
+    s.connect(&to.into())?;
+    Ok(s.into())
+}
+
+/// Idle sockets held open against the broker's MQTT port (never a byte sent), each reopened
+/// 50 ms after the broker closes it, until dropped.
+struct IdleAttack {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl IdleAttack {
+    /// `per_ip` sockets from each of `ips`; returns once every socket has connected once.
+    fn start(to: std::net::SocketAddrV4, ips: &[std::net::Ipv4Addr], per_ip: usize) -> IdleAttack {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (up_tx, up_rx) = std::sync::mpsc::channel::<()>();
+        let mut threads = Vec::new();
+        for ip in ips.iter().copied() {
+            for _ in 0..per_ip {
+                let (stop, up) = (stop.clone(), up_tx.clone());
+                let t = std::thread::Builder::new().stack_size(64 << 10).spawn(move || {
+                    let mut up = Some(up);
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok(mut s) = connect_from(ip, to) {
+                            if let Some(up) = up.take() {
+                                let _ = up.send(());
+                            }
+                            // Hold it until the broker closes it (the timeout only lets it see `stop`).
+                            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                            let mut b = [0u8; 64];
+                            while !stop.load(Ordering::Relaxed) {
+                                match s.read(&mut b) {
+                                    Ok(n) if n > 0 => {}
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                        ) => {}
+                                    _ => break,
+                                }
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                });
+                threads.push(t.unwrap());
+            }
+        }
+        drop(up_tx);
+        for _ in 0..threads.len() {
+            up_rx.recv_timeout(Duration::from_secs(20)).expect("attack socket connected");
+        }
+        IdleAttack { stop, threads }
+    }
+}
+
+impl Drop for IdleAttack {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Pre-login slot exhaustion (issue 8): 200 idle sockets from 25 loopback addresses (127.0.0.1,
+/// the signer's own, among them) are held open and reopened as the broker closes them; the real
+/// signer still logs in and signs, well within the CONNECT deadline, and a foreign mosquitto
+/// client still gets its CONNACK refusal instead of a closed socket.
+#[test]
+fn signer_logs_in_while_idle_sockets_hold_the_handshake_slots() {
+    if !have_mosquitto() {
+        eprintln!("SKIPPED: mosquitto_pub not installed (apt-get install mosquitto-clients)");
+        return;
+    }
+    let (tr, seed, clock) = recorded_session("open-pay-close", "alice");
+    let d = TempDir::new("idle-attack").unwrap();
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let key_bin = bin("sphinx-key").unwrap();
+    let signer_dir = d.join("signer");
+    let blog = d.join("broker.log");
+    init_signer(&key_bin, &signer_dir, seed).unwrap();
+    let mut opts = ReplayOptions::new(bin("sphinx-broker").unwrap());
+    opts.envs = broker_envs(&d.join("broker"), &listen);
+    opts.spawn = SpawnOptions {
+        call_timeout: Duration::from_secs(20),
+        output: BrokerOutput::File(blog.clone()),
+        ..SpawnOptions::default()
+    };
+    let mut sess = Session::start(&tr, opts).unwrap();
+    sess.set_wait_listen(&listen).unwrap();
+
+    let ips: Vec<std::net::Ipv4Addr> = (1..=25).map(|i| std::net::Ipv4Addr::new(127, 0, 0, i)).collect();
+    let attack = IdleAttack::start(std::net::SocketAddrV4::new([127, 0, 0, 1].into(), port), &ips, 8);
+    // Before the fix the 64 handshake slots stayed taken for the whole 10 s CONNECT deadline
+    // and were retaken at once; the bound is well below it.
+    let bound = Duration::from_secs(6);
+    let t = Instant::now();
+    let signer = SignerProcess::start(&key_bin, &signer_dir, &listen, clock, &d.join("signer.log"), &[]).unwrap();
+    let init = sess.step().unwrap().clone();
+    assert!(init.reply.is_ok(), "hsmd_init: {:?}\n{}", init.reply, tail(&blog, 3000));
+    assert!(t.elapsed() < bound, "the signer got in only after {:?}\n{}", t.elapsed(), signer.log_tail(3000));
+    sess.run_until(|ex| ex.index >= 20);
+    // A foreign client under the same attack is answered (refused: anonymous), not cut off.
+    let t = Instant::now();
+    let (code, out) = mosq("mosquitto_pub", port, &["-t", "x/y", "-m", "x"]);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("not authorised"), "anonymous under attack: {out}");
+    assert!(t.elapsed() < bound, "mosquitto_pub answered after {:?}", t.elapsed());
+    wait_log(&blog, "handshake slots full", Duration::from_secs(5)).unwrap();
+    drop(attack);
+
+    sess.run_to_end();
+    let report = sess.finish();
+    drop(signer);
+    let cfg = replay::signer::replay_config(clock, Default::default());
+    let mut oracle = replay::signer::in_memory(seed, &cfg).unwrap();
+    let expected = oracle_replay(&tr, &mut oracle, true);
+    let mismatches = compare_with_oracle(&report.steps, &expected);
+    assert!(mismatches.is_empty(), "{mismatches:#?}\n--- broker ---\n{}", tail(&blog, 4000));
+    assert!(report.brokers_exited_cleanly(), "{:?}", report.broker_exits);
+}
+
+/// The network attacker's token replay by signature malleability: from the signer's CONNECT it
+/// reads the token, and logs in with its high-s twin (same key, same time, `(r, n - s)`), which
+/// recovers the same key but is not the same bytes. Before a node id is pinned that took over the
+/// signer's session; after the pin too (the first login predates the pin, so no login time was on
+/// disk). Both are refused, and the real signer keeps signing.
+#[test]
+fn the_high_s_twin_of_a_captured_token_is_refused_before_and_after_the_pin() {
+    let (tr, seed, clock) = recorded_session("open-pay-close", "alice");
+    let cfg = replay::signer::replay_config(clock, Default::default());
+    let me = replay::signer::in_memory(seed, &cfg).unwrap();
+    let sid = me.node_id_hex();
+
+    let d = TempDir::new("foreign-twin").unwrap();
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let key_bin = bin("sphinx-key").unwrap();
+    let signer_dir = d.join("signer");
+    let blog = d.join("broker.log");
+    init_signer(&key_bin, &signer_dir, seed).unwrap();
+    let mut opts = ReplayOptions::new(bin("sphinx-broker").unwrap());
+    opts.envs = broker_envs(&d.join("broker"), &listen);
+    opts.spawn = SpawnOptions {
+        call_timeout: Duration::from_secs(20),
+        output: BrokerOutput::File(blog.clone()),
+        ..SpawnOptions::default()
+    };
+    let mut sess = Session::start(&tr, opts).unwrap();
+    sess.set_wait_listen(&listen).unwrap();
+    let proxy = TcpProxy::start(&listen).unwrap();
+    let signer = SignerProcess::start(&key_bin, &signer_dir, &proxy.addr(), clock, &d.join("signer.log"), &[]).unwrap();
+    wait_log(&blog, &format!("signer ready signer={sid}"), Duration::from_secs(20)).unwrap();
+    assert!(!d.join("broker").join("pinned-node-id").exists(), "no node id pinned yet");
+
+    let captured = proxy
+        .first_bytes()
+        .iter()
+        .find_map(|b| connect_password(b, &sid))
+        .expect("the signer's CONNECT went through the proxy");
+    let twin = token::high_s_twin(&captured).unwrap();
+    assert_ne!(twin.as_bytes(), captured.as_slice());
+    let refusals = || log_text(&blog).matches("token signature has a high s").count();
+
+    // Before the pin.
+    let (_c, rc) = Raw::connect(port, &sid, twin.as_bytes());
+    assert_eq!(rc, 0x04, "the twin must be refused before the pin\n{}", tail(&blog, 3000));
+    assert_eq!(refusals(), 1, "{}", tail(&blog, 3000));
+
+    // The real signer answers hsmd_init and is pinned; the twin is refused again.
+    let init = sess.step().unwrap();
+    assert!(init.reply.is_ok(), "hsmd_init: {:?}\n{}", init.reply, tail(&blog, 3000));
+    let pinned = std::fs::read_to_string(d.join("broker").join("pinned-node-id")).unwrap();
+    assert_eq!(pinned.trim(), sid);
+    let (_c, rc) = Raw::connect(port, &sid, twin.as_bytes());
+    assert_eq!(rc, 0x04, "the twin must be refused after the pin\n{}", tail(&blog, 3000));
+    assert_eq!(refusals(), 2, "{}", tail(&blog, 3000));
+
+    // The signer's session was never taken over: it signs the next requests.
+    sess.run_until(|ex| ex.index >= 10);
+    let report = sess.finish();
+    drop(signer);
+    assert!(report.steps.iter().all(|s| s.reply.is_ok()), "{}", tail(&blog, 3000));
+    assert_eq!(log_text(&blog).matches(&format!("signer ready signer={sid}")).count(), 1, "{}", tail(&blog, 3000));
+}

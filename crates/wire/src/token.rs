@@ -6,12 +6,15 @@
 //! sig65    = (31 + recovery id) | r | s          (LDK `message_signing` layout)
 //!            over sha256d("Lightning Signed Message:" | ts as 4 BE bytes)
 //! ```
-//! Upstream never checks `ts`; [`verify`] requires it within a window of `now`.
+//! Upstream never checks `ts`; [`verify`] requires it within a window of `now`, and refuses a
+//! signature with a high `s`: `(r, s)` and `(r, n - s)` (with the other recovery id) recover the
+//! same key, so accepting both would let anyone turn a captured token into a second, different
+//! password for the same login. Signers (libsecp256k1, LDK, upstream) only make low-`s` ones.
 
 use base64::engine::general_purpose::URL_SAFE;
 use base64::Engine;
 use bitcoin::hashes::{sha256d, Hash};
-use bitcoin::secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
+use bitcoin::secp256k1::ecdsa::{RecoverableSignature, RecoveryId, Signature};
 use bitcoin::secp256k1::{Message, PublicKey, Secp256k1, SecretKey};
 
 const PREFIX: &[u8] = b"Lightning Signed Message:";
@@ -28,6 +31,10 @@ pub enum Error {
     /// Signature does not parse or recover.
     #[error("token signature is invalid")]
     Signature,
+    /// The signature's `s` is in the upper half of the group order: the malleated twin of a
+    /// low-`s` signature, which no honest signer makes.
+    #[error("token signature has a high s (a malleated copy of another token); refused")]
+    HighS,
     /// Signed by a different key than the username claims.
     #[error("token signed by {signer}, username claims {claimed}")]
     WrongKey {
@@ -79,6 +86,30 @@ pub fn recover(msg: &[u8], sig: &[u8]) -> Result<PublicKey, Error> {
     Secp256k1::verification_only().recover_ecdsa(&digest(msg), &rs).map_err(|_| Error::Signature)
 }
 
+/// Is the `s` of a [`sign_message`] signature in the upper half of the order (not normalised)?
+fn is_high_s(sig: &[u8]) -> Result<bool, Error> {
+    let compact = sig.get(1..65).ok_or(Error::Signature)?;
+    let sig = Signature::from_compact(compact).map_err(|_| Error::Signature)?;
+    let mut low = sig;
+    low.normalize_s();
+    Ok(low != sig)
+}
+
+/// The malleated twin of a token: same time, same key, signature `(r, n - s)` with the other
+/// recovery id. It recovers the same key; [`verify`] refuses it ([`Error::HighS`]). For tests of
+/// that refusal (anyone who sees a token can compute it).
+pub fn high_s_twin(password: &[u8]) -> Result<String, Error> {
+    let mut raw = URL_SAFE.decode(password).map_err(|_| Error::Encoding)?;
+    if raw.len() != 69 {
+        return Err(Error::Length(raw.len()));
+    }
+    let s = SecretKey::from_slice(&raw[37..69]).map_err(|_| Error::Signature)?;
+    raw[37..69].copy_from_slice(&s.negate().secret_bytes());
+    // Negating s negates R: the recovery id's parity bit flips.
+    raw[4] = 31 + ((raw[4].checked_sub(31).ok_or(Error::Signature)?) ^ 1);
+    Ok(URL_SAFE.encode(raw))
+}
+
 /// Makes a login token for time `ts` (unix seconds).
 pub fn make(key: &SecretKey, ts: u32) -> String {
     let tsb = ts.to_be_bytes();
@@ -108,6 +139,9 @@ pub fn verify(username: &str, password: &[u8], now: u64, window: u64) -> Result<
         return Err(Error::Length(raw.len()));
     }
     let signer = recover(&raw[..4], &raw[4..])?;
+    if is_high_s(&raw[4..])? {
+        return Err(Error::HighS);
+    }
     if signer != claimed {
         return Err(Error::WrongKey { signer: signer.to_string(), claimed: claimed.to_string() });
     }
@@ -160,5 +194,27 @@ mod tests {
         let s = sign_message(b"x", &sk);
         assert!((31..=34).contains(&s[0]));
         assert_eq!(recover(b"x", &s).unwrap(), PublicKey::from_secret_key(&Secp256k1::new(), &sk));
+    }
+
+    #[test]
+    fn high_s_twin_of_a_token_is_refused() {
+        let (sk, user) = key(0x41);
+        let tok = make(&sk, 1_000_000);
+        let twin = high_s_twin(tok.as_bytes()).unwrap();
+        assert_ne!(twin, tok);
+        // The twin is a valid signature by the same key over the same time...
+        let raw = URL_SAFE.decode(&twin).unwrap();
+        let pk = PublicKey::from_secret_key(&Secp256k1::new(), &sk);
+        assert_eq!(recover(&raw[..4], &raw[4..]).unwrap(), pk);
+        assert_eq!(timestamp(twin.as_bytes()).unwrap(), 1_000_000);
+        // ...but not a login.
+        assert_eq!(verify(&user, twin.as_bytes(), 1_000_000, 300), Err(Error::HighS));
+        assert!(verify(&user, tok.as_bytes(), 1_000_000, 300).is_ok());
+        // Its twin is the original again, accepted.
+        assert_eq!(high_s_twin(twin.as_bytes()).unwrap(), tok);
+        // The upstream tokens are low-s (see verifies_upstream_sphinx_auther_tokens).
+        let t = "YvM0wyAZBWdHaVsS4sqy-ub3X0JRx7zVTY9O6aL0q_CIV9zOKykO_grPE4DSelinHNX9pTFZ3wEoLhg5QT7EVZpOlj0x";
+        let (_, cd) = key(0xcd);
+        assert_eq!(verify(&cd, high_s_twin(t.as_bytes()).unwrap().as_bytes(), 0x62f334c3, 0), Err(Error::HighS));
     }
 }
