@@ -250,6 +250,10 @@ pub struct ApiState {
     pub pin: Arc<PinStore>,
     /// The chain follower's status (`GET /v1/chain`).
     pub chain: watch::Receiver<sphinx_chain::FollowerStatus>,
+    /// The broker's metrics (`GET /metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The status page's sessions (`GET /`, crate::status_page).
+    pub page: Arc<crate::status_page::StatusPage>,
 }
 
 /// Why the API did not start.
@@ -579,11 +583,17 @@ fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
 
 async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<ApiBody> {
     let started = Instant::now();
+    // The status page, its assets and its login form need no token (crate::status_page).
+    let req = match shared.state.page.route(&shared.token, peer, req).await {
+        Ok(resp) => return resp,
+        Err(req) => req,
+    };
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let authorized = match bearer(req.headers()) {
         Some(t) => shared.token.matches(t),
-        None => false,
+        // The page's session cookie stands in for the token on GET and HEAD.
+        None => shared.state.page.session_ok(&method, req.headers()),
     };
     if !authorized {
         let had = req.headers().contains_key(header::AUTHORIZATION);
@@ -600,9 +610,18 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
         (&Method::GET, ["v1", "events"]) => events(shared),
         (&Method::GET, ["v1", "chain"]) => chain_status(shared),
         (&Method::GET, ["v1", "chain", "heartbeat"]) => heartbeat(shared).await,
-        (_, ["v1", "signers"]) | (_, ["v1", "events"]) | (_, ["v1", "chain"]) | (_, ["v1", "chain", "heartbeat"]) => {
-            method_not_allowed("GET")
+        (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &crate::status_page::snapshot(&shared.state)),
+        (&Method::GET, ["metrics"]) => {
+            let s = &shared.state;
+            let src = crate::metrics::Sources { relay: &s.relay, hub: &s.hub, chain: &s.chain };
+            response(StatusCode::OK, crate::metrics::CONTENT_TYPE, full(s.metrics.encode(&src)))
         }
+        (_, ["v1", "signers"])
+        | (_, ["v1", "events"])
+        | (_, ["v1", "chain"])
+        | (_, ["v1", "chain", "heartbeat"])
+        | (_, ["v1", "status"])
+        | (_, ["metrics"]) => method_not_allowed("GET"),
         (_, ["v1", "signers", _, "control"]) => method_not_allowed("POST"),
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
     };
@@ -846,6 +865,8 @@ fn sse_frame(ev: &SignerEvent) -> Bytes {
         SignerEvent::Ready { node_id, time } => sse("signer-ready", &NodeTime { node_id, time: *time }),
         SignerEvent::Disconnected { node_id, time } => sse("signer-disconnected", &NodeTime { node_id, time: *time }),
         SignerEvent::Error(e) => sse("signer-error", e),
+        // Already JSON (crate::status_page::spawn_ticker): one line, no newline inside.
+        SignerEvent::Status(json) => Bytes::from(format!("event: status\ndata: {json}\n\n")),
     }
 }
 
@@ -954,6 +975,18 @@ struct ChainJson {
     last_error: Option<String>,
     last_failure: Option<FailureJson>,
     heartbeat: Option<ChainHeartbeatJson>,
+    catch_up: Option<CatchUpJson>,
+}
+
+#[derive(Serialize)]
+struct CatchUpJson {
+    from_height: u32,
+    target_height: u32,
+    behind: u32,
+    blocks_done: u32,
+    elapsed_secs: f64,
+    blocks_per_sec: f64,
+    eta_secs: Option<u64>,
 }
 
 fn chain_status(shared: &Shared) -> Response<ApiBody> {
@@ -977,6 +1010,15 @@ fn chain_status(shared: &Shared) -> Response<ApiBody> {
                 chain_tip: h.chain_tip.to_string(),
                 current_timestamp: h.current_timestamp,
                 verified: h.verified,
+            }),
+            catch_up: s.catch_up.map(|c| CatchUpJson {
+                from_height: c.from_height,
+                target_height: c.target_height,
+                behind: c.behind,
+                blocks_done: c.blocks_done,
+                elapsed_secs: c.elapsed_ms as f64 / 1000.0,
+                blocks_per_sec: c.blocks_per_sec(),
+                eta_secs: c.eta_secs(),
             }),
         },
     )

@@ -65,6 +65,13 @@ pub struct Config {
     pub api: ApiConfig,
     /// `[lss]`: LSS backup of the signer's state (off unless `lss.url` is set).
     pub lss: LssSettings,
+    /// Serve Prometheus metrics (`GET /metrics`, no token) on this address, for a broker whose
+    /// API is off (the API serves them too, behind its token) (`SPHINX_BROKER_METRICS_LISTEN`,
+    /// `--metrics-listen`). Default unset: no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow a `metrics_listen` address that is not loopback
+    /// (`SPHINX_BROKER_METRICS_ALLOW_NON_LOOPBACK`). Default false.
+    pub metrics_allow_non_loopback: bool,
 }
 
 impl Default for Config {
@@ -79,6 +86,8 @@ impl Default for Config {
             bitcoind: BitcoindSettings::default(),
             api: ApiConfig::default(),
             lss: LssSettings::default(),
+            metrics_listen: None,
+            metrics_allow_non_loopback: false,
         }
     }
 }
@@ -199,6 +208,13 @@ pub struct Overrides {
     /// Longest a control call waits for the signer's response, seconds (default 10).
     #[arg(long, env = "SPHINX_BROKER_API_CONTROL_TIMEOUT")]
     pub api_control_timeout: Option<u64>,
+    /// Prometheus metrics (GET /metrics, no token) on this address; loopback only unless
+    /// --metrics-allow-non-loopback. The API, when on, serves them too (with its token).
+    #[arg(long, env = "SPHINX_BROKER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow --metrics-listen on a non-loopback address (anyone who reaches it reads the metrics).
+    #[arg(long, env = "SPHINX_BROKER_METRICS_ALLOW_NON_LOOPBACK", value_parser = clap::builder::BoolishValueParser::new())]
+    pub metrics_allow_non_loopback: bool,
     /// Per-request reply bound, seconds.
     #[arg(long, env = "SPHINX_BROKER_REQUEST_TIMEOUT")]
     pub request_timeout: Option<u64>,
@@ -303,6 +319,12 @@ impl Config {
             cfg.api.control_timeout = Duration::from_secs(t);
         }
         cfg.api.load_token()?;
+        if let Some(l) = o.metrics_listen {
+            cfg.metrics_listen = Some(l);
+        }
+        if o.metrics_allow_non_loopback {
+            cfg.metrics_allow_non_loopback = true;
+        }
         if let Some(t) = o.request_timeout {
             cfg.relay.request_timeout = Duration::from_secs(t);
         }
@@ -337,6 +359,17 @@ impl Config {
                 return Err(ConfigError::Invalid(
                     "signer_node_id",
                     "expected a node id: 33-byte public key in lowercase hex".into(),
+                ));
+            }
+        }
+        if let Some(l) = self.metrics_listen {
+            if !sphinx_mqtt_server::is_loopback(l.ip()) && !self.metrics_allow_non_loopback {
+                return Err(ConfigError::Invalid(
+                    "metrics_listen",
+                    format!(
+                        "{l} is not a loopback address; the metrics need no token there: listen on 127.0.0.1/::1, \
+                         or set metrics_allow_non_loopback = true"
+                    ),
                 ));
             }
         }
@@ -389,6 +422,7 @@ mod tests {
     fn every_documented_key_is_read() {
         let c = parse(
             "cln_version = \"v26.04\"\nnetwork = \"signet\"\ndata_dir = \"d\"\n\
+             metrics_listen = \"0.0.0.0:3\"\nmetrics_allow_non_loopback = true\n\
              signer_node_id = \"029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46\"\n\
              [mqtt]\nlisten = \"127.0.0.1:1\"\nmax_payload = 7\ntoken_window_secs = 8\n\
              tls_cert = \"c\"\ntls_key = \"k\"\nallow_plaintext_non_loopback = true\n\
@@ -399,6 +433,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.network, c.data_dir.as_path()), (Network::Signet, Path::new("d")));
+        assert_eq!((c.metrics_listen, c.metrics_allow_non_loopback), (Some("0.0.0.0:3".parse().unwrap()), true));
+        let on = Config { metrics_listen: c.metrics_listen, metrics_allow_non_loopback: true, ..Config::default() };
+        assert!(on.validate().is_ok());
+        let off = Config { metrics_allow_non_loopback: false, ..on.clone() };
+        assert!(off.validate().unwrap_err().to_string().contains("metrics_listen"));
         assert_eq!((c.mqtt.max_payload, c.mqtt.token_window), (7, Duration::from_secs(8)));
         assert!(c.mqtt.allow_plaintext_non_loopback && c.mqtt.tls().unwrap().is_some());
         assert_eq!((c.relay.queue_capacity, c.relay.max_inflight), (9, 10));

@@ -61,6 +61,9 @@ pub enum SignerEvent {
     },
     /// A signer reported an error on `{id}/error`.
     Error(SignerErrorReport),
+    /// The relay's and the chain follower's state, as JSON, at most once a second while
+    /// something changes (`crate::status_page::spawn_ticker`; the status page's live feed).
+    Status(Arc<str>),
 }
 
 /// One signer as the hub knows it.
@@ -226,6 +229,16 @@ impl SignerHub {
         let (tx, rx) = mpsc::channel(4);
         st.control.insert(node_id.to_string(), (id, tx));
         Ok(ControlCall { hub: self.clone(), node_id: node_id.to_string(), id, rx, slot })
+    }
+
+    /// Whether anyone listens to the events (an open `/v1/events` stream).
+    pub fn has_subscribers(&self) -> bool {
+        self.events.receiver_count() > 0
+    }
+
+    /// Broadcasts a `status` event (JSON text).
+    pub fn publish_status(&self, json: Arc<str>) {
+        self.send(SignerEvent::Status(json));
     }
 
     fn send(&self, ev: SignerEvent) {

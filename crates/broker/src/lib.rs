@@ -10,7 +10,9 @@
 //! Around it: [`auth`] decides which signer may log in (with the pinned key of [`pin`]); the
 //! optional operator [`api`] (HTTP, loopback, bearer token) lists the signers, relays owner
 //! control messages and streams signer events, fed by the [`hub`]; chain following (crate
-//! `sphinx-chain`) feeds the signer's chain tracker through the relay. [`config`] assembles the
+//! `sphinx-chain`) feeds the signer's chain tracker through the relay; [`metrics`] counts what
+//! the relay and the login see (Prometheus, `/metrics`) and [`status_page`] shows it live in a
+//! browser. [`config`] assembles the
 //! sections of each; [`start`] and [`run_hsmd`] wire them.
 #![warn(missing_docs)]
 
@@ -21,9 +23,11 @@ pub mod hsmd;
 pub mod hub;
 pub mod init;
 pub mod lss_link;
+pub mod metrics;
 pub mod mqtt_link;
 pub mod pin;
 pub mod relay;
+pub mod status_page;
 
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
@@ -47,6 +51,10 @@ pub struct Broker {
     pub hub: Arc<hub::SignerHub>,
     /// The operator API, when configured (dropping it stops the API).
     pub api: Option<api::ApiHandle>,
+    /// The broker's metrics (`/metrics`) and recent requests and refusals.
+    pub metrics: Arc<metrics::Metrics>,
+    /// `/metrics` on its own address (`metrics_listen`), when configured (dropping it stops it).
+    pub metrics_server: Option<metrics::MetricsServer>,
     /// Where the chain follower reports (the API reads it): give it to
     /// [`chain::spawn_reporting`].
     pub chain_status: tokio::sync::watch::Sender<chain::FollowerStatus>,
@@ -64,7 +72,11 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
         // Configured: pin now (or check the existing pin) instead of trusting the first signer.
         pin.pin(id).map_err(|e| anyhow::anyhow!("signer_node_id: {e}"))?;
     }
-    let auth = auth::TokenAuth::new(pin.clone(), cfg.mqtt.token_window, &cfg.data_dir);
+    let metrics = Arc::new(metrics::Metrics::new());
+    let auth = metrics::CountingAuth::new(
+        auth::TokenAuth::new(pin.clone(), cfg.mqtt.token_window, &cfg.data_dir),
+        metrics.clone(),
+    );
     let tls_on = mqtt_cfg.tls.is_some();
     let (mqtt, mqtt_events) = mqtt::start(mqtt_cfg, auth).await.map_err(|e| match e {
         // The server knows no config keys; the operator needs them.
@@ -85,7 +97,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
     if let Some(url) = &cfg.lss.url {
         tracing::info!(%url, "LSS backup on: a signer is ready once in sync with LSS");
     }
-    let relay = relay::spawn_with_lss(cfg.relay.clone(), link, link_rx, pin.clone(), lss);
+    let relay = relay::spawn_with(cfg.relay.clone(), link, link_rx, pin.clone(), metrics.clone(), lss);
     // With bitcoind configured, chain following waits for lightningd's init from the start.
     let phase = if cfg.bitcoind.enabled() { chain::Phase::WaitingForInit } else { chain::Phase::Disabled };
     let (chain_status, chain_rx) = tokio::sync::watch::channel(chain::FollowerStatus { phase, ..Default::default() });
@@ -97,8 +109,12 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
                 hub: hub.clone(),
                 relay: relay.clone(),
                 pin: pin.clone(),
-                chain: chain_rx,
+                chain: chain_rx.clone(),
+                metrics: metrics.clone(),
+                page: Arc::new(status_page::StatusPage::default()),
             };
+            // The page's live feed on /v1/events; ends with the runtime.
+            status_page::spawn_ticker(hub.clone(), metrics.clone(), relay.clone(), chain_rx.clone());
             match api::start(&cfg.api, state).await {
                 Ok(h) => Some(h),
                 Err(e) => {
@@ -108,7 +124,23 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
             }
         }
     };
-    Ok(Broker { relay, mqtt, pin, hub, api, chain_status })
+    let metrics_server = match cfg.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let allow = cfg.metrics_allow_non_loopback;
+            match metrics::serve(addr, allow, metrics.clone(), relay.clone(), hub.clone(), chain_rx).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    mqtt.shutdown();
+                    if let Some(api) = &api {
+                        api.shutdown();
+                    }
+                    anyhow::bail!("{e}");
+                }
+            }
+        }
+    };
+    Ok(Broker { relay, mqtt, pin, hub, api, chain_status, metrics, metrics_server })
 }
 
 /// Runs as lightningd's hsmd on `root` (fd 3) until lightningd closes it.

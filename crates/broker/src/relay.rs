@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sphinx_mqtt_server::MqttError;
@@ -29,6 +29,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::ConfigError;
 use crate::init::{self, InitReplay};
 use crate::lss_link::{LssEvent, LssRelay, Next};
+use crate::metrics::{Metrics, Outcome};
 use crate::pin::PinStore;
 
 /// Why a request got no reply.
@@ -138,21 +139,37 @@ struct Job {
 pub struct RelayHandle {
     jobs: mpsc::Sender<Job>,
     timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl RelayHandle {
     /// Sends one hsmd request (type + body) with its connection's context and waits for the reply.
     pub async fn call(&self, ctx: ClientContext, msg: Vec<u8>) -> Result<Vec<u8>, RelayError> {
+        let started = Instant::now();
+        let msg_type = hsmd::msg_type(&msg).unwrap_or(0);
         let (tx, rx) = oneshot::channel();
         let job = Job { ctx, msg, reply: tx };
         let fut = async {
             self.jobs.send(job).await.map_err(|_| RelayError::Stopped)?;
             rx.await.map_err(|_| RelayError::Stopped)?
         };
-        match tokio::time::timeout(self.timeout, fut).await {
+        let r = match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(RelayError::Timeout(self.timeout)),
-        }
+        };
+        let outcome = match &r {
+            Ok(_) => Outcome::Ok,
+            Err(RelayError::Refused(_)) => Outcome::Refused,
+            Err(RelayError::Timeout(_)) => Outcome::Timeout,
+            Err(RelayError::Stopped) => Outcome::Stopped,
+        };
+        self.metrics.request_done(msg_type, outcome, started.elapsed());
+        r
+    }
+
+    /// The metrics this relay reports into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Requests queued and not yet sent to a signer.
@@ -188,29 +205,34 @@ struct Pending {
 }
 
 /// Starts the relay task. `events` carries what signers say; `link` carries what we say to them.
+/// Its metrics are its own ([`RelayHandle::metrics`]); see [`spawn_with`].
 pub fn spawn(
     cfg: RelayConfig,
     link: Arc<dyn SignerLink>,
     events: mpsc::Receiver<LinkEvent>,
     pin: Arc<PinStore>,
 ) -> RelayHandle {
-    spawn_with_lss(cfg, link, events, pin, None)
+    spawn_with(cfg, link, events, pin, Arc::new(Metrics::new()), None)
 }
 
-/// [`spawn`], with LSS backup when `lss` is given (a signer is ready only once in sync with LSS).
-pub fn spawn_with_lss(
+/// [`spawn`], reporting into `metrics` (the broker's, served on `/metrics`), and with LSS backup
+/// when `lss` is given (a signer is ready only once in sync with LSS).
+pub fn spawn_with(
     cfg: RelayConfig,
     link: Arc<dyn SignerLink>,
     events: mpsc::Receiver<LinkEvent>,
     pin: Arc<PinStore>,
+    metrics: Arc<Metrics>,
     lss: Option<LssRelay>,
 ) -> RelayHandle {
     let (jobs_tx, jobs_rx) = mpsc::channel(cfg.queue_capacity);
-    let handle = RelayHandle { jobs: jobs_tx.clone(), timeout: cfg.request_timeout };
+    let handle = RelayHandle { jobs: jobs_tx.clone(), timeout: cfg.request_timeout, metrics: metrics.clone() };
     let relay = Relay {
         cfg,
         link,
         pin,
+        metrics,
+        sessions: 0,
         signer: None,
         init: InitReplay::default(),
         next_seq: 0,
@@ -226,6 +248,9 @@ struct Relay {
     cfg: RelayConfig,
     link: Arc<dyn SignerLink>,
     pin: Arc<PinStore>,
+    metrics: Arc<Metrics>,
+    /// Hellos accepted since start (the ones after the first are reconnects).
+    sessions: u64,
     /// The connected signer's identity (node id hex), once it said hello.
     signer: Option<String>,
     /// lightningd's `hsmd_init`, replayed to every signer that connects after it.
@@ -267,6 +292,9 @@ impl Relay {
                     }
                 } => self.on_lss_event(ev),
             }
+            // Two atomic stores per event: cheaper than tracking every change.
+            self.metrics.set_inflight(self.inflight.len());
+            self.metrics.set_signer_active(self.signer.is_some());
             if !jobs_open && self.inflight.is_empty() {
                 debug!("all callers gone; relay stopping");
                 break;
@@ -436,6 +464,10 @@ impl Relay {
     /// `id` can take requests: lightningd's init first (when `replay_init`), then what is pending.
     fn ready(&mut self, id: String, replay_init: bool) {
         info!(signer = %id, resend = self.inflight.len(), "signer ready");
+        if self.sessions > 0 {
+            self.metrics.signer_reconnected();
+        }
+        self.sessions += 1;
         self.signer = Some(id);
         self.inflight.retain(|p| p.kind != Kind::InitReplay);
         // lightningd's init goes first unless it is itself still unanswered.
@@ -494,6 +526,7 @@ impl Relay {
         };
         let Some(p) = self.take_pending(&id, seq) else { return };
         warn!(signer = %id, seq, msg_type = p.msg_type, error = %text, "signer refused request");
+        self.metrics.refused(p.msg_type, &text);
         if p.kind == Kind::InitReplay {
             error!(signer = %id, "signer refused lightningd's init; disconnecting it");
             self.signer = None;

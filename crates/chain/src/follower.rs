@@ -29,7 +29,7 @@ use txoo::Attestation;
 
 use crate::rpc::{chain_name, RpcClient, RpcError};
 use crate::signer::{NodeInfo, SignerCallError, SignerChain};
-use crate::{ChainLink, Failure, FollowerConfig, FollowerStatus, Phase};
+use crate::{CatchUp, ChainLink, Failure, FollowerConfig, FollowerStatus, Phase};
 
 /// Why one step of following failed; `E` is the [`ChainLink`]'s error.
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +194,10 @@ pub(crate) struct Follower<L> {
     node: Option<NodeInfo>,
     last_heartbeat: Option<Instant>,
     catching_up: bool,
+    /// When the current catch-up began and the signer's height then.
+    catch_up_start: Option<(Instant, u32)>,
+    /// When progress was last logged (rate-limited by `progress_log_interval`).
+    last_progress_log: Option<Instant>,
 }
 
 impl<L: ChainLink> Follower<L> {
@@ -220,6 +224,8 @@ impl<L: ChainLink> Follower<L> {
             node: None,
             last_heartbeat: None,
             catching_up: false,
+            catch_up_start: None,
+            last_progress_log: None,
         }
     }
 
@@ -305,12 +311,25 @@ impl<L: ChainLink> Follower<L> {
     async fn on_synced(&mut self) {
         if self.catching_up {
             self.catching_up = false;
+            let done = self.catch_up_start.take();
             if let Some((h, hash)) = self.tip {
-                info!(height = h, tip = %hash, "signer's chain tracker is at bitcoind's tip");
+                let (blocks, secs) = done.map(|(t, from)| (h.saturating_sub(from), t.elapsed().as_secs_f64())).unwrap_or_default();
+                let rate = if secs > 0.0 { blocks as f64 / secs } else { 0.0 };
+                info!(
+                    height = h,
+                    tip = %hash,
+                    blocks,
+                    secs = format!("{secs:.1}"),
+                    blocks_per_sec = format!("{rate:.1}"),
+                    "signer's chain tracker is at bitcoind's tip (catch-up done)"
+                );
             }
         }
         self.filters.save();
-        self.set(|s| s.phase = Phase::Synced);
+        self.set(|s| {
+            s.phase = Phase::Synced;
+            s.catch_up = None;
+        });
         let due = self.last_heartbeat.is_none_or(|t| t.elapsed() >= self.cfg.heartbeat_interval);
         if !due {
             return;
@@ -358,10 +377,13 @@ impl<L: ChainLink> Follower<L> {
         };
         if info.blocks > h && !self.catching_up && info.blocks - h > 1 {
             self.catching_up = true;
-            info!(signer = h, bitcoind = info.blocks, "catching up with bitcoind");
+            self.catch_up_start = Some((Instant::now(), h));
+            self.last_progress_log = Some(Instant::now());
+            info!(signer = h, bitcoind = info.blocks, behind = info.blocks - h, "catching up with bitcoind");
             self.set(|s| s.phase = Phase::CatchingUp);
-        } else if self.catching_up && h % 500 == 0 && h < info.blocks {
-            info!(signer = h, bitcoind = info.blocks, "catching up with bitcoind");
+        }
+        if self.catching_up {
+            self.progress(h, info.blocks);
         }
         if info.best == tip {
             return Ok(Step::Synced);
@@ -391,6 +413,32 @@ impl<L: ChainLink> Follower<L> {
                 _ => self.remove(h, tip, &info).await,
             },
         }
+    }
+
+    /// Reports catch-up progress in the status at every step, and in the log at most every
+    /// `progress_log_interval`.
+    fn progress(&mut self, height: u32, target: u32) {
+        let Some((started, from)) = self.catch_up_start else { return };
+        let c = CatchUp {
+            from_height: from,
+            target_height: target,
+            behind: target.saturating_sub(height),
+            blocks_done: height.saturating_sub(from),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        };
+        if self.last_progress_log.is_none_or(|t| t.elapsed() >= self.cfg.progress_log_interval) && c.behind > 0 {
+            self.last_progress_log = Some(Instant::now());
+            info!(
+                signer = height,
+                bitcoind = target,
+                behind = c.behind,
+                blocks_per_sec = format!("{:.1}", c.blocks_per_sec()),
+                eta_secs = ?c.eta_secs(),
+                percent = format!("{:.1}", c.fraction() * 100.0),
+                "catching up with bitcoind"
+            );
+        }
+        self.set(|s| s.catch_up = Some(c));
     }
 
     /// The filter header of `hash` (at `height`), recomputed from the nearest known block if needed.

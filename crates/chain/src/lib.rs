@@ -105,6 +105,9 @@ pub struct FollowerConfig {
     /// Where recent spend-filter headers are kept across restarts (`None`: recomputed from
     /// genesis or txoo's latest checkpoint after a restart).
     pub filter_cache: Option<PathBuf>,
+    /// During a catch-up, the progress (blocks behind, rate, time left) is logged at most this
+    /// often. Default 10 s.
+    pub progress_log_interval: Duration,
 }
 
 impl FollowerConfig {
@@ -123,6 +126,7 @@ impl FollowerConfig {
             rpc_timeout: Duration::from_secs(30),
             rpc_limits: rpc::RpcLimits::default(),
             filter_cache: None,
+            progress_log_interval: Duration::from_secs(10),
         }
     }
 
@@ -178,6 +182,46 @@ pub struct Failure {
     pub restarted: bool,
 }
 
+/// A catch-up in progress: the signer's tracker was more than one block behind bitcoind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatchUp {
+    /// The signer's height when the catch-up began.
+    pub from_height: u32,
+    /// bitcoind's height as last seen.
+    pub target_height: u32,
+    /// Blocks the signer is behind bitcoind now.
+    pub behind: u32,
+    /// Blocks added since the catch-up began.
+    pub blocks_done: u32,
+    /// Milliseconds since the catch-up began.
+    pub elapsed_ms: u64,
+}
+
+impl CatchUp {
+    /// Blocks added per second since the catch-up began (0 before the first millisecond).
+    pub fn blocks_per_sec(&self) -> f64 {
+        if self.elapsed_ms == 0 {
+            return 0.0;
+        }
+        self.blocks_done as f64 * 1000.0 / self.elapsed_ms as f64
+    }
+
+    /// Seconds left at that rate, once there is a rate.
+    pub fn eta_secs(&self) -> Option<u64> {
+        let rate = self.blocks_per_sec();
+        (rate > 0.0).then(|| (self.behind as f64 / rate).ceil() as u64)
+    }
+
+    /// How far along, 0.0 ..= 1.0.
+    pub fn fraction(&self) -> f64 {
+        let total = self.blocks_done as u64 + self.behind as u64;
+        if total == 0 {
+            return 1.0;
+        }
+        self.blocks_done as f64 / total as f64
+    }
+}
+
 /// The follower's state, for logs, tests, the operator API and a metrics exporter (the counters
 /// only grow while the broker runs).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -204,6 +248,9 @@ pub struct FollowerStatus {
     pub last_failure: Option<Failure>,
     /// The latest signed heartbeat from the signer.
     pub heartbeat: Option<Heartbeat>,
+    /// The catch-up in progress, while the signer is more than one block behind (`None` once it
+    /// is at bitcoind's tip).
+    pub catch_up: Option<CatchUp>,
 }
 
 /// A running follower.

@@ -482,3 +482,26 @@ async fn chain_follower_survives_a_bitcoind_answer_that_overflows_the_chunk_arit
     assert_eq!(h.chain().tip().await.unwrap(), btc.tip());
     f.task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_catch_up_reports_progress_then_clears_it() {
+    let h = Harness::new("catch-up-progress", false).await;
+    let btc = fake(true, None).await;
+    btc.mine(150);
+    let mut f = h.follow(logged_in(&btc));
+    // Mid-way: how far, how fast, how long still.
+    let s = wait_status(&mut f, "catch-up progress with a rate", |s| {
+        s.catch_up.as_ref().is_some_and(|c| c.blocks_done >= 20 && c.behind > 0 && c.elapsed_ms > 0)
+    })
+    .await;
+    let c = s.catch_up.unwrap();
+    assert_eq!(s.phase, sphinx_chain::Phase::CatchingUp);
+    assert_eq!((c.from_height, c.target_height), (0, 150));
+    assert_eq!(c.blocks_done + c.behind, 150, "{c:?}");
+    assert!(c.blocks_per_sec() > 0.0 && c.eta_secs().is_some(), "{c:?}");
+    assert!(c.fraction() > 0.0 && c.fraction() < 1.0, "{c:?}");
+    // At the tip: no catch-up any more.
+    let s = wait_synced(&mut f, btc.tip()).await;
+    assert_eq!(s.catch_up, None);
+    f.task.abort();
+}

@@ -293,51 +293,9 @@ fn classify(text: &str) -> (String, &'static str, String) {
         })
         .filter(|n| !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
         .unwrap_or_else(|| "unknown".into());
-    let policy = if text.starts_with("VLS refused") { policy_name(text) } else { None };
-    let reason = if policy.is_some() {
-        "policy"
-    } else if text.starts_with("VLS refused") {
-        "refused"
-    } else if text.starts_with("VLS failed") {
-        "vls_panic"
-    } else if text.starts_with("cannot decode") {
-        "decode"
-    } else if text.contains("before hsmd_init") {
-        "not_initialized"
-    } else if text.contains("is answered by the broker") {
-        "not_for_signer"
-    } else if text.contains("has no type") {
-        "no_type"
-    } else if text.starts_with("persisting signer state failed") {
-        "persist"
-    } else if text.starts_with("signer state unavailable") {
-        "unavailable"
-    } else if text.starts_with("bad request frame") {
-        "bad_frame"
-    } else {
-        "other"
-    };
+    // The reason and policy are classified in sphinx-wire, shared with the broker's metrics.
+    let (reason, policy) = sphinx_wire::error_report::classify(text);
     (msg_type, reason, policy.unwrap_or_default())
-}
-
-/// What refused a VLS policy failure: the `policy-…` tag if the text has one, else the last
-/// check named in VLS's `policy failure: check: check: message` chain.
-fn policy_name(text: &str) -> Option<String> {
-    let ident = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 64
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-    };
-    if let Some(i) = text.find("policy-") {
-        let tag = &text[i..];
-        let end = tag.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')).unwrap_or(tag.len());
-        let tag = tag[..end].trim_end_matches('-');
-        if tag.len() > "policy-".len() && ident(tag) {
-            return Some(tag.to_string());
-        }
-    }
-    let (_, chain) = text.split_once("policy failure: ")?;
-    chain.split(": ").take_while(|s| ident(s)).last().map(str::to_string)
 }
 
 /// The status indicator wrapper: forwards every state to the real indicator and derives the
@@ -432,6 +390,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Layer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sphinx_wire::error_report::policy_name;
 
     #[test]
     fn failure_texts_are_classified() {

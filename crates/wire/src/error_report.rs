@@ -34,6 +34,59 @@ pub fn decode(payload: &[u8]) -> ErrorReport {
     ErrorReport { seq, text: String::from_utf8_lossy(text).chars().take(MAX_TEXT).collect() }
 }
 
+/// What kind of failure a signer's error text describes, by the words of `sphinx_signer::Error`'s
+/// Display (shared by the device's metrics and the broker's, so both count refusals alike):
+/// `(reason, policy)`. `reason` is `policy` (a VLS policy refusal, `policy` then names it),
+/// `refused` (another VLS refusal), or the kind of failure (`decode`, `persist`, …, `other`).
+pub fn classify(text: &str) -> (&'static str, Option<String>) {
+    let policy = if text.starts_with("VLS refused") { policy_name(text) } else { None };
+    let reason = if policy.is_some() {
+        "policy"
+    } else if text.starts_with("VLS refused") {
+        "refused"
+    } else if text.starts_with("VLS failed") {
+        "vls_panic"
+    } else if text.starts_with("cannot decode") {
+        "decode"
+    } else if text.contains("before hsmd_init") {
+        "not_initialized"
+    } else if text.contains("is answered by the broker") {
+        "not_for_signer"
+    } else if text.contains("has no type") {
+        "no_type"
+    } else if text.starts_with("persisting signer state failed") {
+        "persist"
+    } else if text.starts_with("signer state unavailable") {
+        "unavailable"
+    } else if text.starts_with("bad request frame") {
+        "bad_frame"
+    } else {
+        "other"
+    };
+    (reason, policy)
+}
+
+/// What refused a VLS policy failure: the `policy-…` tag if the text has one, else the last
+/// check named in VLS's `policy failure: check: check: message` chain. At most 64 characters of
+/// `[a-z0-9_-]`, so it is safe as a metrics label.
+pub fn policy_name(text: &str) -> Option<String> {
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    if let Some(i) = text.find("policy-") {
+        let tag = &text[i..];
+        let end = tag.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')).unwrap_or(tag.len());
+        let tag = tag[..end].trim_end_matches('-');
+        if tag.len() > "policy-".len() && ident(tag) {
+            return Some(tag.to_string());
+        }
+    }
+    let (_, chain) = text.split_once("policy failure: ")?;
+    chain.split(": ").take_while(|s| ident(s)).last().map(str::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
