@@ -99,10 +99,7 @@ fn is_high_s(sig: &[u8]) -> Result<bool, Error> {
 /// recovery id. It recovers the same key; [`verify`] refuses it ([`Error::HighS`]). For tests of
 /// that refusal (anyone who sees a token can compute it).
 pub fn high_s_twin(password: &[u8]) -> Result<String, Error> {
-    let mut raw = URL_SAFE.decode(password).map_err(|_| Error::Encoding)?;
-    if raw.len() != 69 {
-        return Err(Error::Length(raw.len()));
-    }
+    let mut raw = decode(password)?;
     let s = SecretKey::from_slice(&raw[37..69]).map_err(|_| Error::Signature)?;
     raw[37..69].copy_from_slice(&s.negate().secret_bytes());
     // Negating s negates R: the recovery id's parity bit flips.
@@ -120,11 +117,17 @@ pub fn make(key: &SecretKey, ts: u32) -> String {
 
 /// The timestamp inside a token (unverified: call [`verify`] first).
 pub fn timestamp(password: &[u8]) -> Result<u32, Error> {
+    let raw = decode(password)?;
+    Ok(u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]))
+}
+
+/// A token's bytes: base64url of `ts(4) | recovery id + 31 (1) | r(32) | s(32)`, exactly 69.
+fn decode(password: &[u8]) -> Result<Vec<u8>, Error> {
     let raw = URL_SAFE.decode(password).map_err(|_| Error::Encoding)?;
     if raw.len() != 69 {
         return Err(Error::Length(raw.len()));
     }
-    Ok(u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]))
+    Ok(raw)
 }
 
 /// Checks a login: the token must be signed by the key named in `username` at a time within
@@ -134,10 +137,7 @@ pub fn verify(username: &str, password: &[u8], now: u64, window: u64) -> Result<
         .ok()
         .and_then(|b| PublicKey::from_slice(&b).ok())
         .ok_or_else(|| Error::Username(username.chars().take(80).collect()))?;
-    let raw = URL_SAFE.decode(password).map_err(|_| Error::Encoding)?;
-    if raw.len() != 69 {
-        return Err(Error::Length(raw.len()));
-    }
+    let raw = decode(password)?;
     let signer = recover(&raw[..4], &raw[4..])?;
     if is_high_s(&raw[4..])? {
         return Err(Error::HighS);
