@@ -343,8 +343,7 @@ fn tamper_store(lssd_dir: &Path, client_id: &[u8; 33], prefix: &str, bump: bool)
     };
     // A digit inside a JSON number (not its first: no leading zero), so the value still parses:
     // 0<->1, 2<->3, …
-    let at = value.value.windows(2).position(|w| w[0].is_ascii_digit() && w[1].is_ascii_digit()).expect("a number")
-        + 1;
+    let at = value.value.windows(2).position(|w| w[0].is_ascii_digit() && w[1].is_ascii_digit()).expect("a number") + 1;
     value.value[at] ^= 1;
     if bump {
         value.version += 1;

@@ -108,7 +108,9 @@ fn in_process_lss(trace: &Trace, seed: [u8; 32], cfg: &sphinx_signer::SignerConf
                 let d = sphinx_lss::broker::init_dance(&lss, &mut dev, Some(req.encode())).await.expect("dance");
                 session = Some(d.session);
                 probe = Some(
-                    sphinx_lss::LssClient::connect(&lssd.url(), Duration::from_secs(10), &d.identity).await.expect("probe"),
+                    sphinx_lss::LssClient::connect(&lssd.url(), Duration::from_secs(10), &d.identity)
+                        .await
+                        .expect("probe"),
                 );
                 continue;
             }

@@ -81,7 +81,11 @@ struct Chaos {
 }
 
 impl Chaos {
-    fn start(mut signer: SignerProcess, mut lssd: Lssd, start_signer: impl Fn(&PathBuf) -> SignerProcess + Send + 'static) -> Chaos {
+    fn start(
+        mut signer: SignerProcess,
+        mut lssd: Lssd,
+        start_signer: impl Fn(&PathBuf) -> SignerProcess + Send + 'static,
+    ) -> Chaos {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (done_tx, done) = mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -108,7 +112,11 @@ impl Chaos {
                         wait(d);
                         // SAFETY: kill(2) on a child the main thread reaps only after this answer.
                         let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                        if rc == 0 { Ok(()) } else { Err(format!("kill broker: {}", std::io::Error::last_os_error())) }
+                        if rc == 0 {
+                            Ok(())
+                        } else {
+                            Err(format!("kill broker: {}", std::io::Error::last_os_error()))
+                        }
                     }
                     Job::FreshDevice(new) => {
                         let _ = signer.kill();
@@ -205,7 +213,8 @@ impl Round {
         let want = self.want.get(&init.index).cloned().unwrap();
         assert_eq!(reply.as_ref().ok(), want.as_ref().ok(), "hsmd_init after a node restart\n{}", self.logs());
         for (conn, req) in &self.opened {
-            let c = node.ld.new_client_raw(req).unwrap_or_else(|e| panic!("reopening conn {conn}: {e}\n{}", self.logs()));
+            let c =
+                node.ld.new_client_raw(req).unwrap_or_else(|e| panic!("reopening conn {conn}: {e}\n{}", self.logs()));
             node.clients.insert(*conn, c);
         }
         node
@@ -270,7 +279,8 @@ fn lss_state(url: &str, seed: [u8; 32], clock: u64) -> Vec<sphinx_wire::lss::Mut
         // The signer's identity (persistence key, token) as init-1 gives it.
         let cfg = replay::signer::replay_config(clock, Default::default());
         let mut s = replay::signer::in_memory(seed, &cfg).unwrap();
-        let outs = s.on_message(sphinx_wire::topics::INIT_1_MSG, &Msg::Init(Init { server_pubkey: server.pubkey }).encode());
+        let outs =
+            s.on_message(sphinx_wire::topics::INIT_1_MSG, &Msg::Init(Init { server_pubkey: server.pubkey }).encode());
         let identity = match outs.as_slice() {
             [Output::Publish { payload, .. }] => match Response::decode(payload) {
                 Ok(Response::Init(i)) => i,
@@ -334,7 +344,8 @@ fn round(seed: u64) -> (Kills, usize) {
     chaos.send(Job::FreshDevice(dev_a.clone()));
     chaos.wait();
 
-    let mut r = Round { d, tr, seed: node_seed, envs, spawn, opened: BTreeMap::new(), want, steps: Vec::new(), restarts: 0 };
+    let mut r =
+        Round { d, tr, seed: node_seed, envs, spawn, opened: BTreeMap::new(), want, steps: Vec::new(), restarts: 0 };
     let n = r.tr.exchanges.len();
     // Past a channel open (request 63 on), at a random point, the device dies for good.
     let fresh_at = 90 + rng.below((n - 110) as u64) as usize;
@@ -350,8 +361,7 @@ fn round(seed: u64) -> (Kills, usize) {
         }
         // Not before lightningd's first hsmd_init: there is nothing to crash yet.
         let job = if i > 0 && rng.below(6) == 0 {
-            let delay =
-                if rng.below(3) == 0 { Duration::ZERO } else { Duration::from_micros(1 + rng.below(2000)) };
+            let delay = if rng.below(3) == 0 { Duration::ZERO } else { Duration::from_micros(1 + rng.below(2000)) };
             match rng.below(8) {
                 0..=3 => Some(Job::Signer(delay)),
                 // Each lssd crash costs the broker's first retry (1 s); each node restart a spawn.
@@ -403,8 +413,11 @@ fn round(seed: u64) -> (Kills, usize) {
 
     // Every reply equals the uninterrupted in-process signer's.
     let mismatches = compare_with_oracle(&r.steps, &expected);
-    let list: Vec<String> =
-        mismatches.iter().take(20).map(|m| format!("  #{} conn {} type {}: {}", m.index, m.conn, m.msg_type, m.what)).collect();
+    let list: Vec<String> = mismatches
+        .iter()
+        .take(20)
+        .map(|m| format!("  #{} conn {} type {}: {}", m.index, m.conn, m.msg_type, m.what))
+        .collect();
     assert!(mismatches.is_empty(), "{} mismatches vs the oracle:\n{}\n{}", mismatches.len(), list.join("\n"), r.logs());
 
     // The device's durable state equals LSS's, and its VLS state the in-process signer's.
@@ -466,7 +479,9 @@ impl sphinx_lss::broker::SignerLink for InProcess {
             .on_message(topic, &payload)
             .into_iter()
             .find_map(|o| match o {
-                Output::Publish { topic, payload } if answers.contains(&topic) || topic == sphinx_wire::topics::ERROR => {
+                Output::Publish { topic, payload }
+                    if answers.contains(&topic) || topic == sphinx_wire::topics::ERROR =>
+                {
                     Some((topic.to_string(), payload))
                 }
                 _ => None,
@@ -559,7 +574,8 @@ fn lssd_down_mid_session_holds_the_reply_until_it_is_back() {
     // Once the broker has seen the Put fail, bring lssd back (same port, same data).
     let blog = r.d.join("broker.log");
     let back = std::thread::spawn(move || {
-        let log = sphinx_standin::harness::wait_log(&blog, "storing a request's state failed", Duration::from_secs(60))?;
+        let log =
+            sphinx_standin::harness::wait_log(&blog, "storing a request's state failed", Duration::from_secs(60))?;
         lssd.restart()?;
         Ok::<(String, Instant, Lssd), String>((log, Instant::now(), lssd))
     });
@@ -584,7 +600,8 @@ fn another_writer_makes_the_put_conflict_and_the_signer_is_resynced() {
     let dir = r.d.join("device-b");
     let mut other = InProcess(Signer::open(r.seed, &dir, &cfg).unwrap());
     let init = r.tr.exchanges.iter().find(|e| e.msg_type == hsmd::HSMD_INIT).unwrap();
-    let init = sphinx_wire::serial::Request { seq: 0, peer_id: [0; 33], dbid: 0, message: translate_request(&init.request) };
+    let init =
+        sphinx_wire::serial::Request { seq: 0, peer_id: [0; 33], dbid: 0, message: translate_request(&init.request) };
     let mut new_channel = 30u16.to_be_bytes().to_vec();
     new_channel.extend_from_slice(&[2; 33]);
     new_channel.extend_from_slice(&4242u64.to_be_bytes());
@@ -594,7 +611,8 @@ fn another_writer_makes_the_put_conflict_and_the_signer_is_resynced() {
         let lss = sphinx_lss::broker::LssBackend::new(&lssd.url(), Duration::from_secs(10)).await.unwrap();
         let d = sphinx_lss::broker::init_dance(&lss, &mut other, Some(init.encode())).await.unwrap();
         let mut s = d.session;
-        let got = sphinx_lss::broker::request(&mut other, &mut s, sphinx_wire::topics::VLS, stub.encode()).await.unwrap();
+        let got =
+            sphinx_lss::broker::request(&mut other, &mut s, sphinx_wire::topics::VLS, stub.encode()).await.unwrap();
         assert!(matches!(got, sphinx_lss::broker::Answered::Reply(_)), "{got:?}");
     });
     // The device's next state change is stale: conflict, re-sync, then answered.
