@@ -147,10 +147,18 @@ impl Chaos {
         }
     }
 
-    fn stop(mut self) {
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Chaos {
+    /// Also on a failed assertion: the thread owns lssd (no parent-death signal) and the signer,
+    /// which must not outlive the test.
+    fn drop(&mut self) {
         drop(std::mem::replace(&mut self.jobs, mpsc::channel().0));
         if let Some(t) = self.thread.take() {
-            t.join().expect("chaos thread");
+            let _ = t.join();
         }
     }
 }
