@@ -90,6 +90,7 @@ impl Harness {
             queue_capacity: 1000,
             max_inflight: 64,
             request_timeout,
+            failover: Duration::from_secs(10),
             waiting_log_interval: Duration::from_secs(3600),
         };
         let relay = relay::spawn(cfg, Arc::new(SignerBehindLink { jobs: jobs_tx }), ev_rx, pin);
@@ -193,16 +194,8 @@ async fn chain_follower_starts_when_lightningds_init_is_answered() {
     let h = Harness::uninitialised("wiring", Duration::from_secs(60)).await;
     let btc = fake(true, None).await;
     btc.mine(3);
-    let server = Arc::new(
-        sphinx_broker::hsmd::HsmdServer::new(
-            h.relay.clone(),
-            Network::Regtest,
-            sphinx_wire::hsmd::ClnRelease::V25_12,
-            None,
-            false,
-        )
-        .unwrap(),
-    );
+    let server =
+        Arc::new(sphinx_broker::hsmd::HsmdServer::new(h.relay.clone(), Network::Regtest, sphinx_wire::hsmd::ClnRelease::V25_12, None, false).unwrap());
     let mut cfg = FollowerConfig::new(logged_in(&btc), Network::Regtest);
     cfg.poll_interval = Duration::from_millis(20);
     let mut f = chain::spawn(cfg, h.relay.clone(), server.init_done());
