@@ -711,7 +711,7 @@ impl Relay {
 
     fn take_pending(&mut self, id: &str, seq: u16) -> Option<Pending> {
         if self.signer.as_deref() != Some(id) {
-            warn!(from = %id, seq, "message from a signer that is not the active one; ignored");
+            warn!(from = %id, seq, "message from a signer that is not the current one; ignored");
             return None;
         }
         let Some(i) = self.inflight.iter().position(|p| p.seq == seq) else {
