@@ -465,7 +465,7 @@ impl Relay {
 
     fn on_failover_bound(&mut self) {
         // Checked again: the deadline was computed before the last event.
-        if !self.failover_deadline().is_some_and(|t| t <= Instant::now()) {
+        if self.failover_deadline().is_none_or(|t| t > Instant::now()) {
             return;
         }
         let Some(id) = self.signer.clone() else { return };
