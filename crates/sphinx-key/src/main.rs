@@ -378,10 +378,6 @@ fn real_main(cli: Cli) -> Result<()> {
             metrics_allow_non_loopback,
             client_id,
         } => {
-            let client_id = match client_id.or(file.client_id.clone()) {
-                Some(c) => check_client_id(&c)?,
-                None => stored_client_id(&data_dir)?,
-            };
             let broker = broker.or(file.broker.clone()).unwrap_or_else(|| DEFAULT_BROKER.into());
             let (host, port) = parse_broker(&broker)?;
             let status = status.or(file.status.clone()).unwrap_or_else(|| DEFAULT_STATUS.into());
@@ -432,6 +428,12 @@ fn real_main(cli: Cli) -> Result<()> {
                 tracing::info!(%owner, "control messages must be signed by the owner key");
                 signer.set_owner_key(owner);
             }
+            // Only once the seed is unlocked and the state opened: a run that stops before (wrong
+            // passphrase, no seed) leaves the data directory as it was.
+            let client_id = match client_id.or(file.client_id.clone()) {
+                Some(c) => check_client_id(&c)?,
+                None => stored_client_id(&data_dir)?,
+            };
             let tls = match (tls_ca.or(file.tls_ca.clone()), tls_fingerprint.or(file.tls_fingerprint.clone())) {
                 (Some(_), Some(_)) => bail!("give either a TLS CA file or a certificate fingerprint, not both"),
                 (Some(ca), None) => Some(sphinx_tls::ServerTrust::CaFile(ca)),
