@@ -121,6 +121,16 @@ fn start(key: &Path, d: &TempDir, name: &str, listen: &str, clock: u64) -> Signe
     .unwrap()
 }
 
+/// `sphinx-key ctl signers` against the broker's API: the table it prints.
+fn ctl_signers(key: &Path, api: &str) -> String {
+    let out = std::process::Command::new(key)
+        .args(["ctl", "--url", &format!("http://{api}"), "--token", API_TOKEN, "signers"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ctl signers: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Every reply equals the in-process oracle's (one signer, LSS off), and the broker exited cleanly.
 fn assert_like_oracle(tr: &Trace, seed: [u8; 32], clock: u64, report: &ReplayReport, d: &TempDir) {
     let cfg = replay::signer::replay_config(clock, Default::default());
@@ -162,6 +172,7 @@ fn sigkill_of_the_active_device_mid_session_the_standby_finishes_it() {
     let mut a = Some(start(&key, &d, "a", &listen, clock));
     let mut b = None;
     let mut b_role_when_a_returns = None;
+    let mut ctl_table = None;
     let opts = options(&d, &listen, &lssd.url(), &api, 10);
     let report = replay::replay(&tr, &opts, &mut |s: &replay::Step| {
         if s.index == B_JOINS {
@@ -181,12 +192,18 @@ fn sigkill_of_the_active_device_mid_session_the_standby_finishes_it() {
             a = Some(start(&key, &d, "a", &listen, clock));
             wait_role(&api, "device-a", "standby", &d);
             b_role_when_a_returns = role_of(&api, "device-b");
+            ctl_table = Some(ctl_signers(&key, &api));
         }
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&d)));
     drop((a, b));
     assert_like_oracle(&tr, seed, clock, &report, &d);
     assert_eq!(b_role_when_a_returns.as_deref(), Some("active"), "B stays active when A returns");
+    // What the operator sees with `sphinx-key ctl signers`.
+    let table = ctl_table.unwrap();
+    let line = |c: &str| table.lines().find(|l| l.starts_with(c)).unwrap_or_default().to_string();
+    assert!(line("device-a").contains("standby") && line("device-a").contains("synced"), "{table}");
+    assert!(line("device-b").contains("active") && line("device-b").contains("synced"), "{table}");
     let broker_log = log_text(&d.join("broker.log"));
     assert!(broker_log.contains("failover: bringing in a standby"), "no failover logged\n{}", logs(&d));
     assert!(
