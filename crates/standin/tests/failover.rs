@@ -39,14 +39,16 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// The broker's `GET /v1/signers` body (plain HTTP/1.1 on loopback, no client crate).
 fn signers_json(api: &str) -> String {
+    api_get(api, "/v1/signers")
+}
+
+/// `GET path` on the broker's API, with the token: the whole response.
+fn api_get(api: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(api) else { return String::new() };
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /v1/signers HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {API_TOKEN}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {API_TOKEN}\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -173,6 +175,7 @@ fn sigkill_of_the_active_device_mid_session_the_standby_finishes_it() {
     let mut b = None;
     let mut b_role_when_a_returns = None;
     let mut ctl_table = None;
+    let mut metrics = String::new();
     let opts = options(&d, &listen, &lssd.url(), &api, 10);
     let report = replay::replay(&tr, &opts, &mut |s: &replay::Step| {
         if s.index == B_JOINS {
@@ -193,12 +196,22 @@ fn sigkill_of_the_active_device_mid_session_the_standby_finishes_it() {
             wait_role(&api, "device-a", "standby", &d);
             b_role_when_a_returns = role_of(&api, "device-b");
             ctl_table = Some(ctl_signers(&key, &api));
+            // The gauge is set right after the role (same relay event): poll it, bounded.
+            let deadline = Instant::now() + WAIT;
+            metrics = api_get(&api, "/metrics");
+            while !metrics.lines().any(|l| l == "sphinx_broker_signers_standby 1") && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                metrics = api_get(&api, "/metrics");
+            }
         }
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&d)));
     drop((a, b));
     assert_like_oracle(&tr, seed, clock, &report, &d);
     assert_eq!(b_role_when_a_returns.as_deref(), Some("active"), "B stays active when A returns");
+    // One failover so far, one standby (A, back).
+    assert!(metrics.lines().any(|l| l == "sphinx_broker_failovers_total 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "sphinx_broker_signers_standby 1"), "{metrics}");
     // What the operator sees with `sphinx-key ctl signers`.
     let table = ctl_table.unwrap();
     let line = |c: &str| table.lines().find(|l| l.starts_with(c)).unwrap_or_default().to_string();
