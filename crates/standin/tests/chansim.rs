@@ -1,0 +1,110 @@
+//! The counterparty simulator against the signer in process, under the default (strict) policy:
+//! every request of a channel open and of payments is accepted, on several channels (own peer id,
+//! dbid and funding outpoint each), and the requests a simulator recorded are accepted again by a
+//! fresh signer with the same seed (what the load benchmark relies on).
+
+use std::path::PathBuf;
+
+use sphinx_signer::{PolicyConfig, Signer};
+use sphinx_standin::chansim::{Call, ChannelSim, Conn, Hsmd, InProcess, Template, PAYMENT_REQUESTS};
+use sphinx_standin::replay;
+use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
+use sphinx_wire::{hsmd, serial};
+
+fn bob() -> (Trace, [u8; 32], u64) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/traces/open-pay-close/bob.jsonl");
+    let trace = Trace::load(&path).expect("trace");
+    let seed = seed_for_path(&path).expect("seed");
+    let clock = scenario_for_path(&path).expect("scenario").fixed_clock();
+    (trace, seed, clock)
+}
+
+fn signer(trace: &Trace, seed: [u8; 32], clock: u64) -> Signer {
+    let cfg = replay::signer::replay_config(clock, PolicyConfig::default());
+    let mut s = Signer::in_memory(seed, &cfg).expect("signer");
+    let init = trace.exchanges.iter().find(|e| e.msg_type == hsmd::HSMD_INIT).expect("init");
+    s.handle(&serial::Request { seq: 60000, peer_id: [0; 33], dbid: 0, message: init.request.clone() }).expect("init");
+    s
+}
+
+const SIM_SEED: [u8; 32] = [7; 32];
+
+#[test]
+fn open_then_one_commitment_round_is_accepted() {
+    let (trace, seed, clock) = bob();
+    let template = Template::from_trace(&trace).expect("template");
+    let mut s = signer(&trace, seed, clock);
+    let mut hsmd = InProcess { signer: &mut s, seq: 0 };
+    let mut sim = ChannelSim::new(template, SIM_SEED, 1);
+    sim.open(&mut hsmd).unwrap_or_else(|e| panic!("open: {e}"));
+    let opened = sim.log.len();
+    sim.pay(&mut hsmd, 5_000_000).unwrap_or_else(|e| panic!("payment: {e}"));
+    assert_eq!(sim.log.len() - opened, PAYMENT_REQUESTS);
+    assert_eq!(sim.our_balance_msat(), 5_000_000);
+}
+
+#[test]
+fn payments_on_several_channels_are_accepted_and_replay_into_a_fresh_signer() {
+    let (trace, seed, clock) = bob();
+    let template = Template::from_trace(&trace).expect("template");
+    let mut s = signer(&trace, seed, clock);
+    let mut sims: Vec<ChannelSim> = (1..=3).map(|dbid| ChannelSim::new(template.clone(), SIM_SEED, dbid)).collect();
+    {
+        let mut hsmd = InProcess { signer: &mut s, seq: 0 };
+        for sim in &mut sims {
+            sim.open(&mut hsmd).unwrap_or_else(|e| panic!("open dbid {}: {e}", sim.dbid));
+        }
+        // Interleaved, as concurrent channels reach one signer.
+        for round in 0..5 {
+            for sim in &mut sims {
+                sim.pay(&mut hsmd, 2_000_000).unwrap_or_else(|e| panic!("payment {round} dbid {}: {e}", sim.dbid));
+            }
+        }
+    }
+    let ids: std::collections::BTreeSet<_> = sims.iter().map(|s| s.peer_id).collect();
+    assert_eq!(ids.len(), 3, "each channel has its own peer");
+
+    // The recorded requests, channel after channel, into a fresh signer with the same seed.
+    let mut fresh = signer(&trace, seed, clock);
+    let mut hsmd = InProcess { signer: &mut fresh, seq: 0 };
+    for sim in &sims {
+        for (i, Call { conn, request }) in sim.log.iter().enumerate() {
+            hsmd.call(*conn, &sim.peer_id, sim.dbid, request)
+                .unwrap_or_else(|e| panic!("replayed request {i} of dbid {}: {e}", sim.dbid));
+        }
+    }
+}
+
+/// Passes requests through, except that it flips the last byte of the first request of type `t`.
+struct Corrupt<'a> {
+    inner: InProcess<'a>,
+    t: u16,
+    done: bool,
+}
+
+impl Hsmd for Corrupt<'_> {
+    fn call(&mut self, conn: Conn, peer_id: &[u8; 33], dbid: u64, request: &[u8]) -> Result<Vec<u8>, String> {
+        let mut r = request.to_vec();
+        if !self.done && r[..2] == self.t.to_be_bytes() {
+            self.done = true;
+            let n = r.len();
+            r[n - 1] ^= 1;
+        }
+        self.inner.call(conn, peer_id, dbid, &r)
+    }
+}
+
+#[test]
+fn a_wrong_revocation_secret_is_refused() {
+    // The signer checks what the simulator sends: the same payment with one bit of the peer's
+    // revocation secret flipped fails (so the acceptance above is not vacuous).
+    let (trace, seed, clock) = bob();
+    let template = Template::from_trace(&trace).expect("template");
+    let mut s = signer(&trace, seed, clock);
+    let mut sim = ChannelSim::new(template, SIM_SEED, 1);
+    let mut hsmd = Corrupt { inner: InProcess { signer: &mut s, seq: 0 }, t: 36, done: false };
+    sim.open(&mut hsmd).expect("open");
+    let e = sim.pay(&mut hsmd, 1_000_000).expect_err("a wrong revocation secret was accepted");
+    eprintln!("refusal: {e}");
+    assert!(e.contains("ValidateRevocation"), "{e}");
+}
