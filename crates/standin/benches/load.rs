@@ -23,7 +23,8 @@
 //! the p50 of VLS alone, of VLS + commit, and end to end at N = 1.
 //!
 //! Run: `cargo bench -p sphinx-standin --bench load` (after `cargo build --release --workspace
-//! --bins`). `CI=true` or `LOAD_QUICK=1`: 2 payments per channel instead of 10.
+//! --bins`). `CI=true` or `LOAD_QUICK=1`: 2 payments per channel instead of 10. `LOAD_NS=32`: only
+//! that N (e.g. to profile one load).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier};
@@ -250,7 +251,12 @@ fn main() {
     );
     let mut per_type: Option<[BTreeMap<u16, f64>; 3]> = None;
     let mut ratios = vec![];
-    for n in NS {
+    // LOAD_NS=1,32: only these N (profiling one load).
+    let ns: Vec<usize> = std::env::var("LOAD_NS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).filter(|n| NS.contains(n)).collect())
+        .unwrap_or_else(|| NS.to_vec());
+    for n in ns {
         let chans = &all[..n];
         let mem = in_process(Signer::in_memory(seed, &cfg).expect("signer"), &init, chans);
         let dir = TempDir::new("bench-load-redb").expect("temp dir");
