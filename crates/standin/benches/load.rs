@@ -2,10 +2,10 @@
 //! request mix in process, in the same run.
 //!
 //! Traffic: the counterparty simulator (`sphinx_standin::chansim`) opens `N` channels (own peer
-//! id, dbid and funding outpoint each) and makes `PAYMENTS` payments on each, peer to us, with
-//! CLN's channeld requests of a payee (9 per payment: 2× validate_commitment_tx, 2×
-//! revoke_commitment_tx, 2× sign_remote_commitment_tx, 1× sign_remote_htlc_tx, 2×
-//! validate_revocation). The requests are generated once, against an in-memory signer with the
+//! id, dbid and funding outpoint each) and makes 10 payments on each, peer to us, with CLN's
+//! channeld requests of a payee in the recorded order (11 per payment: 2× validate_commitment_tx,
+//! 2× revoke_commitment_tx, 2× sign_remote_commitment_tx, 1× sign_remote_htlc_tx, 2×
+//! validate_revocation, 2× sign_penalty_to_us). The requests are generated once, against an in-memory signer with the
 //! recorded session's seed and a fixed clock; the signer is deterministic, so the same requests
 //! are valid for every run below. Only the payments are timed (the opens are setup).
 //!
@@ -302,6 +302,7 @@ fn main() {
 
 fn vls_protocol_name(t: u16) -> &'static str {
     match t {
+        14 => "sign_penalty_to_us",
         19 => "sign_remote_commitment_tx",
         20 => "sign_remote_htlc_tx",
         35 => "validate_commitment_tx",

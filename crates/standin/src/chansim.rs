@@ -15,9 +15,9 @@
 //! The simulated node is the **fundee** (as bob in the recorded open-pay-close): the peer funds the
 //! channel, and each payment is the peer paying us, with CLN's 11 channeld requests of a payee
 //! (`validate_commitment_tx`, `revoke_commitment_tx`, `sign_remote_commitment_tx`,
-//! `sign_remote_htlc_tx`, `validate_revocation`, then the fulfil round). The root `ecdh` of the
-//! payee (lightningd decoding the onion) and the two `sign_penalty_to_us` per payment that CLN's
-//! channeld adds are not generated (see [`PAYMENT_REQUESTS`]).
+//! `sign_remote_htlc_tx`, `validate_revocation` + `sign_penalty_to_us`, then the fulfil round;
+//! see [`PAYMENT_REQUESTS`]). The payee's root `ecdh` (lightningd decoding the onion) is not
+//! generated: it is not channel traffic.
 //!
 //! A simulator needs the signer's replies (its per-commitment points and basepoints) while it
 //! runs, so it drives an [`Hsmd`]. The signer is deterministic for a seed, a fixed clock and the
@@ -29,7 +29,7 @@ use bitcoin::hashes::{sha256, Hash};
 use bitcoin::psbt::Psbt;
 use bitcoin::secp256k1::{ecdsa, All, Message as SecpMessage, PublicKey, Secp256k1, SecretKey};
 use bitcoin::sighash::{EcdsaSighashType, SighashCache};
-use bitcoin::{Amount, OutPoint, TxOut, Txid};
+use bitcoin::{Amount, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
 use lightning_signer::lightning::chain::transaction::OutPoint as LdkOutPoint;
 use lightning_signer::lightning::ln::chan_utils::{
     build_commitment_secret, build_htlc_transaction, derive_private_key, get_htlc_redeemscript,
@@ -56,10 +56,10 @@ const HTLC_WEIGHT: u64 = 172;
 const ANCHOR_SAT: u64 = 330;
 
 /// Requests one [`ChannelSim::pay`] sends: the payee channeld's requests of a payment in the
-/// recorded CLN v25.12 sessions without its two `sign_penalty_to_us`: 2× validate_commitment_tx,
-/// 2× revoke_commitment_tx, 2× sign_remote_commitment_tx, 1× sign_remote_htlc_tx, 2×
-/// validate_revocation.
-pub const PAYMENT_REQUESTS: usize = 9;
+/// recorded CLN v25.12 sessions: 2× validate_commitment_tx, 2× revoke_commitment_tx, 2×
+/// sign_remote_commitment_tx, 1× sign_remote_htlc_tx, 2× validate_revocation, 2×
+/// sign_penalty_to_us (with a template that has a recorded penalty; 9 without).
+pub const PAYMENT_REQUESTS: usize = 11;
 
 /// Which connection a request goes on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +133,9 @@ pub struct Template {
     pub feerate: u32,
     /// CLTV expiry of the recorded HTLC.
     pub cltv_expiry: u32,
+    /// The recorded `hsmd_sign_penalty_to_us` (14), if any: its fee (sat), its output (our
+    /// wallet's address) and that output's PSBT entry (the wallet key path VLS checks).
+    pub penalty: Option<(u64, TxOut, bitcoin::psbt::Output)>,
 }
 
 impl Template {
@@ -141,11 +144,20 @@ impl Template {
     pub fn from_trace(trace: &crate::trace::Trace) -> Result<Template, String> {
         let mut setup = None;
         let mut htlc = None;
+        let mut penalty = None;
         for ex in &trace.exchanges {
             match decode(&ex.request) {
                 Ok(Message::SetupChannel(m)) if setup.is_none() => setup = Some(m),
                 Ok(Message::ValidateCommitmentTx(m)) if htlc.is_none() && !m.htlcs.0.is_empty() => {
                     htlc = Some((m.feerate, m.htlcs.0[0].ctlv_expiry))
+                }
+                Ok(Message::SignPenaltyToUs(m)) if penalty.is_none() => {
+                    let p = &m.psbt.0.inner;
+                    let input = p.inputs.first().and_then(|i| i.witness_utxo.as_ref()).map(|u| u.value);
+                    if let (Some(inv), Some(out), Some(pout)) = (input, m.tx.0.output.first(), p.outputs.first()) {
+                        let fee = inv.to_sat().saturating_sub(out.value.to_sat());
+                        penalty = Some((fee, out.clone(), pout.clone()));
+                    }
                 }
                 _ => {}
             }
@@ -166,6 +178,7 @@ impl Template {
             channel_type: s.channel_type.0,
             feerate,
             cltv_expiry,
+            penalty,
         })
     }
 }
@@ -261,6 +274,8 @@ pub struct ChannelSim {
     to_us_msat: u64,
     to_peer_msat: u64,
     payments: u64,
+    /// The peer's commitments we signed, until revoked and swept.
+    remote_txs: std::collections::BTreeMap<u64, CommitmentTransaction>,
     /// Every request sent, in order.
     pub log: Vec<Call>,
 }
@@ -299,6 +314,7 @@ impl ChannelSim {
             holder_num: 0,
             remote_num: 0,
             payments: 0,
+            remote_txs: Default::default(),
             log: Vec::new(),
         }
     }
@@ -617,6 +633,7 @@ impl ChannelSim {
         match self.send(hsmd, Conn::Channel, &msg)? {
             Message::SignTxReply(_) => {
                 self.remote_num = self.remote_num.max(n);
+                self.remote_txs.insert(n, c.clone());
                 Ok(c)
             }
             m => Err(format!("sign_remote_commitment_tx: unexpected reply {m:?}")),
@@ -667,12 +684,57 @@ impl ChannelSim {
         Ok(())
     }
 
-    /// `hsmd_validate_revocation` of the peer's commitment `n` with its real secret.
+    /// `hsmd_validate_revocation` of the peer's commitment `n` with its real secret, then (as
+    /// channeld does, for the watchtower) `hsmd_sign_penalty_to_us` of its `to_local` output.
     fn validate_revocation(&mut self, hsmd: &mut dyn Hsmd, n: u64) -> Result<(), String> {
         let msg = msgs::ValidateRevocation { commitment_number: n, commitment_secret: DisclosedSecret(self.peer.secret(n)) };
         match self.send(hsmd, Conn::Channel, &msg)? {
-            Message::ValidateRevocationReply(_) => Ok(()),
-            m => Err(format!("validate_revocation: unexpected reply {m:?}")),
+            Message::ValidateRevocationReply(_) => {}
+            m => return Err(format!("validate_revocation: unexpected reply {m:?}")),
+        }
+        match self.remote_txs.remove(&n) {
+            Some(c) => self.sign_penalty(hsmd, n, &c),
+            None => Ok(()),
+        }
+    }
+
+    /// `hsmd_sign_penalty_to_us`: the justice transaction of the revoked commitment `n`'s
+    /// `to_local` output, in the recorded shape (one input, one output to our wallet, the recorded
+    /// fee). Skipped when the template has no recorded penalty or the output does not exist.
+    fn sign_penalty(&mut self, hsmd: &mut dyn Hsmd, n: u64, c: &CommitmentTransaction) -> Result<(), String> {
+        let Some((fee, out, pout)) = self.template.penalty.clone() else { return Ok(()) };
+        let params = self.params()?.clone();
+        let directed = params.as_counterparty_broadcastable();
+        let trusted = c.trust();
+        let Some(vout) = trusted.revokeable_output_index() else { return Ok(()) };
+        let keys = trusted.keys();
+        let script =
+            get_revokeable_redeemscript(&keys.revocation_key, directed.contest_delay(), &keys.broadcaster_delayed_payment_key);
+        let value = trusted.built_transaction().transaction.output[vout].value;
+        let tx = Transaction {
+            version: bitcoin::transaction::Version::TWO,
+            lock_time: bitcoin::absolute::LockTime::ZERO,
+            input: vec![bitcoin::TxIn {
+                previous_output: OutPoint { txid: trusted.txid(), vout: vout as u32 },
+                script_sig: ScriptBuf::new(),
+                sequence: bitcoin::Sequence::MAX,
+                witness: bitcoin::Witness::new(),
+            }],
+            output: vec![TxOut { value: value - Amount::from_sat(fee), script_pubkey: out.script_pubkey }],
+        };
+        let mut psbt = Psbt::from_unsigned_tx(tx.clone()).map_err(|e| e.to_string())?;
+        psbt.inputs[0].witness_utxo = Some(TxOut { value, script_pubkey: script.to_p2wsh() });
+        psbt.inputs[0].witness_script = Some(script.clone());
+        psbt.outputs[0] = pout;
+        let msg = msgs::SignPenaltyToUs {
+            revocation_secret: DisclosedSecret(self.peer.secret(n)),
+            tx: WithSize(tx),
+            psbt: WithSize(PsbtWrapper { inner: psbt }),
+            wscript: Octets(script.to_bytes()),
+        };
+        match self.send(hsmd, Conn::Channel, &msg)? {
+            Message::SignTxReply(_) => Ok(()),
+            m => Err(format!("sign_penalty_to_us: unexpected reply {m:?}")),
         }
     }
 
