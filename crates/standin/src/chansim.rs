@@ -505,7 +505,11 @@ impl ChannelSim {
 
     /// The PSBT CLN sends with a commitment: the funding input's UTXO and witness script, and the
     /// witness script of every P2WSH output (VLS identifies the outputs by them).
-    fn commitment_psbt(&self, c: &CommitmentTransaction, directed: &DirectedChannelTransactionParameters) -> Result<Psbt, String> {
+    fn commitment_psbt(
+        &self,
+        c: &CommitmentTransaction,
+        directed: &DirectedChannelTransactionParameters,
+    ) -> Result<Psbt, String> {
         let params = self.params()?;
         let trusted = c.trust();
         let tx = trusted.built_transaction().transaction.clone();
@@ -514,7 +518,11 @@ impl ChannelSim {
         let b = directed.broadcaster_pubkeys();
         let cs = directed.countersignatory_pubkeys();
         let mut candidates = vec![
-            get_revokeable_redeemscript(&keys.revocation_key, directed.contest_delay(), &keys.broadcaster_delayed_payment_key),
+            get_revokeable_redeemscript(
+                &keys.revocation_key,
+                directed.contest_delay(),
+                &keys.broadcaster_delayed_payment_key,
+            ),
             get_to_countersigner_keyed_anchor_redeemscript(&cs.payment_point),
             get_keyed_anchor_redeemscript(&b.funding_pubkey),
             get_keyed_anchor_redeemscript(&cs.funding_pubkey),
@@ -528,8 +536,10 @@ impl ChannelSim {
             psbt.outputs[i].witness_script = ws;
         }
         let funding_script = make_funding_redeemscript(&params.holder_pubkeys.funding_pubkey, &cs_funding(params)?);
-        psbt.inputs[0].witness_utxo =
-            Some(TxOut { value: Amount::from_sat(params.channel_value_satoshis), script_pubkey: funding_script.to_p2wsh() });
+        psbt.inputs[0].witness_utxo = Some(TxOut {
+            value: Amount::from_sat(params.channel_value_satoshis),
+            script_pubkey: funding_script.to_p2wsh(),
+        });
         psbt.inputs[0].witness_script = Some(funding_script);
         Ok(psbt)
     }
@@ -558,8 +568,12 @@ impl ChannelSim {
         let trusted = c.trust();
         let built = trusted.built_transaction();
         let funding_script = make_funding_redeemscript(&params.holder_pubkeys.funding_pubkey, &cs_funding(&params)?);
-        let commit_sig =
-            built.sign_counterparty_commitment(&self.peer.funding, &funding_script, params.channel_value_satoshis, &self.secp);
+        let commit_sig = built.sign_counterparty_commitment(
+            &self.peer.funding,
+            &funding_script,
+            params.channel_value_satoshis,
+            &self.secp,
+        );
         // HTLC signatures as VLS checks them: zero-fee HTLC transactions, SIGHASH_SINGLE|ANYONECANPAY.
         let keys = trusted.keys();
         let features = Self::features();
@@ -577,7 +591,12 @@ impl ChannelSim {
             );
             let script = get_htlc_redeemscript(h, &features, keys);
             let sighash = SighashCache::new(&htlc_tx)
-                .p2wsh_signature_hash(0, &script, Amount::from_sat(h.amount_msat / 1000), EcdsaSighashType::SinglePlusAnyoneCanPay)
+                .p2wsh_signature_hash(
+                    0,
+                    &script,
+                    Amount::from_sat(h.amount_msat / 1000),
+                    EcdsaSighashType::SinglePlusAnyoneCanPay,
+                )
                 .map_err(|e| e.to_string())?;
             let s = self.secp.sign_ecdsa(&SecpMessage::from_digest(sighash.to_byte_array()), &htlc_key);
             htlc_sigs.push(sig(&s, EcdsaSighashType::SinglePlusAnyoneCanPay));
@@ -616,7 +635,12 @@ impl ChannelSim {
     }
 
     /// `hsmd_sign_remote_commitment_tx` of the peer's commitment `n`; returns it.
-    fn sign_remote(&mut self, hsmd: &mut dyn Hsmd, n: u64, htlcs: &[InFlight]) -> Result<CommitmentTransaction, String> {
+    fn sign_remote(
+        &mut self,
+        hsmd: &mut dyn Hsmd,
+        n: u64,
+        htlcs: &[InFlight],
+    ) -> Result<CommitmentTransaction, String> {
         let c = self.commitment(false, n, htlcs)?;
         let params = self.params()?.clone();
         let psbt = self.commitment_psbt(&c, &params.as_counterparty_broadcastable())?;
@@ -687,7 +711,8 @@ impl ChannelSim {
     /// `hsmd_validate_revocation` of the peer's commitment `n` with its real secret, then (as
     /// channeld does, for the watchtower) `hsmd_sign_penalty_to_us` of its `to_local` output.
     fn validate_revocation(&mut self, hsmd: &mut dyn Hsmd, n: u64) -> Result<(), String> {
-        let msg = msgs::ValidateRevocation { commitment_number: n, commitment_secret: DisclosedSecret(self.peer.secret(n)) };
+        let msg =
+            msgs::ValidateRevocation { commitment_number: n, commitment_secret: DisclosedSecret(self.peer.secret(n)) };
         match self.send(hsmd, Conn::Channel, &msg)? {
             Message::ValidateRevocationReply(_) => {}
             m => return Err(format!("validate_revocation: unexpected reply {m:?}")),
@@ -708,8 +733,11 @@ impl ChannelSim {
         let trusted = c.trust();
         let Some(vout) = trusted.revokeable_output_index() else { return Ok(()) };
         let keys = trusted.keys();
-        let script =
-            get_revokeable_redeemscript(&keys.revocation_key, directed.contest_delay(), &keys.broadcaster_delayed_payment_key);
+        let script = get_revokeable_redeemscript(
+            &keys.revocation_key,
+            directed.contest_delay(),
+            &keys.broadcaster_delayed_payment_key,
+        );
         let value = trusted.built_transaction().transaction.output[vout].value;
         let tx = Transaction {
             version: bitcoin::transaction::Version::TWO,

@@ -43,7 +43,8 @@ fn open_then_one_commitment_round_is_accepted() {
     // The payee channeld's order in the recorded session (bob, first payment, t = 63.894..63.985).
     let types: Vec<u16> = sim.log[opened..].iter().map(|c| u16::from_be_bytes([c.request[0], c.request[1]])).collect();
     assert_eq!(types, [35, 40, 19, 20, 36, 14, 19, 36, 14, 35, 40]);
-    let open_types: Vec<u16> = sim.log[..opened].iter().map(|c| u16::from_be_bytes([c.request[0], c.request[1]])).collect();
+    let open_types: Vec<u16> =
+        sim.log[..opened].iter().map(|c| u16::from_be_bytes([c.request[0], c.request[1]])).collect();
     assert_eq!(open_types, [30, 10, 18, 31, 35, 19, 18, 32, 37]);
     assert_eq!(sim.our_balance_msat(), 5_000_000);
 }
@@ -113,4 +114,3 @@ fn a_wrong_revocation_secret_is_refused() {
     eprintln!("refusal: {e}");
     assert!(e.contains("ValidateRevocation"), "{e}");
 }
-
