@@ -81,10 +81,12 @@ fn payments_on_several_channels_are_accepted_and_replay_into_a_fresh_signer() {
     }
 }
 
-/// Passes requests through, except that it flips the last byte of the first request of type `t`.
+/// Passes requests through, except that it changes the first request of type `t` that `f`
+/// changes (`f` returns whether it did).
 struct Corrupt<'a> {
     inner: InProcess<'a>,
     t: u16,
+    f: fn(&mut Vec<u8>) -> bool,
     done: bool,
 }
 
@@ -92,12 +94,62 @@ impl Hsmd for Corrupt<'_> {
     fn call(&mut self, conn: Conn, peer_id: &[u8; 33], dbid: u64, request: &[u8]) -> Result<Vec<u8>, String> {
         let mut r = request.to_vec();
         if !self.done && r[..2] == self.t.to_be_bytes() {
-            self.done = true;
-            let n = r.len();
-            r[n - 1] ^= 1;
+            self.done = (self.f)(&mut r);
         }
         self.inner.call(conn, peer_id, dbid, &r)
     }
+}
+
+fn flip_last_byte(r: &mut Vec<u8>) -> bool {
+    let n = r.len();
+    r[n - 1] ^= 1;
+    true
+}
+
+/// Flips the lowest bit of `s` in the peer's commitment signature of a `validate_commitment_tx`
+/// (still a well-formed signature, but not the peer's).
+fn flip_commitment_signature(r: &mut Vec<u8>) -> bool {
+    use vls_protocol::msgs::{self, Message, SerBolt};
+    let Ok(Message::ValidateCommitmentTx(mut m)) = msgs::from_vec(r.clone()) else { panic!("not a 35") };
+    m.signature.signature.0[63] ^= 1;
+    *r = m.as_vec();
+    true
+}
+
+/// The same for the peer's first HTLC signature, in the first `validate_commitment_tx` that has one.
+fn flip_htlc_signature(r: &mut Vec<u8>) -> bool {
+    use vls_protocol::msgs::{self, Message, SerBolt};
+    let Ok(Message::ValidateCommitmentTx(mut m)) = msgs::from_vec(r.clone()) else { panic!("not a 35") };
+    let Some(s) = m.htlc_signatures.0.first_mut() else { return false };
+    s.signature.0[63] ^= 1;
+    *r = m.as_vec();
+    true
+}
+
+#[test]
+fn a_wrong_htlc_signature_is_refused() {
+    let (trace, seed, clock) = bob();
+    let template = Template::from_trace(&trace).expect("template");
+    let mut s = signer(&trace, seed, clock);
+    let mut sim = ChannelSim::new(template, SIM_SEED, 1);
+    let mut hsmd = Corrupt { inner: InProcess { signer: &mut s, seq: 0 }, t: 35, f: flip_htlc_signature, done: false };
+    sim.open(&mut hsmd).expect("open");
+    let e = sim.pay(&mut hsmd, 1_000_000).expect_err("a wrong HTLC signature was accepted");
+    eprintln!("refusal: {e}");
+    assert!(hsmd.done && e.contains("ValidateCommitmentTx"), "{e}");
+}
+
+#[test]
+fn a_wrong_commitment_signature_is_refused() {
+    let (trace, seed, clock) = bob();
+    let template = Template::from_trace(&trace).expect("template");
+    let mut s = signer(&trace, seed, clock);
+    let mut sim = ChannelSim::new(template, SIM_SEED, 1);
+    let mut hsmd =
+        Corrupt { inner: InProcess { signer: &mut s, seq: 0 }, t: 35, f: flip_commitment_signature, done: false };
+    let e = sim.open(&mut hsmd).expect_err("a wrong commitment signature was accepted");
+    eprintln!("refusal: {e}");
+    assert!(e.contains("ValidateCommitmentTx") && e.contains("sig"), "{e}");
 }
 
 #[test]
@@ -108,7 +160,7 @@ fn a_wrong_revocation_secret_is_refused() {
     let template = Template::from_trace(&trace).expect("template");
     let mut s = signer(&trace, seed, clock);
     let mut sim = ChannelSim::new(template, SIM_SEED, 1);
-    let mut hsmd = Corrupt { inner: InProcess { signer: &mut s, seq: 0 }, t: 36, done: false };
+    let mut hsmd = Corrupt { inner: InProcess { signer: &mut s, seq: 0 }, t: 36, f: flip_last_byte, done: false };
     sim.open(&mut hsmd).expect("open");
     let e = sim.pay(&mut hsmd, 1_000_000).expect_err("a wrong revocation secret was accepted");
     eprintln!("refusal: {e}");
