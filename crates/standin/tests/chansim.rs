@@ -100,6 +100,8 @@ impl Hsmd for Corrupt<'_> {
     }
 }
 
+// A `Vec` like the corruptors that re-encode the message (they are one `fn` type).
+#[allow(clippy::ptr_arg)]
 fn flip_last_byte(r: &mut Vec<u8>) -> bool {
     let n = r.len();
     r[n - 1] ^= 1;
