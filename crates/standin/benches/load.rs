@@ -1,0 +1,318 @@
+//! Throughput and latency under concurrent channels (issue 11 items 1, 2 and 5), against the same
+//! request mix in process, in the same run.
+//!
+//! Traffic: the counterparty simulator (`sphinx_standin::chansim`) opens `N` channels (own peer
+//! id, dbid and funding outpoint each) and makes 10 payments on each, peer to us, with CLN's
+//! channeld requests of a payee in the recorded order (11 per payment: 2× validate_commitment_tx,
+//! 2× revoke_commitment_tx, 2× sign_remote_commitment_tx, 1× sign_remote_htlc_tx, 2×
+//! validate_revocation, 2× sign_penalty_to_us). The requests are generated once, against an in-memory signer with the
+//! recorded session's seed and a fixed clock; the signer is deterministic, so the same requests
+//! are valid for every run below. Only the payments are timed (the opens are setup).
+//!
+//! For each N in 1, 8, 32, 64 (fresh state each):
+//! - `in-process (memory)`: `Signer::in_memory`, VLS alone, the channels' requests interleaved
+//!   round robin (one signer answers one request at a time, as `sphinx-key` does);
+//! - `in-process (redb)`: `Signer::open`, VLS plus the device's durable commit (fsync), same order;
+//! - `end to end`: `fake-lightningd` spawns `sphinx-broker` (real fd passing), one client
+//!   connection per channel (a channeld each), N threads sending concurrently, each waiting for
+//!   its reply before the next request (as channeld does) → embedded MQTT → `sphinx-key run`
+//!   (redb) and back.
+//!
+//! Prints requests/s, p50/p99 per N and path, the ratios end to end / in process (redb), CPU time
+//! per request of the broker, the signer and the client threads (from /proc), and per request type
+//! the p50 of VLS alone, of VLS + commit, and end to end at N = 1. What the signer's time goes to
+//! (fdatasync vs CPU) is measured with `perf trace -s` / `perf record` on its pid: see
+//! docs/benchmarks.md.
+//!
+//! Run: `cargo bench -p sphinx-standin --bench load` (after `cargo build --release --workspace
+//! --bins`). `CI=true` or `LOAD_QUICK=1`: 2 payments per channel instead of 10. `LOAD_NS=32`: only
+//! that N (e.g. to profile one load).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use sphinx_signer::{PolicyConfig, Signer, SignerConfig};
+use sphinx_standin::chansim::{Call, ChannelSim, Conn, InProcess, Template};
+use sphinx_standin::harness::{bin, broker_envs, free_port, init_signer, SignerProcess, TempDir};
+use sphinx_standin::lightningd::{BrokerOutput, FakeLightningd, SpawnOptions};
+use sphinx_standin::replay;
+use sphinx_standin::trace::{scenario_for_path, seed_for_path, Trace};
+use sphinx_wire::{hsmd, serial, ClientContext};
+
+const NS: [usize; 4] = [1, 8, 32, 64];
+const SIM_SEED: [u8; 32] = [0x51; 32];
+/// 2,000 sat per payment: above the dust limit, so every payment's HTLC is an output.
+const AMOUNT_MSAT: u64 = 2_000_000;
+/// channeld's permissions in the recorded sessions.
+const CHANNELD_PERMISSIONS: u64 = 447;
+
+/// One channel's traffic: its open (setup, untimed) and its payments' requests (timed).
+struct Channel {
+    peer_id: [u8; 33],
+    dbid: u64,
+    open: Vec<Call>,
+    pay: Vec<Vec<u8>>,
+}
+
+fn generate(trace: &Trace, seed: [u8; 32], cfg: &SignerConfig, init: &[u8], n: usize, payments: usize) -> Vec<Channel> {
+    let template = Template::from_trace(trace).expect("template");
+    let mut signer = Signer::in_memory(seed, cfg).expect("signer");
+    signer.handle(&serial::Request { seq: 0, peer_id: [0; 33], dbid: 0, message: init.to_vec() }).expect("init");
+    let mut hsmd = InProcess { signer: &mut signer, seq: 1 };
+    let mut sims: Vec<ChannelSim> =
+        (1..=n as u64).map(|dbid| ChannelSim::new(template.clone(), SIM_SEED, dbid)).collect();
+    let mut opened = vec![];
+    for sim in &mut sims {
+        sim.open(&mut hsmd).unwrap_or_else(|e| panic!("open dbid {}: {e}", sim.dbid));
+        opened.push(sim.log.len());
+    }
+    for _ in 0..payments {
+        for sim in &mut sims {
+            sim.pay(&mut hsmd, AMOUNT_MSAT).unwrap_or_else(|e| panic!("payment on dbid {}: {e}", sim.dbid));
+        }
+    }
+    sims.into_iter()
+        .zip(opened)
+        .map(|(sim, k)| {
+            assert!(sim.log[k..].iter().all(|c| c.conn == Conn::Channel));
+            Channel {
+                peer_id: sim.peer_id,
+                dbid: sim.dbid,
+                open: sim.log[..k].to_vec(),
+                pay: sim.log[k..].iter().map(|c| c.request.clone()).collect(),
+            }
+        })
+        .collect()
+}
+
+/// Timed requests of one run: (message type, latency), and the wall time of the timed part.
+#[derive(Default)]
+struct Run {
+    samples: Vec<(u16, Duration)>,
+    wall: Duration,
+    /// CPU seconds (user + system) during the timed part: broker, signer, client.
+    cpu: Option<(f64, f64, f64)>,
+}
+
+fn in_process(mut signer: Signer, init: &[u8], channels: &[Channel]) -> Run {
+    let mut seq: u16 = 0;
+    let mut call = |signer: &mut Signer, peer_id: [u8; 33], dbid: u64, message: &[u8]| {
+        seq = seq.wrapping_add(1);
+        signer.handle(&serial::Request { seq, peer_id, dbid, message: message.to_vec() })
+    };
+    call(&mut signer, [0; 33], 0, init).expect("init");
+    for ch in channels {
+        for c in &ch.open {
+            let (p, d) = if c.conn == Conn::Root { ([0; 33], 0) } else { (ch.peer_id, ch.dbid) };
+            call(&mut signer, p, d, &c.request).unwrap_or_else(|e| panic!("open dbid {}: {e}", ch.dbid));
+        }
+    }
+    let mut run = Run::default();
+    let longest = channels.iter().map(|c| c.pay.len()).max().unwrap_or(0);
+    let t0 = Instant::now();
+    for k in 0..longest {
+        for ch in channels {
+            let Some(m) = ch.pay.get(k) else { continue };
+            let t = Instant::now();
+            call(&mut signer, ch.peer_id, ch.dbid, m).unwrap_or_else(|e| panic!("dbid {} request {k}: {e}", ch.dbid));
+            run.samples.push((hsmd::msg_type(m).unwrap_or(0), t.elapsed()));
+        }
+    }
+    run.wall = t0.elapsed();
+    run
+}
+
+/// utime + stime of a process, seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let v = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    (v(11) + v(12)) / tick
+}
+
+fn end_to_end(init: &[u8], channels: &[Channel], seed: [u8; 32], clock: u64) -> Run {
+    let d = TempDir::new("bench-load").expect("temp dir");
+    let listen = format!("127.0.0.1:{}", free_port().expect("port"));
+    let key = bin("sphinx-key").expect("sphinx-key binary");
+    init_signer(&key, &d.join("signer"), seed).expect("init");
+    let opts = SpawnOptions { output: BrokerOutput::File(d.join("broker.log")), ..SpawnOptions::default() };
+    let mut ld = FakeLightningd::spawn_with(
+        bin("sphinx-broker").expect("sphinx-broker binary"),
+        Vec::<String>::new(),
+        broker_envs(&d.join("broker"), &listen),
+        opts,
+    )
+    .expect("broker");
+    let signer =
+        SignerProcess::start(&key, &d.join("signer"), &listen, clock, &d.join("signer.log"), &[]).expect("signer");
+    ld.root_call(init).unwrap_or_else(|e| panic!("init: {e}\n{}", signer.log_tail(3000)));
+    let mut conns = vec![];
+    for ch in channels {
+        let ctx = ClientContext { peer_id: ch.peer_id, dbid: ch.dbid, permissions: CHANNELD_PERMISSIONS };
+        let mut conn = ld.new_client(&ctx).expect("client connection");
+        for c in &ch.open {
+            let r = match c.conn {
+                Conn::Root => ld.root_call(&c.request),
+                Conn::Channel => conn.call(&c.request),
+            };
+            r.unwrap_or_else(|e| panic!("open dbid {}: {e}\n{}", ch.dbid, signer.log_tail(3000)));
+        }
+        conns.push(conn);
+    }
+    let (bpid, spid) = (ld.pid(), signer.id().expect("signer pid"));
+    let barrier = Arc::new(Barrier::new(channels.len() + 1));
+    let threads: Vec<_> = channels
+        .iter()
+        .zip(conns)
+        .map(|(ch, mut conn)| {
+            let reqs = ch.pay.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut out = Vec::with_capacity(reqs.len());
+                for m in &reqs {
+                    let t = Instant::now();
+                    let r = conn.call(m);
+                    let dt = t.elapsed();
+                    if let Err(e) = r {
+                        return Err(format!("dbid {}: {e}", conn.ctx().dbid));
+                    }
+                    out.push((hsmd::msg_type(m).unwrap_or(0), dt));
+                }
+                Ok(out)
+            })
+        })
+        .collect();
+    let (b0, s0, c0) = (cpu_seconds(bpid), cpu_seconds(spid), cpu_seconds(std::process::id()));
+    let t0 = Instant::now();
+    barrier.wait();
+    let mut run = Run::default();
+    for t in threads {
+        match t.join().expect("client thread") {
+            Ok(v) => run.samples.extend(v),
+            Err(e) => panic!("{e}\n{}", signer.log_tail(3000)),
+        }
+    }
+    run.wall = t0.elapsed();
+    run.cpu = Some((cpu_seconds(bpid) - b0, cpu_seconds(spid) - s0, cpu_seconds(std::process::id()) - c0));
+    drop(signer);
+    let _ = ld.shutdown();
+    run
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// (req/s, p50 ms, p99 ms)
+fn summary(r: &Run) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = r.samples.iter().map(|x| ms(x.1)).collect();
+    (r.samples.len() as f64 / r.wall.as_secs_f64(), pct(&mut v, 0.5), pct(&mut v, 0.99))
+}
+
+fn by_type(r: &Run) -> BTreeMap<u16, f64> {
+    let mut m: BTreeMap<u16, Vec<f64>> = BTreeMap::new();
+    for (t, d) in &r.samples {
+        m.entry(*t).or_default().push(ms(*d));
+    }
+    m.into_iter().map(|(t, mut v)| (t, pct(&mut v, 0.5))).collect()
+}
+
+fn main() {
+    let quick = std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var("LOAD_QUICK").is_ok();
+    let payments = if quick { 2 } else { 10 };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/traces/open-pay-close/bob.jsonl");
+    let trace = Trace::load(&path).expect("trace");
+    let seed = seed_for_path(&path).expect("seed");
+    let clock = scenario_for_path(&path).expect("scenario").fixed_clock();
+    let cfg = replay::signer::replay_config(clock, PolicyConfig::default());
+    let init = trace.exchanges.iter().find(|e| e.msg_type == hsmd::HSMD_INIT).expect("init").request.clone();
+    let nmax = *NS.iter().max().unwrap_or(&1);
+    let t = Instant::now();
+    let all = generate(&trace, seed, &cfg, &init, nmax, payments);
+    println!(
+        "traffic: {nmax} channels x {payments} payments x {} requests, generated in {:.1} s (chansim, default policy)",
+        all[0].pay.len() / payments,
+        t.elapsed().as_secs_f64()
+    );
+    println!(
+        "{:>3} {:<20} {:>7} {:>9} {:>8} {:>8}   {:>28}",
+        "N", "path", "reqs", "req/s", "p50 ms", "p99 ms", "CPU ms/req broker signer client"
+    );
+    let mut per_type: Option<[BTreeMap<u16, f64>; 3]> = None;
+    let mut ratios = vec![];
+    // LOAD_NS=1,32: only these N (profiling one load).
+    let ns: Vec<usize> = std::env::var("LOAD_NS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).filter(|n| NS.contains(n)).collect())
+        .unwrap_or_else(|| NS.to_vec());
+    for n in ns {
+        let chans = &all[..n];
+        let mem = in_process(Signer::in_memory(seed, &cfg).expect("signer"), &init, chans);
+        let dir = TempDir::new("bench-load-redb").expect("temp dir");
+        let redb = in_process(Signer::open(seed, dir.path(), &cfg).expect("signer"), &init, chans);
+        drop(dir);
+        let e2e = end_to_end(&init, chans, seed, clock);
+        for (label, r) in [("in-process (memory)", &mem), ("in-process (redb)", &redb), ("end to end", &e2e)] {
+            let (rps, p50, p99) = summary(r);
+            let cpu = r.cpu.map(|(b, s, c)| {
+                let k = 1e3 / r.samples.len() as f64;
+                format!("{:>9.3} {:>6.3} {:>6.3}", b * k, s * k, c * k)
+            });
+            println!(
+                "{n:>3} {label:<20} {:>7} {rps:>9.0} {p50:>8.3} {p99:>8.3}   {:>28}",
+                r.samples.len(),
+                cpu.unwrap_or_default()
+            );
+        }
+        let ((e, e50, e99), (i, _, _), (im, _, _)) = (summary(&e2e), summary(&redb), summary(&mem));
+        println!("{n:>3} ratio end to end / in-process throughput: (redb) {:.2}, (memory) {:.2}", e / i, e / im);
+        ratios.push((n, e, e50, e99, e / i));
+        if n == 1 {
+            per_type = Some([by_type(&mem), by_type(&redb), by_type(&e2e)]);
+        }
+    }
+    if let Some([m, r, e]) = per_type {
+        // No subtraction: the in-process commits run back to back, and a back-to-back fdatasync
+        // costs more than a spaced one on a shared disk (docs/benchmarks.md), so the redb column is
+        // an upper bound of VLS + commit, not the signer's cost inside the end-to-end path.
+        println!("per request type at N = 1, p50 ms: VLS alone (memory), VLS + commit back to back (redb), end to end");
+        for (t, vm) in &m {
+            let (vr, ve) = (r.get(t).copied().unwrap_or(f64::NAN), e.get(t).copied().unwrap_or(f64::NAN));
+            let name = vls_protocol_name(*t);
+            println!("  {t:>3} {name:<28} {vm:>8.3} {vr:>8.3} {ve:>8.3}");
+        }
+    }
+    if let Some(&(_, rps, _, p99, ratio)) = ratios.iter().find(|r| r.0 == 32) {
+        println!(
+            "targets at N = 32: >= 2000 req/s: {} ({rps:.0}); p99 <= 5 ms: {} ({p99:.2}); ratio >= 0.8: {} ({ratio:.2})",
+            if rps >= 2000.0 { "met" } else { "NOT met" },
+            if p99 <= 5.0 { "met" } else { "NOT met" },
+            if ratio >= 0.8 { "met" } else { "NOT met" },
+        );
+    }
+}
+
+fn vls_protocol_name(t: u16) -> &'static str {
+    match t {
+        14 => "sign_penalty_to_us",
+        19 => "sign_remote_commitment_tx",
+        20 => "sign_remote_htlc_tx",
+        35 => "validate_commitment_tx",
+        36 => "validate_revocation",
+        40 => "revoke_commitment_tx",
+        _ => "other",
+    }
+}
