@@ -741,8 +741,44 @@ fn vls_error_text(e: &vls_protocol_signer::handler::Error) -> String {
 }
 
 fn open_redb(dir: &Path) -> Result<AnyStore, Error> {
-    catch_unwind(|| AnyStore::open_redb(dir))
-        .map_err(|p| Error::StateDir { path: dir.to_path_buf(), reason: panic_text(p) })
+    let err = |reason: String| Error::StateDir { path: dir.to_path_buf(), reason };
+    create_redb_whole(dir).map_err(|e| err(format!("cannot create the state database: {e}")))?;
+    catch_unwind(|| AnyStore::open_redb(dir)).map_err(|p| err(panic_text(p)))
+}
+
+/// The file `vls_persist`'s redb store keeps under its directory.
+const REDB_FILE: &str = "redb";
+/// Scratch directories of [`create_redb_whole`] start so.
+const CREATING_PREFIX: &str = ".creating-";
+
+/// Creates the state database in a scratch directory and moves it into place whole (fsynced
+/// file, rename, fsynced directory). redb creating its file in place, killed before the header
+/// is complete, leaves a file it can never open again ("invalid data"): the device could not
+/// start (found by `standin/tests/lss_crash.rs`). A zero-length file is what a crash before
+/// redb's first write left; it never held state, so it is created again. Scratch directories a
+/// crash left are removed.
+fn create_redb_whole(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(CREATING_PREFIX) {
+            std::fs::remove_dir_all(entry.path())?;
+        }
+    }
+    let path = dir.join(REDB_FILE);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() > 0 => return Ok(()),
+        Ok(_) => warn!(path = %path.display(), "empty state database (a crash while it was created): creating it again"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let scratch = dir.join(format!("{CREATING_PREFIX}{}", std::process::id()));
+    std::fs::create_dir(&scratch)?;
+    catch_unwind(|| drop(AnyStore::open_redb(&scratch)))
+        .map_err(|p| std::io::Error::other(panic_text(p)))?;
+    std::fs::File::open(scratch.join(REDB_FILE))?.sync_all()?;
+    std::fs::rename(scratch.join(REDB_FILE), &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    std::fs::remove_dir_all(&scratch)
 }
 
 fn begin(p: &Persister) -> Result<(), Error> {
