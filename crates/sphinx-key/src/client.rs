@@ -36,6 +36,8 @@ pub struct RunConfig {
     pub tls: Option<Arc<sphinx_tls::rustls::ClientConfig>>,
     /// The data directory (seed and owner key files, deleted by an owner's reset).
     pub data_dir: PathBuf,
+    /// Group commit: most `vls` requests handled and committed together (1: one at a time).
+    pub batch_max: usize,
 }
 
 /// How long to wait for the broker to acknowledge a reset's response before acting on it.
@@ -255,17 +257,37 @@ async fn serve(
                 info!("subscribed; said hello");
             }
             Event::Incoming(Packet::Publish(p)) => {
-                let topic = String::from_utf8_lossy(p.topic.as_ref()).into_owned();
-                let Some(suffix) = topic.strip_prefix(&prefix).filter(|s| SUBSCRIBED.contains(s)) else {
-                    debug!(%topic, "ignoring message on unexpected topic");
+                // Group commit: take the publishes already read from the socket (never wait for
+                // more), up to the batch size, and hand them over in arrival order.
+                let mut batch = vec![p];
+                while batch.len() < rc.batch_max {
+                    match el.state.events.front() {
+                        Some(Event::Incoming(Packet::Publish(_))) => {}
+                        _ => break,
+                    }
+                    match el.state.events.pop_front() {
+                        Some(Event::Incoming(Packet::Publish(p))) => batch.push(p),
+                        _ => break,
+                    }
+                }
+                let mut msgs: Vec<(&'static str, bytes::Bytes)> = Vec::with_capacity(batch.len());
+                for p in batch {
+                    let topic = String::from_utf8_lossy(p.topic.as_ref()).into_owned();
+                    match topic.strip_prefix(&prefix).and_then(|s| SUBSCRIBED.iter().find(|t| **t == s)) {
+                        Some(suffix) => msgs.push((suffix, p.payload)),
+                        None => debug!(%topic, "ignoring message on unexpected topic"),
+                    }
+                }
+                if msgs.is_empty() {
                     continue;
-                };
-                if suffix == topics::VLS {
+                }
+                if msgs.iter().any(|(s, _)| *s == topics::VLS) {
                     ind.set(Status::Signing);
                 }
                 let t = std::time::Instant::now();
                 let mut failed = false;
-                for out in signer.on_message(suffix, &p.payload) {
+                let views: Vec<(&str, &[u8])> = msgs.iter().map(|(s, p)| (*s, p.as_ref())).collect();
+                for out in signer.on_messages(&views) {
                     let (to, payload) = match out {
                         Output::Publish { topic, payload } => {
                             if topic == topics::ERROR {
@@ -298,7 +320,7 @@ async fn serve(
                         return End::Lost;
                     }
                 }
-                debug!(suffix, elapsed_us = t.elapsed().as_micros() as u64, "broker message handled");
+                debug!(messages = msgs.len(), elapsed_us = t.elapsed().as_micros() as u64, "broker messages handled");
                 ind.set(if failed { Status::Error } else { Status::Connected });
             }
             _ => {}
