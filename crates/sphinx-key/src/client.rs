@@ -258,15 +258,21 @@ async fn serve(
             }
             Event::Incoming(Packet::Publish(p)) => {
                 // Group commit: take the publishes already read from the socket (never wait for
-                // more), up to the batch size, and hand them over in arrival order.
+                // more), up to the batch size, and hand them over in arrival order. rumqttc queues
+                // an `Outgoing(PubAck)` before each QoS 1 publish it read; those, and the acks and
+                // ping responses this loop ignores anyway, are skipped. Anything else (ConnAck,
+                // SubAck) ends the batch and is handled by the next poll.
                 let mut batch = vec![p];
                 while batch.len() < rc.batch_max {
                     match el.state.events.front() {
-                        Some(Event::Incoming(Packet::Publish(_))) => {}
-                        _ => break,
-                    }
-                    match el.state.events.pop_front() {
-                        Some(Event::Incoming(Packet::Publish(p))) => batch.push(p),
+                        Some(Event::Incoming(Packet::Publish(_))) => {
+                            if let Some(Event::Incoming(Packet::Publish(p))) = el.state.events.pop_front() {
+                                batch.push(p);
+                            }
+                        }
+                        Some(Event::Outgoing(_) | Event::Incoming(Packet::PubAck(_) | Packet::PingResp)) => {
+                            el.state.events.pop_front();
+                        }
                         _ => break,
                     }
                 }
