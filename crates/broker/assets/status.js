@@ -37,9 +37,10 @@ function showSigners(s) {
     const id = cell(tr, g.node_id, "mono node-id");
     if (g.pinned) id.title = "pinned";
     const state = g.ready ? "ready" : g.connected ? "connected" : "disconnected";
-    cell(tr, state + (g.pinned ? " (pinned)" : ""), "state-" + state);
+    const role = g.role && g.role !== "none" ? " · " + g.role + (g.client_id !== g.node_id ? " (" + g.client_id + ")" : "") : "";
+    cell(tr, state + role + (g.pinned ? " (pinned)" : ""), "state-" + state);
     cell(tr, when(g.since));
-    cell(tr, g.last_error || "none", "mono");
+    cell(tr, g.last_error ? g.last_error.text : "none", "mono");
   });
   if (s.signers.length === 0) {
     rows("signers", [0], (tr) => { cell(tr, "no signer has connected yet"); });

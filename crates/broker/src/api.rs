@@ -34,7 +34,7 @@ use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::ConfigError;
-use crate::hub::{SignerEvent, SignerHub};
+use crate::hub::{Role, SignerEvent, SignerHub};
 use crate::pin::PinStore;
 use crate::relay::RelayHandle;
 
@@ -632,9 +632,16 @@ async fn handle(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Re
 // ---------------------------------------------------------------------------------------------
 // GET /v1/signers
 
+/// One signer as `GET /v1/signers` and the status page (`GET /v1/status`) show it
+/// (docs/api.md): built by [`signer_list`] for both.
 #[derive(Serialize)]
-struct SignerJson {
+pub struct SignerJson {
+    /// Its MQTT identity (client id, the topic prefix; the node id for a legacy client).
+    client_id: String,
+    /// The node id it logged in with.
     node_id: String,
+    /// "active", "standby", "syncing", "refused" or "none".
+    role: &'static str,
     connected: bool,
     ready: bool,
     since: Option<u64>,
@@ -652,9 +659,48 @@ struct ErrorJson {
     time: u64,
 }
 
+/// Every signer the hub knows, and the pinned node (as a disconnected entry) if none of them
+/// is of it.
+pub fn signer_list(hub: &SignerHub, pinned: Option<&str>) -> Vec<SignerJson> {
+    let mut list: Vec<SignerJson> = hub
+        .signers()
+        .into_iter()
+        .map(|s| SignerJson {
+            pinned: pinned == Some(s.node_id.as_str()),
+            role: s.role.as_str(),
+            connected: s.connected,
+            ready: s.ready,
+            since: Some(s.since),
+            last_error: s.last_error.map(|e| ErrorJson { seq: e.seq, text: e.text, time: e.time }),
+            lss: s.lss.parts().0,
+            lss_error: s.lss.parts().1.map(str::to_string),
+            client_id: s.client_id,
+            node_id: s.node_id,
+        })
+        .collect();
+    if let Some(p) = pinned {
+        if !list.iter().any(|s| s.node_id == p) {
+            list.push(SignerJson {
+                client_id: p.to_string(),
+                node_id: p.to_string(),
+                role: Role::None.as_str(),
+                connected: false,
+                ready: false,
+                since: None,
+                pinned: true,
+                last_error: None,
+                lss: "off",
+                lss_error: None,
+            });
+        }
+    }
+    list
+}
+
 #[derive(Serialize)]
 struct RelayJson {
     queued: usize,
+    failovers: u64,
 }
 
 #[derive(Serialize)]
@@ -666,40 +712,9 @@ struct SignersJson {
 
 fn signers(shared: &Shared) -> Response<ApiBody> {
     let pinned = shared.state.pin.get();
-    let mut list: Vec<SignerJson> = shared
-        .state
-        .hub
-        .signers()
-        .into_iter()
-        .map(|s| SignerJson {
-            pinned: pinned.as_deref() == Some(s.node_id.as_str()),
-            connected: s.connected,
-            ready: s.ready,
-            since: Some(s.since),
-            last_error: s.last_error.map(|e| ErrorJson { seq: e.seq, text: e.text, time: e.time }),
-            lss: s.lss.parts().0,
-            lss_error: s.lss.parts().1.map(str::to_string),
-            node_id: s.node_id,
-        })
-        .collect();
-    if let Some(p) = &pinned {
-        if !list.iter().any(|s| &s.node_id == p) {
-            list.push(SignerJson {
-                node_id: p.clone(),
-                connected: false,
-                ready: false,
-                since: None,
-                pinned: true,
-                last_error: None,
-                lss: "off",
-                lss_error: None,
-            });
-        }
-    }
-    json(
-        StatusCode::OK,
-        &SignersJson { signers: list, pinned, relay: RelayJson { queued: shared.state.relay.queued() } },
-    )
+    let list = signer_list(&shared.state.hub, pinned.as_deref());
+    let relay = RelayJson { queued: shared.state.relay.queued(), failovers: shared.state.metrics.failovers() };
+    json(StatusCode::OK, &SignersJson { signers: list, pinned, relay })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -716,7 +731,12 @@ fn control_nonce(msg: &[u8]) -> Option<u64> {
 }
 
 fn is_node_id(id: &str) -> bool {
-    id.len() == 66 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    crate::auth::is_node_id(id)
+}
+
+/// A node id, or a client id the broker could have given a signer as its identity.
+fn is_signer_id(id: &str) -> bool {
+    is_node_id(id) || crate::auth::identity_for(id, "") == id
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<ApiBody>> {
@@ -749,8 +769,8 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<ApiBody>> {
 
 async fn control(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<ApiBody> {
     let deadline = tokio::time::Instant::now() + shared.control_timeout;
-    if !is_node_id(id) {
-        return error(StatusCode::BAD_REQUEST, "the node id must be 33 bytes in hex");
+    if !is_signer_id(id) {
+        return error(StatusCode::BAD_REQUEST, "expected a node id (33 bytes in hex) or a signer's client id");
     }
     let body = match read_body(req).await {
         Ok(b) => b,
@@ -759,13 +779,15 @@ async fn control(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<
     if body.is_empty() {
         return error(StatusCode::BAD_REQUEST, "empty control message");
     }
-    let known = shared.state.hub.signer(id);
+    // A node id means its active signer; a client id that one signer.
+    let known = shared.state.hub.resolve(id);
     let pinned = shared.state.pin.get().as_deref() == Some(id);
-    match &known {
+    let id = match &known {
         None if !pinned => return error(StatusCode::NOT_FOUND, "unknown signer"),
-        Some(s) if s.connected => {}
+        Some(s) if s.connected => s.client_id.clone(),
         _ => return error(StatusCode::SERVICE_UNAVAILABLE, "signer not connected"),
-    }
+    };
+    let id = id.as_str();
     let topic = topics::topic(id, topics::CONTROL);
     if !shared.state.mqtt.has_subscriber(&topic) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "signer connected but not subscribed to its control topic");
@@ -844,6 +866,7 @@ impl Body for ChannelBody {
 #[derive(Serialize)]
 struct NodeTime<'a> {
     node_id: &'a str,
+    client_id: &'a str,
     time: u64,
 }
 
@@ -861,9 +884,15 @@ fn sse<T: Serialize>(event: &str, data: &T) -> Bytes {
 /// The SSE frame of a signer event.
 fn sse_frame(ev: &SignerEvent) -> Bytes {
     match ev {
-        SignerEvent::Connected { node_id, time } => sse("signer-connected", &NodeTime { node_id, time: *time }),
-        SignerEvent::Ready { node_id, time } => sse("signer-ready", &NodeTime { node_id, time: *time }),
-        SignerEvent::Disconnected { node_id, time } => sse("signer-disconnected", &NodeTime { node_id, time: *time }),
+        SignerEvent::Connected { node_id, client_id, time } => {
+            sse("signer-connected", &NodeTime { node_id, client_id, time: *time })
+        }
+        SignerEvent::Ready { node_id, client_id, time } => {
+            sse("signer-ready", &NodeTime { node_id, client_id, time: *time })
+        }
+        SignerEvent::Disconnected { node_id, client_id, time } => {
+            sse("signer-disconnected", &NodeTime { node_id, client_id, time: *time })
+        }
         SignerEvent::Error(e) => sse("signer-error", e),
         // Already JSON (crate::status_page::spawn_ticker): one line, no newline inside.
         SignerEvent::Status(json) => Bytes::from(format!("event: status\ndata: {json}\n\n")),
@@ -1045,7 +1074,7 @@ async fn heartbeat(shared: &Shared) -> Response<ApiBody> {
     let Some(node_id) = shared.state.pin.get() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "no signer has been initialised by lightningd yet");
     };
-    if !shared.state.hub.signer(&node_id).is_some_and(|s| s.ready) {
+    if shared.state.hub.active_of(&node_id).is_none() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "signer not connected");
     }
     match tokio::time::timeout(shared.control_timeout, sphinx_chain::fetch_heartbeat(shared.state.relay.clone())).await

@@ -13,7 +13,13 @@ use sphinx_wire::{token, unix_now};
 use crate::pin::{PinError, PinStore};
 
 /// Signer login: a fresh sphinx-key token for the key in the username, which must be the
-/// pinned node id once there is one. The identity (topic prefix) is the node id in hex.
+/// pinned node id once there is one. The identity (topic prefix) is the MQTT client id, as
+/// upstream sphinx-key has it, so that several devices with one seed (one node key) are told
+/// apart; a login without a usable client id gets the node id in hex (what sphinx-key sent as
+/// its client id before it had one of its own). Which node key each identity logged in with is
+/// kept in [`Identities`] for the relay (the pin check is on the node key). A client id that is
+/// a node id other than the login's key is refused: it would take the identity (and the
+/// sessions) of that node's legacy devices.
 ///
 /// Each token is accepted once: a login with the same key and token time as one accepted within
 /// the window is refused, so a captured password cannot be replayed while it is still fresh, in
@@ -25,6 +31,7 @@ use crate::pin::{PinError, PinStore};
 /// makes the same token; it is refused and retries after its backoff with a new one.)
 pub struct TokenAuth {
     pin: Arc<PinStore>,
+    identities: Arc<Identities>,
     window: Duration,
     /// (key, token time) of logins accepted within the window, with the unix time they are
     /// forgotten.
@@ -36,6 +43,53 @@ pub struct TokenAuth {
     last_login: Mutex<()>,
 }
 
+/// Longest client id used as an identity; a longer one is refused.
+pub const MAX_CLIENT_ID: usize = 128;
+
+/// Which node key each MQTT identity (client id) logged in with, written by [`TokenAuth`] at
+/// login and read by the broker when the session's events arrive. Bounded
+/// ([`Identities::MAX`]): beyond it the map is cleared of everything but the newest entry (a
+/// session whose entry was dropped before its events were read is disconnected by the reader).
+#[derive(Debug, Default)]
+pub struct Identities {
+    map: Mutex<HashMap<String, String>>,
+}
+
+impl Identities {
+    /// Identities remembered at most.
+    pub const MAX: usize = 1024;
+
+    /// `identity` logged in with node key `node_id`.
+    pub fn record(&self, identity: &str, node_id: &str) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= Self::MAX && !m.contains_key(identity) {
+            m.clear();
+        }
+        m.insert(identity.to_string(), node_id.to_string());
+    }
+
+    /// The node key `identity` last logged in with.
+    pub fn node_of(&self, identity: &str) -> Option<String> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(identity).cloned()
+    }
+}
+
+/// The identity a login gets: its client id when usable (non-empty, at most
+/// [`MAX_CLIENT_ID`] bytes, a valid topic level), else the node id.
+pub fn identity_for(client_id: &str, node_id: &str) -> String {
+    if !client_id.is_empty() && client_id.len() <= MAX_CLIENT_ID && sphinx_mqtt_server::topic::valid_identity(client_id)
+    {
+        client_id.to_string()
+    } else {
+        node_id.to_string()
+    }
+}
+
+/// Whether `s` is spelled like a node id (33 bytes in lowercase hex).
+pub fn is_node_id(s: &str) -> bool {
+    s.len() == 66 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Longest `pinned-last-login` read (it holds one decimal u32 and a newline).
 const LAST_LOGIN_MAX: u64 = 64;
 
@@ -43,8 +97,14 @@ impl TokenAuth {
     /// Tokens must be within `window` of our clock and signed by the pinned key (if any);
     /// `data_dir` keeps the pinned key's last login time.
     pub fn new(pin: Arc<PinStore>, window: Duration, data_dir: &Path) -> Self {
+        Self::with_identities(pin, window, data_dir, Arc::default())
+    }
+
+    /// [`TokenAuth::new`], recording each accepted identity's node key in `identities`.
+    pub fn with_identities(pin: Arc<PinStore>, window: Duration, data_dir: &Path, identities: Arc<Identities>) -> Self {
         TokenAuth {
             pin,
+            identities,
             window,
             seen: Mutex::new(HashMap::new()),
             last_login_path: data_dir.join("pinned-last-login"),
@@ -125,6 +185,14 @@ pub enum LoginError {
     /// The username is not the signing key's node id as topics spell it.
     #[error("username must be the node id in lowercase hex ({0})")]
     NotNodeId(String),
+    /// The client id is another node's id.
+    #[error("client id {client_id} is another node's id than the login's ({node_id})")]
+    ClientIdOfAnotherNode {
+        /// The client id.
+        client_id: String,
+        /// The login's node id.
+        node_id: String,
+    },
     /// Another key is pinned.
     #[error(transparent)]
     Pin(#[from] PinError),
@@ -167,7 +235,7 @@ impl Authenticator for TokenAuth {
 
     fn authenticate(
         &self,
-        _client_id: &str,
+        client_id: &str,
         username: Option<&str>,
         password: Option<&[u8]>,
     ) -> Result<String, LoginError> {
@@ -179,6 +247,10 @@ impl Authenticator for TokenAuth {
         if id != user {
             return Err(LoginError::NotNodeId(id));
         }
+        let identity = identity_for(client_id, &id);
+        if identity != id && is_node_id(&identity) {
+            return Err(LoginError::ClientIdOfAnotherNode { client_id: identity, node_id: id });
+        }
         self.pin.allows(&id)?;
         let ts = token::timestamp(pass)?;
         if !self.first_use(key, ts, now) {
@@ -187,7 +259,8 @@ impl Authenticator for TokenAuth {
         if self.pin.get().as_deref() == Some(id.as_str()) {
             off_the_workers(|| self.advance_pinned_login(ts))?;
         }
-        Ok(id)
+        self.identities.record(&identity, &id);
+        Ok(identity)
     }
 }
 
@@ -206,7 +279,7 @@ mod tests {
         let id = PublicKey::from_secret_key(&Secp256k1::new(), &sk).to_string();
         let now = unix_now();
         let tok = token::make(&sk, now as u32);
-        assert_eq!(auth.authenticate("c", Some(&id), Some(tok.as_bytes())).unwrap(), id);
+        assert_eq!(auth.authenticate("c", Some(&id), Some(tok.as_bytes())).unwrap(), "c");
         assert!(auth
             .authenticate("c", Some(&id), Some(tok.as_bytes()))
             .unwrap_err()
@@ -301,7 +374,7 @@ mod tests {
         let (sk, id) = signer(0x41);
         let ts = unix_now() as u32;
         let tok = token::make(&sk, ts);
-        assert_eq!(auth.authenticate("c", Some(&id), Some(tok.as_bytes())).unwrap(), id);
+        assert_eq!(auth.authenticate("c", Some(&id), Some(tok.as_bytes())).unwrap(), "c");
         // Before a pin: the high-s twin of the captured token, and another valid signature of
         // the same login, are both refused.
         let twin = token::high_s_twin(tok.as_bytes()).unwrap();
@@ -324,6 +397,29 @@ mod tests {
         let twin2 = token::high_s_twin(t2.as_bytes()).unwrap();
         let err = auth.authenticate("c", Some(&id), Some(twin2.as_bytes())).unwrap_err();
         assert!(matches!(err, LoginError::Token(token::Error::HighS)), "{err}");
+    }
+
+    #[test]
+    fn the_identity_is_the_client_id_with_its_node_key_recorded() {
+        let dir = temp_dir("identity");
+        let pin = Arc::new(PinStore::open(&dir.0).unwrap());
+        let ids = Arc::new(Identities::default());
+        let auth = TokenAuth::with_identities(pin, Duration::from_secs(300), &dir.0, ids.clone());
+        let (sk, id) = signer(0x45);
+        let (_, other) = signer(0x46);
+        let ts = unix_now() as u32;
+        // Two devices of one node: own identities, one node key.
+        assert_eq!(auth.authenticate("dev-a", Some(&id), Some(token::make(&sk, ts).as_bytes())).unwrap(), "dev-a");
+        assert_eq!(auth.authenticate("dev-b", Some(&id), Some(token::make(&sk, ts + 1).as_bytes())).unwrap(), "dev-b");
+        assert_eq!((ids.node_of("dev-a"), ids.node_of("dev-b")), (Some(id.clone()), Some(id.clone())));
+        // Legacy clients (client id = node id) and unusable client ids get the node id.
+        assert_eq!(auth.authenticate(&id, Some(&id), Some(token::make(&sk, ts + 2).as_bytes())).unwrap(), id);
+        assert_eq!(auth.authenticate("", Some(&id), Some(token::make(&sk, ts + 3).as_bytes())).unwrap(), id);
+        assert_eq!(auth.authenticate("a/b", Some(&id), Some(token::make(&sk, ts + 4).as_bytes())).unwrap(), id);
+        // Another node's id as client id would take that node's legacy identity: refused.
+        let err = auth.authenticate(&other, Some(&id), Some(token::make(&sk, ts + 5).as_bytes())).unwrap_err();
+        assert!(matches!(err, LoginError::ClientIdOfAnotherNode { .. }), "{err}");
+        assert_eq!(ids.node_of(&other), None);
     }
 
     #[test]

@@ -218,6 +218,10 @@ pub struct Overrides {
     /// Per-request reply bound, seconds.
     #[arg(long, env = "SPHINX_BROKER_REQUEST_TIMEOUT")]
     pub request_timeout: Option<u64>,
+    /// With LSS and a standby signer in sync: how long the oldest request may wait for the
+    /// active signer before the standby takes over, seconds.
+    #[arg(long, env = "SPHINX_BROKER_FAILOVER")]
+    pub failover: Option<u64>,
     /// bitcoind JSON-RPC URL to follow (http://user:password@host:port); chain tracking is off without one.
     #[arg(long, env = "SPHINX_BROKER_BITCOIND_URL")]
     pub bitcoind_url: Option<String>,
@@ -328,6 +332,9 @@ impl Config {
         if let Some(t) = o.request_timeout {
             cfg.relay.request_timeout = Duration::from_secs(t);
         }
+        if let Some(t) = o.failover {
+            cfg.relay.failover = Duration::from_secs(t);
+        }
         if let Some(u) = &o.bitcoind_url {
             cfg.bitcoind.url = Some(u.clone());
         }
@@ -426,7 +433,7 @@ mod tests {
              signer_node_id = \"029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46\"\n\
              [mqtt]\nlisten = \"127.0.0.1:1\"\nmax_payload = 7\ntoken_window_secs = 8\n\
              tls_cert = \"c\"\ntls_key = \"k\"\nallow_plaintext_non_loopback = true\n\
-             [relay]\nqueue_capacity = 9\nmax_inflight = 10\nrequest_timeout_secs = 11\n\
+             [relay]\nqueue_capacity = 9\nmax_inflight = 10\nrequest_timeout_secs = 11\nfailover_secs = 14\n\
              [bitcoind]\nurl = \"http://u:p@h:1\"\ncookie_file = \"/c\"\n\
              [api]\nlisten = \"127.0.0.1:2\"\nallow_non_loopback = true\ntoken_file = \"t\"\n\
              control_timeout_secs = 12\nevent_capacity = 13\n",
@@ -442,6 +449,7 @@ mod tests {
         assert!(c.mqtt.allow_plaintext_non_loopback && c.mqtt.tls().unwrap().is_some());
         assert_eq!((c.relay.queue_capacity, c.relay.max_inflight), (9, 10));
         assert_eq!(c.relay.request_timeout, Duration::from_secs(11));
+        assert_eq!(c.relay.failover, Duration::from_secs(14));
         assert_eq!(c.relay.waiting_log_interval, RelayConfig::default().waiting_log_interval);
         assert_eq!(c.bitcoind.cookie_file.as_deref(), Some(Path::new("/c")));
         assert_eq!((c.api.control_timeout, c.api.event_capacity), (Duration::from_secs(12), 13));

@@ -1,6 +1,8 @@
-//! The signers as the operator API sees them ([`SignerHub`]): who is connected, their last
-//! errors, a bounded broadcast of events, and the one control call per signer waiting for its
-//! `{id}/control-res`. Fed by [`crate::mqtt_link::forward_events`].
+//! The signers as the operator API sees them ([`SignerHub`]): who is connected, with which node
+//! key, their role (active, standby, …, set by the relay), their last errors, a bounded
+//! broadcast of events, and the one control call per signer waiting for its
+//! `{id}/control-res`. Signers are keyed by their MQTT identity (client id, the topic prefix);
+//! several may share one node id. Fed by [`crate::mqtt_link::forward_events`] and the relay.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,7 +19,7 @@ pub const MAX_REMEMBERED_SIGNERS: usize = 64;
 /// A signer's `{id}/error` report, decoded.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SignerErrorReport {
-    /// The signer (node id, hex).
+    /// The signer (its MQTT identity: client id, or node id for a legacy client).
     pub node_id: String,
     /// The request it refers to (`None` if the payload was shorter than the 2-byte sequence).
     pub seq: Option<u16>,
@@ -42,6 +44,8 @@ pub enum SignerEvent {
     Connected {
         /// Node id (hex).
         node_id: String,
+        /// The signer's MQTT identity (client id).
+        client_id: String,
         /// Unix seconds.
         time: u64,
     },
@@ -49,6 +53,8 @@ pub enum SignerEvent {
     Ready {
         /// Node id (hex).
         node_id: String,
+        /// The signer's MQTT identity (client id).
+        client_id: String,
         /// Unix seconds.
         time: u64,
     },
@@ -56,6 +62,8 @@ pub enum SignerEvent {
     Disconnected {
         /// Node id (hex).
         node_id: String,
+        /// The signer's MQTT identity (client id).
+        client_id: String,
         /// Unix seconds.
         time: u64,
     },
@@ -69,8 +77,12 @@ pub enum SignerEvent {
 /// One signer as the hub knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SignerStatus {
-    /// Node id (hex), also its MQTT identity.
+    /// Its MQTT identity: the client id (topic prefix), or the node id for a legacy client.
+    pub client_id: String,
+    /// Node id (hex): the key it logged in with.
     pub node_id: String,
+    /// What the relay makes of it.
+    pub role: Role,
     /// Has a live MQTT session.
     pub connected: bool,
     /// Said `hello` on its current session (subscribed, takes requests).
@@ -81,6 +93,36 @@ pub struct SignerStatus {
     pub last_error: Option<SignerErrorReport>,
     /// Where the signer is with LSS backup (set by the relay; `Off` without `[lss] url`).
     pub lss: LssStatus,
+}
+
+/// A signer's role in the relay (docs/signer.md "Several signers").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Not (or no longer) taking part: disconnected, or connected without `hello` yet.
+    #[default]
+    None,
+    /// Being brought in sync with LSS (init dance).
+    Syncing,
+    /// In sync with LSS, takes over when the active one fails. Gets no requests.
+    Standby,
+    /// Gets the requests.
+    Active,
+    /// Turned away (a second signer without LSS, or a key that is not the pinned one).
+    Refused,
+}
+
+impl Role {
+    /// The role as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::None => "none",
+            Role::Syncing => "syncing",
+            Role::Standby => "standby",
+            Role::Active => "active",
+            Role::Refused => "refused",
+        }
+    }
 }
 
 /// A signer's LSS backup status, as the API shows it.
@@ -194,14 +236,46 @@ impl SignerHub {
         self.events.subscribe()
     }
 
-    /// Every remembered signer, by node id.
+    /// Every remembered signer, by identity.
     pub fn signers(&self) -> Vec<SignerStatus> {
         self.lock().signers.values().cloned().collect()
     }
 
-    /// One signer, if the hub has seen it.
-    pub fn signer(&self, node_id: &str) -> Option<SignerStatus> {
-        self.lock().signers.get(node_id).cloned()
+    /// One signer by its identity (client id), if the hub has seen it.
+    pub fn signer(&self, client_id: &str) -> Option<SignerStatus> {
+        self.lock().signers.get(client_id).cloned()
+    }
+
+    /// The signer `id` names: the signer with that identity (client id) if there is one, else
+    /// the active signer of the node with that node id, else (none active) that node's only
+    /// connected signer, else any signer of it. `None` if the hub knows neither.
+    pub fn resolve(&self, id: &str) -> Option<SignerStatus> {
+        let st = self.lock();
+        if let Some(s) = st.signers.get(id) {
+            return Some(s.clone());
+        }
+        let of_node: Vec<&SignerStatus> = st.signers.values().filter(|s| s.node_id == id).collect();
+        if let Some(a) = of_node.iter().find(|s| s.role == Role::Active) {
+            return Some((*a).clone());
+        }
+        let connected: Vec<&&SignerStatus> = of_node.iter().filter(|s| s.connected).collect();
+        if connected.len() == 1 {
+            return Some((*connected[0]).clone());
+        }
+        of_node.first().map(|s| (*s).clone())
+    }
+
+    /// The active signer of `node_id` that said hello on its current session, if any.
+    pub fn active_of(&self, node_id: &str) -> Option<SignerStatus> {
+        self.lock().signers.values().find(|s| s.node_id == node_id && s.role == Role::Active && s.ready).cloned()
+    }
+
+    /// The relay's view of `client_id`'s role changed.
+    pub fn set_role(&self, client_id: &str, role: Role) {
+        let mut st = self.lock();
+        if let Some(s) = st.signers.get_mut(client_id) {
+            s.role = role;
+        }
     }
 
     /// Begins the (single) control call to `node_id`: waits until `deadline` for the signer's
@@ -246,16 +320,19 @@ impl SignerHub {
         let _ = self.events.send(ev);
     }
 
-    fn entry<'a>(st: &'a mut HubState, node_id: &str, now: u64) -> &'a mut SignerStatus {
-        if !st.signers.contains_key(node_id) && st.signers.len() >= MAX_REMEMBERED_SIGNERS {
+    fn entry<'a>(st: &'a mut HubState, client_id: &str, now: u64) -> &'a mut SignerStatus {
+        if !st.signers.contains_key(client_id) && st.signers.len() >= MAX_REMEMBERED_SIGNERS {
             let oldest =
-                st.signers.values().filter(|s| !s.connected).min_by_key(|s| s.since).map(|s| s.node_id.clone());
+                st.signers.values().filter(|s| !s.connected).min_by_key(|s| s.since).map(|s| s.client_id.clone());
             if let Some(old) = oldest {
                 st.signers.remove(&old);
             }
         }
-        st.signers.entry(node_id.to_string()).or_insert_with(|| SignerStatus {
-            node_id: node_id.to_string(),
+        st.signers.entry(client_id.to_string()).or_insert_with(|| SignerStatus {
+            client_id: client_id.to_string(),
+            // Until a login says otherwise (legacy identities are node ids).
+            node_id: client_id.to_string(),
+            role: Role::None,
             connected: false,
             ready: false,
             since: now,
@@ -264,52 +341,59 @@ impl SignerHub {
         })
     }
 
-    /// A session for `node_id` began.
-    pub fn on_connected(&self, node_id: &str) {
+    /// A session for `client_id`, logged in with key `node_id`, began.
+    pub fn on_connected(&self, client_id: &str, node_id: &str) {
         let now = unix_now();
         {
             let mut st = self.lock();
-            let s = Self::entry(&mut st, node_id, now);
+            let s = Self::entry(&mut st, client_id, now);
+            s.node_id = node_id.to_string();
             s.connected = true;
             s.ready = false;
+            s.role = Role::None;
             s.since = now;
         }
-        self.send(SignerEvent::Connected { node_id: node_id.to_string(), time: now });
+        self.send(SignerEvent::Connected { node_id: node_id.to_string(), client_id: client_id.to_string(), time: now });
     }
 
-    /// `node_id` said hello.
-    pub fn on_ready(&self, node_id: &str) {
+    /// `client_id` said hello.
+    pub fn on_ready(&self, client_id: &str) {
         let now = unix_now();
-        {
+        let node_id = {
             let mut st = self.lock();
-            let s = Self::entry(&mut st, node_id, now);
+            let s = Self::entry(&mut st, client_id, now);
             if !s.connected {
                 s.connected = true;
                 s.since = now;
             }
             s.ready = true;
-        }
-        self.send(SignerEvent::Ready { node_id: node_id.to_string(), time: now });
+            s.node_id.clone()
+        };
+        self.send(SignerEvent::Ready { node_id, client_id: client_id.to_string(), time: now });
     }
 
-    /// `node_id`'s session ended (or it said bye).
-    pub fn on_disconnected(&self, node_id: &str) {
+    /// `client_id`'s session ended (or it said bye).
+    pub fn on_disconnected(&self, client_id: &str) {
         let now = unix_now();
-        let was_connected = {
+        let (was_connected, node_id) = {
             let mut st = self.lock();
-            let s = Self::entry(&mut st, node_id, now);
+            let s = Self::entry(&mut st, client_id, now);
             let was = s.connected;
             s.connected = false;
             s.ready = false;
+            if s.role != Role::Refused {
+                s.role = Role::None;
+            }
             if was {
                 s.since = now;
             }
+            let node_id = s.node_id.clone();
             // A control call waiting on this signer learns at once that no answer will come.
-            st.control.remove(node_id);
-            was
+            st.control.remove(client_id);
+            (was, node_id)
         };
         if was_connected {
-            self.send(SignerEvent::Disconnected { node_id: node_id.to_string(), time: now });
+            self.send(SignerEvent::Disconnected { node_id, client_id: client_id.to_string(), time: now });
         }
     }
 
@@ -366,7 +450,7 @@ mod tests {
     async fn hub_tracks_state_and_routes_control_to_one_call() {
         let hub = Arc::new(SignerHub::new(4));
         let mut sub = hub.subscribe();
-        hub.on_connected("a");
+        hub.on_connected("a", "a");
         hub.on_ready("a");
         hub.on_error("a", b"\x00\x02no");
         let s = hub.signer("a").unwrap();
@@ -406,10 +490,10 @@ mod tests {
         let hub = SignerHub::new(4);
         for i in 0..MAX_REMEMBERED_SIGNERS + 10 {
             let id = format!("s{i:03}");
-            hub.on_connected(&id);
+            hub.on_connected(&id, "n");
             hub.on_disconnected(&id);
         }
-        hub.on_connected("live");
+        hub.on_connected("live", "n");
         assert_eq!(hub.signers().len(), MAX_REMEMBERED_SIGNERS);
         assert!(hub.signer("live").unwrap().connected);
     }

@@ -73,8 +73,9 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
         pin.pin(id).map_err(|e| anyhow::anyhow!("signer_node_id: {e}"))?;
     }
     let metrics = Arc::new(metrics::Metrics::new());
+    let identities = Arc::new(auth::Identities::default());
     let auth = metrics::CountingAuth::new(
-        auth::TokenAuth::new(pin.clone(), cfg.mqtt.token_window, &cfg.data_dir),
+        auth::TokenAuth::with_identities(pin.clone(), cfg.mqtt.token_window, &cfg.data_dir, identities.clone()),
         metrics.clone(),
     );
     let tls_on = mqtt_cfg.tls.is_some();
@@ -91,13 +92,14 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
     tracing::info!(listen = %mqtt.local_addr(), tls = tls_on, pinned = ?pin.get(), "embedded MQTT server listening");
     let hub = Arc::new(hub::SignerHub::new(cfg.api.event_capacity));
     let (link_tx, link_rx) = mpsc::channel(1024);
-    tokio::spawn(mqtt_link::forward_events(mqtt_events, link_tx, hub.clone()));
+    tokio::spawn(mqtt_link::forward_events(mqtt_events, link_tx, hub.clone(), identities));
     let link: Arc<dyn relay::SignerLink> = Arc::new(mqtt.clone());
     let lss = lss_link::LssRelay::new(&cfg.lss, link.clone(), hub.clone());
     if let Some(url) = &cfg.lss.url {
         tracing::info!(%url, "LSS backup on: a signer is ready once in sync with LSS");
     }
-    let relay = relay::spawn_with(cfg.relay.clone(), link, link_rx, pin.clone(), metrics.clone(), lss);
+    let relay =
+        relay::spawn_with_hub(cfg.relay.clone(), link, link_rx, pin.clone(), metrics.clone(), lss, Some(hub.clone()));
     // With bitcoind configured, chain following waits for lightningd's init from the start.
     let phase = if cfg.bitcoind.enabled() { chain::Phase::WaitingForInit } else { chain::Phase::Disabled };
     let (chain_status, chain_rx) = tokio::sync::watch::channel(chain::FollowerStatus { phase, ..Default::default() });

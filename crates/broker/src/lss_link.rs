@@ -8,10 +8,16 @@
 //! task ([`LssSession::store`]) and answered with `lss-msg` (then the signer releases its
 //! `vls-res`) or `lss-conflict` (then the signer is stale: not ready, danced again).
 //!
+//! Several signers (MQTT identities) of one node may be connected: each is danced on its
+//! `hello` and kept in sync; the relay picks the one that takes requests (the active one) and
+//! tells [`LssRelay::on_message`], which stores only the active one's `lss-res`. The others
+//! are standbys, danced again before they take over (docs/signer.md "Several signers").
+//!
 //! The relay is one task: nothing here awaits in it. Tasks report back as [`LssEvent`]s on a
 //! bounded channel; each carries the generation it was started for, so the result of a dance
 //! for a signer that has since gone (or said `hello` again) is dropped.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,17 +140,31 @@ impl sphinx_lss::broker::SignerLink for DanceLink {
 }
 
 enum Phase {
-    /// No signer to back up for.
-    Idle,
-    /// A dance runs for `id`; its answers go to `answers`.
-    Dancing { id: String, answers: mpsc::Sender<(String, Vec<u8>)> },
-    /// Waiting to dance `id` again.
-    Waiting { id: String },
-    /// `id` is in sync; `session` is `None` while a `Put` runs.
-    Synced { id: String, session: Option<Box<LssSession>> },
+    /// A dance runs; its answers go to `answers`.
+    Dancing { answers: mpsc::Sender<(String, Vec<u8>)> },
+    /// Waiting to dance again.
+    Waiting,
+    /// In sync; `session` is `None` while a `Put` runs.
+    Synced { session: Option<Box<LssSession>> },
 }
 
-/// What the relay does with its signer and LSS (module docs). Owned by the relay task.
+/// One signer (MQTT identity) with LSS: where its dance is, and its retry state.
+struct Member {
+    phase: Phase,
+    /// The generation its current task runs for: a report of another is stale.
+    gen: u64,
+    retry_delay: Duration,
+    /// Dances failed in a row.
+    failures: u32,
+}
+
+/// Dances failed in a row after which the signer is disconnected (it logs in again, with its
+/// own backoff, and gets a fresh round): retries are bounded.
+pub const MAX_DANCE_FAILURES: u32 = 8;
+
+/// What the relay does with its signers and LSS (module docs). Owned by the relay task. Every
+/// signer that says hello is danced (brought in sync); which one takes requests is the relay's
+/// choice, and only that one's `lss-res` is stored ([`LssRelay::on_message`]).
 pub struct LssRelay {
     settings: LssSettings,
     url: String,
@@ -153,17 +173,16 @@ pub struct LssRelay {
     link: Arc<dyn RelayLink>,
     tx: mpsc::Sender<LssEvent>,
     rx: Option<mpsc::Receiver<LssEvent>>,
-    phase: Phase,
+    members: HashMap<String, Member>,
     gen: u64,
-    retry_delay: Duration,
 }
 
 /// What the relay must do after an LSS event.
 pub enum Next {
     /// Nothing.
     Nothing,
-    /// `id` is in sync: mark it ready and re-send what is pending. `init_reply` is the serial
-    /// reply frame to the init-3 `hsmd_init`, if one was sent, for the relay's checks.
+    /// `id` is in sync: it may take requests (or stand by). `init_reply` is the serial reply
+    /// frame to the init-3 `hsmd_init`, if one was sent, for the relay's checks.
     Ready {
         /// The signer.
         id: String,
@@ -172,13 +191,16 @@ pub enum Next {
     },
     /// `id` may hold stale state: not ready until the next dance (already started).
     NotReady(String),
+    /// `id`'s dance failed; it is tried again later (or, after [`MAX_DANCE_FAILURES`], the
+    /// signer was disconnected).
+    Failed(String),
 }
 
 impl LssRelay {
     /// LSS for the relay, if `settings.url` is set. `hub` shows the status per signer.
     pub fn new(settings: &LssSettings, link: Arc<dyn RelayLink>, hub: Arc<SignerHub>) -> Option<LssRelay> {
         let url = settings.url.clone()?;
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(64);
         Some(LssRelay {
             settings: settings.clone(),
             url,
@@ -187,9 +209,8 @@ impl LssRelay {
             link,
             tx,
             rx: Some(rx),
-            phase: Phase::Idle,
+            members: HashMap::new(),
             gen: 0,
-            retry_delay: Duration::from_secs(1),
         })
     }
 
@@ -198,16 +219,27 @@ impl LssRelay {
         self.rx.take()
     }
 
-    fn current(&self) -> Option<&str> {
-        match &self.phase {
-            Phase::Idle => None,
-            Phase::Dancing { id, .. } | Phase::Waiting { id } | Phase::Synced { id, .. } => Some(id),
-        }
+    /// The hub this reports to.
+    pub fn hub(&self) -> &Arc<SignerHub> {
+        &self.hub
+    }
+
+    /// Whether `id` is in sync with LSS (its last dance completed, no conflict since).
+    pub fn is_synced(&self, id: &str) -> bool {
+        self.members.get(id).is_some_and(|m| matches!(m.phase, Phase::Synced { .. }))
     }
 
     /// `id` said hello: (re)start its dance. `hsmd_init` is the init-3 request frame, if any.
     pub fn on_hello(&mut self, id: &str, hsmd_init: Option<Vec<u8>>) {
-        self.retry_delay = Duration::from_secs(1);
+        if let Some(m) = self.members.get_mut(id) {
+            m.retry_delay = Duration::from_secs(1);
+            m.failures = 0;
+        }
+        self.start_dance(id, hsmd_init);
+    }
+
+    /// Dances `id` again (a standby about to take over: LSS moved on since it caught up).
+    pub fn redance(&mut self, id: &str, hsmd_init: Option<Vec<u8>>) {
         self.start_dance(id, hsmd_init);
     }
 
@@ -215,7 +247,14 @@ impl LssRelay {
         self.gen += 1;
         let gen = self.gen;
         let (answers_tx, answers) = mpsc::channel(DANCE_ANSWER_CAPACITY);
-        self.phase = Phase::Dancing { id: id.to_string(), answers: answers_tx };
+        let m = self.members.entry(id.to_string()).or_insert_with(|| Member {
+            phase: Phase::Waiting,
+            gen,
+            retry_delay: Duration::from_secs(1),
+            failures: 0,
+        });
+        m.gen = gen;
+        m.phase = Phase::Dancing { answers: answers_tx };
         self.hub.set_lss(id, LssStatus::Syncing);
         let mut link =
             DanceLink { link: self.link.clone(), id: id.to_string(), answers, timeout: self.settings.timeout };
@@ -240,23 +279,26 @@ impl LssRelay {
         });
     }
 
-    /// `id`'s connection ended.
+    /// `id`'s connection ended, or the relay fenced it: whatever its tasks report from now on
+    /// is dropped (a running `Put` of it is not answered).
     pub fn on_gone(&mut self, id: &str) {
-        if self.current() == Some(id) {
-            self.gen += 1;
-            self.phase = Phase::Idle;
-        }
+        self.members.remove(id);
+    }
+
+    fn current(&self, id: &str, gen: u64) -> bool {
+        self.members.get(id).is_some_and(|m| m.gen == gen)
     }
 
     /// Whether a signer message on `suffix` (not `vls-res`) is for LSS; if so it was handled.
     /// `error` payloads go to a running dance only when they carry sequence 0 (the signer's
-    /// dance errors); others are the relay's.
-    pub fn on_message(&mut self, id: &str, suffix: &str, payload: &[u8]) -> bool {
-        if self.current() != Some(id) {
+    /// dance errors); others are the relay's. `active`: whether `id` is the signer that takes
+    /// requests; only its `lss-res` is stored (a standby or a fenced signer never writes to LSS).
+    pub fn on_message(&mut self, id: &str, suffix: &str, payload: &[u8], active: bool) -> bool {
+        let Some(m) = self.members.get_mut(id) else {
             return suffix != topics::ERROR;
-        }
-        match (&mut self.phase, suffix) {
-            (Phase::Dancing { answers, .. }, s) => {
+        };
+        match (&mut m.phase, suffix) {
+            (Phase::Dancing { answers }, s) => {
                 if s == topics::ERROR && sphinx_wire::error_report::decode(payload).seq != Some(0) {
                     return false;
                 }
@@ -265,12 +307,18 @@ impl LssRelay {
                 }
                 true
             }
-            (Phase::Synced { session, .. }, topics::LSS_RES) => {
+            (Phase::Synced { .. }, topics::LSS_RES) if !active => {
+                warn!(signer = %id, "LSS: lss-res from a signer that is not the active one; not stored");
+                true
+            }
+            (Phase::Synced { session }, topics::LSS_RES) => {
                 let Some(mut s) = session.take() else {
                     warn!(signer = %id, "LSS: lss-res while a Put runs; ignored");
                     return true;
                 };
-                let (tx, gen, id, body) = (self.tx.clone(), self.gen, id.to_string(), payload.to_vec());
+                // Reported with the member's generation: a dance started meanwhile (or the
+                // signer fenced or gone) makes the report stale, and it is not answered.
+                let (tx, gen, id, body) = (self.tx.clone(), m.gen, id.to_string(), payload.to_vec());
                 tokio::spawn(async move {
                     // LssSession's calls are bounded by the configured timeout.
                     let result = s.store(&body).await;
@@ -290,7 +338,7 @@ impl LssRelay {
     pub fn on_event(&mut self, ev: LssEvent, hsmd_init: impl FnOnce() -> Option<Vec<u8>>) -> Next {
         match ev {
             LssEvent::Danced { id, gen, result } => {
-                if gen != self.gen {
+                if !self.current(&id, gen) {
                     return Next::Nothing;
                 }
                 match result {
@@ -298,9 +346,12 @@ impl LssRelay {
                         let (d, backend) = *b;
                         info!(signer = %id, client_id = %hex::encode(d.identity.client_id), restored_keys = d.restored_keys, "LSS: signer in sync");
                         self.backend = Some(backend);
-                        self.retry_delay = Duration::from_secs(1);
                         self.hub.set_lss(&id, LssStatus::Synced);
-                        self.phase = Phase::Synced { id: id.clone(), session: Some(Box::new(d.session)) };
+                        if let Some(m) = self.members.get_mut(&id) {
+                            m.retry_delay = Duration::from_secs(1);
+                            m.failures = 0;
+                            m.phase = Phase::Synced { session: Some(Box::new(d.session)) };
+                        }
                         Next::Ready { id, init_reply: d.init_reply }
                     }
                     Err(e) => {
@@ -311,14 +362,25 @@ impl LssRelay {
                         };
                         // Status first: the log line is what operators (and tests) wait for.
                         self.hub.set_lss(&id, status);
-                        error!(signer = %id, error = %e, retry_in = ?self.retry_delay, "LSS: init dance failed; the signer is not ready");
+                        let failures = self.members.get(&id).map_or(0, |m| m.failures + 1);
+                        if failures >= MAX_DANCE_FAILURES {
+                            error!(signer = %id, error = %e, failures, "LSS: init dance failed too often; disconnecting the signer (it logs in again with its own backoff)");
+                            self.members.remove(&id);
+                            self.link.disconnect(&id);
+                            return Next::Failed(id);
+                        }
+                        let delay = self.members.get(&id).map_or(Duration::from_secs(1), |m| m.retry_delay);
+                        error!(signer = %id, error = %e, retry_in = ?delay, "LSS: init dance failed; the signer is not ready");
                         self.schedule_retry(&id);
-                        Next::Nothing
+                        if let Some(m) = self.members.get_mut(&id) {
+                            m.failures = failures;
+                        }
+                        Next::Failed(id)
                     }
                 }
             }
             LssEvent::Stored { id, gen, session, result } => {
-                if gen != self.gen {
+                if !self.current(&id, gen) {
                     return Next::Nothing;
                 }
                 match result {
@@ -331,7 +393,7 @@ impl LssRelay {
                             self.start_dance(&id, hsmd_init());
                             return Next::NotReady(id);
                         }
-                        if let Phase::Synced { session: s, .. } = &mut self.phase {
+                        if let Some(Member { phase: Phase::Synced { session: s }, .. }) = self.members.get_mut(&id) {
                             *s = Some(session);
                         }
                         Next::Nothing
@@ -346,7 +408,7 @@ impl LssRelay {
                 }
             }
             LssEvent::Retry { id, gen } => {
-                if gen == self.gen && matches!(&self.phase, Phase::Waiting { id: w } if *w == id) {
+                if self.members.get(&id).is_some_and(|m| m.gen == gen && matches!(m.phase, Phase::Waiting)) {
                     self.start_dance(&id, hsmd_init());
                 }
                 Next::Nothing
@@ -355,9 +417,10 @@ impl LssRelay {
     }
 
     fn schedule_retry(&mut self, id: &str) {
-        self.phase = Phase::Waiting { id: id.to_string() };
-        let (tx, gen, id, delay) = (self.tx.clone(), self.gen, id.to_string(), self.retry_delay);
-        self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
+        let Some(m) = self.members.get_mut(id) else { return };
+        m.phase = Phase::Waiting;
+        let (tx, gen, id, delay) = (self.tx.clone(), m.gen, id.to_string(), m.retry_delay);
+        m.retry_delay = (m.retry_delay * 2).min(MAX_RETRY_DELAY);
         tokio::spawn(async move {
             // A backoff, not synchronisation: the retry is dropped if the signer went meanwhile.
             tokio::time::sleep(delay).await;

@@ -218,6 +218,8 @@ pub struct Metrics {
     signers_connected: Gauge,
     signer_active: Gauge,
     signer_reconnects: Counter,
+    failovers: Counter,
+    standby: Gauge,
     refusals: Family<RefusalLabels, Counter>,
     refusal_series: AtomicUsize,
     token_refusals: Family<CauseLabels, Counter>,
@@ -256,9 +258,17 @@ impl Metrics {
             latency.clone(),
         );
         let queued = Gauge::default();
-        registry.register("queue_depth", "Requests waiting in the relay's queue, not yet sent to a signer", queued.clone());
+        registry.register(
+            "queue_depth",
+            "Requests waiting in the relay's queue, not yet sent to a signer",
+            queued.clone(),
+        );
         let inflight = Gauge::default();
-        registry.register("inflight", "Requests sent to the signer (or to be re-sent) and not yet answered", inflight.clone());
+        registry.register(
+            "inflight",
+            "Requests sent to the signer (or to be re-sent) and not yet answered",
+            inflight.clone(),
+        );
         let signers_connected = Gauge::default();
         registry.register("signers_connected", "Signers with a live MQTT session", signers_connected.clone());
         let signer_active = Gauge::default();
@@ -272,6 +282,18 @@ impl Metrics {
             "signer_reconnects",
             "Signer sessions (hello) after the first since the broker started",
             signer_reconnects.clone(),
+        );
+        let failovers = Counter::default();
+        registry.register(
+            "failovers",
+            "Times a standby signer was brought in to replace the active one (it left or missed the failover bound)",
+            failovers.clone(),
+        );
+        let standby = Gauge::default();
+        registry.register(
+            "signers_standby",
+            "Signers in sync with LSS and ready to take over (standby)",
+            standby.clone(),
         );
         let refusals = Family::<RefusalLabels, Counter>::default();
         registry.register(
@@ -317,6 +339,8 @@ impl Metrics {
             signers_connected,
             signer_active,
             signer_reconnects,
+            failovers,
+            standby,
             refusals,
             refusal_series: AtomicUsize::new(0),
             token_refusals,
@@ -409,6 +433,21 @@ impl Metrics {
         self.signer_active.get() != 0
     }
 
+    /// A standby was brought in to replace the active signer.
+    pub fn failover(&self) {
+        self.failovers.inc();
+    }
+
+    /// Failovers so far.
+    pub fn failovers(&self) -> u64 {
+        self.failovers.get()
+    }
+
+    /// Signers on standby (set by the relay task).
+    pub fn set_standby(&self, n: usize) {
+        self.standby.set(n as i64);
+    }
+
     /// A signer said hello after an earlier session.
     pub fn signer_reconnected(&self) {
         self.signer_reconnects.inc();
@@ -469,7 +508,7 @@ pub struct Sources<'a> {
 }
 
 /// Every `cause` label of `token_refusals` (created at zero, so a scrape shows them all).
-pub const TOKEN_CAUSES: [&str; 15] = [
+pub const TOKEN_CAUSES: [&str; 16] = [
     "no_username",
     "no_password",
     "token_encoding",
@@ -480,6 +519,7 @@ pub const TOKEN_CAUSES: [&str; 15] = [
     "token_username",
     "token_expired",
     "not_node_id",
+    "client_id_of_another_node",
     "not_pinned",
     "replayed",
     "not_after_last_login",
@@ -502,6 +542,7 @@ fn token_cause(e: &LoginError) -> &'static str {
             token::Error::Expired { .. } => "token_expired",
         },
         LoginError::NotNodeId(_) => "not_node_id",
+        LoginError::ClientIdOfAnotherNode { .. } => "client_id_of_another_node",
         LoginError::Pin(PinError::Mismatch { .. }) => "not_pinned",
         // The pin file could not be read: the login is refused for the broker's sake.
         LoginError::Pin(PinError::Io { .. } | PinError::Corrupt(_)) => "record_failed",

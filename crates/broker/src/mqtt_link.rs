@@ -2,6 +2,7 @@
 //! `[mqtt]` settings, publishing ([`SignerLink`] for [`MqttHandle`]), and what signers'
 //! messages mean ([`forward_events`]: MQTT events into relay events and hub updates).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use sphinx_wire::topics;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::auth::Identities;
 use crate::config::ConfigError;
 use crate::hub::SignerHub;
 use crate::relay::{LinkEvent, PublishError, SignerLink};
@@ -90,15 +92,31 @@ impl SignerLink for MqttHandle {
 /// Translates MQTT events into relay events until either side closes, and keeps `hub` (the
 /// operator API's view) up to date. The relay sees exactly what it saw before the hub existed:
 /// connects are not relay events, `control-res` is not either, errors go to both.
-pub async fn forward_events(mut from: MqttEvents, to: mpsc::Sender<LinkEvent>, hub: Arc<SignerHub>) {
+///
+/// `identities` gives each session's node key (recorded at login by [`crate::auth::TokenAuth`]);
+/// it is read once per session, when its `Connected` event arrives, and kept with the session.
+pub async fn forward_events(
+    mut from: MqttEvents,
+    to: mpsc::Sender<LinkEvent>,
+    hub: Arc<SignerHub>,
+    identities: Arc<Identities>,
+) {
+    // identity → (connection, node key) of the live sessions.
+    let mut sessions: HashMap<String, (u64, String)> = HashMap::new();
     while let Some(ev) = from.recv().await {
         let out = match ev {
-            MqttEvent::Connected { identity, .. } => {
-                debug!(%identity, "signer connected; waiting for its hello");
-                hub.on_connected(&identity);
+            MqttEvent::Connected { identity, conn_id } => {
+                // A legacy identity is the node id itself.
+                let node = identities.node_of(&identity).unwrap_or_else(|| identity.clone());
+                debug!(%identity, node_id = %node, "signer connected; waiting for its hello");
+                hub.on_connected(&identity, &node);
+                sessions.insert(identity, (conn_id, node));
                 continue;
             }
-            MqttEvent::Disconnected { identity, .. } => {
+            MqttEvent::Disconnected { identity, conn_id } => {
+                if sessions.get(&identity).is_some_and(|(c, _)| *c == conn_id) {
+                    sessions.remove(&identity);
+                }
                 hub.on_disconnected(&identity);
                 LinkEvent::Gone(identity)
             }
@@ -110,8 +128,9 @@ pub async fn forward_events(mut from: MqttEvents, to: mpsc::Sender<LinkEvent>, h
                 }
                 match suffix {
                     topics::HELLO => {
+                        let node = sessions.get(&identity).map(|(_, n)| n.clone()).unwrap_or_else(|| identity.clone());
                         hub.on_ready(&identity);
-                        LinkEvent::Hello(identity)
+                        LinkEvent::HelloAs { id: identity, node_id: node }
                     }
                     topics::BYE => {
                         info!(%identity, "signer said bye");

@@ -11,6 +11,16 @@
 //! lightningd initialised it. The signer answers a repeated delivery from its reply log, without
 //! signing twice.
 //!
+//! Several signers of one node (distinct MQTT identities, one node key) may be connected; one
+//! is **active** and gets the requests. Without LSS a second one is refused (it could not
+//! share the active one's state). With LSS every signer that says hello is brought in sync
+//! (the init dance) and becomes active if none is, else **standby**. When the active one
+//! disconnects, or the oldest request sent to it waited longer than
+//! [`RelayConfig::failover`] while a standby is in sync, the active one is fenced (its
+//! replies, errors and `lss-res` are ignored from then on, and it is disconnected), a standby
+//! is danced again and made active, and the requests in flight are re-sent to it in their
+//! original order with their original sequence numbers (docs/signer.md "Several signers").
+//!
 //! What goes to signers goes through a [`SignerLink`] (the embedded MQTT server,
 //! [`crate::mqtt_link`]); what they say arrives as [`LinkEvent`]s.
 
@@ -27,6 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::config::ConfigError;
+use crate::hub::{Role, SignerHub};
 use crate::init::{self, InitReplay};
 use crate::lss_link::{LssEvent, LssRelay, Next};
 use crate::metrics::{Metrics, Outcome};
@@ -70,8 +81,17 @@ pub enum PublishError {
 /// What signers say, as the relay needs it.
 #[derive(Debug)]
 pub enum LinkEvent {
-    /// A signer subscribed and announced itself (`{id}/hello`).
+    /// A signer whose identity is its node id (a legacy client id) subscribed and announced
+    /// itself (`{id}/hello`).
     Hello(String),
+    /// A signer subscribed and announced itself (`{id}/hello`); it logged in with the node key
+    /// `node_id`.
+    HelloAs {
+        /// Its MQTT identity (client id, the topic prefix).
+        id: String,
+        /// The node id it logged in with (hex).
+        node_id: String,
+    },
     /// A signer's connection ended.
     Gone(String),
     /// A `{id}/vls-res` payload.
@@ -96,6 +116,11 @@ pub struct RelayConfig {
     /// `request_timeout_secs`; `SPHINX_BROKER_REQUEST_TIMEOUT`, `--request-timeout`). Default 600 s.
     #[serde(rename = "request_timeout_secs", deserialize_with = "crate::config::secs")]
     pub request_timeout: Duration,
+    /// With LSS and a standby in sync: the longest the oldest request sent to the active
+    /// signer may wait for its answer before the standby takes over (file: `failover_secs`;
+    /// `SPHINX_BROKER_FAILOVER`, `--failover`). Default 10 s.
+    #[serde(rename = "failover_secs", deserialize_with = "crate::config::secs")]
+    pub failover: Duration,
     /// How often to log that requests are waiting for a signer. Not a file key. Default 10 s.
     #[serde(skip)]
     pub waiting_log_interval: Duration,
@@ -107,6 +132,7 @@ impl Default for RelayConfig {
             queue_capacity: 1000,
             max_inflight: 64,
             request_timeout: Duration::from_secs(600),
+            failover: Duration::from_secs(10),
             waiting_log_interval: Duration::from_secs(10),
         }
     }
@@ -123,6 +149,9 @@ impl RelayConfig {
         }
         if self.request_timeout.is_zero() {
             return Err(ConfigError::Invalid("relay.request_timeout_secs", "must be positive".into()));
+        }
+        if self.failover.is_zero() {
+            return Err(ConfigError::Invalid("relay.failover_secs", "must be positive".into()));
         }
         Ok(())
     }
@@ -202,6 +231,15 @@ struct Pending {
     kind: Kind,
     msg_type: u16,
     reply: Option<oneshot::Sender<Result<Vec<u8>, RelayError>>>,
+    /// When it was last sent to the active signer (for the failover bound).
+    sent_at: Instant,
+}
+
+/// A signer that said hello on its current session.
+struct Member {
+    /// The node key it logged in with.
+    node: String,
+    role: Role,
 }
 
 /// Starts the relay task. `events` carries what signers say; `link` carries what we say to them.
@@ -215,6 +253,19 @@ pub fn spawn(
     spawn_with(cfg, link, events, pin, Arc::new(Metrics::new()), None)
 }
 
+/// [`spawn_with`], showing each signer's role in `hub` (the operator API's view).
+pub fn spawn_with_hub(
+    cfg: RelayConfig,
+    link: Arc<dyn SignerLink>,
+    events: mpsc::Receiver<LinkEvent>,
+    pin: Arc<PinStore>,
+    metrics: Arc<Metrics>,
+    lss: Option<LssRelay>,
+    hub: Option<Arc<SignerHub>>,
+) -> RelayHandle {
+    spawn_inner(cfg, link, events, pin, metrics, lss, hub)
+}
+
 /// [`spawn`], reporting into `metrics` (the broker's, served on `/metrics`), and with LSS backup
 /// when `lss` is given (a signer is ready only once in sync with LSS).
 pub fn spawn_with(
@@ -225,6 +276,19 @@ pub fn spawn_with(
     metrics: Arc<Metrics>,
     lss: Option<LssRelay>,
 ) -> RelayHandle {
+    let hub = lss.as_ref().map(|l| l.hub().clone());
+    spawn_inner(cfg, link, events, pin, metrics, lss, hub)
+}
+
+fn spawn_inner(
+    cfg: RelayConfig,
+    link: Arc<dyn SignerLink>,
+    events: mpsc::Receiver<LinkEvent>,
+    pin: Arc<PinStore>,
+    metrics: Arc<Metrics>,
+    lss: Option<LssRelay>,
+    hub: Option<Arc<SignerHub>>,
+) -> RelayHandle {
     let (jobs_tx, jobs_rx) = mpsc::channel(cfg.queue_capacity);
     let handle = RelayHandle { jobs: jobs_tx.clone(), timeout: cfg.request_timeout, metrics: metrics.clone() };
     let relay = Relay {
@@ -234,6 +298,9 @@ pub fn spawn_with(
         metrics,
         sessions: 0,
         signer: None,
+        members: std::collections::BTreeMap::new(),
+        candidate: None,
+        hub,
         init: InitReplay::default(),
         next_seq: 0,
         inflight: VecDeque::new(),
@@ -251,8 +318,15 @@ struct Relay {
     metrics: Arc<Metrics>,
     /// Hellos accepted since start (the ones after the first are reconnects).
     sessions: u64,
-    /// The connected signer's identity (node id hex), once it said hello.
+    /// The active signer's identity, while it takes requests (said hello and, with LSS, is in
+    /// sync).
     signer: Option<String>,
+    /// Every signer that said hello on its current session, by identity.
+    members: std::collections::BTreeMap<String, Member>,
+    /// With LSS: the signer whose running dance makes it the active one when it completes.
+    candidate: Option<String>,
+    /// Where roles are shown (the operator API), if anywhere.
+    hub: Option<Arc<SignerHub>>,
     /// lightningd's `hsmd_init`, replayed to every signer that connects after it.
     init: InitReplay,
     next_seq: u16,
@@ -272,6 +346,7 @@ impl Relay {
         let mut lss_events = self.lss.as_mut().and_then(LssRelay::take_events);
         loop {
             let can_send = jobs_open && self.signer.is_some() && self.inflight.len() < self.cfg.max_inflight;
+            let failover_at = self.failover_deadline();
             tokio::select! {
                 job = jobs.recv(), if can_send => match job {
                     Some(job) => self.dispatch(job),
@@ -285,6 +360,12 @@ impl Relay {
                     }
                 },
                 _ = ticker.tick() => self.on_tick(),
+                _ = async {
+                    match failover_at {
+                        Some(t) => tokio::time::sleep_until(t.into()).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.on_failover_bound(),
                 Some(ev) = async {
                     match lss_events.as_mut() {
                         Some(rx) => rx.recv().await,
@@ -295,6 +376,7 @@ impl Relay {
             // Two atomic stores per event: cheaper than tracking every change.
             self.metrics.set_inflight(self.inflight.len());
             self.metrics.set_signer_active(self.signer.is_some());
+            self.metrics.set_standby(self.members.values().filter(|m| m.role == Role::Standby).count());
             if !jobs_open && self.inflight.is_empty() {
                 debug!("all callers gone; relay stopping");
                 break;
@@ -345,7 +427,7 @@ impl Relay {
         self.init.remember(&job.msg);
         let seq = self.alloc_seq();
         let frame = Request { seq, peer_id: job.ctx.peer_id, dbid: job.ctx.dbid, message: job.msg }.encode();
-        let p = Pending { seq, frame, kind: Kind::Cln, msg_type, reply: Some(job.reply) };
+        let p = Pending { seq, frame, kind: Kind::Cln, msg_type, reply: Some(job.reply), sent_at: Instant::now() };
         self.send(&p);
         self.inflight.push_back(p);
     }
@@ -359,40 +441,141 @@ impl Relay {
         }
     }
 
+    fn set_role(&mut self, id: &str, role: Role) {
+        if let Some(m) = self.members.get_mut(id) {
+            m.role = role;
+        }
+        if let Some(h) = &self.hub {
+            h.set_role(id, role);
+        }
+    }
+
+    /// When the active signer misses the failover bound: only with a standby in sync to take
+    /// over (without one, waiting is all there is to do), measured from when the oldest request
+    /// was sent to the current active signer.
+    fn failover_deadline(&self) -> Option<Instant> {
+        self.signer.as_ref()?;
+        let lss = self.lss.as_ref()?;
+        if !self.members.iter().any(|(id, m)| m.role == Role::Standby && lss.is_synced(id)) {
+            return None;
+        }
+        let oldest = self.inflight.iter().filter(|p| p.kind == Kind::Cln).map(|p| p.sent_at).min()?;
+        Some(oldest + self.cfg.failover)
+    }
+
+    fn on_failover_bound(&mut self) {
+        // Checked again: the deadline was computed before the last event.
+        if self.failover_deadline().is_none_or(|t| t > Instant::now()) {
+            return;
+        }
+        let Some(id) = self.signer.clone() else { return };
+        let oldest = self.inflight.iter().filter(|p| p.kind == Kind::Cln).map(|p| p.seq).next();
+        warn!(signer = %id, ?oldest, bound = ?self.cfg.failover, inflight = self.inflight.len(),
+            "active signer missed the failover bound; fencing it and bringing in a standby");
+        self.fence(&id);
+    }
+
+    /// Takes `id` out for good on this session: nothing it says counts any more (its replies
+    /// and errors no longer match the active signer, its `lss-res` is not stored and a `Put` of
+    /// it still running is not answered), and it is disconnected, so it logs in again and
+    /// catches up as a standby.
+    ///
+    /// A `Put` of the fenced signer may still be running while the standby's dance reads LSS.
+    /// It is not waited for: LSS versions make it harmless. If it lands before the dance's
+    /// `Get`, the new signer is restored with it (its reply log included, so the re-sent
+    /// request is answered from it, byte-identically). If it lands after, the new signer's
+    /// `Put` for the same request writes the same keys at the same versions and conflicts:
+    /// the new signer is told (`lss-conflict`), danced again (now with that state) and the
+    /// request re-sent; if the new signer's `Put` lands first, the old one's conflicts and
+    /// is dropped. Either way LSS holds one history.
+    fn fence(&mut self, id: &str) {
+        if let Some(lss) = self.lss.as_mut() {
+            lss.on_gone(id);
+        }
+        self.members.remove(id);
+        if let Some(h) = &self.hub {
+            h.set_role(id, Role::None);
+        }
+        if self.signer.as_deref() == Some(id) {
+            self.signer = None;
+        }
+        if self.candidate.as_deref() == Some(id) {
+            self.candidate = None;
+        }
+        self.link.disconnect(id);
+        self.promote();
+    }
+
+    /// With LSS and no active signer (nor one on its way): brings in a standby (the one that
+    /// said hello first). It is danced again, since LSS moved on since it caught up, and made
+    /// active once that completes ([`Next::Ready`]).
+    fn promote(&mut self) {
+        if self.signer.is_some() || self.candidate.is_some() || self.lss.is_none() {
+            return;
+        }
+        let next = self
+            .members
+            .iter()
+            .find(|(id, m)| m.role == Role::Standby && self.lss.as_ref().is_some_and(|l| l.is_synced(id)))
+            .map(|(id, _)| id.clone());
+        let Some(id) = next else { return };
+        info!(signer = %id, inflight = self.inflight.len(), "failover: bringing in a standby (dancing it again first)");
+        self.metrics.failover();
+        self.candidate = Some(id.clone());
+        self.set_role(&id, Role::Syncing);
+        let init = self.init_frame();
+        if let Some(l) = self.lss.as_mut() {
+            l.redance(&id, init);
+        }
+    }
+
     fn on_event(&mut self, ev: LinkEvent) {
         match ev {
-            LinkEvent::Hello(id) => self.on_hello(id),
+            LinkEvent::Hello(id) => self.on_hello(id.clone(), id),
+            LinkEvent::HelloAs { id, node_id } => self.on_hello(id, node_id),
             LinkEvent::Gone(id) => {
                 if let Some(lss) = self.lss.as_mut() {
                     lss.on_gone(&id);
+                }
+                self.members.remove(&id);
+                if self.candidate.as_deref() == Some(id.as_str()) {
+                    self.candidate = None;
                 }
                 if self.signer.as_deref() == Some(id.as_str()) {
                     warn!(signer = %id, inflight = self.inflight.len(), "signer disconnected");
                     self.signer = None;
                 }
+                self.promote();
             }
             LinkEvent::Reply(id, payload) => self.on_reply(id, payload),
             LinkEvent::Error(id, payload) => {
-                if !self.lss.as_mut().is_some_and(|l| l.on_message(&id, topics::ERROR, &payload)) {
+                let active = self.signer.as_deref() == Some(id.as_str());
+                if !self.lss.as_mut().is_some_and(|l| l.on_message(&id, topics::ERROR, &payload, active)) {
                     self.on_error(id, payload)
                 }
             }
-            LinkEvent::Lss(id, suffix, payload) => match self.lss.as_mut() {
-                Some(l) => {
-                    l.on_message(&id, &suffix, &payload);
+            LinkEvent::Lss(id, suffix, payload) => {
+                let active = self.signer.as_deref() == Some(id.as_str());
+                match self.lss.as_mut() {
+                    Some(l) => {
+                        l.on_message(&id, &suffix, &payload, active);
+                    }
+                    None => debug!(signer = %id, %suffix, "LSS message while LSS is off; ignored"),
                 }
-                None => debug!(signer = %id, %suffix, "LSS message while LSS is off; ignored"),
-            },
+            }
         }
     }
 
-    fn on_hello(&mut self, id: String) {
+    fn on_hello(&mut self, id: String, node: String) {
         // A client that logged in before a node id was pinned keeps its MQTT session after the
         // pin (login is only checked at CONNECT). Without this check its `hello` would make it
         // the current signer: requests would go to it and the real signer's replies would be
         // ignored (hijack / denial of service). Proved by standin/tests/foreign_clients.rs.
-        if let Err(e) = self.pin.allows(&id) {
-            warn!(signer = %id, error = %e, "hello from a key that is not the pinned node id; disconnecting it");
+        if let Err(e) = self.pin.allows(&node) {
+            warn!(signer = %id, node_id = %node, error = %e, "hello from a key that is not the pinned node id; disconnecting it");
+            if let Some(h) = &self.hub {
+                h.set_role(&id, Role::Refused);
+            }
             self.link.disconnect(&id);
             return;
         }
@@ -402,18 +585,33 @@ impl Relay {
         // only the periodic tick did this.) Proved by standin/tests/failures.rs
         // slow_signer_never_holds_a_caller_beyond_the_bound.
         self.forget_abandoned();
-        if self.lss.is_some() {
-            // Not ready until it is in sync with LSS (the dance sends lightningd's init as init-3).
-            if self.signer.as_deref() == Some(id.as_str()) {
-                self.signer = None;
+        if self.lss.is_none() {
+            if let Some(active) = self.signer.as_ref().filter(|a| **a != id) {
+                // Without shared state a second signer could only fork the channel state.
+                warn!(signer = %id, active = %active,
+                    "a second signer said hello while another is active: several signers need [lss]; disconnecting it");
+                if let Some(h) = &self.hub {
+                    h.set_role(&id, Role::Refused);
+                }
+                self.link.disconnect(&id);
+                return;
             }
-            let init = self.init_frame();
-            if let Some(l) = self.lss.as_mut() {
-                l.on_hello(&id, init);
-            }
+            self.members.insert(id.clone(), Member { node, role: Role::Active });
+            self.ready(id, true);
             return;
         }
-        self.ready(id, true);
+        // Not ready until it is in sync with LSS (the dance sends lightningd's init as init-3).
+        if self.signer.as_deref() == Some(id.as_str()) {
+            // The active one said hello again: it stays the one to become active.
+            self.signer = None;
+            self.candidate = Some(id.clone());
+        }
+        self.members.insert(id.clone(), Member { node, role: Role::Syncing });
+        self.set_role(&id, Role::Syncing);
+        let init = self.init_frame();
+        if let Some(l) = self.lss.as_mut() {
+            l.on_hello(&id, init);
+        }
     }
 
     /// lightningd's `hsmd_init` as a request frame to replay, unless it is itself still
@@ -443,20 +641,39 @@ impl Relay {
                 if self.signer.as_deref() == Some(id.as_str()) {
                     warn!(signer = %id, "LSS: signer not ready until it is in sync again");
                     self.signer = None;
+                    // Its dance already runs; it becomes active again when it completes.
+                    self.candidate = Some(id.clone());
+                }
+                self.set_role(&id, Role::Syncing);
+            }
+            Next::Failed(id) => {
+                self.set_role(&id, Role::Syncing);
+                if self.candidate.as_deref() == Some(id.as_str()) {
+                    self.candidate = None;
+                    // Another standby may do better; else the next to sync becomes active.
+                    self.promote();
                 }
             }
             Next::Ready { id, init_reply } => {
+                let Some(node) = self.members.get(&id).map(|m| m.node.clone()) else { return };
                 if let Some(frame) = init_reply {
                     let checked = Reply::decode(&frame)
                         .map_err(|e| e.to_string())
-                        .and_then(|r| init::check_reply(&id, &r.message, &self.pin).map_err(|e| e.to_string()));
+                        .and_then(|r| init::check_reply(&node, &r.message, &self.pin).map_err(|e| e.to_string()));
                     if let Err(e) = checked {
                         error!(signer = %id, error = %e, "signer's init reply (init-3) rejected; disconnecting it");
-                        self.link.disconnect(&id);
+                        self.fence(&id);
                         return;
                     }
                 }
-                self.ready(id, false);
+                let takes_over = self.signer.is_none() && self.candidate.as_deref().is_none_or(|c| c == id);
+                if takes_over {
+                    self.candidate = None;
+                    self.ready(id, false);
+                } else {
+                    info!(signer = %id, active = ?self.signer, "LSS: signer in sync; standby");
+                    self.set_role(&id, Role::Standby);
+                }
             }
         }
     }
@@ -468,16 +685,24 @@ impl Relay {
             self.metrics.signer_reconnected();
         }
         self.sessions += 1;
+        self.set_role(&id, Role::Active);
         self.signer = Some(id);
         self.inflight.retain(|p| p.kind != Kind::InitReplay);
         // lightningd's init goes first unless it is itself still unanswered.
         let init_in_flight = self.inflight.iter().any(|p| p.msg_type == hsmd::HSMD_INIT);
+        let now = Instant::now();
         if let (Some(init), false, true) = (self.init.message().map(<[u8]>::to_vec), init_in_flight, replay_init) {
             let seq = self.alloc_seq();
             let frame = Request { seq, peer_id: [0; 33], dbid: 0, message: init }.encode();
-            let p = Pending { seq, frame, kind: Kind::InitReplay, msg_type: hsmd::HSMD_INIT, reply: None };
+            let p =
+                Pending { seq, frame, kind: Kind::InitReplay, msg_type: hsmd::HSMD_INIT, reply: None, sent_at: now };
             self.send(&p);
             self.inflight.push_front(p);
+        }
+        // Same frames, same sequence numbers, original order: a request the previous signer
+        // already committed is answered from the reply log (part of the LSS state).
+        for p in self.inflight.iter_mut() {
+            p.sent_at = now;
         }
         for p in self.inflight.iter().filter(|p| p.kind == Kind::Cln) {
             self.send(p);
@@ -486,7 +711,7 @@ impl Relay {
 
     fn take_pending(&mut self, id: &str, seq: u16) -> Option<Pending> {
         if self.signer.as_deref() != Some(id) {
-            warn!(from = %id, "message from a signer that is not the current one; ignored");
+            warn!(from = %id, seq, "message from a signer that is not the current one; ignored");
             return None;
         }
         let Some(i) = self.inflight.iter().position(|p| p.seq == seq) else {
@@ -506,10 +731,13 @@ impl Relay {
         };
         let Some(p) = self.take_pending(&id, reply.seq) else { return };
         if p.msg_type == hsmd::HSMD_INIT {
-            if let Err(e) = init::check_reply(&id, &reply.message, &self.pin) {
+            let node = self.members.get(&id).map(|m| m.node.clone()).unwrap_or_else(|| id.clone());
+            if let Err(e) = init::check_reply(&node, &reply.message, &self.pin) {
                 error!(signer = %id, error = %e, "signer's init reply rejected; disconnecting it");
                 self.inflight.push_front(p);
                 self.signer = None;
+                self.set_role(&id, Role::Refused);
+                self.members.remove(&id);
                 self.link.disconnect(&id);
                 return;
             }
@@ -530,6 +758,7 @@ impl Relay {
         if p.kind == Kind::InitReplay {
             error!(signer = %id, "signer refused lightningd's init; disconnecting it");
             self.signer = None;
+            self.members.remove(&id);
             self.link.disconnect(&id);
             return;
         }
@@ -587,6 +816,7 @@ mod tests {
             queue_capacity: 8,
             max_inflight: 4,
             request_timeout: timeout,
+            failover: Duration::from_secs(10),
             waiting_log_interval: Duration::from_secs(3600),
         };
         let relay = spawn(cfg, link.clone(), ev_rx, pin);
@@ -739,5 +969,295 @@ mod tests {
         assert_eq!(h.link.disconnected.lock().unwrap().as_slice(), &[ID.to_string()]);
         h.answer(again.seq, init_reply(ID)).await;
         assert!(init.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn without_lss_a_second_signer_is_refused_until_the_active_one_is_gone() {
+        let mut h = harness("second", Duration::from_secs(30));
+        h.initialise().await;
+        // Another device of the same node (same key, its own client id) says hello.
+        h.events.send(LinkEvent::HelloAs { id: "device-b".into(), node_id: ID.into() }).await.unwrap();
+        let call = h.call(vec![0, 23, 1]);
+        let (topic, f) = h.out.recv().await.unwrap();
+        assert_eq!(topic, format!("{ID}/vls"), "requests stay with the active signer");
+        assert_eq!(h.link.disconnected.lock().unwrap().as_slice(), &["device-b".to_string()]);
+        h.answer(Request::decode(&f).unwrap().seq, vec![0, 123]).await;
+        assert_eq!(call.await.unwrap().unwrap(), vec![0, 123]);
+        // Once the active one is gone, the next hello becomes active (init replayed first).
+        h.events.send(LinkEvent::Gone(ID.into())).await.unwrap();
+        h.events.send(LinkEvent::HelloAs { id: "device-b".into(), node_id: ID.into() }).await.unwrap();
+        let (topic, f) = h.out.recv().await.unwrap();
+        assert_eq!(topic, "device-b/vls");
+        assert_eq!(Request::decode(&f).unwrap().message, init_msg());
+    }
+
+    /// Two real signers (same seed, own state directories) behind a real lssd, each reached
+    /// through its own identity: what the broker's MQTT link does, without MQTT.
+    mod several {
+        use super::super::*;
+        use crate::hub::{Role, SignerHub};
+        use crate::lss_link::LssSettings;
+        use sphinx_lss::lssd::Lssd;
+        use sphinx_signer::{ClockConfig, Output, PolicyConfig, Signer, SignerConfig};
+        use std::collections::HashMap;
+        use std::sync::Mutex as StdMutex;
+
+        const SEED: [u8; 32] = [0x51; 32];
+        /// alice's `hsmd_init` (regtest) from the recorded CLN v25.12.1 session.
+        const INIT: &str = "000b043587cf0435839406226e46111a0b59caaf126043eb5bbf28c34f3a5e332a1fc7b2b73cf188910f00000000000000000500000006";
+        const WAIT: Duration = Duration::from_secs(30);
+
+        fn config() -> SignerConfig {
+            SignerConfig {
+                network: bitcoin::Network::Regtest,
+                policy: PolicyConfig::default(),
+                clock: ClockConfig::Fixed(1_700_000_000),
+            }
+        }
+
+        /// `derive_secret` for `info`: a root request whose reply is deterministic.
+        fn derive(info: &[u8]) -> Vec<u8> {
+            let mut m = hsmd::DERIVE_SECRET.to_be_bytes().to_vec();
+            m.extend_from_slice(&(info.len() as u16).to_be_bytes());
+            m.extend_from_slice(info);
+            m
+        }
+
+        struct Device {
+            signer: Signer,
+            /// Requests (`vls`) are kept, not answered (a stopped device).
+            hold: bool,
+            held: Vec<Vec<u8>>,
+        }
+
+        #[derive(Default)]
+        struct Net {
+            devices: HashMap<String, Device>,
+            /// Every `(identity, suffix, payload)` the relay published.
+            published: Vec<(String, String, Vec<u8>)>,
+            disconnected: Vec<String>,
+        }
+
+        struct RoutingLink {
+            net: Arc<StdMutex<Net>>,
+            events: mpsc::Sender<LinkEvent>,
+        }
+
+        fn outputs_to_events(id: &str, outs: Vec<Output>) -> Vec<LinkEvent> {
+            outs.into_iter()
+                .filter_map(|o| match o {
+                    Output::Publish { topic, payload } => Some(match topic {
+                        topics::VLS_RES => LinkEvent::Reply(id.into(), payload),
+                        topics::ERROR => LinkEvent::Error(id.into(), payload),
+                        t => LinkEvent::Lss(id.into(), t.to_string(), payload),
+                    }),
+                    Output::Control(_) => None,
+                })
+                .collect()
+        }
+
+        impl SignerLink for RoutingLink {
+            fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), PublishError> {
+                let (id, suffix) = topics::split(topic).ok_or(PublishError::Closed)?;
+                let (id, suffix) = (id.to_string(), suffix.to_string());
+                let mut net = self.net.lock().unwrap();
+                net.published.push((id.clone(), suffix.clone(), payload.clone()));
+                let Some(d) = net.devices.get_mut(&id) else { return Ok(()) };
+                if d.hold && suffix == topics::VLS {
+                    d.held.push(payload);
+                    return Ok(());
+                }
+                let evs = outputs_to_events(&id, d.signer.on_message(&suffix, &payload));
+                drop(net);
+                let tx = self.events.clone();
+                tokio::spawn(async move {
+                    for ev in evs {
+                        let _ = tx.send(ev).await;
+                    }
+                });
+                Ok(())
+            }
+            fn disconnect(&self, identity: &str) {
+                let mut net = self.net.lock().unwrap();
+                net.disconnected.push(identity.to_string());
+                if net.devices.remove(identity).is_some() {
+                    let _ = self.events.try_send(LinkEvent::Gone(identity.to_string()));
+                }
+            }
+        }
+
+        struct Several {
+            relay: RelayHandle,
+            events: mpsc::Sender<LinkEvent>,
+            net: Arc<StdMutex<Net>>,
+            hub: Arc<SignerHub>,
+            metrics: Arc<Metrics>,
+            node: String,
+            root: std::path::PathBuf,
+            _lssd: Lssd,
+        }
+
+        impl Drop for Several {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.root);
+            }
+        }
+
+        async fn several(name: &str, failover: Duration) -> Several {
+            let root = std::env::temp_dir().join(format!("relay-several-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            let lssd = Lssd::start_temp(&format!("relay-{name}")).expect("lssd (cargo build --release -p sphinx-lssd)");
+            let pin = Arc::new(PinStore::open(&root.join("broker")).unwrap());
+            let hub = Arc::new(SignerHub::new(64));
+            let (events, ev_rx) = mpsc::channel(256);
+            let net = Arc::new(StdMutex::new(Net::default()));
+            let link: Arc<dyn SignerLink> = Arc::new(RoutingLink { net: net.clone(), events: events.clone() });
+            let settings = LssSettings { url: Some(lssd.url()), timeout: Duration::from_secs(10) };
+            let lss = LssRelay::new(&settings, link.clone(), hub.clone());
+            let cfg = RelayConfig {
+                queue_capacity: 64,
+                max_inflight: 16,
+                request_timeout: WAIT,
+                failover,
+                waiting_log_interval: Duration::from_secs(3600),
+            };
+            let metrics = Arc::new(Metrics::new());
+            let relay = spawn_with(cfg, link, ev_rx, pin, metrics.clone(), lss);
+            let node = Signer::in_memory(SEED, &config()).unwrap().node_id_hex();
+            Several { relay, events, net, hub, metrics, node, root, _lssd: lssd }
+        }
+
+        impl Several {
+            /// Device `id` (its own state directory, kept across reconnects) logs in and says hello.
+            async fn hello(&self, id: &str) {
+                let signer = Signer::open(SEED, &self.root.join(id), &config()).unwrap();
+                self.hub.on_connected(id, &self.node);
+                self.net.lock().unwrap().devices.insert(id.into(), Device { signer, hold: false, held: vec![] });
+                self.hub.on_ready(id);
+                self.events.send(LinkEvent::HelloAs { id: id.into(), node_id: self.node.clone() }).await.unwrap();
+            }
+
+            async fn until(&self, what: &str, f: impl Fn(&Several) -> bool) {
+                let deadline = Instant::now() + WAIT;
+                while !f(self) {
+                    assert!(Instant::now() < deadline, "not within {WAIT:?}: {what}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+
+            async fn until_role(&self, id: &str, role: Role) {
+                self.until(&format!("{id} {role:?}"), |s| s.hub.signer(id).is_some_and(|x| x.role == role)).await;
+            }
+
+            fn call(&self, msg: Vec<u8>) -> tokio::task::JoinHandle<Result<Vec<u8>, RelayError>> {
+                let r = self.relay.clone();
+                tokio::spawn(async move { r.call(ClientContext::ROOT, msg).await })
+            }
+
+            /// The `vls` frames published to `id`, in order.
+            fn vls_to(&self, id: &str) -> Vec<Vec<u8>> {
+                let net = self.net.lock().unwrap();
+                net.published
+                    .iter()
+                    .filter(|(i, s, _)| i == id && s == topics::VLS)
+                    .map(|(_, _, p)| p.clone())
+                    .collect()
+            }
+
+            fn hold(&self, id: &str, hold: bool) {
+                self.net.lock().unwrap().devices.get_mut(id).unwrap().hold = hold;
+            }
+
+            /// `id` answers what it held, in order.
+            async fn release(&self, id: &str) {
+                let evs = {
+                    let mut net = self.net.lock().unwrap();
+                    let d = net.devices.get_mut(id).unwrap();
+                    d.hold = false;
+                    let held = std::mem::take(&mut d.held);
+                    let mut evs = Vec::new();
+                    for f in held {
+                        evs.extend(outputs_to_events(id, d.signer.on_message(topics::VLS, &f)));
+                    }
+                    evs
+                };
+                for ev in evs {
+                    self.events.send(ev).await.unwrap();
+                }
+            }
+
+            /// A and B connected, A active (and lightningd's init answered by it), B standby.
+            async fn two(&self) {
+                self.hello("a").await;
+                self.until_role("a", Role::Active).await;
+                let init = self.call(hex::decode(INIT).unwrap());
+                init.await.unwrap().expect("hsmd_init answered");
+                self.hello("b").await;
+                self.until_role("b", Role::Standby).await;
+            }
+        }
+
+        /// What an in-memory signer of the same seed (LSS off) answers to `derive(info)`.
+        fn oracle(info: &[u8]) -> Vec<u8> {
+            let mut o = Signer::in_memory(SEED, &config()).unwrap();
+            o.handle(&Request { seq: 0, peer_id: [0; 33], dbid: 0, message: hex::decode(INIT).unwrap() }).unwrap();
+            o.handle(&Request { seq: 1, peer_id: [0; 33], dbid: 0, message: derive(info) }).unwrap().message
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn standby_gets_no_requests_and_takes_over_on_gone_with_the_same_seqs_in_order() {
+            let h = several("gone", Duration::from_secs(3600)).await;
+            h.two().await;
+            for i in 0..3u8 {
+                assert_eq!(h.call(derive(&[i])).await.unwrap().unwrap(), oracle(&[i]));
+            }
+            assert!(h.vls_to("b").is_empty(), "a standby is sent no request");
+            // A stops answering with two requests in flight, then its connection ends.
+            h.hold("a", true);
+            let c1 = h.call(derive(b"x"));
+            h.until("first request reached a", |s| s.vls_to("a").len() == 5).await;
+            let c2 = h.call(derive(b"y"));
+            h.until("both reached a", |s| s.vls_to("a").len() == 6).await;
+            let held_by_a: Vec<Vec<u8>> = h.vls_to("a")[4..].to_vec();
+            assert!(h.vls_to("b").is_empty());
+            h.events.send(LinkEvent::Gone("a".into())).await.unwrap();
+            assert_eq!(c1.await.unwrap().unwrap(), oracle(b"x"));
+            assert_eq!(c2.await.unwrap().unwrap(), oracle(b"y"));
+            assert_eq!(h.vls_to("b"), held_by_a, "re-sent to b: same frames (same seqs), same order");
+            assert_eq!(h.metrics.failovers(), 1);
+            assert_eq!(h.hub.signer("b").unwrap().role, Role::Active);
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn failover_by_the_bound_fences_the_old_active_ignores_its_late_answers_and_it_returns_as_standby() {
+            let h = several("bound", Duration::from_millis(300)).await;
+            h.two().await;
+            h.hold("a", true);
+            h.hold("b", true);
+            let started = Instant::now();
+            let call = h.call(derive(b"late"));
+            // Past the bound: A is fenced (disconnected), B is danced again and gets the request.
+            h.until("b got the request", |s| s.vls_to("b").len() == 1).await;
+            assert!(started.elapsed() >= Duration::from_millis(300));
+            assert_eq!(h.net.lock().unwrap().disconnected, vec!["a".to_string()]);
+            let to_a = h.vls_to("a");
+            let frame = to_a.last().unwrap().clone();
+            assert_eq!(h.vls_to("b"), vec![frame.clone()], "same frame, same seq");
+            let seq = Request::decode(&frame).unwrap().seq;
+            // A's late answers (its session was still draining): a reply, an error, an lss-res.
+            let bogus = Reply { seq, message: vec![0xde, 0xad] }.encode();
+            h.events.send(LinkEvent::Reply("a".into(), bogus)).await.unwrap();
+            h.events.send(LinkEvent::Error("a".into(), error_report::encode(seq, "late refusal"))).await.unwrap();
+            h.events.send(LinkEvent::Lss("a".into(), topics::LSS_RES.into(), vec![0x90])).await.unwrap();
+            h.release("b").await;
+            assert_eq!(call.await.unwrap().unwrap(), oracle(b"late"), "b's answer, not a's");
+            // A logs in again: it catches up from LSS and stands by.
+            h.hello("a").await;
+            h.until_role("a", Role::Standby).await;
+            assert_eq!(h.hub.signer("b").unwrap().role, Role::Active);
+            assert_eq!(h.call(derive(b"next")).await.unwrap().unwrap(), oracle(b"next"));
+            assert_eq!(h.vls_to("a").len(), to_a.len(), "the fenced signer got nothing since");
+            assert_eq!(h.metrics.failovers(), 1);
+        }
     }
 }

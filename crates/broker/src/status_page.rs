@@ -191,7 +191,8 @@ impl StatusPage {
                 redirect("/", Some(format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")))
             }
             "/" | "/status" | "/status.js" | "/status.css" | "/login" | "/logout" => {
-                let mut r = page_response(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "method not allowed\n");
+                let mut r =
+                    page_response(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "method not allowed\n");
                 let allow = if matches!(req.uri().path(), "/login" | "/logout") { "POST" } else { "GET, HEAD" };
                 r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
                 r
@@ -232,6 +233,7 @@ struct RelayJson {
     signer_active: bool,
     requests_total: u64,
     refusals_total: u64,
+    failovers: u64,
 }
 
 #[derive(Serialize)]
@@ -274,21 +276,11 @@ fn chain_json(chain: &watch::Receiver<sphinx_chain::FollowerStatus>) -> ChainJso
 }
 
 #[derive(Serialize)]
-struct SignerJson {
-    node_id: String,
-    connected: bool,
-    ready: bool,
-    since: Option<u64>,
-    pinned: bool,
-    last_error: Option<String>,
-}
-
-#[derive(Serialize)]
 struct StatusJson {
     time: u64,
     version: &'static str,
     pinned: Option<String>,
-    signers: Vec<SignerJson>,
+    signers: Vec<crate::api::SignerJson>,
     relay: RelayJson,
     chain: ChainJson,
     requests: Vec<RequestRecord>,
@@ -302,35 +294,15 @@ fn relay_json(metrics: &Metrics, relay: &RelayHandle) -> RelayJson {
         signer_active: metrics.signer_active(),
         requests_total: metrics.requests_total(),
         refusals_total: metrics.refusals().1,
+        failovers: metrics.failovers(),
     }
 }
 
 /// `GET /v1/status`: everything the page shows, as JSON.
 pub fn snapshot(state: &ApiState) -> impl Serialize {
     let pinned = state.pin.get();
-    let mut signers: Vec<SignerJson> = state
-        .hub
-        .signers()
-        .into_iter()
-        .map(|s| SignerJson {
-            pinned: pinned.as_deref() == Some(s.node_id.as_str()),
-            connected: s.connected,
-            ready: s.ready,
-            since: Some(s.since),
-            last_error: s.last_error.map(|e| e.text),
-            node_id: s.node_id,
-        })
-        .collect();
-    if let Some(p) = pinned.as_ref().filter(|p| !signers.iter().any(|s| &s.node_id == *p)) {
-        signers.push(SignerJson {
-            node_id: p.clone(),
-            connected: false,
-            ready: false,
-            since: None,
-            pinned: true,
-            last_error: None,
-        });
-    }
+    // The same list as `GET /v1/signers` (one builder for both).
+    let signers = crate::api::signer_list(&state.hub, pinned.as_deref());
     StatusJson {
         time: sphinx_wire::unix_now(),
         version: env!("CARGO_PKG_VERSION"),

@@ -197,6 +197,7 @@ fn key(b: u8) -> (SecretKey, String) {
 }
 
 struct TestSigner {
+    /// Its identity: topic prefix (the client id).
     id: String,
     client: AsyncClient,
     events: mpsc::UnboundedReceiver<Event>,
@@ -205,10 +206,17 @@ struct TestSigner {
 impl TestSigner {
     /// Logs in with a fresh token, subscribes to `{id}/control` and says hello.
     async fn connect(mqtt: SocketAddr, sk: &SecretKey) -> TestSigner {
+        // Client id = node id: a legacy client, whose identity (topic prefix) is its node id.
         let id = PublicKey::from_secret_key(&Secp256k1::new(), sk).to_string();
-        let now = sphinx_wire::unix_now() as u32;
-        let mut opts = MqttOptions::new(format!("test-{}", &id[..8]), mqtt.ip().to_string(), mqtt.port());
-        opts.set_credentials(id.clone(), token::make(sk, now));
+        Self::connect_as(mqtt, sk, &id, sphinx_wire::unix_now() as u32).await
+    }
+
+    /// Logs in as client id `client_id` (its identity and topic prefix) with a token for `now`.
+    async fn connect_as(mqtt: SocketAddr, sk: &SecretKey, client_id: &str, now: u32) -> TestSigner {
+        let node = PublicKey::from_secret_key(&Secp256k1::new(), sk).to_string();
+        let id = client_id.to_string();
+        let mut opts = MqttOptions::new(id.clone(), mqtt.ip().to_string(), mqtt.port());
+        opts.set_credentials(node, token::make(sk, now));
         opts.set_keep_alive(Duration::from_secs(30));
         let (client, mut el) = AsyncClient::new(opts, 16);
         let (tx, events) = mpsc::unbounded_channel();
@@ -315,6 +323,49 @@ async fn every_endpoint_needs_the_bearer_token() {
 }
 
 #[tokio::test]
+async fn two_devices_of_one_node_are_listed_by_client_id_and_control_goes_to_the_active_one() {
+    let dir = temp_dir("two");
+    let b = broker(&dir, Duration::from_secs(10)).await;
+    let addr = api_addr(&b);
+    let (sk, node) = key(0x47);
+    let mut hub = b.hub.subscribe();
+    let now = sphinx_wire::unix_now() as u32;
+    let mut a = TestSigner::connect_as(b.mqtt.local_addr(), &sk, "device-a", now).await;
+    hub_event(&mut hub, |e| matches!(e, SignerEvent::Ready { client_id, .. } if client_id == "device-a")).await;
+    // Without LSS a second device of the node is refused (disconnected).
+    let _b = TestSigner::connect_as(b.mqtt.local_addr(), &sk, "device-b", now + 1).await;
+    hub_event(&mut hub, |e| matches!(e, SignerEvent::Disconnected { client_id, .. } if client_id == "device-b")).await;
+    let v = get_json(addr, "/v1/signers").await;
+    let list = v["signers"].as_array().unwrap();
+    let by = |c: &str| list.iter().find(|s| s["client_id"] == c).cloned().unwrap_or_default();
+    assert_eq!(
+        (by("device-a")["node_id"].as_str(), by("device-a")["role"].as_str()),
+        (Some(node.as_str()), Some("active")),
+        "{v}"
+    );
+    assert_eq!(
+        (by("device-b")["node_id"].as_str(), by("device-b")["role"].as_str()),
+        (Some(node.as_str()), Some("refused")),
+        "{v}"
+    );
+    // A control call addressed to the node goes to its active device, on its own topics.
+    let pk = PublicKey::from_secret_key(&Secp256k1::new(), &sk);
+    let request = control::build_request(&ControlMessage::Nonce, 1, &sk).unwrap();
+    let call = tokio::spawn(post_control(addr, node.clone(), request.clone()));
+    let got = a.control_request().await;
+    assert_eq!(got, request);
+    a.publish(topics::CONTROL_RES, control::build_response(&ControlResponse::Nonce(0), 1, &sk).unwrap()).await;
+    let (s, _, body) = call.await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(control::parse_response(&body, &pk, 1).unwrap(), ControlResponse::Nonce(0));
+    // And to a device by its client id.
+    let call = tokio::spawn(post_control(addr, "device-a", request.clone()));
+    assert_eq!(a.control_request().await, request);
+    a.publish(topics::CONTROL_RES, control::build_response(&ControlResponse::Nonce(0), 1, &sk).unwrap()).await;
+    assert_eq!(call.await.unwrap().0, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn signers_list_reflects_a_connected_signer_that_said_hello() {
     let dir = temp_dir("list");
     let b = broker(&dir, Duration::from_secs(10)).await;
@@ -409,7 +460,9 @@ async fn control_request_is_relayed_and_the_signers_bytes_returned() {
     let (s, _, body) = post_control(addr, &other, request.clone()).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&body));
     assert!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"].is_string());
-    assert_eq!(post_control(addr, "02abcd", request.clone()).await.0, StatusCode::BAD_REQUEST);
+    // Neither a node id nor a possible client id; a possible client id nobody has.
+    assert_eq!(post_control(addr, "$SYS", request.clone()).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(post_control(addr, "02abcd", request.clone()).await.0, StatusCode::NOT_FOUND);
     assert_eq!(post_control(addr, &id, vec![]).await.0, StatusCode::BAD_REQUEST);
     assert_eq!(post_control(addr, &id, vec![0; 64 * 1024 + 1]).await.0, StatusCode::PAYLOAD_TOO_LARGE);
     let path = format!("/v1/signers/{id}/control");
@@ -782,7 +835,7 @@ async fn a_client_gets_in_while_an_attacker_holds_many_idle_sockets() {
     let (status, ..) = tokio::time::timeout(Duration::from_secs(3), get(addr, "/v1/signers")).await.expect("served");
     assert_eq!(status, StatusCode::OK);
     let (_sk, id) = key(0x61);
-    b.hub.on_connected(&id);
+    b.hub.on_connected(&id, &id);
     let ev = sse.expect("signer-connected").await;
     assert_eq!(ev["node_id"], id, "the stream survived the attacker's sockets");
     drop(idle);

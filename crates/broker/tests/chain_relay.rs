@@ -90,6 +90,7 @@ impl Harness {
             queue_capacity: 1000,
             max_inflight: 64,
             request_timeout,
+            failover: Duration::from_secs(10),
             waiting_log_interval: Duration::from_secs(3600),
         };
         let relay = relay::spawn(cfg, Arc::new(SignerBehindLink { jobs: jobs_tx }), ev_rx, pin);

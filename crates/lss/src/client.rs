@@ -137,8 +137,13 @@ impl LssClient {
 
     /// Every key of the client with the server's HMAC over them and `nonce` (`Get` with prefix "").
     pub async fn get_all(&mut self, nonce: &[u8; HASH_LEN]) -> Result<BrokerMutations, LssError> {
+        self.get_prefix("", nonce).await
+    }
+
+    /// The client's keys starting with `prefix`, with the server's HMAC over them and `nonce`.
+    pub async fn get_prefix(&mut self, prefix: &str, nonce: &[u8; HASH_LEN]) -> Result<BrokerMutations, LssError> {
         let (timeout, url) = (self.timeout, self.url.clone());
-        let (kvs, hmac) = bounded("get", timeout, self.client.get(String::new(), nonce), &url).await?;
+        let (kvs, hmac) = bounded("get", timeout, self.client.get(prefix.to_string(), nonce), &url).await?;
         let server_hmac: [u8; HASH_LEN] = hmac
             .as_slice()
             .try_into()

@@ -126,10 +126,19 @@ fn next_backup(dev: &mut Device, steps: &[Step], from: usize) -> (usize, Vec<u8>
     panic!("no state-changing request after step {from}");
 }
 
-/// Every synced key on the device equals LSS's, and LSS has nothing more.
+/// Every synced key on the device equals LSS's (each LSS value carrying this seed's tag), and
+/// LSS has nothing more.
 async fn assert_agree(url: &str, dev: &mut Device, session_id: &sphinx_wire::lss::InitResponse) {
     let mut c = LssClient::connect(url, T, session_id).await.expect("connect");
-    let remote = c.get_all(&[9; 32]).await.expect("get").muts;
+    let key = sphinx_signer::lss_value_key(&ALICE_SEED);
+    let remote: Vec<_> = c
+        .get_all(&[9; 32])
+        .await
+        .expect("get")
+        .muts
+        .into_iter()
+        .map(|m| sphinx_wire::lss::open_value(&key, m).expect("every LSS value carries the signer's tag"))
+        .collect();
     let local = dev.signer.synced_state().expect("local state");
     assert_eq!(local.len(), remote.len(), "key count: device {} vs LSS {}", local.len(), remote.len());
     for (l, r) in local.iter().zip(&remote) {
@@ -312,4 +321,97 @@ async fn requests_arriving_while_one_waits_are_answered_after_it_in_order() {
     let identity = init_dance(&lss, &mut a, None).await.expect("dance").identity;
     assert_agree(&server.url(), &mut a, &identity).await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Changes one stored value of `client_id` in a stopped lssd's redb store, as a compromised or
+/// corrupted LSS server would: the first key (after the client prefix) starting with `prefix`
+/// gets one hex digit of its value changed (so VLS's JSON still parses) and, if `bump`, its
+/// version raised by one (so it looks newer than any device's). Returns the key.
+fn tamper_store(lssd_dir: &Path, client_id: &[u8; 33], prefix: &str, bump: bool) -> String {
+    use lightning_storage_server::Value;
+    const TABLE: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("kv");
+    let db = redb::Database::create(lssd_dir.join("data").join("redb")).expect("lssd's redb");
+    let start = format!("{}/{prefix}", hex::encode(client_id));
+    let (key, mut value) = {
+        let tx = db.begin_read().expect("read");
+        let table = tx.open_table(TABLE).expect("kv table");
+        let mut range = table.range(start.as_str()..).expect("range");
+        let (k, v) = range.next().expect("a key").expect("read key");
+        assert!(k.value().starts_with(&start), "no {start}* key: {}", k.value());
+        let value: Value = ciborium::from_reader(v.value()).expect("CBOR Value");
+        (k.value().to_string(), value)
+    };
+    // A digit inside a JSON number (not its first: no leading zero), so the value still parses:
+    // 0<->1, 2<->3, …
+    let at = value.value.windows(2).position(|w| w[0].is_ascii_digit() && w[1].is_ascii_digit()).expect("a number") + 1;
+    value.value[at] ^= 1;
+    if bump {
+        value.version += 1;
+    }
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&value, &mut bytes).expect("CBOR");
+    let tx = db.begin_write().expect("write");
+    {
+        let mut table = tx.open_table(TABLE).expect("kv table");
+        table.insert(key.as_str(), bytes.as_slice()).expect("insert");
+    }
+    tx.commit().expect("commit");
+    key
+}
+
+/// The refusal text of a dance that must fail at init-2.
+async fn refused_at_init_2(lss: &LssBackend, dev: &mut Device, init: &Request) -> String {
+    match init_dance(lss, dev, Some(init.encode())).await {
+        Err(DanceError::Signer { step: "init-2", text }) => text,
+        Err(e) => panic!("expected the signer to refuse init-2, got {e}"),
+        Ok(_) => panic!("a state tampered with in LSS's store was accepted"),
+    }
+}
+
+/// The signer refuses to answer a request (anything but a reply).
+fn refuses_to_sign(dev: &mut Device, step: &Step) {
+    let outs = dev.signer.on_message(topics::VLS, &step.req.encode());
+    match outs.as_slice() {
+        [Output::Publish { topic, payload }] if *topic == topics::ERROR => {
+            let text = String::from_utf8_lossy(&payload[2..]).into_owned();
+            assert!(text.contains("not in sync with LSS") || text.contains("waiting for LSS"), "{text}");
+        }
+        other => panic!("a signer that refused LSS's state must sign nothing, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_changed_in_lss_store_is_refused_by_fresh_and_existing_devices() {
+    let Setup { mut server, lss, init, steps, want } = setup("store-tamper").await;
+    let (dir_a, dir_b) = (temp_dir("lss-sa"), temp_dir("lss-sb"));
+    let mut a = device(&dir_a);
+    let d = init_dance(&lss, &mut a, Some(init.encode())).await.expect("dance");
+    let client_id = d.identity.client_id;
+    let mut sa = d.session;
+    // A channel is open and payments are under way.
+    run(&mut a, &mut sa, &steps[..90], &want[..90]).await;
+    drop(sa);
+
+    // The server's operator changes a channel's state, same version: the server's own HMAC over
+    // the state it serves is valid (it computes it), only the signer's value tag can tell.
+    server.kill();
+    let key = tamper_store(server.dir(), &client_id, "channel/", false);
+    server.restart().expect("lssd back");
+    let mut b = device(&dir_b);
+    let text = refused_at_init_2(&lss, &mut b, &init).await;
+    assert!(text.contains(&format!("LSS value of {}", &key[67..])) && text.contains("fails its tag"), "{text}");
+    assert_eq!(b.signer.lss_phase(), Some(LssPhase::Identified));
+    refuses_to_sign(&mut b, &steps[90]);
+
+    // Changed and made newer: a device that still has its state would otherwise adopt it.
+    // (The channel's value is put back first: the same flip again.)
+    server.kill();
+    assert_eq!(tamper_store(server.dir(), &client_id, "channel/", false), key);
+    tamper_store(server.dir(), &client_id, "node/state", true);
+    server.restart().expect("lssd back");
+    let text = refused_at_init_2(&lss, &mut a, &init).await;
+    assert!(text.contains("fails its tag"), "{text}");
+    refuses_to_sign(&mut a, &steps[90]);
+    let _ = std::fs::remove_dir_all(dir_a);
+    let _ = std::fs::remove_dir_all(dir_b);
 }

@@ -51,7 +51,7 @@ use vls_protocol_signer::approver::Approve;
 use vls_protocol_signer::handler::{Handler, HandlerBuilder, InitHandler, RootHandler};
 
 pub use control::{ControlAction, ControlOutcome, NONCE_KEY, POLICY_KEY};
-pub use lss::{Held, LssPhase, Outcome, Output, Released, MAX_QUEUED};
+pub use lss::{lss_value_key, Held, LssPhase, Outcome, Output, Released, MAX_QUEUED};
 pub use policy::{PolicyConfig, DEFAULT_SWEEP_MIN_FEERATE_PER_KW};
 pub use status::{NoIndicator, RecordingIndicator, Status, StatusIndicator};
 pub use store::{LOCAL_ONLY_KEYS, WRITER_KEY};

@@ -81,6 +81,8 @@ pub(crate) struct LssState {
     /// `(suffix, payload)` received while `pending`; dropped with it (the broker re-sends).
     queued: std::collections::VecDeque<(&'static str, Vec<u8>)>,
     secret: [u8; lss::HASH_LEN],
+    /// Key of the per-value tags ([`lss_value_key`]).
+    value_key: [u8; lss::HASH_LEN],
     nonce: Option<[u8; lss::HASH_LEN]>,
     pending: Option<Pending>,
     /// What building the node wrote (a new node), to be sent to LSS in init-2-res.
@@ -95,6 +97,17 @@ impl LssState {
 
 fn to_wire(m: Mutations) -> Vec<Mutation> {
     m.into_iter().map(|(key, (version, value))| Mutation { key, version, value }).collect()
+}
+
+/// The key of the tag the signer appends to every value it stores in LSS
+/// (`sphinx_wire::lss::seal_value`): derived from the seed alone, so that neither the LSS server
+/// (which shares the ECDH secret and so can make every shared HMAC) nor the broker can make a
+/// value this signer accepts. Every device of one node derives the same key.
+pub fn lss_value_key(seed: &[u8; 32]) -> [u8; lss::HASH_LEN] {
+    use bitcoin::hashes::{sha256, Hash, HashEngine, Hmac, HmacEngine};
+    let mut e = HmacEngine::<sha256::Hash>::new(seed);
+    e.input(b"sphinx-key/lss-value-tag/v1");
+    Hmac::<sha256::Hash>::from_engine(e).to_byte_array()
 }
 
 fn lss_err(text: impl Into<String>) -> Error {
@@ -203,7 +216,8 @@ impl Signer {
     /// open and returns the `lss-res` payload (LSS on).
     pub(crate) fn finish(&mut self, p: &Persister, seq: u16) -> Result<Option<Vec<u8>>, Error> {
         if let Some(l) = self.lss.as_mut() {
-            let muts = to_wire(p.prepare());
+            let key = l.value_key;
+            let muts: Vec<Mutation> = to_wire(p.prepare()).into_iter().map(|m| lss::seal_value(&key, m)).collect();
             if !muts.is_empty() {
                 let expected = lss::server_hmac(&l.secret, &muts);
                 let res = Response::VlsMuts(SignerMutations { client_hmac: lss::client_hmac(&l.secret, &muts), muts });
@@ -274,6 +288,7 @@ impl Signer {
             phase: LssPhase::Identified,
             queued: Default::default(),
             secret,
+            value_key: lss_value_key(&self.seed),
             nonce: Some(nonce),
             pending: None,
             built: Vec::new(),
@@ -287,9 +302,9 @@ impl Signer {
     /// `init-2-res` payload with the mutations LSS must store (module docs). A state that fails
     /// its HMAC, is behind the device's or forks from it is refused and changes nothing.
     pub fn lss_restore(&mut self, init_2_msg: &[u8]) -> Result<Vec<u8>, Error> {
-        let (secret, nonce) = match self.lss.as_mut() {
+        let (secret, value_key, nonce) = match self.lss.as_mut() {
             Some(l) if l.phase == LssPhase::Identified => match l.nonce.take() {
-                Some(n) => (l.secret, n),
+                Some(n) => (l.secret, l.value_key, n),
                 None => return Err(lss_err("init-2 repeated: its nonce was used")),
             },
             _ => return Err(lss_err("init-2 before init-1")),
@@ -304,7 +319,15 @@ impl Signer {
                 state.muts.len()
             )));
         }
-        let remote: Vec<Mutation> = state.muts.into_iter().filter(|m| synced(&m.key)).collect();
+        // The shared HMAC proves the state crossed the broker unchanged, not that LSS's store
+        // holds what this signer wrote: each value's own tag does.
+        let remote: Vec<Mutation> = state
+            .muts
+            .into_iter()
+            .filter(|m| synced(&m.key))
+            .map(|m| lss::open_value(&value_key, m))
+            .collect::<Result<_, _>>()
+            .map_err(|e| lss_err(format!("{e}; refusing LSS's state (nothing changed, nothing signed)")))?;
         let local: Vec<KVV> = self.synced_state()?.into_iter().map(|m| KVV(m.key, (m.version, m.value))).collect();
         let mut upload: std::collections::BTreeMap<String, Mutation> = Default::default();
         match plan(&remote, &local)? {
@@ -344,7 +367,7 @@ impl Signer {
             }
             l.phase = LssPhase::Synced;
         }
-        let muts: Vec<Mutation> = upload.into_values().collect();
+        let muts: Vec<Mutation> = upload.into_values().map(|m| lss::seal_value(&value_key, m)).collect();
         Ok(Response::Created(SignerMutations { client_hmac: lss::client_hmac(&secret, &muts), muts }).encode())
     }
 

@@ -38,6 +38,10 @@ pub struct RunConfig {
     pub data_dir: PathBuf,
     /// Group commit: most `vls` requests handled and committed together (1: one at a time).
     pub batch_max: usize,
+    /// The MQTT client id: the broker's name for this device and its topic prefix
+    /// (`{client_id}/vls`, …). Distinct per device, so that several devices with one seed can
+    /// be connected at once (docs/signer.md "Several signers").
+    pub client_id: String,
 }
 
 /// How long to wait for the broker to acknowledge a reset's response before acting on it.
@@ -50,11 +54,21 @@ fn now_secs() -> u32 {
     sphinx_wire::unix_now() as u32
 }
 
-/// One connection attempt's options, with a fresh login token.
-fn options(signer: &Signer, rc: &RunConfig) -> MqttOptions {
-    let id = signer.node_id_hex();
-    let mut o = MqttOptions::new(id.clone(), rc.host.clone(), rc.port);
-    o.set_credentials(id, signer.login_token(now_secs()));
+/// The token time of the next login: now, but after the previous attempt's. The broker wants
+/// each login of a node later than its last accepted one; another device of the same node that
+/// logged in within the same second gets this one refused once, and the retry (after the
+/// shortest backoff) carries a later time instead of waiting for the clock's next second.
+fn next_token_time(now: u32, previous: Option<u32>) -> u32 {
+    match previous {
+        Some(p) if p >= now => p.saturating_add(1),
+        _ => now,
+    }
+}
+
+/// One connection attempt's options, with a fresh login token for time `ts`.
+fn options(signer: &Signer, rc: &RunConfig, ts: u32) -> MqttOptions {
+    let mut o = MqttOptions::new(rc.client_id.clone(), rc.host.clone(), rc.port);
+    o.set_credentials(signer.node_id_hex(), signer.login_token(ts));
     o.set_keep_alive(rc.keep_alive);
     o.set_clean_session(true);
     o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
@@ -107,13 +121,17 @@ enum End {
 
 /// Runs until interrupted: connects, serves, reconnects.
 pub async fn run(mut signer: Signer, mut ind: Box<dyn StatusIndicator>, rc: RunConfig) -> Result<()> {
-    let id = signer.node_id_hex();
-    info!(node_id = %id, broker = %format!("{}:{}", rc.host, rc.port), tls = rc.tls.is_some(), "sphinx-key running");
+    // Topics are under the client id (the broker's identity for this device).
+    let id = rc.client_id.clone();
+    info!(node_id = %signer.node_id_hex(), client_id = %id, broker = %format!("{}:{}", rc.host, rc.port), tls = rc.tls.is_some(), "sphinx-key running");
     let mut backoff = rc.backoff_min;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut last_ts = None;
     loop {
         ind.set(Status::ConnectingToBroker);
-        let (client, mut el) = AsyncClient::new(options(&signer, &rc), 64);
+        let ts = next_token_time(now_secs(), last_ts);
+        last_ts = Some(ts);
+        let (client, mut el) = AsyncClient::new(options(&signer, &rc, ts), 64);
         el.set_network_options(network_options());
         let end = tokio::select! {
             end = serve(&mut signer, ind.as_mut(), &id, &client, &mut el, &mut backoff, &rc) => end,
@@ -331,5 +349,21 @@ async fn serve(
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_login_carries_a_later_token_time_than_the_previous_attempt() {
+        assert_eq!(next_token_time(100, None), 100);
+        // Retried within the same second (refused: another device of this node logged in then).
+        assert_eq!(next_token_time(100, Some(100)), 101);
+        assert_eq!(next_token_time(100, Some(101)), 102);
+        // The clock moved on: back to it.
+        assert_eq!(next_token_time(105, Some(102)), 105);
+        assert_eq!(next_token_time(u32::MAX, Some(u32::MAX)), u32::MAX);
     }
 }

@@ -1,7 +1,8 @@
 //! `sphinx-key ctl`: the owner's side of control messages. Builds and signs a request with the
 //! owner key, POSTs it to the broker API (`/v1/signers/{node_id}/control`, body = request bytes,
 //! response body = the device's signed response), verifies the device's signature and the nonce,
-//! and prints the response as JSON.
+//! and prints the response as JSON. `ctl signers` lists the broker's signers (`GET /v1/signers`)
+//! instead: which device of the node is active, which stand by, their LSS status.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -85,6 +86,13 @@ pub enum CtlCmd {
     ResetKeys,
     /// Delete the device's seed, owner key and state.
     ResetAll,
+    /// List the broker's signers (GET /v1/signers): client id, node id, role (active, standby,
+    /// syncing, refused), connection and LSS status. Needs no owner key.
+    Signers {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Firmware update (refused on Linux).
     Ota {
         /// Version.
@@ -144,6 +152,64 @@ impl Link {
             other => bail!("unexpected answer to the nonce query: {other:?}"),
         }
     }
+}
+
+/// `ctl signers`: the broker's signer list, as a table (or its JSON).
+pub fn signers(args: &CtlArgs, json: bool) -> Result<String> {
+    let url = http::parse_url(&args.url)?;
+    let path = format!("{}/v1/signers", url.path);
+    let resp = http::get(&url, &path, args.token.as_deref(), Duration::from_secs(args.timeout_secs.max(1)))?;
+    let text = String::from_utf8_lossy(&resp.body).into_owned();
+    if resp.status != 200 {
+        bail!("broker API answered HTTP {}: {}", resp.status, text.chars().take(500).collect::<String>());
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).context("the broker's signer list is not JSON")?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&v)?);
+    }
+    Ok(signers_table(&v))
+}
+
+/// The signer list as a table, one signer a line.
+fn signers_table(v: &serde_json::Value) -> String {
+    let s = |x: &serde_json::Value, k: &str| -> String {
+        match &x[k] {
+            serde_json::Value::String(t) => t.clone(),
+            serde_json::Value::Null => "-".into(),
+            other => other.to_string(),
+        }
+    };
+    let mut rows = vec![[
+        "CLIENT ID".to_string(),
+        "NODE ID".into(),
+        "ROLE".into(),
+        "CONNECTED".into(),
+        "LSS".into(),
+        "LAST ERROR".into(),
+    ]];
+    for x in v["signers"].as_array().into_iter().flatten() {
+        let node = s(x, "node_id");
+        let short = if node.len() > 16 { format!("{}…", &node[..16]) } else { node };
+        let lss = match x["lss_error"].as_str() {
+            Some(e) => format!("{} ({e})", s(x, "lss")),
+            None => s(x, "lss"),
+        };
+        let err = x["last_error"]["text"].as_str().unwrap_or("-").to_string();
+        let pinned = if x["pinned"].as_bool() == Some(true) { " (pinned)" } else { "" };
+        rows.push([s(x, "client_id"), format!("{short}{pinned}"), s(x, "role"), s(x, "connected"), lss, err]);
+    }
+    let widths: Vec<usize> = (0..6).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> =
+            r.iter().zip(&widths).map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count()))).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if rows.len() == 1 {
+        out.push_str("(no signer has connected)\n");
+    }
+    out
 }
 
 /// Runs `ctl`: `seed` is the data directory's seed, if there is one. Returns the response to
@@ -210,7 +276,34 @@ pub fn run(args: CtlArgs, seed: Option<[u8; 32]>, network: bitcoin::Network) -> 
         CtlCmd::ResetKeys => ControlMessage::ResetKeys,
         CtlCmd::ResetAll => ControlMessage::ResetAll,
         CtlCmd::Ota { version, url } => ControlMessage::Ota(OtaParams { version, url }),
+        CtlCmd::Signers { .. } => bail!("`ctl signers` sends no control message"),
     };
     let nonce = link.next_nonce(args.nonce)?;
     link.send(&msg, nonce)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signers_table_shows_every_signer_with_its_role() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"signers":[
+                {"client_id":"dev-a","node_id":"029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46","role":"active","connected":true,"ready":true,"since":1,"pinned":true,"last_error":null,"lss":"synced","lss_error":null},
+                {"client_id":"dev-b","node_id":"029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46","role":"standby","connected":true,"ready":true,"since":2,"pinned":true,"last_error":{"seq":3,"text":"boom","time":4},"lss":"error","lss_error":"cannot reach LSS"}
+            ],"pinned":null,"relay":{"queued":0,"failovers":1}}"#,
+        )
+        .unwrap();
+        let t = signers_table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("CLIENT ID") && lines[0].contains("ROLE"), "{t}");
+        assert!(lines[1].starts_with("dev-a") && lines[1].contains("active") && lines[1].contains("synced"), "{t}");
+        assert!(
+            lines[2].contains("standby") && lines[2].contains("error (cannot reach LSS)") && lines[2].ends_with("boom"),
+            "{t}"
+        );
+        assert!(signers_table(&serde_json::json!({"signers": []})).contains("no signer"));
+    }
 }

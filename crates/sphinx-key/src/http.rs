@@ -1,5 +1,5 @@
-//! A minimal HTTP/1.1 client for `sphinx-key ctl`: one `POST` with a binary body to the broker's
-//! API on `http://HOST:PORT/...`, `Connection: close`, the response read to EOF (Content-Length,
+//! A minimal HTTP/1.1 client for `sphinx-key ctl`: one `POST` with a binary body (or one `GET`)
+//! to the broker's API on `http://HOST:PORT/...`, `Connection: close`, the response read to EOF (Content-Length,
 //! chunked or close-delimited bodies). No TLS: the broker API listens on loopback.
 
 use std::io::{Read, Write};
@@ -65,6 +65,22 @@ pub struct Response {
 
 /// `POST {path}` with `body` (application/octet-stream) and an optional bearer token.
 pub fn post(url: &Url, path: &str, token: Option<&str>, body: &[u8], timeout: Duration) -> Result<Response> {
+    request("POST", url, path, token, Some(body), timeout)
+}
+
+/// `GET {path}` with an optional bearer token.
+pub fn get(url: &Url, path: &str, token: Option<&str>, timeout: Duration) -> Result<Response> {
+    request("GET", url, path, token, None, timeout)
+}
+
+fn request(
+    method: &str,
+    url: &Url,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Response> {
     let addr = (url.host.as_str(), url.port)
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {}:{}", url.host, url.port))?
@@ -75,17 +91,18 @@ pub fn post(url: &Url, path: &str, token: Option<&str>, body: &[u8], timeout: Du
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let host = if url.host.contains(':') { format!("[{}]", url.host) } else { url.host.clone() };
-    let mut head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}:{}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n",
-        url.port,
-        body.len()
-    );
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}:{}\r\nConnection: close\r\n", url.port);
+    if let Some(b) = body {
+        head.push_str(&format!("Content-Type: application/octet-stream\r\nContent-Length: {}\r\n", b.len()));
+    }
     if let Some(t) = token {
         head.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes())?;
-    s.write_all(body)?;
+    if let Some(b) = body {
+        s.write_all(b)?;
+    }
     s.flush()?;
     let mut raw = Vec::new();
     s.take(MAX_RESPONSE).read_to_end(&mut raw).context("reading the broker's response")?;

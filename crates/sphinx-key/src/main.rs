@@ -138,6 +138,11 @@ enum Cmd {
         /// Allow a non-loopback --metrics-listen address (unauthenticated, read-only).
         #[arg(long, env = "SPHINX_KEY_METRICS_ALLOW_NON_LOOPBACK")]
         metrics_allow_non_loopback: bool,
+        /// MQTT client id: this device's name at the broker and its topic prefix (default:
+        /// generated once at random and kept in {data_dir}/client-id, so that two devices with
+        /// one seed differ).
+        #[arg(long, value_name = "ID", env = "SPHINX_KEY_CLIENT_ID")]
+        client_id: Option<String>,
     },
     /// Owner control: sign a control message, send it through the broker API, verify and print
     /// the device's answer as JSON (exit code 1 if the device refused it).
@@ -173,6 +178,8 @@ struct FileConfig {
     passphrase_credential: Option<String>,
     metrics_listen: Option<String>,
     metrics_allow_non_loopback: Option<bool>,
+    /// MQTT client id (default: generated once, kept in `{data_dir}/client-id`).
+    client_id: Option<String>,
 }
 
 impl FileConfig {
@@ -334,6 +341,14 @@ fn real_main(cli: Cli) -> Result<()> {
             tracing::info!(seed = %p.display(), "passphrase changed");
             Ok(())
         }
+        Cmd::Ctl(args) if matches!(args.msg, ctl::CtlCmd::Signers { .. }) => {
+            let json = matches!(args.msg, ctl::CtlCmd::Signers { json: true });
+            print!("{}", ctl::signers(&args, json)?);
+            if json {
+                println!();
+            }
+            Ok(())
+        }
         Cmd::Ctl(args) => {
             let seed = if args.node_id.is_some() && args.owner_key_file.is_some() {
                 None
@@ -367,6 +382,7 @@ fn real_main(cli: Cli) -> Result<()> {
             allow_plaintext,
             metrics_listen,
             metrics_allow_non_loopback,
+            client_id,
         } => {
             let broker = broker.or(file.broker.clone()).unwrap_or_else(|| DEFAULT_BROKER.into());
             let (host, port) = parse_broker(&broker)?;
@@ -418,6 +434,12 @@ fn real_main(cli: Cli) -> Result<()> {
                 tracing::info!(%owner, "control messages must be signed by the owner key");
                 signer.set_owner_key(owner);
             }
+            // Only once the seed is unlocked and the state opened: a run that stops before (wrong
+            // passphrase, no seed) leaves the data directory as it was.
+            let client_id = match client_id.or(file.client_id.clone()) {
+                Some(c) => check_client_id(&c)?,
+                None => stored_client_id(&data_dir)?,
+            };
             let tls = match (tls_ca.or(file.tls_ca.clone()), tls_fingerprint.or(file.tls_fingerprint.clone())) {
                 (Some(_), Some(_)) => bail!("give either a TLS CA file or a certificate fingerprint, not both"),
                 (Some(ca), None) => Some(sphinx_tls::ServerTrust::CaFile(ca)),
@@ -440,11 +462,59 @@ fn real_main(cli: Cli) -> Result<()> {
                 tls: tls.map(|t| sphinx_tls::client_config(&t).context("TLS configuration")).transpose()?,
                 data_dir: data_dir.clone(),
                 batch_max: usize::from(batch_max),
+                client_id,
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(client::run(signer, ind, rc))
         }
     }
+}
+
+/// Name of the file in the data directory that keeps the generated client id.
+const CLIENT_ID_FILE: &str = "client-id";
+/// Longest client id (the broker refuses longer ones).
+const MAX_CLIENT_ID: usize = 128;
+
+/// `c` if the broker can use it as an identity and topic prefix: 1..=128 bytes, no `/`, `+`,
+/// `#`, NUL or whitespace, not starting with `$`.
+fn check_client_id(c: &str) -> Result<String> {
+    let ok = !c.is_empty()
+        && c.len() <= MAX_CLIENT_ID
+        && !c.starts_with('$')
+        && !c.contains(['/', '+', '#', '\0'])
+        && !c.chars().any(char::is_whitespace);
+    if !ok {
+        bail!("client id {c:?}: expected 1..={MAX_CLIENT_ID} bytes without '/', '+', '#', NUL or spaces, not starting with '$'");
+    }
+    Ok(c.to_string())
+}
+
+/// The client id kept in `{data_dir}/client-id`; generated at random (and written durably)
+/// the first time.
+fn stored_client_id(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join(CLIENT_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return check_client_id(text.trim()).with_context(|| format!("bad client id in {}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let mut raw = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut raw);
+    let id = format!("sphinx-key-{}", hex::encode(raw));
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let tmp = data_dir.join(format!("{CLIENT_ID_FILE}.tmp"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(format!("{id}\n").as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    tracing::info!(client_id = %id, file = %path.display(), "generated this device's MQTT client id");
+    Ok(id)
 }
 
 fn init(
@@ -573,6 +643,23 @@ mod tests {
         let f: FileConfig = toml::from_str("broker = \"h:1\"\nkeep_alive_secs = 3\n").unwrap();
         let f = f.with_builtin().unwrap();
         assert_eq!((f.broker.as_deref(), f.keep_alive_secs, f.backoff_max_secs), (Some("h:1"), Some(3), Some(30)));
+    }
+
+    #[test]
+    fn client_id_is_generated_once_kept_and_checked() {
+        let dir = std::env::temp_dir().join(format!("sphinx-key-client-id-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = stored_client_id(&dir).unwrap();
+        assert!(a.starts_with("sphinx-key-") && check_client_id(&a).is_ok(), "{a}");
+        assert_eq!(stored_client_id(&dir).unwrap(), a, "kept in the data dir");
+        let other = dir.join("other");
+        assert_ne!(stored_client_id(&other).unwrap(), a, "another device gets another id");
+        for bad in ["", "a/b", "a+", "#", "$sys", "a b", &"x".repeat(129)] {
+            assert!(check_client_id(bad).is_err(), "{bad:?}");
+        }
+        std::fs::write(dir.join(CLIENT_ID_FILE), "bad/id\n").unwrap();
+        assert!(stored_client_id(&dir).is_err(), "a damaged file is an error, not silently replaced");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// The ExecStart of the shipped unit is a valid `sphinx-key` command line.

@@ -43,6 +43,8 @@ fn init_alice(dir: &Path, extra: &[&str]) {
 
 fn spawn_signer(dir: &Path, addr: std::net::SocketAddr, extra: &[&str]) -> Child {
     die_with_test(&mut Command::new(BIN))
+        // The node id as client id: the identity (topic prefix) these tests' broker gives.
+        .env("SPHINX_KEY_CLIENT_ID", ALICE)
         .args(["run", "--status", "none", "--log", "info", "--dev-fixed-clock", "1795466257"])
         .arg("--data-dir")
         .arg(dir)

@@ -59,6 +59,8 @@ async fn status(addr: SocketAddr) -> serde_json::Value {
 fn spawn_device(dir: &Path, creds: &Path, broker: SocketAddr, extra: &[&str]) -> (Child, SocketAddr) {
     let mut child = die_with_test(&mut Command::new(BIN))
         .args(["run", "--status", "none", "--log", "info", "--dev-fixed-clock", "1795466257"])
+        // The node id as client id: the identity (topic prefix) these tests' broker gives.
+        .env("SPHINX_KEY_CLIENT_ID", ALICE)
         .args(["--metrics-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir)

@@ -11,6 +11,8 @@ use sphinx_wire::serial::{Reply, Request};
 
 fn spawn_signer(dir: &std::path::Path, addr: std::net::SocketAddr) -> Child {
     die_with_test(&mut Command::new(env!("CARGO_BIN_EXE_sphinx-key")))
+        // The node id as client id: the identity (topic prefix) these tests' broker gives.
+        .env("SPHINX_KEY_CLIENT_ID", ALICE)
         .args(["run", "--status", "none", "--log", "warn", "--dev-fixed-clock", "1795466257"])
         .arg("--data-dir")
         .arg(dir)

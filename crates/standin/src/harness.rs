@@ -102,6 +102,18 @@ pub fn init_signer(key_bin: &Path, data_dir: &Path, seed: [u8; 32]) -> io::Resul
     Ok(())
 }
 
+/// `sphinx-key node-id` of `data_dir` (regtest), if it has a readable seed.
+fn node_id(key_bin: &Path, data_dir: &Path, envs: &[(&str, &str)]) -> Option<String> {
+    let mut cmd = Command::new(key_bin);
+    cmd.args(["node-id", "--data-dir"]).arg(data_dir).args(["--network", "regtest"]).stdin(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().ok()?;
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && id.len() == 66).then_some(id)
+}
+
 type SpawnJob = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
 
 /// Spawns `cmd` from the process-lifetime keeper thread (see the module docs).
@@ -153,6 +165,13 @@ impl SignerProcess {
             .stderr(f);
         for (k, v) in envs {
             cmd.env(k, v);
+        }
+        // Without a client id of the test's choosing, the device's node id: the legacy identity
+        // (topic prefix = node id) that the tests written before client ids look for.
+        if !envs.iter().any(|(k, _)| *k == "SPHINX_KEY_CLIENT_ID") {
+            if let Some(node) = node_id(key_bin, data_dir, envs) {
+                cmd.env("SPHINX_KEY_CLIENT_ID", node);
+            }
         }
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL the child when
         // this process dies, so no signer outlives its test.

@@ -114,7 +114,8 @@ impl Raw {
         body.push(4); // 3.1.1
         body.push(0xC2); // username, password, clean session
         body.extend_from_slice(&120u16.to_be_bytes());
-        lp(format!("foreign-{}", &user[..8]).as_bytes(), &mut body);
+        // Client id = username: the identity (topic prefix) is the node id, as for legacy clients.
+        lp(user.as_bytes(), &mut body);
         lp(user.as_bytes(), &mut body);
         lp(pass, &mut body);
         let mut r = Raw { s, next_id: 1 };

@@ -538,6 +538,50 @@ pub fn server_hmac(secret: &[u8; HASH_LEN], muts: &[Mutation]) -> [u8; HASH_LEN]
     shared_hmac(secret, &[0x02], muts)
 }
 
+// ---- Per-value tags (ours: LSS's "the client should append an HMAC to each value") -----------
+
+/// Length of the tag appended to each value stored in LSS.
+pub const VALUE_TAG_LEN: usize = HASH_LEN;
+
+/// The tag of one stored value: HMAC-SHA256 keyed with `value_key` (a secret only the signer's
+/// seed gives, never the ECDH secret the LSS server shares) over `key | version u64 BE | value`.
+/// The shared HMACs above only prove the data crossed the broker unchanged: the server computes
+/// them over whatever it holds, so a value changed in its store passes them; this tag does not.
+pub fn value_tag(value_key: &[u8; HASH_LEN], key: &str, version: u64, value: &[u8]) -> [u8; VALUE_TAG_LEN] {
+    let mut e = HmacEngine::<sha256::Hash>::new(value_key);
+    e.input(key.as_bytes());
+    e.input(&version.to_be_bytes());
+    e.input(value);
+    Hmac::<sha256::Hash>::from_engine(e).to_byte_array()
+}
+
+/// The mutation as stored in LSS: its value followed by its [`value_tag`].
+pub fn seal_value(value_key: &[u8; HASH_LEN], m: Mutation) -> Mutation {
+    let tag = value_tag(value_key, &m.key, m.version, &m.value);
+    let Mutation { key, version, mut value } = m;
+    value.extend_from_slice(&tag);
+    Mutation { key, version, value }
+}
+
+/// A value read from LSS with its tag checked and removed; `Err` names the key whose tag is
+/// missing or wrong (changed in LSS's store, moved to another key or version, or not written by
+/// this seed's signer).
+pub fn open_value(value_key: &[u8; HASH_LEN], m: Mutation) -> Result<Mutation, String> {
+    let Mutation { key, version, mut value } = m;
+    if value.len() < VALUE_TAG_LEN {
+        return Err(format!("LSS value of {key} (version {version}) has no tag ({} bytes)", value.len()));
+    }
+    let tag = value.split_off(value.len() - VALUE_TAG_LEN);
+    let want = value_tag(value_key, &key, version, &value);
+    // Not secret-dependent timing that matters here (the tag is public once stored), but cheap.
+    if tag.iter().zip(want.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) != 0 {
+        return Err(format!(
+            "LSS value of {key} (version {version}) fails its tag: changed in LSS's store or not written by this signer"
+        ));
+    }
+    Ok(Mutation { key, version, value })
+}
+
 /// The LSS auth token: sha256 of the ECDH secret (what the broker may hold; it cannot make HMACs).
 pub fn auth_token(secret: &[u8; HASH_LEN]) -> [u8; HASH_LEN] {
     sha256::Hash::hash(secret).to_byte_array()
@@ -667,6 +711,24 @@ mod tests {
         let huge = h("81 a6 53746f726564 82 ab 7365727665725f686d6163 c0 a4 6d757473 dd ffffffff");
         assert_eq!(Msg::decode(&huge), Err(Error::Truncated));
         assert_eq!(Msg::decode(&vec![0; MAX_LSS_MSG_LEN + 1]), Err(Error::TooLong(MAX_LSS_MSG_LEN + 1)));
+    }
+
+    #[test]
+    fn sealed_values_open_only_unchanged_under_their_key_and_version() {
+        let k = [7u8; 32];
+        let m = Mutation::new("node/state/x", 4, b"{\"a\":1}".to_vec());
+        let s = seal_value(&k, m.clone());
+        assert_eq!(s.value.len(), m.value.len() + VALUE_TAG_LEN);
+        assert_eq!(open_value(&k, s.clone()), Ok(m.clone()));
+        let mut v = s.clone();
+        v.value[2] ^= 1;
+        assert!(open_value(&k, v).unwrap_err().contains("fails its tag"));
+        let moved = Mutation { version: 5, ..s.clone() };
+        assert!(open_value(&k, moved).is_err(), "the version is covered");
+        let renamed = Mutation { key: "node/state/y".into(), ..s.clone() };
+        assert!(open_value(&k, renamed).is_err(), "the key is covered");
+        assert!(open_value(&[8; 32], s).is_err(), "another seed's key");
+        assert!(open_value(&k, Mutation::new("k", 0, vec![1; 5])).unwrap_err().contains("no tag"));
     }
 
     /// Test vector of VLS's `persist::tests::hmac_test` (vls-core 1.0.0-rc.1).
