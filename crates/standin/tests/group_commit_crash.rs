@@ -30,10 +30,13 @@ const PAYMENTS: usize = 10;
 const SIM_SEED: [u8; 32] = [0x52; 32];
 const CHANNELD_PERMISSIONS: u64 = 447;
 
+/// One call as the uninterrupted signer answered it: connection, request, reply.
+type Answered = (Conn, Vec<u8>, Vec<u8>);
+
 /// Records every reply of the in-process signer, per channel, in order.
 struct Recording<'a> {
     inner: InProcess<'a>,
-    replies: BTreeMap<u64, Vec<(Conn, Vec<u8>, Vec<u8>)>>,
+    replies: BTreeMap<u64, Vec<Answered>>,
 }
 
 impl Hsmd for Recording<'_> {
