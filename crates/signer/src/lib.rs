@@ -621,6 +621,177 @@ impl Signer {
         }
     }
 
+    /// Group commit: handles `reqs` in arrival order and commits the state of all of them in ONE
+    /// durable transaction (one fsync), then returns their results in the same order. Every
+    /// `Ok` reply is on disk when this returns, as with [`Signer::handle`], and the replies and
+    /// the state are the ones one-at-a-time handling gives (same VLS calls in the same order on
+    /// the same state; the store's versions advance per write either way).
+    ///
+    /// A request refused (or panicking) inside the batch must take back only its own writes:
+    /// the transaction is reset to its copy from before that request; if the refusal left state
+    /// in memory or in the transaction, the batch so far is committed first and then the node is
+    /// rebuilt from disk (as one-at-a-time handling does), so the earlier requests' state is
+    /// neither lost nor mixed with the refused one's. An `hsmd_init` (its own transaction) also
+    /// commits the batch so far first. With LSS on, requests go one at a time ([`Signer::stage`]).
+    pub fn handle_batch(&mut self, reqs: &[Request]) -> Vec<Result<Reply, Error>> {
+        if self.lss.is_some() || reqs.len() <= 1 {
+            return reqs.iter().map(|r| self.handle(r)).collect();
+        }
+        let mut results: Vec<Option<Result<Reply, Error>>> = (0..reqs.len()).map(|_| None).collect();
+        // Replies waiting for the batch's commit: (index, reply).
+        let mut staged: Vec<(usize, Reply)> = Vec::new();
+        for (i, req) in reqs.iter().enumerate() {
+            match self.batch_step(req) {
+                Step::Staged(reply) => staged.push((i, reply)),
+                Step::Failed(e) => results[i] = Some(Err(e)),
+                Step::FlushThen(e) => {
+                    self.flush_batch(&mut staged, &mut results);
+                    self.rebuild();
+                    results[i] = Some(Err(e));
+                }
+                Step::Alone => {
+                    self.flush_batch(&mut staged, &mut results);
+                    results[i] = Some(self.handle(req));
+                }
+            }
+        }
+        self.flush_batch(&mut staged, &mut results);
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Unavailable("request not handled".into()))))
+            .collect()
+    }
+
+    /// Commits the open batch transaction and releases its replies (or fails them all).
+    fn flush_batch(&mut self, staged: &mut Vec<(usize, Reply)>, results: &mut [Option<Result<Reply, Error>>]) {
+        let done = match self.core.as_ref() {
+            Some(c) => commit(&c.persister),
+            None if staged.is_empty() => Ok(()),
+            None => Err(Error::Unavailable("signer state lost before the batch commit".into())),
+        };
+        match done {
+            Ok(()) => {
+                for (i, reply) in staged.drain(..) {
+                    results[i] = Some(Ok(reply));
+                }
+            }
+            Err(e) => {
+                warn!(requests = staged.len(), error = %e, "batch commit failed; nothing of it was released");
+                for (i, _) in staged.drain(..) {
+                    results[i] = Some(Err(Error::Persist(e.to_string())));
+                }
+                self.rebuild();
+            }
+        }
+    }
+
+    /// One request of a batch, inside the batch's open transaction (see [`Signer::handle_batch`]).
+    fn batch_step(&mut self, req: &Request) -> Step {
+        if self.reset.is_some() {
+            return Step::Alone;
+        }
+        let Ok(msg_type) = sphinx_wire::hsmd::msg_type(&req.message) else {
+            return Step::Failed(Error::NoType(req.message.len()));
+        };
+        if msg_type == CLIENT_HSMFD {
+            return Step::Failed(Error::NotForSigner(msg_type));
+        }
+        let msg = match decode(&req.message, msg_type) {
+            Ok(m) => m,
+            Err(e) => return Step::Failed(e),
+        };
+        if matches!(msg, Message::HsmdInit(_) | Message::HsmdInit2(_)) {
+            return Step::Alone;
+        }
+        let hash = hex::encode(sha256::Hash::hash(&req.encode()).to_byte_array());
+        let slot_key = format!("{REPLY_KEY_PREFIX}{}", req.seq % DEDUPE_SLOTS);
+        let core = match self.core() {
+            Ok(c) => c,
+            Err(e) => return Step::Failed(e),
+        };
+        // Read through the open transaction: a record staged earlier in this batch counts, and
+        // its reply is released with the batch's commit like the others.
+        if let Some(rec) = load_record(&core.persister, &slot_key) {
+            if rec.seq == req.seq && rec.hash == hash {
+                if let Ok(message) = hex::decode(&rec.reply) {
+                    debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
+                    self.stats.dedupe_hits += 1;
+                    return Step::Staged(Reply { seq: req.seq, message });
+                }
+            }
+        }
+        let Some(root) = core.root.as_ref() else {
+            return Step::Failed(Error::NotInitialized(msg_type, msg_name(msg_type)));
+        };
+        if let Message::SetupChannel(m) = &msg {
+            if let Err(e) = funding_outpoint_unused(&core.node, &req.peer_id, req.dbid, m) {
+                return Step::Failed(e);
+            }
+        }
+        let persister = core.persister.clone();
+        let node = core.node.clone();
+        let snap = persister.snapshot();
+        if snap.is_none() {
+            if let Err(e) = begin(&persister) {
+                return Step::Failed(e);
+            }
+        }
+        let before = persister.snapshot();
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            let r = if req.dbid == 0 {
+                root.handle(msg)
+            } else {
+                root.for_new_client(req.dbid, PubKey(req.peer_id), req.dbid).handle(msg)
+            };
+            r.map(|reply| reply.as_vec())
+        }));
+        self.stats.vls_calls += 1;
+        let name = || msg_name(msg_type);
+        match res {
+            Ok(Ok(reply)) => {
+                let rec = ReplyRecord { seq: req.seq, hash, reply: hex::encode(&reply) };
+                let value = serde_json::to_vec(&rec).expect("record serializes");
+                let done = catch_unwind(AssertUnwindSafe(|| {
+                    sync_node_state(&persister, &node)?;
+                    persister.put(&slot_key, value)
+                }));
+                match done {
+                    Ok(Ok(())) => Step::Staged(Reply { seq: req.seq, message: reply }),
+                    Ok(Err(e)) => {
+                        persister.restore(before);
+                        Step::FlushThen(Error::Persist(format!("{e:?}")))
+                    }
+                    Err(p) => {
+                        persister.restore(before);
+                        Step::FlushThen(Error::Persist(panic_text(p)))
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                let error = Error::Refused { msg_type, name: name(), reason: vls_error_text(&e) };
+                // A failed operation must not change state: if it left writes or in-memory state,
+                // take its writes back, commit the batch so far, and reload the node from disk.
+                let stranded = persister.snapshot() != before
+                    || !matches!(
+                        catch_unwind(AssertUnwindSafe(|| node_state_on_disk(&persister, &node))),
+                        Ok(Ok(true))
+                    );
+                if stranded {
+                    warn!(msg_type, "refused request left changes; committing the batch so far and reloading state");
+                    persister.restore(before);
+                    return Step::FlushThen(error);
+                }
+                Step::Failed(error)
+            }
+            Err(p) => {
+                let reason = panic_text(p);
+                warn!(msg_type, %reason, "VLS panicked; committing the batch so far and reloading state");
+                persister.restore(before);
+                Step::FlushThen(Error::Panic { msg_type, name: name(), reason })
+            }
+        }
+    }
+
     fn handle_init(&mut self, req: &Request, msg: Message, msg_type: u16) -> Result<Reply, Error> {
         self.core()?;
         self.stats.vls_calls += 1;
@@ -656,6 +827,71 @@ impl Signer {
             }
         }
     }
+}
+
+impl Signer {
+    /// Handles several messages the broker sent, in arrival order, and says what to publish, in
+    /// the same order: [`Signer::on_message`] for each, except that consecutive `vls` requests
+    /// are handled as one group commit ([`Signer::handle_batch`]) when LSS is off.
+    pub fn on_messages(&mut self, msgs: &[(&str, &[u8])]) -> Vec<Output> {
+        use sphinx_wire::topics as t;
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < msgs.len() {
+            let run = msgs[i..].iter().take_while(|(s, _)| *s == t::VLS).count();
+            if self.lss.is_some() || run <= 1 {
+                out.extend(self.on_message(msgs[i].0, msgs[i].1));
+                i += 1;
+                continue;
+            }
+            let mut reqs = Vec::with_capacity(run);
+            let mut slots = Vec::with_capacity(run);
+            for (_, payload) in &msgs[i..i + run] {
+                let seq = if payload.len() >= 4 { u16::from_be_bytes([payload[2], payload[3]]) } else { 0 };
+                match Request::decode(payload) {
+                    Ok(r) => {
+                        slots.push(Ok(reqs.len()));
+                        reqs.push(r);
+                    }
+                    Err(e) => slots.push(Err(FrameError { seq, error: e.into() })),
+                }
+            }
+            let mut results = self.handle_batch(&reqs).into_iter();
+            for slot in slots {
+                let r = match slot {
+                    Ok(k) => match results.next() {
+                        Some(Ok(reply)) => Ok(reply),
+                        Some(Err(error)) => Err(FrameError { seq: reqs[k].seq, error }),
+                        None => Err(FrameError { seq: reqs[k].seq, error: Error::Unavailable("no result".into()) }),
+                    },
+                    Err(e) => Err(e),
+                };
+                out.push(match r {
+                    Ok(reply) => Output::Publish { topic: t::VLS_RES, payload: reply.encode() },
+                    Err(e) => {
+                        warn!(seq = e.seq, error = %e.error, "request failed");
+                        Output::Publish { topic: t::ERROR, payload: e.payload() }
+                    }
+                });
+            }
+            i += run;
+        }
+        out
+    }
+}
+
+/// What became of one request of a batch ([`Signer::handle_batch`]).
+enum Step {
+    /// Its state is in the open transaction; the reply is released by the batch's commit.
+    Staged(Reply),
+    /// Failed without touching state; the batch goes on.
+    Failed(Error),
+    /// Failed after changing state (now taken back from the transaction): commit the batch so
+    /// far, then rebuild the node from disk.
+    FlushThen(Error),
+    /// Needs a transaction of its own (`hsmd_init`, or a reset device's refusal): commit the
+    /// batch so far, then handle it one at a time.
+    Alone,
 }
 
 /// Runs an init message through a fresh `InitHandler` on the node.
@@ -820,7 +1056,8 @@ fn funding_outpoint_unused(
         if *id == this {
             continue;
         }
-        let taken = slot.lock().is_ok_and(|s| matches!(&*s, ChannelSlot::Ready(c) if c.setup.funding_outpoint == outpoint));
+        let taken =
+            slot.lock().is_ok_and(|s| matches!(&*s, ChannelSlot::Ready(c) if c.setup.funding_outpoint == outpoint));
         if taken {
             return Err(Error::Refused {
                 msg_type: 31,

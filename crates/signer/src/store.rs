@@ -130,7 +130,7 @@ impl KVVStore for AnyStore {
 }
 
 type VersionedValue = (u64, Vec<u8>);
-type Log = BTreeMap<String, VersionedValue>;
+pub(crate) type Log = BTreeMap<String, VersionedValue>;
 
 /// A transactional wrapper: writes between `enter` and `commit` are buffered and written as one
 /// batch; outside a transaction they go straight through. See the module docs for the two
@@ -165,6 +165,18 @@ impl TxnStore {
     /// Drops the open transaction's writes (the caller also drops the in-memory node that made them).
     pub(crate) fn abort(&self) {
         *self.log() = None;
+    }
+
+    /// A copy of the open transaction's writes (`None`: no transaction): a group commit takes
+    /// one before each request so that a refused request's writes can be taken back without
+    /// losing the batch's earlier ones.
+    pub(crate) fn snapshot(&self) -> Option<Log> {
+        self.log().clone()
+    }
+
+    /// Puts the open transaction back to `snap` (from [`TxnStore::snapshot`]).
+    pub(crate) fn restore(&self, snap: Option<Log>) {
+        *self.log() = snap;
     }
 
     /// The writer-key entry the open transaction adds when it changes synced state (LSS on).

@@ -36,6 +36,8 @@ pub struct RunConfig {
     pub tls: Option<Arc<sphinx_tls::rustls::ClientConfig>>,
     /// The data directory (seed and owner key files, deleted by an owner's reset).
     pub data_dir: PathBuf,
+    /// Group commit: most `vls` requests handled and committed together (1: one at a time).
+    pub batch_max: usize,
     /// The MQTT client id: the broker's name for this device and its topic prefix
     /// (`{client_id}/vls`, …). Distinct per device, so that several devices with one seed can
     /// be connected at once (docs/signer.md "Several signers").
@@ -273,17 +275,43 @@ async fn serve(
                 info!("subscribed; said hello");
             }
             Event::Incoming(Packet::Publish(p)) => {
-                let topic = String::from_utf8_lossy(p.topic.as_ref()).into_owned();
-                let Some(suffix) = topic.strip_prefix(&prefix).filter(|s| SUBSCRIBED.contains(s)) else {
-                    debug!(%topic, "ignoring message on unexpected topic");
+                // Group commit: take the publishes already read from the socket (never wait for
+                // more), up to the batch size, and hand them over in arrival order. rumqttc queues
+                // an `Outgoing(PubAck)` before each QoS 1 publish it read; those, and the acks and
+                // ping responses this loop ignores anyway, are skipped. Anything else (ConnAck,
+                // SubAck) ends the batch and is handled by the next poll.
+                let mut batch = vec![p];
+                while batch.len() < rc.batch_max {
+                    match el.state.events.front() {
+                        Some(Event::Incoming(Packet::Publish(_))) => {
+                            if let Some(Event::Incoming(Packet::Publish(p))) = el.state.events.pop_front() {
+                                batch.push(p);
+                            }
+                        }
+                        Some(Event::Outgoing(_) | Event::Incoming(Packet::PubAck(_) | Packet::PingResp)) => {
+                            el.state.events.pop_front();
+                        }
+                        _ => break,
+                    }
+                }
+                let mut msgs: Vec<(&'static str, bytes::Bytes)> = Vec::with_capacity(batch.len());
+                for p in batch {
+                    let topic = String::from_utf8_lossy(p.topic.as_ref()).into_owned();
+                    match topic.strip_prefix(&prefix).and_then(|s| SUBSCRIBED.iter().find(|t| **t == s)) {
+                        Some(suffix) => msgs.push((suffix, p.payload)),
+                        None => debug!(%topic, "ignoring message on unexpected topic"),
+                    }
+                }
+                if msgs.is_empty() {
                     continue;
-                };
-                if suffix == topics::VLS {
+                }
+                if msgs.iter().any(|(s, _)| *s == topics::VLS) {
                     ind.set(Status::Signing);
                 }
                 let t = std::time::Instant::now();
                 let mut failed = false;
-                for out in signer.on_message(suffix, &p.payload) {
+                let views: Vec<(&str, &[u8])> = msgs.iter().map(|(s, p)| (*s, p.as_ref())).collect();
+                for out in signer.on_messages(&views) {
                     let (to, payload) = match out {
                         Output::Publish { topic, payload } => {
                             if topic == topics::ERROR {
@@ -316,7 +344,7 @@ async fn serve(
                         return End::Lost;
                     }
                 }
-                debug!(suffix, elapsed_us = t.elapsed().as_micros() as u64, "broker message handled");
+                debug!(messages = msgs.len(), elapsed_us = t.elapsed().as_micros() as u64, "broker messages handled");
                 ind.set(if failed { Status::Error } else { Status::Connected });
             }
             _ => {}

@@ -111,6 +111,11 @@ enum Cmd {
         /// Freeze the signer's clock at UNIX_SECS (tests and replays only).
         #[arg(long, value_name = "UNIX_SECS", env = "SPHINX_KEY_DEV_FIXED_CLOCK")]
         dev_fixed_clock: Option<u64>,
+        /// Group commit: at most this many requests already received are handled and committed
+        /// in one durable transaction (1: one commit per request).
+        #[arg(long, value_name = "N", env = "SPHINX_KEY_BATCH_MAX", default_value_t = 32,
+              value_parser = clap::value_parser!(u16).range(1..=64))]
+        batch_max: u16,
         /// Status indicator: `terminal`, `led:NAME` (/sys/class/leds/NAME) or `none`.
         #[arg(long, env = "SPHINX_KEY_STATUS")]
         status: Option<String>,
@@ -370,6 +375,7 @@ fn real_main(cli: Cli) -> Result<()> {
             broker,
             permissive,
             dev_fixed_clock,
+            batch_max,
             status,
             tls_ca,
             tls_fingerprint,
@@ -455,6 +461,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 backoff_max: Duration::from_secs(file.backoff_max_secs.unwrap_or(DEFAULT_BACKOFF_MAX_SECS).max(1)),
                 tls: tls.map(|t| sphinx_tls::client_config(&t).context("TLS configuration")).transpose()?,
                 data_dir: data_dir.clone(),
+                batch_max: usize::from(batch_max),
                 client_id,
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -123,6 +123,48 @@ fn in_process(mut signer: Signer, init: &[u8], channels: &[Channel]) -> Run {
     run
 }
 
+/// `sphinx-key run --batch-max` of the `end to end` rows (its default).
+const GROUP_COMMIT: u16 = 32;
+
+/// As [`in_process`] on redb, but each round of the channels' requests (one request of each, as
+/// N concurrent channelds have them outstanding) goes through `Signer::handle_batch` in batches
+/// of at most [`GROUP_COMMIT`]: the group commit's bound in process. A request's latency is its
+/// batch's.
+fn in_process_batched(mut signer: Signer, init: &[u8], channels: &[Channel]) -> Run {
+    let mut seq: u16 = 0;
+    let mut req = |peer_id: [u8; 33], dbid: u64, message: &[u8]| {
+        seq = seq.wrapping_add(1);
+        serial::Request { seq, peer_id, dbid, message: message.to_vec() }
+    };
+    signer.handle(&req([0; 33], 0, init)).expect("init");
+    for ch in channels {
+        for c in &ch.open {
+            let (p, d) = if c.conn == Conn::Root { ([0; 33], 0) } else { (ch.peer_id, ch.dbid) };
+            signer.handle(&req(p, d, &c.request)).unwrap_or_else(|e| panic!("open dbid {}: {e}", ch.dbid));
+        }
+    }
+    let mut run = Run::default();
+    let longest = channels.iter().map(|c| c.pay.len()).max().unwrap_or(0);
+    let t0 = Instant::now();
+    for k in 0..longest {
+        let round: Vec<(u16, serial::Request)> = channels
+            .iter()
+            .filter_map(|ch| ch.pay.get(k).map(|m| (hsmd::msg_type(m).unwrap_or(0), req(ch.peer_id, ch.dbid, m))))
+            .collect();
+        for batch in round.chunks(usize::from(GROUP_COMMIT)) {
+            let reqs: Vec<serial::Request> = batch.iter().map(|(_, r)| r.clone()).collect();
+            let t = Instant::now();
+            for (i, r) in signer.handle_batch(&reqs).into_iter().enumerate() {
+                r.unwrap_or_else(|e| panic!("request {k} of batch #{i}: {e}"));
+            }
+            let dt = t.elapsed();
+            run.samples.extend(batch.iter().map(|(t, _)| (*t, dt)));
+        }
+    }
+    run.wall = t0.elapsed();
+    run
+}
+
 /// utime + stime of a process, seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -134,7 +176,8 @@ fn cpu_seconds(pid: u32) -> f64 {
     (v(11) + v(12)) / tick
 }
 
-fn end_to_end(init: &[u8], channels: &[Channel], seed: [u8; 32], clock: u64) -> Run {
+/// `batch_max`: `sphinx-key run --batch-max` (1: group commit off).
+fn end_to_end(init: &[u8], channels: &[Channel], seed: [u8; 32], clock: u64, batch_max: u16) -> Run {
     let d = TempDir::new("bench-load").expect("temp dir");
     let listen = format!("127.0.0.1:{}", free_port().expect("port"));
     let key = bin("sphinx-key").expect("sphinx-key binary");
@@ -147,8 +190,15 @@ fn end_to_end(init: &[u8], channels: &[Channel], seed: [u8; 32], clock: u64) -> 
         opts,
     )
     .expect("broker");
-    let signer =
-        SignerProcess::start(&key, &d.join("signer"), &listen, clock, &d.join("signer.log"), &[]).expect("signer");
+    let signer = SignerProcess::start(
+        &key,
+        &d.join("signer"),
+        &listen,
+        clock,
+        &d.join("signer.log"),
+        &[("SPHINX_KEY_BATCH_MAX", &batch_max.to_string())],
+    )
+    .expect("signer");
     ld.root_call(init).unwrap_or_else(|e| panic!("init: {e}\n{}", signer.log_tail(3000)));
     let mut conns = vec![];
     for ch in channels {
@@ -264,8 +314,18 @@ fn main() {
         let dir = TempDir::new("bench-load-redb").expect("temp dir");
         let redb = in_process(Signer::open(seed, dir.path(), &cfg).expect("signer"), &init, chans);
         drop(dir);
-        let e2e = end_to_end(&init, chans, seed, clock);
-        for (label, r) in [("in-process (memory)", &mem), ("in-process (redb)", &redb), ("end to end", &e2e)] {
+        let dir = TempDir::new("bench-load-redb-batch").expect("temp dir");
+        let redb_gc = in_process_batched(Signer::open(seed, dir.path(), &cfg).expect("signer"), &init, chans);
+        drop(dir);
+        let e2e_one = end_to_end(&init, chans, seed, clock, 1);
+        let e2e = end_to_end(&init, chans, seed, clock, GROUP_COMMIT);
+        for (label, r) in [
+            ("in-process (memory)", &mem),
+            ("in-process (redb)", &redb),
+            ("in-process (redb gc)", &redb_gc),
+            ("e2e, gc off", &e2e_one),
+            ("end to end", &e2e),
+        ] {
             let (rps, p50, p99) = summary(r);
             let cpu = r.cpu.map(|(b, s, c)| {
                 let k = 1e3 / r.samples.len() as f64;
@@ -279,6 +339,8 @@ fn main() {
         }
         let ((e, e50, e99), (i, _, _), (im, _, _)) = (summary(&e2e), summary(&redb), summary(&mem));
         println!("{n:>3} ratio end to end / in-process throughput: (redb) {:.2}, (memory) {:.2}", e / i, e / im);
+        let ((g, _, _), (o, _, _)) = (summary(&redb_gc), summary(&e2e_one));
+        println!("{n:>3} group commit on / off throughput: end to end {:.2}, in process (redb) {:.2}", e / o, g / i);
         ratios.push((n, e, e50, e99, e / i));
         if n == 1 {
             per_type = Some([by_type(&mem), by_type(&redb), by_type(&e2e)]);
