@@ -600,7 +600,8 @@ fn short_hex(b: &[u8]) -> String {
 /// The in-process oracle through `sphinx_signer::Signer` (feature `oracle`).
 #[cfg(feature = "oracle")]
 pub mod signer {
-    use super::Oracle;
+    use super::{compare_with_oracle, oracle_replay, Oracle, ReplayReport};
+    use crate::trace::Trace;
     use sphinx_signer::{ClockConfig, PolicyConfig, Signer, SignerConfig};
     use sphinx_wire::serial;
 
@@ -612,6 +613,40 @@ pub mod signer {
     /// An in-memory signer for a seed and config.
     pub fn in_memory(seed: [u8; 32], cfg: &SignerConfig) -> Result<Signer, String> {
         Signer::in_memory(seed, cfg).map_err(|e| format!("{e}"))
+    }
+
+    /// For tests: panics unless every reply in `report` equals the in-process oracle's for
+    /// `trace` (`seed`, fixed `clock`, default policy, LSS off), every request was answered and
+    /// the broker exited cleanly. `logs` is shown with a failure.
+    pub fn assert_like_oracle(
+        trace: &Trace,
+        seed: [u8; 32],
+        clock: u64,
+        report: &ReplayReport,
+        logs: impl FnOnce() -> String,
+    ) {
+        let cfg = replay_config(clock, Default::default());
+        let mut signer = match in_memory(seed, &cfg) {
+            Ok(s) => s,
+            Err(e) => panic!("in-process oracle: {e}"),
+        };
+        let expected = oracle_replay(trace, &mut signer, true);
+        let mismatches = compare_with_oracle(&report.steps, &expected);
+        if !mismatches.is_empty() || !report.brokers_exited_cleanly() {
+            let list: Vec<String> = mismatches
+                .iter()
+                .take(20)
+                .map(|m| format!("  #{} conn {} type {}: {}", m.index, m.conn, m.msg_type, m.what))
+                .collect();
+            panic!(
+                "{} mismatches vs the oracle, broker exits {:?}\n{}\n{}",
+                mismatches.len(),
+                report.broker_exits,
+                list.join("\n"),
+                logs()
+            );
+        }
+        assert_eq!(report.steps.len(), trace.request_count(), "every request of the trace answered");
     }
 
     impl Oracle for Signer {

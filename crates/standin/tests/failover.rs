@@ -31,7 +31,7 @@ use common::recorded_session;
 use sphinx_lss::lssd::Lssd;
 use sphinx_standin::harness::{bin, broker_envs, free_port, init_signer, log_text, tail, SignerProcess, TempDir};
 use sphinx_standin::lightningd::{BrokerOutput, SpawnOptions};
-use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, ReplayOptions, ReplayReport};
+use sphinx_standin::replay::{self, ReplayOptions, ReplayReport};
 use sphinx_standin::trace::Trace;
 
 const API_TOKEN: &str = "failover-e2e-api-token-0123456789";
@@ -133,26 +133,9 @@ fn ctl_signers(key: &Path, api: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Every reply equals the in-process oracle's (one signer, LSS off), and the broker exited cleanly.
+/// Every reply equals the in-process oracle's (LSS off), and the broker exited cleanly.
 fn assert_like_oracle(tr: &Trace, seed: [u8; 32], clock: u64, report: &ReplayReport, d: &TempDir) {
-    let cfg = replay::signer::replay_config(clock, Default::default());
-    let mut signer = replay::signer::in_memory(seed, &cfg).unwrap();
-    let expected = oracle_replay(tr, &mut signer, true);
-    let mismatches = compare_with_oracle(&report.steps, &expected);
-    let list: Vec<String> = mismatches
-        .iter()
-        .take(20)
-        .map(|m| format!("  #{} conn {} type {}: {}", m.index, m.conn, m.msg_type, m.what))
-        .collect();
-    assert!(
-        mismatches.is_empty() && report.brokers_exited_cleanly(),
-        "{} mismatches vs the oracle, broker exits {:?}\n{}\n{}",
-        mismatches.len(),
-        report.broker_exits,
-        list.join("\n"),
-        logs(d)
-    );
-    assert_eq!(report.steps.len(), tr.request_count());
+    replay::signer::assert_like_oracle(tr, seed, clock, report, || logs(d));
 }
 
 /// Mid-session: a channel is open and payments are under way (request 63 on opens it).
