@@ -538,14 +538,10 @@ impl Signer {
         let hash = hex::encode(sha256::Hash::hash(&req.encode()).to_byte_array());
         let slot_key = format!("{REPLY_KEY_PREFIX}{}", req.seq % DEDUPE_SLOTS);
         let core = self.core()?;
-        if let Some(rec) = load_record(&core.persister, &slot_key) {
-            if rec.seq == req.seq && rec.hash == hash {
-                if let Ok(message) = hex::decode(&rec.reply) {
-                    debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
-                    self.stats.dedupe_hits += 1;
-                    return Ok(Outcome::Ready(Reply { seq: req.seq, message }));
-                }
-            }
+        if let Some(message) = recorded_reply(&core.persister, &slot_key, req.seq, &hash) {
+            debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
+            self.stats.dedupe_hits += 1;
+            return Ok(Outcome::Ready(Reply { seq: req.seq, message }));
         }
         let Some(root) = core.root.as_ref() else {
             return Err(Error::NotInitialized(msg_type, msg_name(msg_type)));
@@ -556,14 +552,7 @@ impl Signer {
         let persister = core.persister.clone();
         let node = core.node.clone();
         begin(&persister)?;
-        let res = catch_unwind(AssertUnwindSafe(|| {
-            let r = if req.dbid == 0 {
-                root.handle(msg)
-            } else {
-                root.for_new_client(req.dbid, PubKey(req.peer_id), req.dbid).handle(msg)
-            };
-            r.map(|reply| reply.as_vec())
-        }));
+        let res = call_vls(root, req, msg);
         self.stats.vls_calls += 1;
         let name = || msg_name(msg_type);
         match res {
@@ -711,14 +700,10 @@ impl Signer {
         };
         // Read through the open transaction: a record staged earlier in this batch counts, and
         // its reply is released with the batch's commit like the others.
-        if let Some(rec) = load_record(&core.persister, &slot_key) {
-            if rec.seq == req.seq && rec.hash == hash {
-                if let Ok(message) = hex::decode(&rec.reply) {
-                    debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
-                    self.stats.dedupe_hits += 1;
-                    return Step::Staged(Reply { seq: req.seq, message });
-                }
-            }
+        if let Some(message) = recorded_reply(&core.persister, &slot_key, req.seq, &hash) {
+            debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
+            self.stats.dedupe_hits += 1;
+            return Step::Staged(Reply { seq: req.seq, message });
         }
         let Some(root) = core.root.as_ref() else {
             return Step::Failed(Error::NotInitialized(msg_type, msg_name(msg_type)));
@@ -737,14 +722,7 @@ impl Signer {
             }
         }
         let before = persister.snapshot();
-        let res = catch_unwind(AssertUnwindSafe(|| {
-            let r = if req.dbid == 0 {
-                root.handle(msg)
-            } else {
-                root.for_new_client(req.dbid, PubKey(req.peer_id), req.dbid).handle(msg)
-            };
-            r.map(|reply| reply.as_vec())
-        }));
+        let res = call_vls(root, req, msg);
         self.stats.vls_calls += 1;
         let name = || msg_name(msg_type);
         match res {
@@ -976,6 +954,31 @@ fn vls_error_text(e: &vls_protocol_signer::handler::Error) -> String {
     }
 }
 
+/// Runs one request through VLS (the root handler, or a channel client's for a dbid), a panic
+/// caught: what [`Signer::stage`] and the batch path both call.
+fn call_vls(
+    root: &RootHandler,
+    req: &Request,
+    msg: Message,
+) -> std::thread::Result<Result<Vec<u8>, vls_protocol_signer::handler::Error>> {
+    catch_unwind(AssertUnwindSafe(|| {
+        let r = if req.dbid == 0 {
+            root.handle(msg)
+        } else {
+            root.for_new_client(req.dbid, PubKey(req.peer_id), req.dbid).handle(msg)
+        };
+        r.map(|reply| reply.as_vec())
+    }))
+}
+
+/// The stored reply of the dedupe record in `slot_key` when it is for this very request (same
+/// seq, same frame hash).
+fn recorded_reply(p: &Persister, slot_key: &str, seq: u16, hash: &str) -> Option<Vec<u8>> {
+    load_record(p, slot_key)
+        .filter(|rec| rec.seq == seq && rec.hash == hash)
+        .and_then(|rec| hex::decode(&rec.reply).ok())
+}
+
 fn open_redb(dir: &Path) -> Result<AnyStore, Error> {
     let err = |reason: String| Error::StateDir { path: dir.to_path_buf(), reason };
     create_redb_whole(dir).map_err(|e| err(format!("cannot create the state database: {e}")))?;
@@ -1003,14 +1006,15 @@ fn create_redb_whole(dir: &Path) -> std::io::Result<()> {
     let path = dir.join(REDB_FILE);
     match std::fs::metadata(&path) {
         Ok(m) if m.len() > 0 => return Ok(()),
-        Ok(_) => warn!(path = %path.display(), "empty state database (a crash while it was created): creating it again"),
+        Ok(_) => {
+            warn!(path = %path.display(), "empty state database (a crash while it was created): creating it again")
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
     let scratch = dir.join(format!("{CREATING_PREFIX}{}", std::process::id()));
     std::fs::create_dir(&scratch)?;
-    catch_unwind(|| drop(AnyStore::open_redb(&scratch)))
-        .map_err(|p| std::io::Error::other(panic_text(p)))?;
+    catch_unwind(|| drop(AnyStore::open_redb(&scratch))).map_err(|p| std::io::Error::other(panic_text(p)))?;
     std::fs::File::open(scratch.join(REDB_FILE))?.sync_all()?;
     std::fs::rename(scratch.join(REDB_FILE), &path)?;
     std::fs::File::open(dir)?.sync_all()?;
