@@ -263,32 +263,6 @@ pub fn spawn_with_hub(
     lss: Option<LssRelay>,
     hub: Option<Arc<SignerHub>>,
 ) -> RelayHandle {
-    spawn_inner(cfg, link, events, pin, metrics, lss, hub)
-}
-
-/// [`spawn`], reporting into `metrics` (the broker's, served on `/metrics`), and with LSS backup
-/// when `lss` is given (a signer is ready only once in sync with LSS).
-pub fn spawn_with(
-    cfg: RelayConfig,
-    link: Arc<dyn SignerLink>,
-    events: mpsc::Receiver<LinkEvent>,
-    pin: Arc<PinStore>,
-    metrics: Arc<Metrics>,
-    lss: Option<LssRelay>,
-) -> RelayHandle {
-    let hub = lss.as_ref().map(|l| l.hub().clone());
-    spawn_inner(cfg, link, events, pin, metrics, lss, hub)
-}
-
-fn spawn_inner(
-    cfg: RelayConfig,
-    link: Arc<dyn SignerLink>,
-    events: mpsc::Receiver<LinkEvent>,
-    pin: Arc<PinStore>,
-    metrics: Arc<Metrics>,
-    lss: Option<LssRelay>,
-    hub: Option<Arc<SignerHub>>,
-) -> RelayHandle {
     let (jobs_tx, jobs_rx) = mpsc::channel(cfg.queue_capacity);
     let handle = RelayHandle { jobs: jobs_tx.clone(), timeout: cfg.request_timeout, metrics: metrics.clone() };
     let relay = Relay {
@@ -309,6 +283,20 @@ fn spawn_inner(
     };
     tokio::spawn(relay.run(jobs_rx, events));
     handle
+}
+
+/// [`spawn`], reporting into `metrics` (the broker's, served on `/metrics`), and with LSS backup
+/// when `lss` is given (a signer is ready only once in sync with LSS).
+pub fn spawn_with(
+    cfg: RelayConfig,
+    link: Arc<dyn SignerLink>,
+    events: mpsc::Receiver<LinkEvent>,
+    pin: Arc<PinStore>,
+    metrics: Arc<Metrics>,
+    lss: Option<LssRelay>,
+) -> RelayHandle {
+    let hub = lss.as_ref().map(|l| l.hub().clone());
+    spawn_with_hub(cfg, link, events, pin, metrics, lss, hub)
 }
 
 struct Relay {
