@@ -12,7 +12,7 @@
 //! - Requests with dbid 0 go to the root handler, the others to a channel handler for
 //!   `(peer_id, dbid)`.
 //! - A request delivered twice (same seq, same frame bytes) returns the stored reply and does not
-//!   run VLS again. The last [`DEDUPE_SLOTS`] replies are kept, keyed by `seq % DEDUPE_SLOTS`.
+//!   run VLS again; one that changed nothing has no record (and no commit): VLS answers it again. The last [`DEDUPE_SLOTS`] replies are kept, keyed by `seq % DEDUPE_SLOTS`.
 //! - Nothing from the network or the disk may crash the process: VLS panics are caught, turned
 //!   into [`Error`]s, and the node is rebuilt from the persisted state without the failed
 //!   request's mutations.
@@ -552,6 +552,7 @@ impl Signer {
         let persister = core.persister.clone();
         let node = core.node.clone();
         begin(&persister)?;
+        let writes = persister.writes();
         let res = call_vls(root, req, msg);
         self.stats.vls_calls += 1;
         let name = || msg_name(msg_type);
@@ -559,16 +560,7 @@ impl Signer {
             Ok(Ok(reply)) => {
                 let rec = ReplyRecord { seq: req.seq, hash, reply: hex::encode(&reply) };
                 let value = serde_json::to_vec(&rec).expect("record serializes");
-                let lss_on = self.lss.is_some();
-                let done = catch_unwind(AssertUnwindSafe(|| {
-                    sync_node_state(&persister, &node)?;
-                    // With LSS, a request that changed nothing is not backed up and needs no
-                    // record: answering it again gives the same answer from the same state.
-                    if lss_on && persister.prepare().is_empty() {
-                        return Ok(());
-                    }
-                    persister.put(&slot_key, value)
-                }));
+                let done = catch_unwind(AssertUnwindSafe(|| record_if_changed(&persister, &node, writes, &slot_key, value)));
                 let done = match done {
                     Ok(Ok(())) => self.finish(&persister, req.seq),
                     Ok(Err(e)) => Err(Error::Persist(format!("{e:?}"))),
@@ -722,6 +714,7 @@ impl Signer {
             }
         }
         let before = persister.snapshot();
+        let writes = persister.writes();
         let res = call_vls(root, req, msg);
         self.stats.vls_calls += 1;
         let name = || msg_name(msg_type);
@@ -729,10 +722,7 @@ impl Signer {
             Ok(Ok(reply)) => {
                 let rec = ReplyRecord { seq: req.seq, hash, reply: hex::encode(&reply) };
                 let value = serde_json::to_vec(&rec).expect("record serializes");
-                let done = catch_unwind(AssertUnwindSafe(|| {
-                    sync_node_state(&persister, &node)?;
-                    persister.put(&slot_key, value)
-                }));
+                let done = catch_unwind(AssertUnwindSafe(|| record_if_changed(&persister, &node, writes, &slot_key, value)));
                 match done {
                     Ok(Ok(())) => Step::Staged(Reply { seq: req.seq, message: reply }),
                     Ok(Err(e)) => {
@@ -943,6 +933,25 @@ fn sync_node_state(p: &Persister, node: &Node) -> Result<(), lightning_signer::p
         return Ok(());
     }
     p.put(&node_state_key(node), node_state_value(node)?)
+}
+
+/// After a request VLS answered: brings the node state into the transaction, and records the
+/// reply for dedupe when the request changed anything (`writes`: the store's write count before
+/// it). A request that changed nothing gets no record and, alone, no commit and no fsync:
+/// answering it again gives the same answer from the same state, and a reply a record would
+/// replay has left the device already, so nothing is lost or revealed (docs/signer.md).
+fn record_if_changed(
+    p: &Persister,
+    node: &Node,
+    writes: u64,
+    slot_key: &str,
+    record: Vec<u8>,
+) -> Result<(), lightning_signer::persist::Error> {
+    sync_node_state(p, node)?;
+    if p.writes() == writes {
+        return Ok(());
+    }
+    p.put(slot_key, record)
 }
 
 fn vls_error_text(e: &vls_protocol_signer::handler::Error) -> String {
