@@ -281,8 +281,8 @@ fn by_type(r: &Run) -> BTreeMap<u16, f64> {
 }
 
 /// Other processes' durable writes on the signer's disk, as on a real node host (CLN's sqlite
-/// database, bitcoind): `WRITERS` threads, each appending 16 KiB and `fdatasync`ing it, then
-/// pausing 2 ms (a fixed pacing of the load, not a synchronisation). Stopped and joined on drop;
+/// database, bitcoind): `WRITERS` threads, each appending `BLOCK` bytes and `fdatasync`ing it,
+/// then pausing `PAUSE` (a fixed pacing of the load, not a synchronisation). Stopped and joined on drop;
 /// reports how many fdatasyncs it made and their mean latency (how busy the disk was).
 struct DiskNoise {
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -291,7 +291,9 @@ struct DiskNoise {
 }
 
 impl DiskNoise {
-    const WRITERS: usize = 2;
+    const WRITERS: usize = 4;
+    const BLOCK: usize = 64 * 1024;
+    const PAUSE: Duration = Duration::from_millis(1);
 
     fn start() -> DiskNoise {
         use std::io::{Seek, Write};
@@ -302,7 +304,7 @@ impl DiskNoise {
                 let (stop, path) = (stop.clone(), dir.join(&format!("noise-{i}")));
                 std::thread::spawn(move || {
                     let mut f = std::fs::File::create(path).expect("noise file");
-                    let block = vec![0x5a_u8; 16 * 1024];
+                    let block = vec![0x5a_u8; Self::BLOCK];
                     let (mut n, mut spent, mut len) = (0u64, Duration::ZERO, 0usize);
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         if len >= 4 << 20 {
@@ -316,7 +318,7 @@ impl DiskNoise {
                         spent += t.elapsed();
                         n += 1;
                         len += block.len();
-                        std::thread::sleep(Duration::from_millis(2));
+                        std::thread::sleep(Self::PAUSE);
                     }
                     (n, spent)
                 })
@@ -381,7 +383,12 @@ fn main() {
         let chans = &all[..n];
         let noise = busy.then(DiskNoise::start);
         if busy {
-            println!("--- busy disk: {} other writers, each 16 KiB + fdatasync every ~2 ms ---", DiskNoise::WRITERS);
+            println!(
+                "--- busy disk: {} other writers, each {} KiB + fdatasync, {} ms apart ---",
+                DiskNoise::WRITERS,
+                DiskNoise::BLOCK / 1024,
+                DiskNoise::PAUSE.as_millis()
+            );
         }
         let mem = in_process(Signer::in_memory(seed, &cfg).expect("signer"), &init, chans);
         let dir = TempDir::new("bench-load-redb").expect("temp dir");
