@@ -525,30 +525,15 @@ impl Signer {
                 "the owner reset this device ({r:?}): it signs nothing until it is initialised again (`sphinx-key init`)"
             )));
         }
-        let msg_type = sphinx_wire::hsmd::msg_type(&req.message).map_err(|_| Error::NoType(req.message.len()))?;
-        if msg_type == CLIENT_HSMFD {
-            return Err(Error::NotForSigner(msg_type));
-        }
-        let msg = decode(&req.message, msg_type)?;
-        if matches!(msg, Message::HsmdInit(_) | Message::HsmdInit2(_)) {
-            return self.handle_init(req, msg, msg_type).map(Outcome::Ready);
-        }
-        self.lss_ready()?;
-
-        let hash = hex::encode(sha256::Hash::hash(&req.encode()).to_byte_array());
-        let slot_key = format!("{REPLY_KEY_PREFIX}{}", req.seq % DEDUPE_SLOTS);
+        let (msg, msg_type, hash, slot_key) = match self.prepare(req)? {
+            Prepared::Init(msg, msg_type) => return self.handle_init(req, msg, msg_type).map(Outcome::Ready),
+            Prepared::Recorded(reply) => return Ok(Outcome::Ready(reply)),
+            Prepared::Run { msg, msg_type, hash, slot_key } => (msg, msg_type, hash, slot_key),
+        };
         let core = self.core()?;
-        if let Some(message) = recorded_reply(&core.persister, &slot_key, req.seq, &hash) {
-            debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
-            self.stats.dedupe_hits += 1;
-            return Ok(Outcome::Ready(Reply { seq: req.seq, message }));
-        }
         let Some(root) = core.root.as_ref() else {
             return Err(Error::NotInitialized(msg_type, msg_name(msg_type)));
         };
-        if let Message::SetupChannel(m) = &msg {
-            funding_outpoint_unused(&core.node, &req.peer_id, req.dbid, m)?;
-        }
         let persister = core.persister.clone();
         let node = core.node.clone();
         begin(&persister)?;
@@ -671,40 +656,21 @@ impl Signer {
         if self.reset.is_some() {
             return Step::Alone;
         }
-        let Ok(msg_type) = sphinx_wire::hsmd::msg_type(&req.message) else {
-            return Step::Failed(Error::NoType(req.message.len()));
-        };
-        if msg_type == CLIENT_HSMFD {
-            return Step::Failed(Error::NotForSigner(msg_type));
-        }
-        let msg = match decode(&req.message, msg_type) {
-            Ok(m) => m,
+        let (msg, msg_type, hash, slot_key) = match self.prepare(req) {
             Err(e) => return Step::Failed(e),
+            Ok(Prepared::Init(..)) => return Step::Alone,
+            // Read through the open transaction: a record staged earlier in this batch counts,
+            // and its reply is released with the batch's commit like the others.
+            Ok(Prepared::Recorded(reply)) => return Step::Staged(reply),
+            Ok(Prepared::Run { msg, msg_type, hash, slot_key }) => (msg, msg_type, hash, slot_key),
         };
-        if matches!(msg, Message::HsmdInit(_) | Message::HsmdInit2(_)) {
-            return Step::Alone;
-        }
-        let hash = hex::encode(sha256::Hash::hash(&req.encode()).to_byte_array());
-        let slot_key = format!("{REPLY_KEY_PREFIX}{}", req.seq % DEDUPE_SLOTS);
         let core = match self.core() {
             Ok(c) => c,
             Err(e) => return Step::Failed(e),
         };
-        // Read through the open transaction: a record staged earlier in this batch counts, and
-        // its reply is released with the batch's commit like the others.
-        if let Some(message) = recorded_reply(&core.persister, &slot_key, req.seq, &hash) {
-            debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
-            self.stats.dedupe_hits += 1;
-            return Step::Staged(Reply { seq: req.seq, message });
-        }
         let Some(root) = core.root.as_ref() else {
             return Step::Failed(Error::NotInitialized(msg_type, msg_name(msg_type)));
         };
-        if let Message::SetupChannel(m) = &msg {
-            if let Err(e) = funding_outpoint_unused(&core.node, &req.peer_id, req.dbid, m) {
-                return Step::Failed(e);
-            }
-        }
         let persister = core.persister.clone();
         let node = core.node.clone();
         let snap = persister.snapshot();
@@ -758,6 +724,37 @@ impl Signer {
                 Step::FlushThen(Error::Panic { msg_type, name: name(), reason })
             }
         }
+    }
+
+    /// The checks [`Signer::stage`] and the batch step share, before VLS runs: the message type
+    /// and decoding, init messages (their own transaction), LSS readiness, the dedupe record (a
+    /// request delivered again gets its stored reply, read through any open transaction), an
+    /// initialised node, and the funding outpoint of a `setup_channel`.
+    fn prepare(&mut self, req: &Request) -> Result<Prepared, Error> {
+        let msg_type = sphinx_wire::hsmd::msg_type(&req.message).map_err(|_| Error::NoType(req.message.len()))?;
+        if msg_type == CLIENT_HSMFD {
+            return Err(Error::NotForSigner(msg_type));
+        }
+        let msg = decode(&req.message, msg_type)?;
+        if matches!(msg, Message::HsmdInit(_) | Message::HsmdInit2(_)) {
+            return Ok(Prepared::Init(msg, msg_type));
+        }
+        self.lss_ready()?;
+        let hash = hex::encode(sha256::Hash::hash(&req.encode()).to_byte_array());
+        let slot_key = format!("{REPLY_KEY_PREFIX}{}", req.seq % DEDUPE_SLOTS);
+        let core = self.core()?;
+        if let Some(message) = recorded_reply(&core.persister, &slot_key, req.seq, &hash) {
+            debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
+            self.stats.dedupe_hits += 1;
+            return Ok(Prepared::Recorded(Reply { seq: req.seq, message }));
+        }
+        if core.root.is_none() {
+            return Err(Error::NotInitialized(msg_type, msg_name(msg_type)));
+        }
+        if let Message::SetupChannel(m) = &msg {
+            funding_outpoint_unused(&core.node, &req.peer_id, req.dbid, m)?;
+        }
+        Ok(Prepared::Run { msg, msg_type, hash, slot_key })
     }
 
     fn handle_init(&mut self, req: &Request, msg: Message, msg_type: u16) -> Result<Reply, Error> {
@@ -846,6 +843,16 @@ impl Signer {
         }
         out
     }
+}
+
+/// A request after [`Signer::prepare`].
+enum Prepared {
+    /// `hsmd_init` / `hsmd_init2`: handled in a transaction of its own.
+    Init(Message, u16),
+    /// Delivered again: the stored reply, VLS not run.
+    Recorded(Reply),
+    /// To run through VLS; `slot_key` is its dedupe slot, `hash` the frame's hash.
+    Run { msg: Message, msg_type: u16, hash: String, slot_key: String },
 }
 
 /// What became of one request of a batch ([`Signer::handle_batch`]).
