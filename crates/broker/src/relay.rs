@@ -160,6 +160,21 @@ impl RelayConfig {
     }
 }
 
+/// The sequence number of every init-3 frame (see [`init_frame`]).
+const INIT_3_SEQ: u16 = 0;
+
+/// lightningd's `hsmd_init` (`init`) as the init-3 request frame of a dance, unless it is itself
+/// still in flight (then it is re-sent as it is). Sequence number 0, as upstream frames it, and
+/// none taken from the relay's counter: the dance matches its reply by topic (`init-3-res`), and
+/// upstream's vls-mqtt refuses `vls` frames whose numbers are not consecutive, so neither a dance
+/// nor an LSS `Put` may leave a gap in the numbers the active signer sees.
+fn init_frame(inflight: &VecDeque<Pending>, init: &InitReplay) -> Option<Vec<u8>> {
+    if inflight.iter().any(|p| p.kind == Kind::Cln && p.msg_type == hsmd::HSMD_INIT) {
+        return None;
+    }
+    Some(encode_request(INIT_3_SEQ, &[0; 33], 0, init.message()?))
+}
+
 struct Job {
     ctx: ClientContext,
     msg: Bytes,
@@ -616,28 +631,19 @@ impl Relay {
         }
     }
 
-    /// lightningd's `hsmd_init` as a request frame to replay, unless it is itself still
-    /// unanswered (then it is re-sent as it is).
-    fn init_frame(&mut self) -> Option<Vec<u8>> {
-        if self.inflight.iter().any(|p| p.kind == Kind::Cln && p.msg_type == hsmd::HSMD_INIT) {
-            return None;
-        }
-        self.init.message()?;
-        let seq = self.alloc_seq();
-        Some(encode_request(seq, &[0; 33], 0, self.init.message()?))
+    /// [`init_frame`] of this relay.
+    fn init_frame(&self) -> Option<Vec<u8>> {
+        init_frame(&self.inflight, &self.init)
     }
 
     fn on_lss_event(&mut self, ev: LssEvent) {
         if self.lss.is_none() {
             return;
         }
-        // Only needed when a dance may start again (allocates a sequence number).
-        let init = match &ev {
-            LssEvent::Stored { .. } | LssEvent::Retry { .. } => self.init_frame(),
-            LssEvent::Danced { .. } => None,
-        };
+        // Made only when a dance starts again.
+        let (inflight, init) = (&self.inflight, &self.init);
         let Some(lss) = self.lss.as_mut() else { return };
-        match lss.on_event(ev, || init) {
+        match lss.on_event(ev, || init_frame(inflight, init)) {
             Next::Nothing => {}
             Next::NotReady(id) => {
                 if self.signer.as_deref() == Some(id.as_str()) {

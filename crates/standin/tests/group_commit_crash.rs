@@ -141,7 +141,7 @@ fn signer_killed_during_batched_commits_never_replies_for_lost_state() {
             while !done.load(Ordering::SeqCst) {
                 // Chooses where to crash (somewhere inside the stream of batches); nothing waits
                 // on it for correctness.
-                std::thread::sleep(Duration::from_millis(30 + rng.next() % 150));
+                std::thread::sleep(Duration::from_millis(20 + rng.next() % 80));
                 signer.kill().unwrap();
                 kills += 1;
                 signer = start();
