@@ -392,7 +392,14 @@ fn recorded_requests() -> Vec<(ClientContext, Vec<u8>)> {
             dbid: v["ctx"]["dbid"].as_u64().unwrap(),
             permissions: v["ctx"]["permissions"].as_u64().unwrap(),
         };
-        out.push((ctx, hex::decode(v["hex"].as_str().unwrap()).unwrap()));
+        let mut message = hex::decode(v["hex"].as_str().unwrap()).unwrap();
+        // Recorded against CLN's own hsmd, which has the preapprove "check" capability; with
+        // VLS (which has not) lightningd sends 38/39 instead of 51/52, without `check_only`.
+        if message[..2] == [0, 51] || message[..2] == [0, 52] {
+            message.pop();
+            message[1] -= 13;
+        }
+        out.push((ctx, message));
     }
     out
 }
@@ -457,12 +464,10 @@ async fn with_lss_the_vls_frames_of_a_session_are_numbered_consecutively() {
     let requests = recorded_requests();
     let n = requests.len();
     for (i, (ctx, msg)) in requests.into_iter().enumerate() {
-        // A refusal is an answer too (VLS 1.0.0-rc.1 does not know every CLN v25.12 message).
-        match tokio::time::timeout(WAIT, b.relay.call(ctx, msg)).await {
-            Ok(Ok(_)) | Ok(Err(sphinx_broker::relay::RelayError::Refused(_))) => {}
-            Ok(Err(e)) => panic!("request {i} of {n}: {e}"),
-            Err(_) => panic!("request {i} of {n} not answered in time"),
-        }
+        tokio::time::timeout(WAIT, b.relay.call(ctx, msg))
+            .await
+            .unwrap_or_else(|_| panic!("request {i} of {n} not answered in time"))
+            .unwrap_or_else(|e| panic!("request {i} of {n}: {e}"));
     }
     let seqs = seqs.lock().unwrap().clone();
     assert!(seqs.len() >= n - 1, "{} vls frames for {n} requests", seqs.len());
