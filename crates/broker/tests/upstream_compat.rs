@@ -475,3 +475,42 @@ async fn with_lss_the_vls_frames_of_a_session_are_numbered_consecutively() {
         seqs.windows(2).filter(|w| w[1] != w[0].wrapping_add(1)).map(|w| (w[0], w[1])).collect();
     assert!(gaps.is_empty(), "{} gaps in the vls sequence, first {:?}", gaps.len(), &gaps[..gaps.len().min(5)]);
 }
+
+/// vls-mqtt reports a refusal on `{id}/error` as text alone (`e.to_string()`, no sequence
+/// number) and handles one message at a time. lightningd should get the refusal at once; our
+/// relay reads the text's first two bytes as a sequence number that matches nothing, ignores
+/// the report, and lightningd's request waits for `request_timeout` (600 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "broker relay ignores text-only (upstream) error reports: relay.rs on_error needs the 2-byte seq"]
+async fn an_upstream_text_error_fails_the_request_at_once() {
+    let dir = Dir::fresh("sphinx-upstream-error");
+    let (pk, sk) = alice();
+    let b = broker(&dir, &pk).await;
+    let password = UpToken::new().sign_to_base64(&up_sk(&sk)).unwrap();
+    let mut s = login(b.mqtt.local_addr(), UPSTREAM_CID, &pk.to_string(), &password).await.unwrap();
+    s.client.subscribe(topics::topic(UPSTREAM_CID, topics::VLS), QoS::AtMostOnce).await.unwrap();
+    s.client.publish(topics::topic(UPSTREAM_CID, topics::HELLO), QoS::AtLeastOnce, false, vec![]).await.unwrap();
+    let mut signer = Signer::in_memory(ALICE_SEED, &signer_config()).unwrap();
+    const REFUSAL: &str = "policy failure: check_pubkey refused by the test";
+    tokio::spawn(async move {
+        while let Some(ev) = s.events.recv().await {
+            let Event::Incoming(Packet::Publish(p)) = ev else { continue };
+            // Serial request header: magic 2, seq 2, peer 33, dbid 8, len 4, then the type.
+            let (suffix, payload) = if p.payload.get(49..51) == Some(&[0, 28][..]) {
+                (topics::ERROR, REFUSAL.as_bytes().to_vec())
+            } else {
+                (topics::VLS_RES, signer.handle_frame(&p.payload).expect("the signer answers"))
+            };
+            let t = topics::topic(UPSTREAM_CID, suffix);
+            if s.client.publish(t, QoS::AtLeastOnce, false, payload).await.is_err() {
+                return;
+            }
+        }
+    });
+    let init = tokio::time::timeout(WAIT, b.relay.call(ClientContext::ROOT, trace_request(11))).await;
+    assert!(matches!(init, Ok(Ok(ref r)) if r[..2] == [0, 114]), "{init:?}");
+    let refused = tokio::time::timeout(WAIT, b.relay.call(ClientContext::ROOT, trace_request(28)))
+        .await
+        .expect("the refusal reaches lightningd at once, not after request_timeout");
+    assert!(matches!(refused, Err(sphinx_broker::relay::RelayError::Refused(ref t)) if t == REFUSAL), "{refused:?}");
+}
