@@ -12,7 +12,7 @@
 //! - Requests with dbid 0 go to the root handler, the others to a channel handler for
 //!   `(peer_id, dbid)`.
 //! - A request delivered twice (same seq, same frame bytes) returns the stored reply and does not
-//!   run VLS again. The last [`DEDUPE_SLOTS`] replies are kept, keyed by `seq % DEDUPE_SLOTS`.
+//!   run VLS again; one that changed nothing has no record (and no commit): VLS answers it again. The last [`DEDUPE_SLOTS`] replies are kept, keyed by `seq % DEDUPE_SLOTS`.
 //! - Nothing from the network or the disk may crash the process: VLS panics are caught, turned
 //!   into [`Error`]s, and the node is rebuilt from the persisted state without the failed
 //!   request's mutations.
@@ -525,33 +525,19 @@ impl Signer {
                 "the owner reset this device ({r:?}): it signs nothing until it is initialised again (`sphinx-key init`)"
             )));
         }
-        let msg_type = sphinx_wire::hsmd::msg_type(&req.message).map_err(|_| Error::NoType(req.message.len()))?;
-        if msg_type == CLIENT_HSMFD {
-            return Err(Error::NotForSigner(msg_type));
-        }
-        let msg = decode(&req.message, msg_type)?;
-        if matches!(msg, Message::HsmdInit(_) | Message::HsmdInit2(_)) {
-            return self.handle_init(req, msg, msg_type).map(Outcome::Ready);
-        }
-        self.lss_ready()?;
-
-        let hash = hex::encode(sha256::Hash::hash(&req.encode()).to_byte_array());
-        let slot_key = format!("{REPLY_KEY_PREFIX}{}", req.seq % DEDUPE_SLOTS);
+        let (msg, msg_type, hash, slot_key) = match self.prepare(req)? {
+            Prepared::Init(msg, msg_type) => return self.handle_init(req, msg, msg_type).map(Outcome::Ready),
+            Prepared::Recorded(reply) => return Ok(Outcome::Ready(reply)),
+            Prepared::Run { msg, msg_type, hash, slot_key } => (msg, msg_type, hash, slot_key),
+        };
         let core = self.core()?;
-        if let Some(message) = recorded_reply(&core.persister, &slot_key, req.seq, &hash) {
-            debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
-            self.stats.dedupe_hits += 1;
-            return Ok(Outcome::Ready(Reply { seq: req.seq, message }));
-        }
         let Some(root) = core.root.as_ref() else {
             return Err(Error::NotInitialized(msg_type, msg_name(msg_type)));
         };
-        if let Message::SetupChannel(m) = &msg {
-            funding_outpoint_unused(&core.node, &req.peer_id, req.dbid, m)?;
-        }
         let persister = core.persister.clone();
         let node = core.node.clone();
         begin(&persister)?;
+        let writes = persister.writes();
         let res = call_vls(root, req, msg);
         self.stats.vls_calls += 1;
         let name = || msg_name(msg_type);
@@ -559,16 +545,7 @@ impl Signer {
             Ok(Ok(reply)) => {
                 let rec = ReplyRecord { seq: req.seq, hash, reply: hex::encode(&reply) };
                 let value = serde_json::to_vec(&rec).expect("record serializes");
-                let lss_on = self.lss.is_some();
-                let done = catch_unwind(AssertUnwindSafe(|| {
-                    sync_node_state(&persister, &node)?;
-                    // With LSS, a request that changed nothing is not backed up and needs no
-                    // record: answering it again gives the same answer from the same state.
-                    if lss_on && persister.prepare().is_empty() {
-                        return Ok(());
-                    }
-                    persister.put(&slot_key, value)
-                }));
+                let done = catch_unwind(AssertUnwindSafe(|| record_if_changed(&persister, &node, writes, &slot_key, value)));
                 let done = match done {
                     Ok(Ok(())) => self.finish(&persister, req.seq),
                     Ok(Err(e)) => Err(Error::Persist(format!("{e:?}"))),
@@ -679,40 +656,21 @@ impl Signer {
         if self.reset.is_some() {
             return Step::Alone;
         }
-        let Ok(msg_type) = sphinx_wire::hsmd::msg_type(&req.message) else {
-            return Step::Failed(Error::NoType(req.message.len()));
-        };
-        if msg_type == CLIENT_HSMFD {
-            return Step::Failed(Error::NotForSigner(msg_type));
-        }
-        let msg = match decode(&req.message, msg_type) {
-            Ok(m) => m,
+        let (msg, msg_type, hash, slot_key) = match self.prepare(req) {
             Err(e) => return Step::Failed(e),
+            Ok(Prepared::Init(..)) => return Step::Alone,
+            // Read through the open transaction: a record staged earlier in this batch counts,
+            // and its reply is released with the batch's commit like the others.
+            Ok(Prepared::Recorded(reply)) => return Step::Staged(reply),
+            Ok(Prepared::Run { msg, msg_type, hash, slot_key }) => (msg, msg_type, hash, slot_key),
         };
-        if matches!(msg, Message::HsmdInit(_) | Message::HsmdInit2(_)) {
-            return Step::Alone;
-        }
-        let hash = hex::encode(sha256::Hash::hash(&req.encode()).to_byte_array());
-        let slot_key = format!("{REPLY_KEY_PREFIX}{}", req.seq % DEDUPE_SLOTS);
         let core = match self.core() {
             Ok(c) => c,
             Err(e) => return Step::Failed(e),
         };
-        // Read through the open transaction: a record staged earlier in this batch counts, and
-        // its reply is released with the batch's commit like the others.
-        if let Some(message) = recorded_reply(&core.persister, &slot_key, req.seq, &hash) {
-            debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
-            self.stats.dedupe_hits += 1;
-            return Step::Staged(Reply { seq: req.seq, message });
-        }
         let Some(root) = core.root.as_ref() else {
             return Step::Failed(Error::NotInitialized(msg_type, msg_name(msg_type)));
         };
-        if let Message::SetupChannel(m) = &msg {
-            if let Err(e) = funding_outpoint_unused(&core.node, &req.peer_id, req.dbid, m) {
-                return Step::Failed(e);
-            }
-        }
         let persister = core.persister.clone();
         let node = core.node.clone();
         let snap = persister.snapshot();
@@ -722,6 +680,7 @@ impl Signer {
             }
         }
         let before = persister.snapshot();
+        let writes = persister.writes();
         let res = call_vls(root, req, msg);
         self.stats.vls_calls += 1;
         let name = || msg_name(msg_type);
@@ -729,10 +688,7 @@ impl Signer {
             Ok(Ok(reply)) => {
                 let rec = ReplyRecord { seq: req.seq, hash, reply: hex::encode(&reply) };
                 let value = serde_json::to_vec(&rec).expect("record serializes");
-                let done = catch_unwind(AssertUnwindSafe(|| {
-                    sync_node_state(&persister, &node)?;
-                    persister.put(&slot_key, value)
-                }));
+                let done = catch_unwind(AssertUnwindSafe(|| record_if_changed(&persister, &node, writes, &slot_key, value)));
                 match done {
                     Ok(Ok(())) => Step::Staged(Reply { seq: req.seq, message: reply }),
                     Ok(Err(e)) => {
@@ -768,6 +724,37 @@ impl Signer {
                 Step::FlushThen(Error::Panic { msg_type, name: name(), reason })
             }
         }
+    }
+
+    /// The checks [`Signer::stage`] and the batch step share, before VLS runs: the message type
+    /// and decoding, init messages (their own transaction), LSS readiness, the dedupe record (a
+    /// request delivered again gets its stored reply, read through any open transaction), an
+    /// initialised node, and the funding outpoint of a `setup_channel`.
+    fn prepare(&mut self, req: &Request) -> Result<Prepared, Error> {
+        let msg_type = sphinx_wire::hsmd::msg_type(&req.message).map_err(|_| Error::NoType(req.message.len()))?;
+        if msg_type == CLIENT_HSMFD {
+            return Err(Error::NotForSigner(msg_type));
+        }
+        let msg = decode(&req.message, msg_type)?;
+        if matches!(msg, Message::HsmdInit(_) | Message::HsmdInit2(_)) {
+            return Ok(Prepared::Init(msg, msg_type));
+        }
+        self.lss_ready()?;
+        let hash = hex::encode(sha256::Hash::hash(&req.encode()).to_byte_array());
+        let slot_key = format!("{REPLY_KEY_PREFIX}{}", req.seq % DEDUPE_SLOTS);
+        let core = self.core()?;
+        if let Some(message) = recorded_reply(&core.persister, &slot_key, req.seq, &hash) {
+            debug!(seq = req.seq, msg_type, "duplicate request: stored reply");
+            self.stats.dedupe_hits += 1;
+            return Ok(Prepared::Recorded(Reply { seq: req.seq, message }));
+        }
+        if core.root.is_none() {
+            return Err(Error::NotInitialized(msg_type, msg_name(msg_type)));
+        }
+        if let Message::SetupChannel(m) = &msg {
+            funding_outpoint_unused(&core.node, &req.peer_id, req.dbid, m)?;
+        }
+        Ok(Prepared::Run { msg, msg_type, hash, slot_key })
     }
 
     fn handle_init(&mut self, req: &Request, msg: Message, msg_type: u16) -> Result<Reply, Error> {
@@ -858,6 +845,16 @@ impl Signer {
     }
 }
 
+/// A request after [`Signer::prepare`].
+enum Prepared {
+    /// `hsmd_init` / `hsmd_init2`: handled in a transaction of its own.
+    Init(Message, u16),
+    /// Delivered again: the stored reply, VLS not run.
+    Recorded(Reply),
+    /// To run through VLS; `slot_key` is its dedupe slot, `hash` the frame's hash.
+    Run { msg: Message, msg_type: u16, hash: String, slot_key: String },
+}
+
 /// What became of one request of a batch ([`Signer::handle_batch`]).
 enum Step {
     /// Its state is in the open transaction; the reply is released by the batch's commit.
@@ -943,6 +940,25 @@ fn sync_node_state(p: &Persister, node: &Node) -> Result<(), lightning_signer::p
         return Ok(());
     }
     p.put(&node_state_key(node), node_state_value(node)?)
+}
+
+/// After a request VLS answered: brings the node state into the transaction, and records the
+/// reply for dedupe when the request changed anything (`writes`: the store's write count before
+/// it). A request that changed nothing gets no record and, alone, no commit and no fsync:
+/// answering it again gives the same answer from the same state, and a reply a record would
+/// replay has left the device already, so nothing is lost or revealed (docs/signer.md).
+fn record_if_changed(
+    p: &Persister,
+    node: &Node,
+    writes: u64,
+    slot_key: &str,
+    record: Vec<u8>,
+) -> Result<(), lightning_signer::persist::Error> {
+    sync_node_state(p, node)?;
+    if p.writes() == writes {
+        return Ok(());
+    }
+    p.put(slot_key, record)
 }
 
 fn vls_error_text(e: &vls_protocol_signer::handler::Error) -> String {

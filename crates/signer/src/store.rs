@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use lightning_signer::persist::{Error as PersistError, Mutations, SignerId};
@@ -139,6 +139,8 @@ pub(crate) struct TxnStore {
     inner: AnyStore,
     log: Mutex<Option<Log>>,
     lss: AtomicBool,
+    /// Writes buffered in transactions so far (see [`TxnStore::writes`]).
+    writes: AtomicU64,
 }
 
 impl SendSync for TxnStore {}
@@ -165,6 +167,12 @@ impl TxnStore {
     /// Drops the open transaction's writes (the caller also drops the in-memory node that made them).
     pub(crate) fn abort(&self) {
         *self.log() = None;
+    }
+
+    /// How many writes transactions have buffered so far: a request whose handling did not move
+    /// it changed nothing (no record, no commit needed). Cheaper than comparing snapshots.
+    pub(crate) fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
     }
 
     /// A copy of the open transaction's writes (`None`: no transaction): a group commit takes
@@ -217,6 +225,7 @@ impl KVVStore for TxnStore {
             }
         }
         log.insert(key.to_string(), (version, value));
+        self.writes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -324,5 +333,5 @@ impl KVVStore for TxnStore {
 
 /// Wraps a store in a fresh transactional persister (`lss`: LSS's version rule).
 pub(crate) fn persister(store: AnyStore, lss: bool) -> Persister {
-    KVVPersister(TxnStore { inner: store, log: Mutex::new(None), lss: AtomicBool::new(lss) }, JsonFormat)
+    KVVPersister(TxnStore { inner: store, log: Mutex::new(None), lss: AtomicBool::new(lss), writes: AtomicU64::new(0) }, JsonFormat)
 }

@@ -107,3 +107,45 @@ fn a_duplicate_inside_a_batch_gets_the_stored_reply() {
     assert_eq!(a.message, b.message);
     assert_eq!(s.stats().dedupe_hits, 1);
 }
+
+/// A request that changes no state (here every `ecdh`, `sign_remote_htlc_tx` and
+/// `sign_penalty_to_us` of the session) writes nothing, so it costs no commit and no fsync, one
+/// at a time or in a batch; delivered again it is answered again by VLS, with the same reply.
+/// The state-changing requests still commit with their dedupe record.
+#[test]
+fn requests_that_change_nothing_write_nothing() {
+    let trace = load("open-pay-close/bob.jsonl");
+    let d = temp_dir("gc-stateless");
+    let mut s = open(&d);
+    let stateless = [1u16, 20, 14];
+    let mut seen = 0;
+    for (i, st) in trace.iter().enumerate() {
+        let before = s.synced_state().unwrap();
+        let reply = s.handle(&st.req).unwrap_or_else(|e| panic!("#{i}: {e}"));
+        if !stateless.contains(&st.msg_type) {
+            continue;
+        }
+        seen += 1;
+        assert_eq!(s.synced_state().unwrap(), before, "#{i} type {} wrote state", st.msg_type);
+        let vls = s.stats().vls_calls;
+        // Again, alone and as a batch of two: VLS answers each time, identically.
+        assert_eq!(s.handle(&st.req).unwrap(), reply);
+        let twice = s.handle_batch(&[st.req.clone(), st.req.clone()]);
+        for r in twice {
+            assert_eq!(r.unwrap(), reply);
+        }
+        assert_eq!(s.stats().vls_calls, vls + 3);
+        assert_eq!(s.synced_state().unwrap(), before);
+    }
+    assert!(seen >= 5, "the session has stateless requests ({seen})");
+    // A state-changing request still leaves its dedupe record: delivered again, it is not re-run.
+    let k = trace.iter().rposition(|st| st.msg_type == 40).expect("a revoke_commitment_tx");
+    let d2 = temp_dir("gc-stateful");
+    let mut s = open(&d2);
+    for st in &trace[..=k] {
+        s.handle(&st.req).unwrap();
+    }
+    let vls = s.stats().vls_calls;
+    s.handle(&trace[k].req).unwrap();
+    assert_eq!(s.stats().vls_calls, vls);
+}

@@ -280,6 +280,67 @@ fn by_type(r: &Run) -> BTreeMap<u16, f64> {
     m.into_iter().map(|(t, mut v)| (t, pct(&mut v, 0.5))).collect()
 }
 
+/// Other processes' durable writes on the signer's disk, as on a real node host (CLN's sqlite
+/// database, bitcoind): `WRITERS` threads, each appending `BLOCK` bytes and `fdatasync`ing it,
+/// then pausing `PAUSE` (a fixed pacing of the load, not a synchronisation). Stopped and joined on drop;
+/// reports how many fdatasyncs it made and their mean latency (how busy the disk was).
+struct DiskNoise {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, Duration)>>,
+    _dir: TempDir,
+}
+
+impl DiskNoise {
+    const WRITERS: usize = 4;
+    const BLOCK: usize = 64 * 1024;
+    const PAUSE: Duration = Duration::from_millis(1);
+
+    fn start() -> DiskNoise {
+        use std::io::{Seek, Write};
+        let dir = TempDir::new("bench-load-noise").expect("temp dir");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..Self::WRITERS)
+            .map(|i| {
+                let (stop, path) = (stop.clone(), dir.join(&format!("noise-{i}")));
+                std::thread::spawn(move || {
+                    let mut f = std::fs::File::create(path).expect("noise file");
+                    let block = vec![0x5a_u8; Self::BLOCK];
+                    let (mut n, mut spent, mut len) = (0u64, Duration::ZERO, 0usize);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if len >= 4 << 20 {
+                            let _ = f.rewind();
+                            len = 0;
+                        }
+                        let t = Instant::now();
+                        if f.write_all(&block).and_then(|()| f.sync_data()).is_err() {
+                            break;
+                        }
+                        spent += t.elapsed();
+                        n += 1;
+                        len += block.len();
+                        std::thread::sleep(Self::PAUSE);
+                    }
+                    (n, spent)
+                })
+            })
+            .collect();
+        DiskNoise { stop, threads, _dir: dir }
+    }
+
+    /// Stops the writers: (fdatasyncs, mean latency ms).
+    fn finish(mut self) -> (u64, f64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut n, mut spent) = (0, Duration::ZERO);
+        for t in self.threads.drain(..) {
+            if let Ok((k, d)) = t.join() {
+                n += k;
+                spent += d;
+            }
+        }
+        (n, if n > 0 { ms(spent) / n as f64 } else { f64::NAN })
+    }
+}
+
 fn main() {
     let quick = std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var("LOAD_QUICK").is_ok();
     let payments = if quick { 2 } else { 10 };
@@ -301,15 +362,34 @@ fn main() {
         "{:>3} {:<20} {:>7} {:>9} {:>8} {:>8}   {:>28}",
         "N", "path", "reqs", "req/s", "p50 ms", "p99 ms", "CPU ms/req broker signer client"
     );
-    let mut per_type: Option<[BTreeMap<u16, f64>; 3]> = None;
+    let mut per_type: Vec<(bool, [BTreeMap<u16, f64>; 3])> = vec![];
     let mut ratios = vec![];
     // LOAD_NS=1,32: only these N (profiling one load).
     let ns: Vec<usize> = std::env::var("LOAD_NS")
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).filter(|n| NS.contains(n)).collect())
         .unwrap_or_else(|| NS.to_vec());
-    for n in ns {
+    // The same runs again with other processes fsyncing on the disk (`DiskNoise`), at N = 1 and
+    // 32. LOAD_BUSY=0: quiet runs only; LOAD_BUSY=only: busy runs only.
+    let busy = std::env::var("LOAD_BUSY").unwrap_or_default();
+    let mut passes: Vec<(bool, usize)> = vec![];
+    if busy != "only" {
+        passes.extend(ns.iter().map(|&n| (false, n)));
+    }
+    if busy != "0" {
+        passes.extend(ns.iter().filter(|&&n| n == 1 || n == 32).map(|&n| (true, n)));
+    }
+    for (busy, n) in passes {
         let chans = &all[..n];
+        let noise = busy.then(DiskNoise::start);
+        if busy {
+            println!(
+                "--- busy disk: {} other writers, each {} KiB + fdatasync, {} ms apart ---",
+                DiskNoise::WRITERS,
+                DiskNoise::BLOCK / 1024,
+                DiskNoise::PAUSE.as_millis()
+            );
+        }
         let mem = in_process(Signer::in_memory(seed, &cfg).expect("signer"), &init, chans);
         let dir = TempDir::new("bench-load-redb").expect("temp dir");
         let redb = in_process(Signer::open(seed, dir.path(), &cfg).expect("signer"), &init, chans);
@@ -341,21 +421,36 @@ fn main() {
         println!("{n:>3} ratio end to end / in-process throughput: (redb) {:.2}, (memory) {:.2}", e / i, e / im);
         let ((g, _, _), (o, _, _)) = (summary(&redb_gc), summary(&e2e_one));
         println!("{n:>3} group commit on / off throughput: end to end {:.2}, in process (redb) {:.2}", e / o, g / i);
-        ratios.push((n, e, e50, e99, e / i));
+        if let Some(noise) = noise {
+            let (k, mean) = noise.finish();
+            println!("{n:>3} the other writers' fdatasyncs meanwhile: {k}, mean {mean:.3} ms");
+        } else {
+            ratios.push((n, e, e50, e99, e / i));
+        }
         if n == 1 {
-            per_type = Some([by_type(&mem), by_type(&redb), by_type(&e2e)]);
+            per_type.push((busy, [by_type(&mem), by_type(&redb), by_type(&e2e)]));
         }
     }
-    if let Some([m, r, e]) = per_type {
+    for (busy, [m, r, e]) in per_type {
         // No subtraction: the in-process commits run back to back, and a back-to-back fdatasync
         // costs more than a spaced one on a shared disk (docs/benchmarks.md), so the redb column is
         // an upper bound of VLS + commit, not the signer's cost inside the end-to-end path.
-        println!("per request type at N = 1, p50 ms: VLS alone (memory), VLS + commit back to back (redb), end to end");
+        println!(
+            "per request type at N = 1{}, p50 ms: VLS alone (memory), VLS + commit back to back (redb), end to end",
+            if busy { ", busy disk" } else { "" }
+        );
+        let (mut sm, mut se) = (0.0, 0.0);
         for (t, vm) in &m {
             let (vr, ve) = (r.get(t).copied().unwrap_or(f64::NAN), e.get(t).copied().unwrap_or(f64::NAN));
             let name = vls_protocol_name(*t);
             println!("  {t:>3} {name:<28} {vm:>8.3} {vr:>8.3} {ve:>8.3}");
         }
+        // A payment's requests one after another (the payee's channeld waits for each).
+        for t in PAYMENT_MIX {
+            sm += m.get(&t).copied().unwrap_or(f64::NAN);
+            se += e.get(&t).copied().unwrap_or(f64::NAN);
+        }
+        println!("  one payment's {} requests in sequence (sum of p50): VLS alone {sm:.2} ms, end to end {se:.2} ms, added {:.2} ms", PAYMENT_MIX.len(), se - sm);
     }
     if let Some(&(_, rps, _, p99, ratio)) = ratios.iter().find(|r| r.0 == 32) {
         println!(
@@ -366,6 +461,9 @@ fn main() {
         );
     }
 }
+
+/// The payee channeld's requests of one payment, in the recorded order (see the module docs).
+const PAYMENT_MIX: [u16; 11] = [35, 40, 19, 20, 36, 14, 19, 36, 14, 35, 40];
 
 fn vls_protocol_name(t: u16) -> &'static str {
     match t {

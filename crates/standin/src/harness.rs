@@ -40,7 +40,8 @@ pub fn free_port() -> io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A temporary directory removed on drop.
+/// A temporary directory removed on drop (kept when `SPHINX_KEEP_TEMP` is set: the logs and
+/// state of a failed test or a benchmark run can then be read).
 pub struct TempDir(PathBuf);
 
 impl TempDir {
@@ -68,6 +69,9 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if std::env::var_os("SPHINX_KEEP_TEMP").is_some() {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
