@@ -186,8 +186,9 @@ impl HsmdServer {
 
     async fn serve_client(self: Arc<Self>, mut stream: UnixStream, ctx: ClientContext, client: u64) {
         loop {
-            let msg = match read_msg(&mut stream).await {
-                Ok(Some(m)) => m,
+            // `Bytes`: the relay shares it (for the refusal report below), nothing copies it.
+            let msg: bytes::Bytes = match read_msg(&mut stream).await {
+                Ok(Some(m)) => m.into(),
                 Ok(None) => {
                     debug!(client, "client connection closed");
                     return;
@@ -202,7 +203,7 @@ impl HsmdServer {
                 debug!(conn = client, msg_type, hex = %hex::encode(&msg), "request");
             }
             let result = match msg_type {
-                hsmd::DEV_MEMLEAK => Ok(hsmd::memleak_reply()),
+                hsmd::DEV_MEMLEAK => Ok(hsmd::memleak_reply().into()),
                 hsmd::CLIENT_HSMFD | hsmd::HSMD_INIT | hsmd::DEV_PREINIT => Err(RelayError::Refused(format!(
                     "message type {msg_type} is only valid on lightningd's connection"
                 ))),
@@ -279,9 +280,20 @@ pub async fn read_msg(s: &mut UnixStream) -> Result<Option<Vec<u8>>, HsmdError> 
     Ok(Some(buf))
 }
 
-/// Writes one length-prefixed message.
+/// Writes one length-prefixed message: prefix and message in one vectored write (one syscall,
+/// no copy of the message into a framed buffer).
 pub async fn write_msg(s: &mut UnixStream, msg: &[u8]) -> std::io::Result<()> {
-    s.write_all(&hsmd::frame(msg)).await
+    let len = hsmd::length_prefix(msg);
+    let mut bufs = [IoSlice::new(&len), IoSlice::new(msg)];
+    let mut bufs: &mut [IoSlice<'_>] = &mut bufs;
+    while !bufs.is_empty() {
+        let n = s.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
 }
 
 /// Passes `fd` over `s` the way ccan's `fdpass_send` does: one zero byte carrying SCM_RIGHTS.
@@ -300,5 +312,27 @@ async fn send_fd(s: &UnixStream, fd: RawFd) -> std::io::Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A message larger than the socket buffer is written in several vectored writes (the
+    /// partial-write path of `write_msg`) and read back whole, prefix and all.
+    #[tokio::test]
+    async fn write_msg_survives_partial_writes() {
+        let (mut a, mut b) = UnixStream::pair().expect("socketpair");
+        let big: Vec<u8> = (0..3 * 1024 * 1024 + 7).map(|i| (i % 251) as u8).collect();
+        let small = vec![0u8, 28, 1];
+        let sent = (big.clone(), small.clone());
+        let writer = tokio::spawn(async move {
+            write_msg(&mut a, &sent.0).await.expect("write big");
+            write_msg(&mut a, &sent.1).await.expect("write small");
+        });
+        assert_eq!(read_msg(&mut b).await.expect("read").expect("a message"), big);
+        assert_eq!(read_msg(&mut b).await.expect("read").expect("a message"), small);
+        writer.await.expect("writer");
     }
 }

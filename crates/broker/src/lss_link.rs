@@ -119,7 +119,7 @@ impl sphinx_lss::broker::SignerLink for DanceLink {
     ) -> Result<(String, Vec<u8>), LinkError> {
         {
             self.link
-                .publish(&topics::topic(&self.id, topic), payload)
+                .publish(&topics::topic(&self.id, topic), payload.into())
                 .map_err(|e| LinkError(format!("cannot publish {topic}: {e}")))?;
             let deadline = tokio::time::Instant::now() + self.timeout;
             loop {
@@ -385,7 +385,7 @@ impl LssRelay {
                 }
                 match result {
                     Ok((topic, payload)) => {
-                        if let Err(e) = self.link.publish(&topics::topic(&id, topic), payload) {
+                        if let Err(e) = self.link.publish(&topics::topic(&id, topic), payload.into()) {
                             warn!(signer = %id, error = %e, "LSS: cannot answer the signer's lss-res");
                         }
                         if topic == topics::LSS_CONFLICT {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Deserialize;
 use sphinx_mqtt_server::{MqttConfig, MqttEvent, MqttEvents, MqttHandle, TlsSettings};
 use sphinx_wire::topics;
@@ -81,8 +82,8 @@ impl MqttSettings {
 }
 
 impl SignerLink for MqttHandle {
-    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), PublishError> {
-        Ok(MqttHandle::publish(self, topic, payload.into())?)
+    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
+        Ok(MqttHandle::publish(self, topic, payload)?)
     }
     fn disconnect(&self, identity: &str) {
         MqttHandle::disconnect(self, identity)
@@ -137,7 +138,7 @@ pub async fn forward_events(
                         hub.on_disconnected(&identity);
                         LinkEvent::Gone(identity)
                     }
-                    topics::VLS_RES => LinkEvent::Reply(identity, payload.to_vec()),
+                    topics::VLS_RES => LinkEvent::Reply(identity, payload),
                     topics::ERROR => {
                         hub.on_error(&identity, &payload);
                         LinkEvent::Error(identity, payload.to_vec())

@@ -29,9 +29,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde::Deserialize;
 use sphinx_mqtt_server::MqttError;
-use sphinx_wire::serial::{Reply, Request};
+use sphinx_wire::serial::{encode_request, Reply};
 use sphinx_wire::{error_report, hsmd, topics, ClientContext};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
@@ -61,7 +62,8 @@ pub enum RelayError {
 /// method waits: a publish is queued for the subscriber or fails at once.
 pub trait SignerLink: Send + Sync + 'static {
     /// Publishes `payload` on `topic` to whoever subscribed (nobody subscribed is not an error).
-    fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), PublishError>;
+    /// `Bytes`: a request frame kept for re-sending is shared with the publish, not copied.
+    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError>;
     /// Drops a signer's connection.
     fn disconnect(&self, identity: &str);
 }
@@ -94,8 +96,9 @@ pub enum LinkEvent {
     },
     /// A signer's connection ended.
     Gone(String),
-    /// A `{id}/vls-res` payload.
-    Reply(String, Vec<u8>),
+    /// A `{id}/vls-res` payload (the MQTT payload's buffer: the reply's message is handed on
+    /// as a slice of it).
+    Reply(String, Bytes),
     /// A `{id}/error` payload: `seq u16 BE | utf8 text`.
     Error(String, Vec<u8>),
     /// An LSS message from a signer: `(id, topic suffix, payload)` on `init-1-res`,
@@ -159,8 +162,8 @@ impl RelayConfig {
 
 struct Job {
     ctx: ClientContext,
-    msg: Vec<u8>,
-    reply: oneshot::Sender<Result<Vec<u8>, RelayError>>,
+    msg: Bytes,
+    reply: oneshot::Sender<Result<Bytes, RelayError>>,
 }
 
 /// The callers' side of the relay: cheap to clone, one per CLN connection.
@@ -172,8 +175,12 @@ pub struct RelayHandle {
 }
 
 impl RelayHandle {
-    /// Sends one hsmd request (type + body) with its connection's context and waits for the reply.
-    pub async fn call(&self, ctx: ClientContext, msg: Vec<u8>) -> Result<Vec<u8>, RelayError> {
+    /// Sends one hsmd request (type + body) with its connection's context and waits for the
+    /// reply (type + body). Both are `Bytes` so that nothing on the way copies them: the caller
+    /// may keep the request (a `Vec` converts without a copy), and the reply is a slice of the
+    /// signer's MQTT payload.
+    pub async fn call(&self, ctx: ClientContext, msg: impl Into<Bytes>) -> Result<Bytes, RelayError> {
+        let msg = msg.into();
         let started = Instant::now();
         let msg_type = hsmd::msg_type(&msg).unwrap_or(0);
         let (tx, rx) = oneshot::channel();
@@ -213,7 +220,8 @@ impl sphinx_chain::ChainLink for RelayHandle {
     type Error = RelayError;
 
     fn request(&self, msg: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, RelayError>> + Send {
-        self.call(ClientContext::ROOT, msg)
+        let call = self.call(ClientContext::ROOT, msg);
+        async move { call.await.map(Vec::from) }
     }
 }
 
@@ -227,10 +235,11 @@ enum Kind {
 
 struct Pending {
     seq: u16,
-    frame: Vec<u8>,
+    /// The request frame, shared by every publish of it (first send and re-sends).
+    frame: Bytes,
     kind: Kind,
     msg_type: u16,
-    reply: Option<oneshot::Sender<Result<Vec<u8>, RelayError>>>,
+    reply: Option<oneshot::Sender<Result<Bytes, RelayError>>>,
     /// When it was last sent to the active signer (for the failover bound).
     sent_at: Instant,
 }
@@ -272,6 +281,7 @@ pub fn spawn_with_hub(
         metrics,
         sessions: 0,
         signer: None,
+        vls_topic: String::new(),
         members: std::collections::BTreeMap::new(),
         candidate: None,
         hub,
@@ -309,6 +319,8 @@ struct Relay {
     /// The active signer's identity, while it takes requests (said hello and, with LSS, is in
     /// sync).
     signer: Option<String>,
+    /// `{signer}/vls` for the active signer (set with it): not formatted per request.
+    vls_topic: String,
     /// Every signer that said hello on its current session, by identity.
     members: std::collections::BTreeMap<String, Member>,
     /// With LSS: the signer whose running dance makes it the active one when it completes.
@@ -414,16 +426,18 @@ impl Relay {
         let msg_type = hsmd::msg_type(&job.msg).unwrap_or(0);
         self.init.remember(&job.msg);
         let seq = self.alloc_seq();
-        let frame = Request { seq, peer_id: job.ctx.peer_id, dbid: job.ctx.dbid, message: job.msg }.encode();
+        let frame = encode_request(seq, &job.ctx.peer_id, job.ctx.dbid, &job.msg).into();
         let p = Pending { seq, frame, kind: Kind::Cln, msg_type, reply: Some(job.reply), sent_at: Instant::now() };
         self.send(&p);
         self.inflight.push_back(p);
     }
 
     fn send(&self, p: &Pending) {
-        let Some(signer) = &self.signer else { return };
+        if self.signer.is_none() {
+            return;
+        }
         debug!(seq = p.seq, msg_type = p.msg_type, "request to signer");
-        if let Err(e) = self.link.publish(&topics::topic(signer, topics::VLS), p.frame.clone()) {
+        if let Err(e) = self.link.publish(&self.vls_topic, p.frame.clone()) {
             // Stays in flight: it is sent again when a signer says hello.
             warn!(seq = p.seq, error = %e, "could not publish request; will resend on reconnect");
         }
@@ -608,9 +622,9 @@ impl Relay {
         if self.inflight.iter().any(|p| p.kind == Kind::Cln && p.msg_type == hsmd::HSMD_INIT) {
             return None;
         }
-        let init = self.init.message()?.to_vec();
+        self.init.message()?;
         let seq = self.alloc_seq();
-        Some(Request { seq, peer_id: [0; 33], dbid: 0, message: init }.encode())
+        Some(encode_request(seq, &[0; 33], 0, self.init.message()?))
     }
 
     fn on_lss_event(&mut self, ev: LssEvent) {
@@ -674,6 +688,7 @@ impl Relay {
         }
         self.sessions += 1;
         self.set_role(&id, Role::Active);
+        self.vls_topic = topics::topic(&id, topics::VLS);
         self.signer = Some(id);
         self.inflight.retain(|p| p.kind != Kind::InitReplay);
         // lightningd's init goes first unless it is itself still unanswered.
@@ -681,7 +696,7 @@ impl Relay {
         let now = Instant::now();
         if let (Some(init), false, true) = (self.init.message().map(<[u8]>::to_vec), init_in_flight, replay_init) {
             let seq = self.alloc_seq();
-            let frame = Request { seq, peer_id: [0; 33], dbid: 0, message: init }.encode();
+            let frame = encode_request(seq, &[0; 33], 0, &init).into();
             let p =
                 Pending { seq, frame, kind: Kind::InitReplay, msg_type: hsmd::HSMD_INIT, reply: None, sent_at: now };
             self.send(&p);
@@ -709,18 +724,18 @@ impl Relay {
         self.inflight.remove(i)
     }
 
-    fn on_reply(&mut self, id: String, payload: Vec<u8>) {
-        let reply = match Reply::decode(&payload) {
-            Ok(r) => r,
+    fn on_reply(&mut self, id: String, payload: Bytes) {
+        let (seq, message) = match Reply::peek(&payload) {
+            Ok((seq, range)) => (seq, payload.slice(range)),
             Err(e) => {
                 warn!(signer = %id, error = %e, "undecodable reply; ignored");
                 return;
             }
         };
-        let Some(p) = self.take_pending(&id, reply.seq) else { return };
+        let Some(p) = self.take_pending(&id, seq) else { return };
         if p.msg_type == hsmd::HSMD_INIT {
             let node = self.members.get(&id).map(|m| m.node.clone()).unwrap_or_else(|| id.clone());
-            if let Err(e) = init::check_reply(&node, &reply.message, &self.pin) {
+            if let Err(e) = init::check_reply(&node, &message, &self.pin) {
                 error!(signer = %id, error = %e, "signer's init reply rejected; disconnecting it");
                 self.inflight.push_front(p);
                 self.signer = None;
@@ -731,7 +746,7 @@ impl Relay {
             }
         }
         if let Some(tx) = p.reply {
-            let _ = tx.send(Ok(reply.message));
+            let _ = tx.send(Ok(message));
         }
     }
 
@@ -759,6 +774,7 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sphinx_wire::serial::Request;
     use std::sync::Mutex as StdMutex;
 
     /// A link that records what the relay publishes, and lets the test play the signer.
@@ -768,8 +784,8 @@ mod tests {
     }
 
     impl SignerLink for FakeLink {
-        fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), PublishError> {
-            self.out.send((topic.to_string(), payload)).map_err(|_| PublishError::Closed)
+        fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
+            self.out.send((topic.to_string(), payload.to_vec())).map_err(|_| PublishError::Closed)
         }
         fn disconnect(&self, identity: &str) {
             self.disconnected.lock().unwrap().push(identity.to_string());
@@ -827,7 +843,7 @@ mod tests {
     }
 
     fn reply(seq: u16, message: Vec<u8>) -> LinkEvent {
-        LinkEvent::Reply(ID.into(), Reply { seq, message }.encode())
+        LinkEvent::Reply(ID.into(), Reply { seq, message }.encode().into())
     }
 
     /// A node id other than [`ID`].
@@ -837,7 +853,7 @@ mod tests {
         /// `msg` called through the relay in a task of its own, as lightningd's hsmd would.
         fn call(&self, msg: Vec<u8>) -> tokio::task::JoinHandle<Result<Vec<u8>, RelayError>> {
             let r = self.relay.clone();
-            tokio::spawn(async move { r.call(ClientContext::ROOT, msg).await })
+            tokio::spawn(async move { r.call(ClientContext::ROOT, msg).await.map(Vec::from) })
         }
 
         /// The signer `id` says hello.
@@ -983,6 +999,7 @@ mod tests {
     /// through its own identity: what the broker's MQTT link does, without MQTT.
     mod several {
         use super::super::*;
+        use sphinx_wire::serial::Request;
         use crate::hub::{Role, SignerHub};
         use crate::lss_link::LssSettings;
         use sphinx_lss::lssd::Lssd;
@@ -1035,7 +1052,7 @@ mod tests {
             outs.into_iter()
                 .filter_map(|o| match o {
                     Output::Publish { topic, payload } => Some(match topic {
-                        topics::VLS_RES => LinkEvent::Reply(id.into(), payload),
+                        topics::VLS_RES => LinkEvent::Reply(id.into(), payload.into()),
                         topics::ERROR => LinkEvent::Error(id.into(), payload),
                         t => LinkEvent::Lss(id.into(), t.to_string(), payload),
                     }),
@@ -1045,7 +1062,8 @@ mod tests {
         }
 
         impl SignerLink for RoutingLink {
-            fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), PublishError> {
+            fn publish(&self, topic: &str, payload: Bytes) -> Result<(), PublishError> {
+                let payload = payload.to_vec();
                 let (id, suffix) = topics::split(topic).ok_or(PublishError::Closed)?;
                 let (id, suffix) = (id.to_string(), suffix.to_string());
                 let mut net = self.net.lock().unwrap();
@@ -1139,7 +1157,7 @@ mod tests {
 
             fn call(&self, msg: Vec<u8>) -> tokio::task::JoinHandle<Result<Vec<u8>, RelayError>> {
                 let r = self.relay.clone();
-                tokio::spawn(async move { r.call(ClientContext::ROOT, msg).await })
+                tokio::spawn(async move { r.call(ClientContext::ROOT, msg).await.map(Vec::from) })
             }
 
             /// The `vls` frames published to `id`, in order.
@@ -1234,7 +1252,7 @@ mod tests {
             let seq = Request::decode(&frame).unwrap().seq;
             // A's late answers (its session was still draining): a reply, an error, an lss-res.
             let bogus = Reply { seq, message: vec![0xde, 0xad] }.encode();
-            h.events.send(LinkEvent::Reply("a".into(), bogus)).await.unwrap();
+            h.events.send(LinkEvent::Reply("a".into(), bogus.into())).await.unwrap();
             h.events.send(LinkEvent::Error("a".into(), error_report::encode(seq, "late refusal"))).await.unwrap();
             h.events.send(LinkEvent::Lss("a".into(), topics::LSS_RES.into(), vec![0x90])).await.unwrap();
             h.release("b").await;

@@ -35,7 +35,8 @@ struct SignerBehindLink {
 }
 
 impl SignerLink for SignerBehindLink {
-    fn publish(&self, _topic: &str, payload: Vec<u8>) -> Result<(), PublishError> {
+    fn publish(&self, _topic: &str, payload: bytes::Bytes) -> Result<(), PublishError> {
+        let payload = payload.to_vec();
         self.jobs.send(payload).map_err(|_| PublishError::Closed)
     }
     fn disconnect(&self, _identity: &str) {}
@@ -75,7 +76,7 @@ impl Harness {
                     let ev = match signer.handle(&req) {
                         None => continue, // "disconnected": the relay resends on hello
                         Some(Ok(reply)) => {
-                            LinkEvent::Reply(id.clone(), Reply { seq: reply.seq, message: reply.message }.encode())
+                            LinkEvent::Reply(id.clone(), Reply { seq: reply.seq, message: reply.message }.encode().into())
                         }
                         Some(Err(text)) => LinkEvent::Error(id.clone(), error_report::encode(req.seq, &text)),
                     };

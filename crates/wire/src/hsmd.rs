@@ -83,9 +83,15 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, Error> {
 /// Prefixes a message (type + body) with its length, ready to write to the socket.
 pub fn frame(msg: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + msg.len());
-    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(&length_prefix(msg));
     out.extend_from_slice(msg);
     out
+}
+
+/// The 4-byte length prefix of a message on the socket (for writing it in front of the message
+/// without copying the message, see [`frame`]).
+pub fn length_prefix(msg: &[u8]) -> [u8; 4] {
+    (msg.len() as u32).to_be_bytes()
 }
 
 /// The 2-byte type of a message (type + body).

@@ -67,17 +67,23 @@ pub struct Reply {
     pub message: Vec<u8>,
 }
 
+/// Serializes a request frame from borrowed parts (what [`Request::encode`] does, without
+/// needing the message owned: the broker keeps its copy shared).
+pub fn encode_request(seq: u16, peer_id: &[u8; PUBKEY_LEN], dbid: u64, message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(REQUEST_HEADER_LEN + message.len());
+    out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(peer_id);
+    out.extend_from_slice(&dbid.to_be_bytes());
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
 impl Request {
     /// Serializes the request frame.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(REQUEST_HEADER_LEN + self.message.len());
-        out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        out.extend_from_slice(&self.seq.to_be_bytes());
-        out.extend_from_slice(&self.peer_id);
-        out.extend_from_slice(&self.dbid.to_be_bytes());
-        out.extend_from_slice(&(self.message.len() as u32).to_be_bytes());
-        out.extend_from_slice(&self.message);
-        out
+        encode_request(self.seq, &self.peer_id, self.dbid, &self.message)
     }
 
     /// Parses a request frame.
@@ -109,13 +115,19 @@ impl Reply {
 
     /// Parses a reply frame.
     pub fn decode(buf: &[u8]) -> Result<Self, Error> {
+        let (seq, message) = Reply::peek(buf)?;
+        Ok(Reply { seq, message: buf[message].to_vec() })
+    }
+
+    /// Checks a reply frame as [`Reply::decode`] does and says its seq and where its message
+    /// is, without copying it (the broker hands the message on as a slice of the MQTT payload).
+    pub fn peek(buf: &[u8]) -> Result<(u16, std::ops::Range<usize>), Error> {
         if buf.len() < REPLY_HEADER_LEN {
             return Err(Error::Truncated(buf.len(), REPLY_HEADER_LEN));
         }
         check_magic(buf, REPLY_MAGIC)?;
         let seq = u16::from_be_bytes([buf[2], buf[3]]);
-        let message = body(buf, REPLY_HEADER_LEN)?;
-        Ok(Reply { seq, message })
+        Ok((seq, body_range(buf, REPLY_HEADER_LEN)?))
     }
 }
 
@@ -129,6 +141,11 @@ fn check_magic(buf: &[u8], expected: u16) -> Result<(), Error> {
 
 /// The `len u32 | message` at the end of a header of `header_len` bytes.
 fn body(buf: &[u8], header_len: usize) -> Result<Vec<u8>, Error> {
+    Ok(buf[body_range(buf, header_len)?].to_vec())
+}
+
+/// Where the message after a header of `header_len` bytes (ending in `len u32`) is, checked.
+fn body_range(buf: &[u8], header_len: usize) -> Result<std::ops::Range<usize>, Error> {
     let l = &buf[header_len - 4..header_len];
     let said = u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize;
     let have = buf.len() - header_len;
@@ -138,7 +155,7 @@ fn body(buf: &[u8], header_len: usize) -> Result<Vec<u8>, Error> {
     if said < 2 {
         return Err(Error::NoType);
     }
-    Ok(buf[header_len..].to_vec())
+    Ok(header_len..buf.len())
 }
 
 #[cfg(test)]
@@ -163,8 +180,12 @@ mod tests {
         let enc = r.encode();
         assert_eq!(&enc[..2], &[0x5A, 0xA5]);
         assert_eq!(Reply::decode(&enc).unwrap(), r);
+        assert_eq!(Reply::peek(&enc).unwrap(), (7, REPLY_HEADER_LEN..enc.len()));
         let mut long = enc.clone();
         long.push(0);
         assert!(matches!(Reply::decode(&long), Err(Error::LengthMismatch { .. })));
+        assert!(matches!(Reply::peek(&long), Err(Error::LengthMismatch { .. })));
+        let r = Request { seq: 9, peer_id: [5; 33], dbid: 3, message: vec![0, 28] };
+        assert_eq!(encode_request(9, &[5; 33], 3, &[0, 28]), r.encode());
     }
 }
