@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bitcoin::Network;
-use common::{start_key, Dir, KeyProc};
+use common::{start_key, trace_request, Dir, KeyProc};
 use fake_bitcoind::{Config as FakeConfig, FakeBitcoind};
 use sphinx_broker::api::ApiToken;
 use sphinx_broker::config::Config;
@@ -31,18 +31,6 @@ fn key_bin() -> PathBuf {
 
 fn start_signer(data: &Path, broker: &str) -> KeyProc {
     start_key(&key_bin(), data, broker, &["--dev-fixed-clock", &CLOCK.to_string()])
-}
-
-fn trace_request(ty: u16) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/traces/open-pay-close/alice.jsonl");
-    let text = std::fs::read_to_string(path).unwrap();
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        if v["dir"] == "req" && v["type"] == ty && v["ctx"]["dbid"] == 0 {
-            return hex::decode(v["hex"].as_str().unwrap()).unwrap();
-        }
-    }
-    panic!("no request of type {ty}");
 }
 
 const API_TOKEN: &str = "chain-e2e-api-token-0123456789";

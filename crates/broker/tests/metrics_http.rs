@@ -10,11 +10,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bitcoin::Network;
-use common::{start_key, Dir};
+use common::{start_key, trace_request, Dir};
 use fake_bitcoind::{Config as FakeConfig, FakeBitcoind};
 use http_body_util::{BodyExt, Empty};
 use sphinx_broker::api::ApiToken;
@@ -26,18 +25,6 @@ use tokio::sync::watch;
 const CLOCK: u64 = 1_795_466_257;
 const BOUND: Duration = Duration::from_secs(60);
 const TOKEN: &str = "metrics-http-api-token-0123456789";
-
-fn trace_request(ty: u16) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/traces/open-pay-close/alice.jsonl");
-    let text = std::fs::read_to_string(path).unwrap();
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        if v["dir"] == "req" && v["type"] == ty && v["ctx"]["dbid"] == 0 {
-            return hex::decode(v["hex"].as_str().unwrap()).unwrap();
-        }
-    }
-    panic!("no request of type {ty}");
-}
 
 /// `GET path` at `addr`, with the bearer token if given: (status, content type, body).
 async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String, String) {

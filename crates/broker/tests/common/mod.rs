@@ -82,3 +82,18 @@ pub fn start_key(bin: &Path, data: &Path, broker: &str, extra: &[&str]) -> KeyPr
     }
     KeyProc(cmd.spawn().unwrap(), log)
 }
+
+// ---------- recorded requests ----------
+
+/// The first root (dbid 0) request of type `ty` in alice's recorded open-pay-close session.
+pub fn trace_request(ty: u16) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/traces/open-pay-close/alice.jsonl");
+    let text = std::fs::read_to_string(path).unwrap();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["dir"] == "req" && v["type"] == ty && v["ctx"]["dbid"] == 0 {
+            return hex::decode(v["hex"].as_str().unwrap()).unwrap();
+        }
+    }
+    panic!("no request of type {ty}");
+}
