@@ -412,8 +412,6 @@ fn recorded_requests() -> Vec<(ClientContext, Vec<u8>)> {
 /// signer with LSS (it does not check the numbers) behind a real lssd; the broker's `vls`
 /// frames are recorded and checked as vls-mqtt checks them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "broker relay spends a sequence number per LSS Put (relay.rs on_lss_event: init_frame() is \
-            allocated for every Stored event), so vls-mqtt stops at the first request after a state-changing one"]
 async fn with_lss_the_vls_frames_of_a_session_are_numbered_consecutively() {
     let dir = Dir::fresh("sphinx-upstream-seq");
     let lssd = sphinx_lss::lssd::Lssd::start_in(&dir.0.join("lssd"), None).expect("lssd (target/release/lssd)");
