@@ -12,7 +12,8 @@
 //! - Requests with dbid 0 go to the root handler, the others to a channel handler for
 //!   `(peer_id, dbid)`.
 //! - A request delivered twice (same seq, same frame bytes) returns the stored reply and does not
-//!   run VLS again; one that changed nothing has no record (and no commit): VLS answers it again. The last [`DEDUPE_SLOTS`] replies are kept, keyed by `seq % DEDUPE_SLOTS`.
+//!   run VLS again; one that changed nothing has no record (and no commit): VLS answers it
+//!   again. The last [`DEDUPE_SLOTS`] records are kept, keyed by `seq % DEDUPE_SLOTS`.
 //! - Nothing from the network or the disk may crash the process: VLS panics are caught, turned
 //!   into [`Error`]s, and the node is rebuilt from the persisted state without the failed
 //!   request's mutations.
@@ -543,9 +544,9 @@ impl Signer {
         let name = || msg_name(msg_type);
         match res {
             Ok(Ok(reply)) => {
-                let rec = ReplyRecord { seq: req.seq, hash, reply: hex::encode(&reply) };
-                let value = serde_json::to_vec(&rec).expect("record serializes");
-                let done = catch_unwind(AssertUnwindSafe(|| record_if_changed(&persister, &node, writes, &slot_key, value)));
+                let done = catch_unwind(AssertUnwindSafe(|| {
+                    record_if_changed(&persister, &node, writes, &slot_key, req.seq, hash, &reply)
+                }));
                 let done = match done {
                     Ok(Ok(())) => self.finish(&persister, req.seq),
                     Ok(Err(e)) => Err(Error::Persist(format!("{e:?}"))),
@@ -686,9 +687,9 @@ impl Signer {
         let name = || msg_name(msg_type);
         match res {
             Ok(Ok(reply)) => {
-                let rec = ReplyRecord { seq: req.seq, hash, reply: hex::encode(&reply) };
-                let value = serde_json::to_vec(&rec).expect("record serializes");
-                let done = catch_unwind(AssertUnwindSafe(|| record_if_changed(&persister, &node, writes, &slot_key, value)));
+                let done = catch_unwind(AssertUnwindSafe(|| {
+                    record_if_changed(&persister, &node, writes, &slot_key, req.seq, hash, &reply)
+                }));
                 match done {
                     Ok(Ok(())) => Step::Staged(Reply { seq: req.seq, message: reply }),
                     Ok(Err(e)) => {
@@ -947,18 +948,24 @@ fn sync_node_state(p: &Persister, node: &Node) -> Result<(), lightning_signer::p
 /// it). A request that changed nothing gets no record and, alone, no commit and no fsync:
 /// answering it again gives the same answer from the same state, and a reply a record would
 /// replay has left the device already, so nothing is lost or revealed (docs/signer.md).
+/// The record (hex and JSON of the reply) is only built when it is stored.
 fn record_if_changed(
     p: &Persister,
     node: &Node,
     writes: u64,
     slot_key: &str,
-    record: Vec<u8>,
+    seq: u16,
+    hash: String,
+    reply: &[u8],
 ) -> Result<(), lightning_signer::persist::Error> {
     sync_node_state(p, node)?;
     if p.writes() == writes {
         return Ok(());
     }
-    p.put(slot_key, record)
+    let record = ReplyRecord { seq, hash, reply: hex::encode(reply) };
+    let value = serde_json::to_vec(&record)
+        .map_err(|e| lightning_signer::persist::Error::Internal(format!("dedupe record: {e}")))?;
+    p.put(slot_key, value)
 }
 
 fn vls_error_text(e: &vls_protocol_signer::handler::Error) -> String {
