@@ -425,15 +425,7 @@ async fn with_lss_the_vls_frames_of_a_session_are_numbered_consecutively() {
     let (_, sk) = alice();
     let password = UpToken::new().sign_to_base64(&up_sk(&sk)).unwrap();
     let mut s = login(b.mqtt.local_addr(), UPSTREAM_CID, &pk.to_string(), &password).await.unwrap();
-    for t in [
-        topics::VLS,
-        topics::CONTROL,
-        topics::INIT_1_MSG,
-        topics::INIT_2_MSG,
-        topics::INIT_3_MSG,
-        topics::LSS_MSG,
-        topics::LSS_CONFLICT,
-    ] {
+    for t in topics::TO_SIGNER {
         s.client.subscribe(topics::topic(UPSTREAM_CID, t), QoS::AtMostOnce).await.unwrap();
     }
     s.client.publish(topics::topic(UPSTREAM_CID, topics::HELLO), QoS::AtLeastOnce, false, vec![]).await.unwrap();

@@ -227,16 +227,8 @@ async fn serve(
     backoff: &mut Duration,
     rc: &RunConfig,
 ) -> End {
-    // Everything the broker may send; LSS's topics stay silent unless the broker runs LSS.
-    const SUBSCRIBED: [&str; 7] = [
-        topics::VLS,
-        topics::CONTROL,
-        topics::INIT_1_MSG,
-        topics::INIT_2_MSG,
-        topics::INIT_3_MSG,
-        topics::LSS_MSG,
-        topics::LSS_CONFLICT,
-    ];
+    // Everything the broker may send.
+    const SUBSCRIBED: [&str; 7] = topics::TO_SIGNER;
     let prefix = format!("{id}/");
     loop {
         let ev = match el.poll().await {

@@ -38,6 +38,10 @@ pub const LSS_CONFLICT: &str = "lss-conflict";
 /// Signer → broker: `lss::Response::PutConflictConfirmed`.
 pub const LSS_CONFLICT_RES: &str = "lss-conflict-res";
 
+/// Every topic the broker publishes to a signer: what our signer subscribes to (the LSS ones stay
+/// silent unless the broker runs LSS).
+pub const TO_SIGNER: [&str; 7] = [VLS, CONTROL, INIT_1_MSG, INIT_2_MSG, INIT_3_MSG, LSS_MSG, LSS_CONFLICT];
+
 /// `{client_id}/{suffix}`.
 pub fn topic(client_id: &str, suffix: &str) -> String {
     format!("{client_id}/{suffix}")
