@@ -1141,7 +1141,7 @@ mod tests {
         let hub = SignerHub::new(2);
         let rx = hub.subscribe();
         for i in 0..5u8 {
-            hub.on_error("a", &[0, i, b'x']);
+            hub.on_error("a", sphinx_wire::error_report::decode(&[0, i, b'x']));
         }
         let (tx, mut out) = mpsc::channel(16);
         let (stop, shutdown) = watch::channel(false);

@@ -32,7 +32,12 @@ pub struct SignerErrorReport {
 impl SignerErrorReport {
     /// Decodes any payload ([`error_report::decode`]); never fails.
     pub fn decode(node_id: &str, payload: &[u8], time: u64) -> SignerErrorReport {
-        let error_report::ErrorReport { seq, text } = error_report::decode(payload);
+        Self::new(node_id, error_report::decode(payload), time)
+    }
+
+    /// `report` of `node_id`, at `time`.
+    pub fn new(node_id: &str, report: error_report::ErrorReport, time: u64) -> SignerErrorReport {
+        let error_report::ErrorReport { seq, text } = report;
         SignerErrorReport { node_id: node_id.to_string(), seq, text, time }
     }
 }
@@ -398,9 +403,9 @@ impl SignerHub {
     }
 
     /// `node_id` published on `{id}/error`.
-    pub fn on_error(&self, node_id: &str, payload: &[u8]) {
+    pub fn on_error(&self, node_id: &str, report: error_report::ErrorReport) {
         let now = unix_now();
-        let report = SignerErrorReport::decode(node_id, payload, now);
+        let report = SignerErrorReport::new(node_id, report, now);
         {
             let mut st = self.lock();
             Self::entry(&mut st, node_id, now).last_error = Some(report.clone());
@@ -452,7 +457,7 @@ mod tests {
         let mut sub = hub.subscribe();
         hub.on_connected("a", "a");
         hub.on_ready("a");
-        hub.on_error("a", b"\x00\x02no");
+        hub.on_error("a", error_report::decode(b"\x00\x02no"));
         let s = hub.signer("a").unwrap();
         assert!(s.connected && s.ready);
         assert_eq!(s.last_error.as_ref().map(|e| e.seq), Some(Some(2)));
@@ -479,7 +484,7 @@ mod tests {
         assert!(hub.signer("a").unwrap().last_error.is_some());
         // A slow subscriber lags instead of blocking.
         for _ in 0..10 {
-            hub.on_error("a", b"\x00\x01x");
+            hub.on_error("a", error_report::decode(b"\x00\x01x"));
         }
         assert!(matches!(sub.recv().await, Err(broadcast::error::RecvError::Lagged(7))));
         assert!(matches!(sub.recv().await, Ok(SignerEvent::Error(_))));

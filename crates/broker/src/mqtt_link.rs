@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 use sphinx_mqtt_server::{MqttConfig, MqttEvent, MqttEvents, MqttHandle, TlsSettings};
-use sphinx_wire::topics;
+use sphinx_wire::{error_report, topics};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -90,6 +90,15 @@ impl SignerLink for MqttHandle {
     }
 }
 
+/// A live MQTT session of a signer, as [`forward_events`] keeps it.
+struct Session {
+    conn_id: u64,
+    /// The node key it logged in with.
+    node: String,
+    /// Its `hello` announced [`error_report::SEQ_ERRORS`] (upstream's does not).
+    seq_errors: bool,
+}
+
 /// Translates MQTT events into relay events until either side closes, and keeps `hub` (the
 /// operator API's view) up to date. The relay sees exactly what it saw before the hub existed:
 /// connects are not relay events, `control-res` is not either, errors go to both.
@@ -102,8 +111,7 @@ pub async fn forward_events(
     hub: Arc<SignerHub>,
     identities: Arc<Identities>,
 ) {
-    // identity → (connection, node key) of the live sessions.
-    let mut sessions: HashMap<String, (u64, String)> = HashMap::new();
+    let mut sessions: HashMap<String, Session> = HashMap::new();
     while let Some(ev) = from.recv().await {
         let out = match ev {
             MqttEvent::Connected { identity, conn_id } => {
@@ -111,11 +119,11 @@ pub async fn forward_events(
                 let node = identities.node_of(&identity).unwrap_or_else(|| identity.clone());
                 debug!(%identity, node_id = %node, "signer connected; waiting for its hello");
                 hub.on_connected(&identity, &node);
-                sessions.insert(identity, (conn_id, node));
+                sessions.insert(identity, Session { conn_id, node, seq_errors: false });
                 continue;
             }
             MqttEvent::Disconnected { identity, conn_id } => {
-                if sessions.get(&identity).is_some_and(|(c, _)| *c == conn_id) {
+                if sessions.get(&identity).is_some_and(|s| s.conn_id == conn_id) {
                     sessions.remove(&identity);
                 }
                 hub.on_disconnected(&identity);
@@ -129,9 +137,16 @@ pub async fn forward_events(
                 }
                 match suffix {
                     topics::HELLO => {
-                        let node = sessions.get(&identity).map(|(_, n)| n.clone()).unwrap_or_else(|| identity.clone());
+                        let seq_errors = error_report::hello_has_seq_errors(&payload);
+                        let node = match sessions.get_mut(&identity) {
+                            Some(s) => {
+                                s.seq_errors = seq_errors;
+                                s.node.clone()
+                            }
+                            None => identity.clone(),
+                        };
                         hub.on_ready(&identity);
-                        LinkEvent::HelloAs { id: identity, node_id: node }
+                        LinkEvent::HelloAs { id: identity, node_id: node, seq_errors }
                     }
                     topics::BYE => {
                         info!(%identity, "signer said bye");
@@ -140,7 +155,8 @@ pub async fn forward_events(
                     }
                     topics::VLS_RES => LinkEvent::Reply(identity, payload),
                     topics::ERROR => {
-                        hub.on_error(&identity, &payload);
+                        let seq_errors = sessions.get(&identity).is_some_and(|s| s.seq_errors);
+                        hub.on_error(&identity, error_report::decode_as(&payload, seq_errors));
                         LinkEvent::Error(identity, payload.to_vec())
                     }
                     topics::INIT_1_RES

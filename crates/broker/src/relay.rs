@@ -93,13 +93,17 @@ pub enum LinkEvent {
         id: String,
         /// The node id it logged in with (hex).
         node_id: String,
+        /// Its hello announced [`error_report::SEQ_ERRORS`]; else (upstream's signer) its
+        /// error reports are text only.
+        seq_errors: bool,
     },
     /// A signer's connection ended.
     Gone(String),
     /// A `{id}/vls-res` payload (the MQTT payload's buffer: the reply's message is handed on
     /// as a slice of it).
     Reply(String, Bytes),
-    /// A `{id}/error` payload: `seq u16 BE | utf8 text`.
+    /// A `{id}/error` payload: `seq u16 BE | utf8 text`, or the text alone from a signer whose
+    /// hello did not announce [`error_report::SEQ_ERRORS`].
     Error(String, Vec<u8>),
     /// An LSS message from a signer: `(id, topic suffix, payload)` on `init-1-res`,
     /// `init-2-res`, `init-3-res`, `lss-res` or `lss-conflict-res` ([`crate::lss_link`]).
@@ -264,6 +268,8 @@ struct Member {
     /// The node key it logged in with.
     node: String,
     role: Role,
+    /// Its error reports carry the sequence number ([`error_report::SEQ_ERRORS`]).
+    seq_errors: bool,
 }
 
 /// Starts the relay task. `events` carries what signers say; `link` carries what we say to them.
@@ -297,6 +303,7 @@ pub fn spawn_with_hub(
         sessions: 0,
         signer: None,
         vls_topic: String::new(),
+        unanswered: None,
         members: std::collections::BTreeMap::new(),
         candidate: None,
         hub,
@@ -336,6 +343,10 @@ struct Relay {
     signer: Option<String>,
     /// `{signer}/vls` for the active signer (set with it): not formatted per request.
     vls_topic: String,
+    /// For an active signer whose error reports are text only (upstream's): the sequence
+    /// numbers sent to it on this session and not yet answered, oldest first. It answers one
+    /// frame at a time, in order, so a report without a number is for the oldest of them.
+    unanswered: Option<VecDeque<u16>>,
     /// Every signer that said hello on its current session, by identity.
     members: std::collections::BTreeMap<String, Member>,
     /// With LSS: the signer whose running dance makes it the active one when it completes.
@@ -447,15 +458,51 @@ impl Relay {
         self.inflight.push_back(p);
     }
 
-    fn send(&self, p: &Pending) {
+    fn send(&mut self, p: &Pending) {
+        self.publish(p.seq, p.msg_type, p.frame.clone());
+    }
+
+    fn publish(&mut self, seq: u16, msg_type: u16, frame: Bytes) {
         if self.signer.is_none() {
             return;
         }
-        debug!(seq = p.seq, msg_type = p.msg_type, "request to signer");
-        if let Err(e) = self.link.publish(&self.vls_topic, p.frame.clone()) {
+        debug!(seq, msg_type, "request to signer");
+        match self.link.publish(&self.vls_topic, frame) {
+            Ok(()) => {
+                if let Some(u) = self.unanswered.as_mut() {
+                    // Bounded: a signer that answers nothing is failed over or timed out long
+                    // before; the oldest numbers are the least likely to be reported.
+                    if u.len() >= usize::from(u16::MAX) / 2 {
+                        u.pop_front();
+                    }
+                    u.push_back(seq);
+                }
+            }
             // Stays in flight: it is sent again when a signer says hello.
-            warn!(seq = p.seq, error = %e, "could not publish request; will resend on reconnect");
+            Err(e) => warn!(seq, error = %e, "could not publish request; will resend on reconnect"),
         }
+    }
+
+    /// A `{id}/error` payload in our numbered form ([`error_report::encode`]). A report of a
+    /// signer without [`error_report::SEQ_ERRORS`] (upstream's vls-mqtt: text only) is for the
+    /// oldest frame sent to it and not answered when it is the active signer, else for its
+    /// dance (init-3, seq 0); `None` when there is nothing it can be for.
+    fn numbered_report(&mut self, id: &str, payload: Vec<u8>) -> Option<Vec<u8>> {
+        if self.members.get(id).is_none_or(|m| m.seq_errors) {
+            return Some(payload);
+        }
+        let seq = if self.signer.as_deref() == Some(id) {
+            match self.unanswered.as_mut().and_then(VecDeque::pop_front) {
+                Some(seq) => seq,
+                None => {
+                    warn!(signer = %id, report = %String::from_utf8_lossy(&payload), "error report while nothing is sent to the signer; ignored");
+                    return None;
+                }
+            }
+        } else {
+            INIT_3_SEQ
+        };
+        Some(error_report::encode(seq, &error_report::decode_text(&payload).text))
     }
 
     fn set_role(&mut self, id: &str, role: Role) {
@@ -548,8 +595,8 @@ impl Relay {
 
     fn on_event(&mut self, ev: LinkEvent) {
         match ev {
-            LinkEvent::Hello(id) => self.on_hello(id.clone(), id),
-            LinkEvent::HelloAs { id, node_id } => self.on_hello(id, node_id),
+            LinkEvent::Hello(id) => self.on_hello(id.clone(), id, true),
+            LinkEvent::HelloAs { id, node_id, seq_errors } => self.on_hello(id, node_id, seq_errors),
             LinkEvent::Gone(id) => {
                 if let Some(lss) = self.lss.as_mut() {
                     lss.on_gone(&id);
@@ -566,6 +613,7 @@ impl Relay {
             }
             LinkEvent::Reply(id, payload) => self.on_reply(id, payload),
             LinkEvent::Error(id, payload) => {
+                let Some(payload) = self.numbered_report(&id, payload) else { return };
                 let active = self.signer.as_deref() == Some(id.as_str());
                 if !self.lss.as_mut().is_some_and(|l| l.on_message(&id, topics::ERROR, &payload, active)) {
                     self.on_error(id, payload)
@@ -583,7 +631,7 @@ impl Relay {
         }
     }
 
-    fn on_hello(&mut self, id: String, node: String) {
+    fn on_hello(&mut self, id: String, node: String, seq_errors: bool) {
         // A client that logged in before a node id was pinned keeps its MQTT session after the
         // pin (login is only checked at CONNECT). Without this check its `hello` would make it
         // the current signer: requests would go to it and the real signer's replies would be
@@ -613,7 +661,7 @@ impl Relay {
                 self.link.disconnect(&id);
                 return;
             }
-            self.members.insert(id.clone(), Member { node, role: Role::Active });
+            self.members.insert(id.clone(), Member { node, role: Role::Active, seq_errors });
             self.ready(id, true);
             return;
         }
@@ -623,7 +671,7 @@ impl Relay {
             self.signer = None;
             self.candidate = Some(id.clone());
         }
-        self.members.insert(id.clone(), Member { node, role: Role::Syncing });
+        self.members.insert(id.clone(), Member { node, role: Role::Syncing, seq_errors });
         self.set_role(&id, Role::Syncing);
         let init = self.init_frame();
         if let Some(l) = self.lss.as_mut() {
@@ -695,6 +743,8 @@ impl Relay {
         self.sessions += 1;
         self.set_role(&id, Role::Active);
         self.vls_topic = topics::topic(&id, topics::VLS);
+        let numbered = self.members.get(&id).is_none_or(|m| m.seq_errors);
+        self.unanswered = (!numbered).then(VecDeque::new);
         self.signer = Some(id);
         self.inflight.retain(|p| p.kind != Kind::InitReplay);
         // lightningd's init goes first unless it is itself still unanswered.
@@ -713,8 +763,10 @@ impl Relay {
         for p in self.inflight.iter_mut() {
             p.sent_at = now;
         }
-        for p in self.inflight.iter().filter(|p| p.kind == Kind::Cln) {
-            self.send(p);
+        let resend: Vec<_> =
+            self.inflight.iter().filter(|p| p.kind == Kind::Cln).map(|p| (p.seq, p.msg_type, p.frame.clone())).collect();
+        for (seq, msg_type, frame) in resend {
+            self.publish(seq, msg_type, frame);
         }
     }
 
@@ -738,6 +790,14 @@ impl Relay {
                 return;
             }
         };
+        if self.signer.as_deref() == Some(id.as_str()) {
+            if let Some(u) = self.unanswered.as_mut() {
+                // In order: what was sent before `seq` is answered too (or never will be).
+                if let Some(i) = u.iter().position(|s| *s == seq) {
+                    u.drain(..=i);
+                }
+            }
+        }
         let Some(p) = self.take_pending(&id, seq) else { return };
         if p.msg_type == hsmd::HSMD_INIT {
             let node = self.members.get(&id).map(|m| m.node.clone()).unwrap_or_else(|| id.clone());
@@ -986,7 +1046,7 @@ mod tests {
         let mut h = harness("second", Duration::from_secs(30));
         h.initialise().await;
         // Another device of the same node (same key, its own client id) says hello.
-        h.events.send(LinkEvent::HelloAs { id: "device-b".into(), node_id: ID.into() }).await.unwrap();
+        h.events.send(LinkEvent::HelloAs { id: "device-b".into(), node_id: ID.into(), seq_errors: true }).await.unwrap();
         let call = h.call(vec![0, 23, 1]);
         let (topic, f) = h.out.recv().await.unwrap();
         assert_eq!(topic, format!("{ID}/vls"), "requests stay with the active signer");
@@ -995,7 +1055,7 @@ mod tests {
         assert_eq!(call.await.unwrap().unwrap(), vec![0, 123]);
         // Once the active one is gone, the next hello becomes active (init replayed first).
         h.events.send(LinkEvent::Gone(ID.into())).await.unwrap();
-        h.events.send(LinkEvent::HelloAs { id: "device-b".into(), node_id: ID.into() }).await.unwrap();
+        h.events.send(LinkEvent::HelloAs { id: "device-b".into(), node_id: ID.into(), seq_errors: true }).await.unwrap();
         let (topic, f) = h.out.recv().await.unwrap();
         assert_eq!(topic, "device-b/vls");
         assert_eq!(Request::decode(&f).unwrap().message, init_msg());
@@ -1146,7 +1206,7 @@ mod tests {
                 self.hub.on_connected(id, &self.node);
                 self.net.lock().unwrap().devices.insert(id.into(), Device { signer, hold: false, held: vec![] });
                 self.hub.on_ready(id);
-                self.events.send(LinkEvent::HelloAs { id: id.into(), node_id: self.node.clone() }).await.unwrap();
+                self.events.send(LinkEvent::HelloAs { id: id.into(), node_id: self.node.clone(), seq_errors: true }).await.unwrap();
             }
 
             async fn until(&self, what: &str, f: impl Fn(&Several) -> bool) {

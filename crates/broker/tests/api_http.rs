@@ -231,7 +231,7 @@ impl TestSigner {
         s.until(|p| matches!(p, Packet::ConnAck(_))).await;
         s.client.subscribe(topics::topic(&s.id, topics::CONTROL), QoS::AtLeastOnce).await.unwrap();
         s.until(|p| matches!(p, Packet::SubAck(_))).await;
-        s.publish(topics::HELLO, vec![]).await;
+        s.publish(topics::HELLO, sphinx_wire::error_report::HELLO.to_vec()).await;
         s
     }
 

@@ -467,11 +467,10 @@ async fn with_lss_the_vls_frames_of_a_session_are_numbered_consecutively() {
 }
 
 /// vls-mqtt reports a refusal on `{id}/error` as text alone (`e.to_string()`, no sequence
-/// number) and handles one message at a time. lightningd should get the refusal at once; our
-/// relay reads the text's first two bytes as a sequence number that matches nothing, ignores
-/// the report, and lightningd's request waits for `request_timeout` (600 s by default).
+/// number) and handles one message at a time. lightningd gets the refusal at once (before, our
+/// relay read the text's first two bytes as a sequence number that matched nothing, ignored the
+/// report, and lightningd's request waited for `request_timeout`, 600 s by default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "broker relay ignores text-only (upstream) error reports: relay.rs on_error needs the 2-byte seq"]
 async fn an_upstream_text_error_fails_the_request_at_once() {
     let dir = Dir::fresh("sphinx-upstream-error");
     let (pk, sk) = alice();
@@ -483,10 +482,14 @@ async fn an_upstream_text_error_fails_the_request_at_once() {
     let mut signer = Signer::in_memory(ALICE_SEED, &signer_config()).unwrap();
     const REFUSAL: &str = "policy failure: check_pubkey refused by the test";
     tokio::spawn(async move {
+        let mut ecdh = 0;
         while let Some(ev) = s.events.recv().await {
             let Event::Incoming(Packet::Publish(p)) = ev else { continue };
             // Serial request header: magic 2, seq 2, peer 33, dbid 8, len 4, then the type.
-            let (suffix, payload) = if p.payload.get(49..51) == Some(&[0, 28][..]) {
+            // The second ecdh (type 28) it is sent is refused, the others are signed.
+            let is_ecdh = p.payload.get(49..51) == Some(&[0, 28][..]);
+            ecdh += usize::from(is_ecdh);
+            let (suffix, payload) = if is_ecdh && ecdh == 2 {
                 (topics::ERROR, REFUSAL.as_bytes().to_vec())
             } else {
                 (topics::VLS_RES, signer.handle_frame(&p.payload).expect("the signer answers"))
@@ -499,8 +502,17 @@ async fn an_upstream_text_error_fails_the_request_at_once() {
     });
     let init = tokio::time::timeout(WAIT, b.relay.call(ClientContext::ROOT, trace_request(11))).await;
     assert!(matches!(init, Ok(Ok(ref r)) if r[..2] == [0, 114]), "{init:?}");
-    let refused = tokio::time::timeout(WAIT, b.relay.call(ClientContext::ROOT, trace_request(28)))
-        .await
-        .expect("the refusal reaches lightningd at once, not after request_timeout");
-    assert!(matches!(refused, Err(sphinx_broker::relay::RelayError::Refused(ref t)) if t == REFUSAL), "{refused:?}");
+    // Three in flight at once: the refusal fails exactly the one refused. Had it failed
+    // another, the refused one would wait for request_timeout and this would time out.
+    let call = || tokio::time::timeout(WAIT, b.relay.call(ClientContext::ROOT, trace_request(28)));
+    let (a, r, c) = tokio::join!(call(), call(), call());
+    let results = [a, r, c].map(|x| x.expect("every request is answered at once, none after request_timeout"));
+    let refused: Vec<_> = results.iter().filter_map(|x| x.as_ref().err()).collect();
+    assert!(
+        matches!(refused[..], [sphinx_broker::relay::RelayError::Refused(ref t)] if t == REFUSAL),
+        "one refusal with upstream's text: {results:?}"
+    );
+    assert!(results.iter().flatten().all(|r| r[..2] == [0, 128]), "ecdh replies: {results:?}");
+    let after = tokio::time::timeout(WAIT, b.relay.call(ClientContext::ROOT, trace_request(28))).await;
+    assert!(matches!(after, Ok(Ok(ref r)) if r[..2] == [0, 128]), "the signer goes on after a refusal: {after:?}");
 }

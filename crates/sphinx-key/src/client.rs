@@ -16,7 +16,7 @@ use rumqttc::{
 };
 use sphinx_signer::{ControlAction, Output, Signer, Status, StatusIndicator};
 use sphinx_wire::control::ControlResponse;
-use sphinx_wire::topics;
+use sphinx_wire::{error_report, topics};
 use tracing::{debug, error, info, warn};
 
 /// How to reach the broker.
@@ -258,7 +258,7 @@ async fn serve(
             Event::Incoming(Packet::SubAck(_)) => {
                 // Subscribed: now the broker may send requests.
                 if let Err(e) =
-                    client.try_publish(topics::topic(id, topics::HELLO), QoS::AtLeastOnce, false, Vec::new())
+                    client.try_publish(topics::topic(id, topics::HELLO), QoS::AtLeastOnce, false, error_report::HELLO)
                 {
                     warn!(error = %e, "cannot publish hello");
                     return End::Lost;

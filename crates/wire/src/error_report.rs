@@ -2,7 +2,20 @@
 //!
 //! `seq u16 BE | utf8 text`: the request's sequence number (from its serial header), so the
 //! broker fails exactly that request, then the error text. Our extension: upstream sends the
-//! text only (see docs/wire.md).
+//! text only (see docs/wire.md). A signer says which it sends in its `{id}/hello` payload: a
+//! feature list with [`SEQ_ERRORS`] means `seq | text`, anything else (upstream's empty hello)
+//! means text only.
+
+/// The `hello` feature of a signer whose reports carry the sequence number.
+pub const SEQ_ERRORS: &[u8] = b"error-seq";
+
+/// The `{id}/hello` payload this project's signer sends: space-separated features.
+pub const HELLO: &[u8] = SEQ_ERRORS;
+
+/// Whether a `hello` payload announces [`SEQ_ERRORS`].
+pub fn hello_has_seq_errors(hello: &[u8]) -> bool {
+    hello.split(|b| *b == b' ').any(|f| f == SEQ_ERRORS)
+}
 
 /// Longest text [`decode`] keeps, in characters; the rest is cut.
 pub const MAX_TEXT: usize = 2000;
@@ -31,7 +44,25 @@ pub fn decode(payload: &[u8]) -> ErrorReport {
         [a, b, rest @ ..] => (Some(u16::from_be_bytes([*a, *b])), rest),
         _ => (None, payload),
     };
-    ErrorReport { seq, text: String::from_utf8_lossy(text).chars().take(MAX_TEXT).collect() }
+    ErrorReport { seq, text: text_of(text) }
+}
+
+/// Decodes the report of a signer without [`SEQ_ERRORS`] (upstream's): all text, no `seq`.
+pub fn decode_text(payload: &[u8]) -> ErrorReport {
+    ErrorReport { seq: None, text: text_of(payload) }
+}
+
+/// Decodes a report as the signer that sent it announced ([`hello_has_seq_errors`]).
+pub fn decode_as(payload: &[u8], seq_errors: bool) -> ErrorReport {
+    if seq_errors {
+        decode(payload)
+    } else {
+        decode_text(payload)
+    }
+}
+
+fn text_of(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).chars().take(MAX_TEXT).collect()
 }
 
 /// What kind of failure a signer's error text describes, by the words of `sphinx_signer::Error`'s
@@ -102,5 +133,17 @@ mod tests {
         assert_eq!(decode(b"\x00\x01\xff\xfe").text, "\u{fffd}\u{fffd}");
         let long = vec![b'a'; 10_000];
         assert_eq!(decode(&long).text.len(), MAX_TEXT);
+        assert_eq!(decode_text(&long).text.len(), MAX_TEXT);
+    }
+
+    #[test]
+    fn hello_says_which_reports_a_signer_sends() {
+        assert!(hello_has_seq_errors(HELLO));
+        assert!(hello_has_seq_errors(b"future-thing error-seq"));
+        assert!(!hello_has_seq_errors(b""), "upstream's hello is empty");
+        assert!(!hello_has_seq_errors(b"error-seqs"));
+        let r = decode_as(b"ab policy failure", false);
+        assert_eq!((r.seq, r.text.as_str()), (None, "ab policy failure"));
+        assert_eq!(decode_as(b"\x00\x07x", true).seq, Some(7));
     }
 }
