@@ -28,8 +28,8 @@ use tokio::sync::Mutex;
 use tracing::{debug, error, info, warn};
 
 use crate::init::{self, InitError, WrongChain};
-use sphinx_wire::hsmd::ClnRelease;
 use crate::relay::{RelayError, RelayHandle};
+use sphinx_wire::hsmd::ClnRelease;
 
 /// `hsmstatus_client_bad_request` (common `hsmd_wire.csv`), sent to lightningd on the status socket.
 const HSMSTATUS_CLIENT_BAD_REQUEST: u16 = 1000;

@@ -52,7 +52,9 @@ pub enum InitError {
     )]
     Passphrase,
     /// An even (must-understand) TLV the broker does not know.
-    #[error("hsmd_init carries TLV type {0}, which this broker does not understand (even: must be understood); refused")]
+    #[error(
+        "hsmd_init carries TLV type {0}, which this broker does not understand (even: must be understood); refused"
+    )]
     UnknownEvenTlv(u64),
     /// The signer answered with a wire version lightningd does not accept.
     #[error("the signer negotiated hsmd wire version {got}, outside lightningd's range {min}..={max}")]

@@ -763,8 +763,12 @@ impl Relay {
         for p in self.inflight.iter_mut() {
             p.sent_at = now;
         }
-        let resend: Vec<_> =
-            self.inflight.iter().filter(|p| p.kind == Kind::Cln).map(|p| (p.seq, p.msg_type, p.frame.clone())).collect();
+        let resend: Vec<_> = self
+            .inflight
+            .iter()
+            .filter(|p| p.kind == Kind::Cln)
+            .map(|p| (p.seq, p.msg_type, p.frame.clone()))
+            .collect();
         for (seq, msg_type, frame) in resend {
             self.publish(seq, msg_type, frame);
         }
@@ -1046,7 +1050,10 @@ mod tests {
         let mut h = harness("second", Duration::from_secs(30));
         h.initialise().await;
         // Another device of the same node (same key, its own client id) says hello.
-        h.events.send(LinkEvent::HelloAs { id: "device-b".into(), node_id: ID.into(), seq_errors: true }).await.unwrap();
+        h.events
+            .send(LinkEvent::HelloAs { id: "device-b".into(), node_id: ID.into(), seq_errors: true })
+            .await
+            .unwrap();
         let call = h.call(vec![0, 23, 1]);
         let (topic, f) = h.out.recv().await.unwrap();
         assert_eq!(topic, format!("{ID}/vls"), "requests stay with the active signer");
@@ -1055,7 +1062,10 @@ mod tests {
         assert_eq!(call.await.unwrap().unwrap(), vec![0, 123]);
         // Once the active one is gone, the next hello becomes active (init replayed first).
         h.events.send(LinkEvent::Gone(ID.into())).await.unwrap();
-        h.events.send(LinkEvent::HelloAs { id: "device-b".into(), node_id: ID.into(), seq_errors: true }).await.unwrap();
+        h.events
+            .send(LinkEvent::HelloAs { id: "device-b".into(), node_id: ID.into(), seq_errors: true })
+            .await
+            .unwrap();
         let (topic, f) = h.out.recv().await.unwrap();
         assert_eq!(topic, "device-b/vls");
         assert_eq!(Request::decode(&f).unwrap().message, init_msg());
@@ -1065,11 +1075,11 @@ mod tests {
     /// through its own identity: what the broker's MQTT link does, without MQTT.
     mod several {
         use super::super::*;
-        use sphinx_wire::serial::Request;
         use crate::hub::{Role, SignerHub};
         use crate::lss_link::LssSettings;
         use sphinx_lss::lssd::Lssd;
         use sphinx_signer::{ClockConfig, Output, PolicyConfig, Signer, SignerConfig};
+        use sphinx_wire::serial::Request;
         use std::collections::HashMap;
         use std::sync::Mutex as StdMutex;
 
@@ -1206,7 +1216,10 @@ mod tests {
                 self.hub.on_connected(id, &self.node);
                 self.net.lock().unwrap().devices.insert(id.into(), Device { signer, hold: false, held: vec![] });
                 self.hub.on_ready(id);
-                self.events.send(LinkEvent::HelloAs { id: id.into(), node_id: self.node.clone(), seq_errors: true }).await.unwrap();
+                self.events
+                    .send(LinkEvent::HelloAs { id: id.into(), node_id: self.node.clone(), seq_errors: true })
+                    .await
+                    .unwrap();
             }
 
             async fn until(&self, what: &str, f: impl Fn(&Several) -> bool) {

@@ -75,9 +75,10 @@ impl Harness {
                     let Ok(req) = Request::decode(&frame) else { continue };
                     let ev = match signer.handle(&req) {
                         None => continue, // "disconnected": the relay resends on hello
-                        Some(Ok(reply)) => {
-                            LinkEvent::Reply(id.clone(), Reply { seq: reply.seq, message: reply.message }.encode().into())
-                        }
+                        Some(Ok(reply)) => LinkEvent::Reply(
+                            id.clone(),
+                            Reply { seq: reply.seq, message: reply.message }.encode().into(),
+                        ),
                         Some(Err(text)) => LinkEvent::Error(id.clone(), error_report::encode(req.seq, &text)),
                     };
                     if events.blocking_send(ev).is_err() {
@@ -195,8 +196,16 @@ async fn chain_follower_starts_when_lightningds_init_is_answered() {
     let h = Harness::uninitialised("wiring", Duration::from_secs(60)).await;
     let btc = fake(true, None).await;
     btc.mine(3);
-    let server =
-        Arc::new(sphinx_broker::hsmd::HsmdServer::new(h.relay.clone(), Network::Regtest, sphinx_wire::hsmd::ClnRelease::V25_12, None, false).unwrap());
+    let server = Arc::new(
+        sphinx_broker::hsmd::HsmdServer::new(
+            h.relay.clone(),
+            Network::Regtest,
+            sphinx_wire::hsmd::ClnRelease::V25_12,
+            None,
+            false,
+        )
+        .unwrap(),
+    );
     let mut cfg = FollowerConfig::new(logged_in(&btc), Network::Regtest);
     cfg.poll_interval = Duration::from_millis(20);
     let mut f = chain::spawn(cfg, h.relay.clone(), server.init_done());

@@ -36,9 +36,11 @@ async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String,
     if let Some(t) = token {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
     }
-    let resp = tokio::time::timeout(BOUND, sender.send_request(req.body(Empty::new()).unwrap())).await.unwrap().unwrap();
+    let resp =
+        tokio::time::timeout(BOUND, sender.send_request(req.body(Empty::new()).unwrap())).await.unwrap().unwrap();
     let status = resp.status().as_u16();
-    let ct = resp.headers().get(hyper::header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let ct =
+        resp.headers().get(hyper::header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
     let body = tokio::time::timeout(BOUND, resp.into_body().collect()).await.unwrap().unwrap().to_bytes();
     (status, ct, String::from_utf8(body.to_vec()).unwrap())
 }
@@ -135,10 +137,12 @@ async fn metrics_move_with_relayed_requests_and_parse() {
 
     let key = common::key_bin_path().unwrap();
     assert!(key.is_file(), "{} not found: cargo build --release -p sphinx-key first", key.display());
-    let signer = start_key(&key, &dir.0.join("key"), &broker.mqtt.local_addr().to_string(), &[
-        "--dev-fixed-clock",
-        &CLOCK.to_string(),
-    ]);
+    let signer = start_key(
+        &key,
+        &dir.0.join("key"),
+        &broker.mqtt.local_addr().to_string(),
+        &["--dev-fixed-clock", &CLOCK.to_string()],
+    );
     let reply = tokio::time::timeout(BOUND, broker.relay.call(ClientContext::ROOT, trace_request(11)))
         .await
         .unwrap_or_else(|_| panic!("no init reply; signer log:\n{}", signer.log()))
@@ -165,9 +169,10 @@ async fn metrics_move_with_relayed_requests_and_parse() {
     let (_init_done, init_rx) = watch::channel(true);
     let f = chain::spawn_reporting(fc, broker.relay.clone(), init_rx, broker.chain_status.clone());
     let mut st = broker.chain_status.subscribe();
-    let synced = tokio::time::timeout(BOUND, st.wait_for(|s| s.phase == Phase::Synced && s.signer_tip.map(|t| t.0) == Some(20)))
-        .await
-        .is_ok();
+    let synced =
+        tokio::time::timeout(BOUND, st.wait_for(|s| s.phase == Phase::Synced && s.signer_tip.map(|t| t.0) == Some(20)))
+            .await
+            .is_ok();
     assert!(synced, "chain not synced: {:?}", *st.borrow());
 
     let (status, _, text) = get(api, "/metrics", Some(TOKEN)).await;
@@ -178,15 +183,21 @@ async fn metrics_move_with_relayed_requests_and_parse() {
     assert_eq!(value(&m, &ok("28", "hsmd_check_pubkey")), 5.0);
     let refused = "sphinx_broker_requests_total{msg_type=\"23\",name=\"hsmd_sign_message\",outcome=\"refused\"}";
     assert_eq!(value(&m, refused), 1.0);
-    let refusal = "sphinx_broker_refusals_total{msg_type=\"23\",name=\"hsmd_sign_message\",reason=\"decode\",policy=\"\"}";
+    let refusal =
+        "sphinx_broker_refusals_total{msg_type=\"23\",name=\"hsmd_sign_message\",reason=\"decode\",policy=\"\"}";
     assert_eq!(value(&m, refusal), 1.0, "{text}");
     let count = "sphinx_broker_request_duration_seconds_count{msg_type=\"28\",name=\"hsmd_check_pubkey\"}";
     assert_eq!(value(&m, count), 5.0);
     let inf = "sphinx_broker_request_duration_seconds_bucket{le=\"+Inf\",msg_type=\"28\",name=\"hsmd_check_pubkey\"}";
-    assert_eq!(m.get(inf).copied().or_else(|| {
-        // The label order of `le` is the encoder's: accept either position.
-        m.iter().find(|(k, _)| k.contains("_bucket{") && k.contains("le=\"+Inf\"") && k.contains("msg_type=\"28\"")).map(|(_, v)| *v)
-    }), Some(5.0));
+    assert_eq!(
+        m.get(inf).copied().or_else(|| {
+            // The label order of `le` is the encoder's: accept either position.
+            m.iter()
+                .find(|(k, _)| k.contains("_bucket{") && k.contains("le=\"+Inf\"") && k.contains("msg_type=\"28\""))
+                .map(|(_, v)| *v)
+        }),
+        Some(5.0)
+    );
     assert_eq!(value(&m, "sphinx_broker_token_refusals_total{cause=\"token_encoding\"}"), 1.0);
     assert_eq!(value(&m, "sphinx_broker_signer_active"), 1.0);
     assert_eq!(value(&m, "sphinx_broker_signers_connected"), 1.0);

@@ -313,7 +313,8 @@ impl<L: ChainLink> Follower<L> {
             self.catching_up = false;
             let done = self.catch_up_start.take();
             if let Some((h, hash)) = self.tip {
-                let (blocks, secs) = done.map(|(t, from)| (h.saturating_sub(from), t.elapsed().as_secs_f64())).unwrap_or_default();
+                let (blocks, secs) =
+                    done.map(|(t, from)| (h.saturating_sub(from), t.elapsed().as_secs_f64())).unwrap_or_default();
                 let rate = if secs > 0.0 { blocks as f64 / secs } else { 0.0 };
                 info!(
                     height = h,

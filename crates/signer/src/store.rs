@@ -333,5 +333,8 @@ impl KVVStore for TxnStore {
 
 /// Wraps a store in a fresh transactional persister (`lss`: LSS's version rule).
 pub(crate) fn persister(store: AnyStore, lss: bool) -> Persister {
-    KVVPersister(TxnStore { inner: store, log: Mutex::new(None), lss: AtomicBool::new(lss), writes: AtomicU64::new(0) }, JsonFormat)
+    KVVPersister(
+        TxnStore { inner: store, log: Mutex::new(None), lss: AtomicBool::new(lss), writes: AtomicU64::new(0) },
+        JsonFormat,
+    )
 }

@@ -248,10 +248,14 @@ fn status_page_in_headless_chromium_shows_the_signer_and_live_counts() {
             if let (Some(b), Some(f)) = (&browser, first) {
                 // Live: no reload, the `status` events of /v1/events move the count.
                 later = Some(count(&b.wait_text("#requests_total", "the count to move", |t| count(t) > f)));
-                let points = b.cmd("POST", "execute/sync", Some(json!({
-                    "script": "return document.getElementById('plot').querySelectorAll('circle').length",
-                    "args": []
-                })));
+                let points = b.cmd(
+                    "POST",
+                    "execute/sync",
+                    Some(json!({
+                        "script": "return document.getElementById('plot').querySelectorAll('circle').length",
+                        "args": []
+                    })),
+                );
                 plot_points = points.ok().and_then(|v| v.as_u64());
                 b.screenshot(&shot);
                 cookies = b.cmd("GET", "cookie", None).ok();
