@@ -392,13 +392,9 @@ fn recorded_requests() -> Vec<(ClientContext, Vec<u8>)> {
             dbid: v["ctx"]["dbid"].as_u64().unwrap(),
             permissions: v["ctx"]["permissions"].as_u64().unwrap(),
         };
-        let mut message = hex::decode(v["hex"].as_str().unwrap()).unwrap();
         // Recorded against CLN's own hsmd, which has the preapprove "check" capability; with
         // VLS (which has not) lightningd sends 38/39 instead of 51/52, without `check_only`.
-        if message[..2] == [0, 51] || message[..2] == [0, 52] {
-            message.pop();
-            message[1] -= 13;
-        }
+        let message = sphinx_wire::hsmd::without_check_capability(&hex::decode(v["hex"].as_str().unwrap()).unwrap());
         out.push((ctx, message));
     }
     out

@@ -28,19 +28,10 @@ use crate::lightningd::SpawnOptions;
 use crate::trace::{Ctx, Trace};
 
 /// `preapprove_invoice_check` (51) / `preapprove_keysend_check` (52) → 38 / 39 without the
-/// trailing `check_only` byte. Other messages are returned unchanged.
+/// trailing `check_only` byte ([`hsmd::without_check_capability`]). Other messages are returned
+/// unchanged.
 pub fn translate_request(msg: &[u8]) -> Vec<u8> {
-    let to = match hsmd::msg_type(msg) {
-        Ok(hsmd::PREAPPROVE_INVOICE_CHECK) => hsmd::PREAPPROVE_INVOICE,
-        Ok(hsmd::PREAPPROVE_KEYSEND_CHECK) => hsmd::PREAPPROVE_KEYSEND,
-        _ => return msg.to_vec(),
-    };
-    if msg.len() < 3 {
-        return msg.to_vec();
-    }
-    let mut out = to.to_be_bytes().to_vec();
-    out.extend_from_slice(&msg[2..msg.len() - 1]);
-    out
+    hsmd::without_check_capability(msg)
 }
 
 /// Name of a message type we may send that is not in the trace (the translated ones).

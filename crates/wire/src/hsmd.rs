@@ -33,6 +33,24 @@ pub const PREAPPROVE_INVOICE: u16 = 38;
 /// `hsmd_preapprove_keysend`.
 pub const PREAPPROVE_KEYSEND: u16 = 39;
 
+/// The request lightningd sends instead of `msg` to an hsmd without the preapprove "check"
+/// capability (VLS): `preapprove_invoice_check` (51) / `preapprove_keysend_check` (52) become
+/// 38 / 39 without the trailing `check_only` byte. Anything else, or too short, is unchanged.
+/// Sessions recorded against CLN's own hsmd are replayed through it.
+pub fn without_check_capability(msg: &[u8]) -> Vec<u8> {
+    let to = match msg_type(msg) {
+        Ok(PREAPPROVE_INVOICE_CHECK) => PREAPPROVE_INVOICE,
+        Ok(PREAPPROVE_KEYSEND_CHECK) => PREAPPROVE_KEYSEND,
+        _ => return msg.to_vec(),
+    };
+    if msg.len() < 3 {
+        return msg.to_vec();
+    }
+    let mut out = to.to_be_bytes().to_vec();
+    out.extend_from_slice(&msg[2..msg.len() - 1]);
+    out
+}
+
 /// Errors from parsing hsmd messages.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {

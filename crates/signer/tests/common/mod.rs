@@ -52,15 +52,8 @@ pub fn load(name: &str) -> Vec<Step> {
                 steps.push(None);
                 continue;
             }
-            let (msg_type, message) = match ty {
-                51 | 52 => {
-                    let new = if ty == 51 { 38u16 } else { 39u16 };
-                    let mut m = new.to_be_bytes().to_vec();
-                    m.extend_from_slice(&msg[2..msg.len() - 1]);
-                    (new, m)
-                }
-                _ => (ty, msg),
-            };
+            let message = sphinx_wire::hsmd::without_check_capability(&msg);
+            let msg_type = sphinx_wire::hsmd::msg_type(&message).unwrap();
             let seq = (steps.len() % 65536) as u16;
             steps.push(Some(Step {
                 req: Request { seq, peer_id, dbid, message },

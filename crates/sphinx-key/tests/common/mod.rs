@@ -28,12 +28,8 @@ pub fn trace_requests() -> Vec<Request> {
         if v["dir"] != "req" || ty == 9 || ty == 33 {
             continue;
         }
-        let mut message = hex::decode(v["hex"].as_str().unwrap()).unwrap();
-        if ty == 51 || ty == 52 {
-            // CLN's own preapprove_*_check: VLS speaks 38/39, without the check_only byte.
-            message.pop();
-            message[1] = if ty == 51 { 38 } else { 39 };
-        }
+        // CLN's own preapprove_*_check: VLS speaks 38/39, without the check_only byte.
+        let message = sphinx_wire::hsmd::without_check_capability(&hex::decode(v["hex"].as_str().unwrap()).unwrap());
         let mut peer_id = [0u8; 33];
         if let Some(p) = v["ctx"]["peer_id"].as_str() {
             peer_id.copy_from_slice(&hex::decode(p).unwrap());
