@@ -216,6 +216,9 @@ pub struct SignerStats {
     pub dedupe_hits: u64,
     /// Times the node was rebuilt from persisted state after a failure.
     pub rebuilds: u64,
+    /// Requests signed concurrently with others of the same batch and kept
+    /// ([`Signer::set_sign_threads`]).
+    pub concurrent: u64,
 }
 
 /// The record kept per dedupe slot.
@@ -257,6 +260,8 @@ pub struct Signer {
     reset: Option<ControlAction>,
     /// LSS backup, once the broker started the init dance (`None`: LSS off, today's behaviour).
     lss: Option<lss::LssState>,
+    /// Threads a batch's independent channel requests are signed on ([`Signer::set_sign_threads`]).
+    sign_threads: usize,
 }
 
 struct FixedStartingTime(u64);
@@ -340,6 +345,7 @@ impl Signer {
             owner: node_id,
             reset: None,
             lss: None,
+            sign_threads: 1,
         };
         s.core = Some(s.build_core()?);
         info!(node_id = %s.node_id, initialized = s.is_initialized(), "signer opened");
@@ -588,6 +594,12 @@ impl Signer {
         }
     }
 
+    /// Signs a batch's requests of different channels on up to `n` threads (1, the default: one
+    /// at a time). See [`Signer::handle_batch`].
+    pub fn set_sign_threads(&mut self, n: usize) {
+        self.sign_threads = n.clamp(1, MAX_SIGN_THREADS);
+    }
+
     /// Group commit: handles `reqs` in arrival order and commits the state of all of them in ONE
     /// durable transaction (one fsync), then returns their results in the same order. Every
     /// `Ok` reply is on disk when this returns, as with [`Signer::handle`], and the replies and
@@ -600,6 +612,15 @@ impl Signer {
     /// rebuilt from disk (as one-at-a-time handling does), so the earlier requests' state is
     /// neither lost nor mixed with the refused one's. An `hsmd_init` (its own transaction) also
     /// commits the batch so far first. With LSS on, requests go one at a time ([`Signer::stage`]).
+    ///
+    /// With [`Signer::set_sign_threads`] > 1, a run of consecutive requests of distinct channels
+    /// (a channeld's steady-state requests, [`PARALLEL_TYPES`]) is signed concurrently: VLS
+    /// locks each channel on its own, so they do not wait for one another. Their writes go to the
+    /// same open transaction; the replies are what one-at-a-time handling gives (each request
+    /// reads and writes only its own channel's state; requests of one connection are never in
+    /// one run, it waits for each reply). If any of them fails, nothing of the run is kept: its
+    /// writes are taken back, the batch so far is committed, the node is rebuilt from disk and
+    /// the run's requests go one at a time as above.
     pub fn handle_batch(&mut self, reqs: &[Request]) -> Vec<Result<Reply, Error>> {
         if self.lss.is_some() || reqs.len() <= 1 {
             return reqs.iter().map(|r| self.handle(r)).collect();
@@ -607,26 +628,145 @@ impl Signer {
         let mut results: Vec<Option<Result<Reply, Error>>> = (0..reqs.len()).map(|_| None).collect();
         // Replies waiting for the batch's commit: (index, reply).
         let mut staged: Vec<(usize, Reply)> = Vec::new();
-        for (i, req) in reqs.iter().enumerate() {
-            match self.batch_step(req) {
-                Step::Staged(reply) => staged.push((i, reply)),
-                Step::Failed(e) => results[i] = Some(Err(e)),
-                Step::FlushThen(e) => {
+        let mut i = 0;
+        while i < reqs.len() {
+            let run = self.parallel_run_len(&reqs[i..]);
+            if run >= 2 {
+                if let Some(outcomes) = self.parallel_step(&reqs[i..i + run]) {
+                    for (k, r) in outcomes.into_iter().enumerate() {
+                        match r {
+                            Ok(reply) => staged.push((i + k, reply)),
+                            Err(e) => results[i + k] = Some(Err(e)),
+                        }
+                    }
+                } else {
                     self.flush_batch(&mut staged, &mut results);
                     self.rebuild();
-                    results[i] = Some(Err(e));
+                    for (k, req) in reqs[i..i + run].iter().enumerate() {
+                        self.serial_step(i + k, req, &mut staged, &mut results);
+                    }
                 }
-                Step::Alone => {
-                    self.flush_batch(&mut staged, &mut results);
-                    results[i] = Some(self.handle(req));
-                }
+                i += run;
+                continue;
             }
+            self.serial_step(i, &reqs[i], &mut staged, &mut results);
+            i += 1;
         }
         self.flush_batch(&mut staged, &mut results);
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::Unavailable("request not handled".into()))))
             .collect()
+    }
+
+    /// Request `i` of a batch, one at a time ([`Signer::batch_step`]).
+    fn serial_step(
+        &mut self,
+        i: usize,
+        req: &Request,
+        staged: &mut Vec<(usize, Reply)>,
+        results: &mut [Option<Result<Reply, Error>>],
+    ) {
+        match self.batch_step(req) {
+            Step::Staged(reply) => staged.push((i, reply)),
+            Step::Failed(e) => results[i] = Some(Err(e)),
+            Step::FlushThen(e) => {
+                self.flush_batch(staged, results);
+                self.rebuild();
+                results[i] = Some(Err(e));
+            }
+            Step::Alone => {
+                self.flush_batch(staged, results);
+                results[i] = Some(self.handle(req));
+            }
+        }
+    }
+
+    /// How many of `reqs`, from the first, can be signed concurrently: channel requests of
+    /// [`PARALLEL_TYPES`], each of a different channel (dbid).
+    fn parallel_run_len(&self, reqs: &[Request]) -> usize {
+        if self.sign_threads < 2 || self.reset.is_some() {
+            return 0;
+        }
+        let mut dbids = Vec::new();
+        reqs.iter()
+            .take_while(|r| {
+                let ok = r.dbid != 0
+                    && !dbids.contains(&r.dbid)
+                    && sphinx_wire::hsmd::msg_type(&r.message).is_ok_and(|t| PARALLEL_TYPES.contains(&t));
+                dbids.push(r.dbid);
+                ok
+            })
+            .count()
+    }
+
+    /// Signs `reqs` (a run of [`Signer::parallel_run_len`]) concurrently inside the open batch
+    /// transaction: per request its staged reply, or an error that changed nothing (it could
+    /// not be decoded, …). `None`: a VLS call failed or the state could not be recorded; the
+    /// transaction is back to before the run and the in-memory node must be rebuilt.
+    fn parallel_step(&mut self, reqs: &[Request]) -> Option<Vec<Result<Reply, Error>>> {
+        let mut out: Vec<Option<Result<Reply, Error>>> = Vec::with_capacity(reqs.len());
+        let mut calls = Vec::new();
+        let mut records = Vec::new();
+        for (k, req) in reqs.iter().enumerate() {
+            match self.prepare(req) {
+                Ok(Prepared::Run { msg, hash, slot_key, .. }) => {
+                    out.push(None);
+                    calls.push((req, msg));
+                    records.push((k, hash, slot_key));
+                }
+                Ok(Prepared::Recorded(reply)) => out.push(Some(Ok(reply))),
+                Ok(Prepared::Init(..)) => return None,
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        let threads = self.sign_threads;
+        let core = self.core().ok()?;
+        let root = core.root.as_ref()?;
+        let (persister, node) = (core.persister.clone(), core.node.clone());
+        if persister.snapshot().is_none() {
+            begin(&persister).ok()?;
+        }
+        let before = persister.snapshot();
+        let writes = persister.writes();
+        let n = calls.len();
+        let signed = call_vls_concurrently(root, calls, threads);
+        self.stats.vls_calls += n as u64;
+        let mut replies = Vec::with_capacity(n);
+        for r in signed {
+            match r {
+                Ok(Ok(reply)) => replies.push(reply),
+                _ => {
+                    persister.restore(before);
+                    return None;
+                }
+            }
+        }
+        // As `record_if_changed` for each: the node state once, then a record for every request
+        // of the run if the run changed anything (requests that change nothing then get one
+        // too: same transaction, harmless).
+        let recorded = catch_unwind(AssertUnwindSafe(|| -> Result<(), lightning_signer::persist::Error> {
+            sync_node_state(&persister, &node)?;
+            if persister.writes() == writes {
+                return Ok(());
+            }
+            for ((k, hash, slot_key), reply) in records.iter().zip(&replies) {
+                let record = ReplyRecord { seq: reqs[*k].seq, hash: hash.clone(), reply: hex::encode(reply) };
+                let value = serde_json::to_vec(&record)
+                    .map_err(|e| lightning_signer::persist::Error::Internal(format!("dedupe record: {e}")))?;
+                persister.put(slot_key, value)?;
+            }
+            Ok(())
+        }));
+        if !matches!(recorded, Ok(Ok(()))) {
+            persister.restore(before);
+            return None;
+        }
+        self.stats.concurrent += n as u64;
+        for ((k, _, _), message) in records.into_iter().zip(replies) {
+            out[k] = Some(Ok(Reply { seq: reqs[k].seq, message }));
+        }
+        out.into_iter().map(|r| r.or_else(|| Some(Err(Error::Unavailable("request not handled".into()))))).collect()
     }
 
     /// Commits the open batch transaction and releases its replies (or fails them all).
@@ -975,6 +1115,50 @@ fn vls_error_text(e: &vls_protocol_signer::handler::Error) -> String {
         E::Signing(s) => format!("{:?}: {}", s.code(), s.message()),
         E::Temporary(s) => format!("temporary {:?}: {}", s.code(), s.message()),
     }
+}
+
+/// Most threads [`Signer::set_sign_threads`] takes.
+pub const MAX_SIGN_THREADS: usize = 8;
+
+/// The requests a batch may sign concurrently ([`Signer::handle_batch`]): a channeld's
+/// steady-state requests, each on its own channel's state (sign_penalty_to_us,
+/// get_per_commitment_point, sign_remote_commitment_tx, sign_remote_htlc_tx,
+/// validate_commitment_tx, validate_revocation, revoke_commitment_tx).
+pub const PARALLEL_TYPES: [u16; 7] = [14, 18, 19, 20, 35, 36, 40];
+
+/// [`call_vls`] for each of `calls` on up to `threads` threads (this one included); the results
+/// in the order of `calls`.
+fn call_vls_concurrently(
+    root: &RootHandler,
+    calls: Vec<(&Request, Message)>,
+    threads: usize,
+) -> Vec<std::thread::Result<Result<Vec<u8>, vls_protocol_signer::handler::Error>>> {
+    let per = calls.len().div_ceil(threads.max(1)).max(1);
+    let mut chunks: Vec<Vec<(&Request, Message)>> = Vec::new();
+    let mut calls = calls.into_iter().peekable();
+    while calls.peek().is_some() {
+        chunks.push(calls.by_ref().take(per).collect());
+    }
+    let mut chunks = chunks.into_iter();
+    let Some(first) = chunks.next() else { return Vec::new() };
+    std::thread::scope(|s| {
+        let others: Vec<_> = chunks
+            .map(|c| {
+                let len = c.len();
+                (len, s.spawn(move || c.into_iter().map(|(r, m)| call_vls(root, r, m)).collect::<Vec<_>>()))
+            })
+            .collect();
+        let mut out: Vec<_> = first.into_iter().map(|(r, m)| call_vls(root, r, m)).collect();
+        for (len, h) in others {
+            match h.join() {
+                Ok(v) => out.extend(v),
+                // `call_vls` catches VLS's panics; this is the thread itself failing.
+                Err(_) => out
+                    .extend((0..len).map(|_| Err(Box::new("signing thread failed") as Box<dyn std::any::Any + Send>))),
+            }
+        }
+        out
+    })
 }
 
 /// Runs one request through VLS (the root handler, or a channel client's for a dbid), a panic

@@ -116,6 +116,11 @@ enum Cmd {
         #[arg(long, value_name = "N", env = "SPHINX_KEY_BATCH_MAX", default_value_t = 32,
               value_parser = clap::value_parser!(u16).range(1..=64))]
         batch_max: u16,
+        /// Threads a batch's requests of different channels are signed on (0: one per CPU, at
+        /// most 8; 1: one at a time).
+        #[arg(long, value_name = "N", env = "SPHINX_KEY_SIGN_THREADS", default_value_t = 0,
+              value_parser = clap::value_parser!(u16).range(0..=8))]
+        sign_threads: u16,
         /// Status indicator: `terminal`, `led:NAME` (/sys/class/leds/NAME) or `none`.
         #[arg(long, env = "SPHINX_KEY_STATUS")]
         status: Option<String>,
@@ -376,6 +381,7 @@ fn real_main(cli: Cli) -> Result<()> {
             permissive,
             dev_fixed_clock,
             batch_max,
+            sign_threads,
             status,
             tls_ca,
             tls_fingerprint,
@@ -430,6 +436,11 @@ fn real_main(cli: Cli) -> Result<()> {
                 Err(e) => return Err(e).context("cannot open signer state"),
             };
             obs.set_node_id(&signer.node_id_hex());
+            let threads = match sign_threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => usize::from(n),
+            };
+            signer.set_sign_threads(threads);
             if let Some(owner) = seed::read_owner(&data_dir)? {
                 tracing::info!(%owner, "control messages must be signed by the owner key");
                 signer.set_owner_key(owner);

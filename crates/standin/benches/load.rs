@@ -13,6 +13,10 @@
 //! - `in-process (memory)`: `Signer::in_memory`, VLS alone, the channels' requests interleaved
 //!   round robin (one signer answers one request at a time, as `sphinx-key` does);
 //! - `in-process (redb)`: `Signer::open`, VLS plus the device's durable commit (fsync), same order;
+//! - `in-process (redb gc)` / `in-proc gc 2 threads`: the same with group commit (rounds of one
+//!   request per channel through `Signer::handle_batch`), signing on one thread / on two
+//!   (`Signer::set_sign_threads`); the `end to end` rows use `sphinx-key`'s default (one thread
+//!   per CPU; `SPHINX_KEY_SIGN_THREADS` in the bench's environment overrides it);
 //! - `end to end`: `fake-lightningd` spawns `sphinx-broker` (real fd passing), one client
 //!   connection per channel (a channeld each), N threads sending concurrently, each waiting for
 //!   its reply before the next request (as channeld does) → embedded MQTT → `sphinx-key run`
@@ -430,6 +434,11 @@ fn main() {
         let dir = TempDir::new("bench-load-redb-batch").expect("temp dir");
         let redb_gc = in_process_batched(Signer::open(seed, dir.path(), &cfg).expect("signer"), &init, chans);
         drop(dir);
+        let dir = TempDir::new("bench-load-redb-batch-2").expect("temp dir");
+        let mut two = Signer::open(seed, dir.path(), &cfg).expect("signer");
+        two.set_sign_threads(2);
+        let redb_gc2 = in_process_batched(two, &init, chans);
+        drop(dir);
         let e2e_one = end_to_end(&init, chans, seed, clock, 1, Load::Saturate);
         let e2e = end_to_end(&init, chans, seed, clock, GROUP_COMMIT, Load::Saturate);
         // At N = 32 also the target rate offered, not the most the clients can push.
@@ -444,6 +453,7 @@ fn main() {
             ("in-process (memory)", &mem),
             ("in-process (redb)", &redb),
             ("in-process (redb gc)", &redb_gc),
+            ("in-proc gc 2 threads", &redb_gc2),
             ("e2e, gc off", &e2e_one),
             ("end to end", &e2e),
         ];

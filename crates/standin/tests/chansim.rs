@@ -168,3 +168,91 @@ fn a_wrong_revocation_secret_is_refused() {
     eprintln!("refusal: {e}");
     assert!(e.contains("ValidateRevocation"), "{e}");
 }
+
+/// Group commit with concurrent signing (`Signer::set_sign_threads`): rounds of one request per
+/// channel (as N channelds have them outstanding) through `handle_batch` on two threads give
+/// the replies and the durable state of one request at a time, also when a request inside a
+/// concurrent run is refused (the run is then taken back and handled one at a time).
+#[test]
+fn concurrent_signing_of_channels_replies_and_persists_like_one_at_a_time() {
+    use sphinx_standin::harness::TempDir;
+    let (trace, seed, clock) = bob();
+    let template = Template::from_trace(&trace).expect("template");
+    let cfg = replay::signer::replay_config(clock, PolicyConfig::default());
+    let init = trace.exchanges.iter().find(|e| e.msg_type == hsmd::HSMD_INIT).expect("init").request.clone();
+    // Traffic: 6 channels, 3 payments each, made against an in-memory signer.
+    let mut gen = signer(&trace, seed, clock);
+    let mut sims: Vec<ChannelSim> = (1..=6).map(|dbid| ChannelSim::new(template.clone(), SIM_SEED, dbid)).collect();
+    let mut opened = vec![];
+    {
+        let mut hsmd = InProcess { signer: &mut gen, seq: 0 };
+        for sim in &mut sims {
+            sim.open(&mut hsmd).unwrap_or_else(|e| panic!("open dbid {}: {e}", sim.dbid));
+            opened.push(sim.log.len());
+        }
+        for _ in 0..3 {
+            for sim in &mut sims {
+                sim.pay(&mut hsmd, 2_000_000).unwrap_or_else(|e| panic!("payment dbid {}: {e}", sim.dbid));
+            }
+        }
+    }
+    let rounds = sims[0].log.len() - opened[0];
+    // `corrupt`: (round, dbid) whose request gets a wrong commitment signature.
+    let run = |threads: usize, corrupt: Option<(usize, u64)>| {
+        let dir = TempDir::new("parallel-sign").expect("temp dir");
+        let mut s = Signer::open(seed, dir.path(), &cfg).expect("signer");
+        s.set_sign_threads(threads);
+        let mut seq = 0u16;
+        let mut req = |peer_id: [u8; 33], dbid: u64, message: Vec<u8>| {
+            seq += 1;
+            serial::Request { seq, peer_id, dbid, message }
+        };
+        s.handle(&req([0; 33], 0, init.clone())).expect("init");
+        for (sim, &k) in sims.iter().zip(&opened) {
+            for c in &sim.log[..k] {
+                let (p, d) = if c.conn == Conn::Root { ([0; 33], 0) } else { (sim.peer_id, sim.dbid) };
+                s.handle(&req(p, d, c.request.clone())).expect("open");
+            }
+        }
+        let mut out = vec![];
+        for r in 0..rounds {
+            let round: Vec<serial::Request> = sims
+                .iter()
+                .zip(&opened)
+                .map(|(sim, &k)| {
+                    let mut m = sim.log[k + r].request.clone();
+                    if corrupt == Some((r, sim.dbid)) {
+                        flip_commitment_signature(&mut m);
+                    }
+                    req(sim.peer_id, sim.dbid, m)
+                })
+                .collect();
+            let results: Vec<_> =
+                if threads == 1 { round.iter().map(|q| s.handle(q)).collect() } else { s.handle_batch(&round) };
+            out.extend(results.into_iter().map(|x| x.map(|r| hex::encode(r.message)).map_err(|e| e.to_string())));
+        }
+        (out, s.synced_state().expect("state"), s.stats())
+    };
+    // Round 0 is every channel's first validate_commitment_tx (a run of 6): dbid 4's is refused.
+    assert_eq!(u16::from_be_bytes([sims[3].log[opened[3]].request[0], sims[3].log[opened[3]].request[1]]), 35);
+    for corrupt in [None, Some((0, 4))] {
+        let (one, one_state, _) = run(1, corrupt);
+        let (two, two_state, stats) = run(2, corrupt);
+        assert_eq!(one.len(), two.len());
+        for (i, (a, b)) in one.iter().zip(&two).enumerate() {
+            assert_eq!(a, b, "request {i} (round {}, channel {}), {corrupt:?}", i / 6, i % 6 + 1);
+        }
+        assert!(one_state == two_state, "durable state differs, {corrupt:?}");
+        let refused = one.iter().filter(|r| r.is_err()).count();
+        assert_eq!(refused > 0, corrupt.is_some(), "{corrupt:?}: {refused} refused");
+        assert!(
+            stats.concurrent as usize > one.len() / 2,
+            "only {} of {} signed concurrently",
+            stats.concurrent,
+            one.len()
+        );
+        if corrupt.is_some() {
+            assert!(stats.rebuilds > 0, "the refused run was not taken back");
+        }
+    }
+}
