@@ -474,9 +474,17 @@ pub struct StatusLog {
     pub error: Option<String>,
     /// The messages themselves (type + body, first 1,000), to check their content.
     pub frames: Vec<Vec<u8>>,
+    /// The stream ended (EOF or a read error): every message the broker wrote is counted.
+    pub ended: bool,
 }
 
-fn drain_status(mut s: UnixStream, log: Arc<Mutex<StatusLog>>, cv: Arc<Condvar>) {
+fn drain_status(s: UnixStream, log: Arc<Mutex<StatusLog>>, cv: Arc<Condvar>) {
+    drain_status_frames(s, &log, &cv);
+    log.lock().unwrap_or_else(|p| p.into_inner()).ended = true;
+    cv.notify_all();
+}
+
+fn drain_status_frames(mut s: UnixStream, log: &Mutex<StatusLog>, cv: &Condvar) {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -702,6 +710,12 @@ impl FakeLightningd {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The status log as the drain thread fills it, to read after [`FakeLightningd::shutdown`]
+    /// or [`FakeLightningd::kill`] (which wait for the stream's end).
+    pub fn status_shared(&self) -> Arc<Mutex<StatusLog>> {
+        self.status.clone()
+    }
+
     /// Waits (bounded) until at least `count` status messages have been read; the log then, or
     /// `None` at the deadline. (The drain thread reads fd 0 on its own, so a message the broker
     /// wrote before closing a client may still be in flight when the client sees EOF.)
@@ -841,7 +855,18 @@ impl FakeLightningd {
 
     fn join_status(&mut self) {
         // The status thread ends at EOF on fd 0, i.e. when the broker (and anything that inherited
-        // its fd 0) is gone; don't wait for it otherwise.
+        // its fd 0) is gone: wait for that (bounded), so that the log holds every message the
+        // exited broker wrote; don't join a thread that is still reading.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut g = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        while !g.ended {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            g = self.status_cv.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        drop(g);
         if let Some(h) = self.status_thread.take() {
             if h.is_finished() {
                 let _ = h.join();

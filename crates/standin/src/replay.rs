@@ -239,12 +239,14 @@ impl Session {
 
     fn finish_run(&mut self) {
         if let Some(ld) = self.ld.take() {
-            self.report.status_messages.push(ld.status_log().count);
+            let status = ld.status_shared();
             let exit = if self.restart_by_kill {
                 ld.kill().map(|s| crate::lightningd::describe_status(&s)).map_err(|e| e.to_string())
             } else {
                 ld.shutdown().map(|s| crate::lightningd::describe_status(&s)).map_err(|e| e.to_string())
             };
+            // Counted after the exit: the drain thread has read all the broker wrote.
+            self.report.status_messages.push(status.lock().unwrap_or_else(|p| p.into_inner()).count);
             self.report.broker_exits.push(exit);
         }
     }
