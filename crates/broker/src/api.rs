@@ -650,6 +650,8 @@ pub struct SignerJson {
     /// LSS backup: "off", "syncing", "synced", "stale" or "error" (then `lss_error` says why).
     lss: &'static str,
     lss_error: Option<String>,
+    /// Its hello announced `error-seq` (this project's signer); false: an upstream client.
+    error_seq: bool,
 }
 
 #[derive(Serialize)]
@@ -674,6 +676,7 @@ pub fn signer_list(hub: &SignerHub, pinned: Option<&str>) -> Vec<SignerJson> {
             last_error: s.last_error.map(|e| ErrorJson { seq: e.seq, text: e.text, time: e.time }),
             lss: s.lss.parts().0,
             lss_error: s.lss.parts().1.map(str::to_string),
+            error_seq: s.error_seq,
             client_id: s.client_id,
             node_id: s.node_id,
         })
@@ -691,6 +694,7 @@ pub fn signer_list(hub: &SignerHub, pinned: Option<&str>) -> Vec<SignerJson> {
                 last_error: None,
                 lss: "off",
                 lss_error: None,
+                error_seq: false,
             });
         }
     }
@@ -782,11 +786,19 @@ async fn control(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<
     // A node id means its active signer; a client id that one signer.
     let known = shared.state.hub.resolve(id);
     let pinned = shared.state.pin.get().as_deref() == Some(id);
-    let id = match &known {
-        None if !pinned => return error(StatusCode::NOT_FOUND, "unknown signer"),
-        Some(s) if s.connected => s.client_id.clone(),
-        _ => return error(StatusCode::SERVICE_UNAVAILABLE, "signer not connected"),
-    };
+    let id =
+        match &known {
+            None if !pinned => return error(StatusCode::NOT_FOUND, "unknown signer"),
+            // vls-mqtt answers a message on `{id}/control` with a text error report, which the
+            // relay would take for a refusal of its oldest request in flight (docs/wire.md row 8).
+            Some(s) if s.connected && s.ready && !s.error_seq => return error(
+                StatusCode::NOT_IMPLEMENTED,
+                "this signer did not announce error-seq in its hello (an upstream vls-mqtt client): it takes owner \
+                 control over its own HTTP API, not over MQTT; nothing was sent",
+            ),
+            Some(s) if s.connected => s.client_id.clone(),
+            _ => return error(StatusCode::SERVICE_UNAVAILABLE, "signer not connected"),
+        };
     let id = id.as_str();
     let topic = topics::topic(id, topics::CONTROL);
     if !shared.state.mqtt.has_subscriber(&topic) {

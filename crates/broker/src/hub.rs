@@ -98,6 +98,10 @@ pub struct SignerStatus {
     pub last_error: Option<SignerErrorReport>,
     /// Where the signer is with LSS backup (set by the relay; `Off` without `[lss] url`).
     pub lss: LssStatus,
+    /// Its last `hello` announced `error-seq` (this project's `sphinx-key`); `false`: an
+    /// upstream client (vls-mqtt), whose error reports are text only and which takes owner
+    /// control over its own HTTP, not over MQTT.
+    pub error_seq: bool,
 }
 
 /// A signer's role in the relay (docs/signer.md "Several signers").
@@ -343,6 +347,7 @@ impl SignerHub {
             since: now,
             last_error: None,
             lss: LssStatus::Off,
+            error_seq: false,
         })
     }
 
@@ -361,8 +366,8 @@ impl SignerHub {
         self.send(SignerEvent::Connected { node_id: node_id.to_string(), client_id: client_id.to_string(), time: now });
     }
 
-    /// `client_id` said hello.
-    pub fn on_ready(&self, client_id: &str) {
+    /// `client_id` said hello; `error_seq`: it announced `error-seq`.
+    pub fn on_ready(&self, client_id: &str, error_seq: bool) {
         let now = unix_now();
         let node_id = {
             let mut st = self.lock();
@@ -372,6 +377,7 @@ impl SignerHub {
                 s.since = now;
             }
             s.ready = true;
+            s.error_seq = error_seq;
             s.node_id.clone()
         };
         self.send(SignerEvent::Ready { node_id, client_id: client_id.to_string(), time: now });
@@ -456,7 +462,7 @@ mod tests {
         let hub = Arc::new(SignerHub::new(4));
         let mut sub = hub.subscribe();
         hub.on_connected("a", "a");
-        hub.on_ready("a");
+        hub.on_ready("a", true);
         hub.on_error("a", error_report::decode(b"\x00\x02no"));
         let s = hub.signer("a").unwrap();
         assert!(s.connected && s.ready);

@@ -145,7 +145,7 @@ pub async fn forward_events(
                             }
                             None => identity.clone(),
                         };
-                        hub.on_ready(&identity);
+                        hub.on_ready(&identity, seq_errors);
                         LinkEvent::HelloAs { id: identity, node_id: node, seq_errors }
                     }
                     topics::BYE => {

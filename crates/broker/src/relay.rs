@@ -1215,7 +1215,7 @@ mod tests {
                 let signer = Signer::open(SEED, &self.root.join(id), &config()).unwrap();
                 self.hub.on_connected(id, &self.node);
                 self.net.lock().unwrap().devices.insert(id.into(), Device { signer, hold: false, held: vec![] });
-                self.hub.on_ready(id);
+                self.hub.on_ready(id, true);
                 self.events
                     .send(LinkEvent::HelloAs { id: id.into(), node_id: self.node.clone(), seq_errors: true })
                     .await

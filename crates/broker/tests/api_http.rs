@@ -213,6 +213,11 @@ impl TestSigner {
 
     /// Logs in as client id `client_id` (its identity and topic prefix) with a token for `now`.
     async fn connect_as(mqtt: SocketAddr, sk: &SecretKey, client_id: &str, now: u32) -> TestSigner {
+        Self::connect_saying(mqtt, sk, client_id, now, sphinx_wire::error_report::HELLO).await
+    }
+
+    /// [`TestSigner::connect_as`], saying `hello` with this payload (upstream's is empty).
+    async fn connect_saying(mqtt: SocketAddr, sk: &SecretKey, client_id: &str, now: u32, hello: &[u8]) -> TestSigner {
         let node = PublicKey::from_secret_key(&Secp256k1::new(), sk).to_string();
         let id = client_id.to_string();
         let mut opts = MqttOptions::new(id.clone(), mqtt.ip().to_string(), mqtt.port());
@@ -231,7 +236,7 @@ impl TestSigner {
         s.until(|p| matches!(p, Packet::ConnAck(_))).await;
         s.client.subscribe(topics::topic(&s.id, topics::CONTROL), QoS::AtLeastOnce).await.unwrap();
         s.until(|p| matches!(p, Packet::SubAck(_))).await;
-        s.publish(topics::HELLO, sphinx_wire::error_report::HELLO.to_vec()).await;
+        s.publish(topics::HELLO, hello.to_vec()).await;
         s
     }
 
@@ -839,4 +844,38 @@ async fn a_client_gets_in_while_an_attacker_holds_many_idle_sockets() {
     let ev = sse.expect("signer-connected").await;
     assert_eq!(ev["node_id"], id, "the stream survived the attacker's sockets");
     drop(idle);
+}
+
+/// An upstream signer (vls-mqtt: empty hello) answers a message on `{id}/control` with a text
+/// error report, which the relay would take for a refusal of its oldest request in flight; the
+/// API lists it with `error_seq: false` and refuses control calls to it, sending nothing.
+#[tokio::test]
+async fn control_is_not_sent_to_an_upstream_signer() {
+    let dir = temp_dir("control-upstream");
+    let b = broker(&dir, Duration::from_secs(10)).await;
+    let addr = api_addr(&b);
+    let (sk, id) = key(0x43);
+    let (owner, _) = key(0x07);
+    let mut hub = b.hub.subscribe();
+    let mut signer =
+        TestSigner::connect_saying(b.mqtt.local_addr(), &sk, &id, sphinx_wire::unix_now() as u32, b"").await;
+    hub_event(&mut hub, is_ready(&id)).await;
+    let list = get_json(addr, "/v1/signers").await;
+    assert_eq!(list["signers"][0]["error_seq"], false, "{list}");
+
+    let request = control::build_request(&ControlMessage::QueryPolicy, 1, &owner).unwrap();
+    let (status, _, body) = post_control(addr, id.clone(), request).await;
+    assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("upstream"), "{}", String::from_utf8_lossy(&body));
+    // Nothing reached its control topic: the first message there is its own marker.
+    signer.publish(topics::CONTROL, b"marker".to_vec()).await;
+    assert_eq!(signer.control_request().await, b"marker");
+
+    // Ours (hello with error-seq) is listed as such.
+    let (sk2, id2) = key(0x44);
+    let _ours = TestSigner::connect(b.mqtt.local_addr(), &sk2).await;
+    hub_event(&mut hub, is_ready(&id2)).await;
+    let list = get_json(addr, "/v1/signers").await;
+    let ours = list["signers"].as_array().unwrap().iter().find(|s| s["client_id"] == id2.as_str()).cloned();
+    assert_eq!(ours.map(|s| s["error_seq"].clone()), Some(serde_json::Value::Bool(true)), "{list}");
 }
