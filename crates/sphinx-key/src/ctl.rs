@@ -196,7 +196,10 @@ fn signers_table(v: &serde_json::Value) -> String {
         };
         let err = x["last_error"]["text"].as_str().unwrap_or("-").to_string();
         let pinned = if x["pinned"].as_bool() == Some(true) { " (pinned)" } else { "" };
-        rows.push([s(x, "client_id"), format!("{short}{pinned}"), s(x, "role"), s(x, "connected"), lss, err]);
+        // A ready signer whose hello lacked error-seq is an upstream client (no control over MQTT).
+        let upstream = x["ready"].as_bool() == Some(true) && x["error_seq"].as_bool() == Some(false);
+        let id = format!("{}{}", s(x, "client_id"), if upstream { " (upstream)" } else { "" });
+        rows.push([id, format!("{short}{pinned}"), s(x, "role"), s(x, "connected"), lss, err]);
     }
     let widths: Vec<usize> = (0..6).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
@@ -290,18 +293,20 @@ mod tests {
     fn signers_table_shows_every_signer_with_its_role() {
         let v: serde_json::Value = serde_json::from_str(
             r#"{"signers":[
-                {"client_id":"dev-a","node_id":"029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46","role":"active","connected":true,"ready":true,"since":1,"pinned":true,"last_error":null,"lss":"synced","lss_error":null},
+                {"client_id":"dev-a","node_id":"029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46","role":"active","connected":true,"ready":true,"since":1,"pinned":true,"last_error":null,"lss":"synced","lss_error":null,"error_seq":true},
+                {"client_id":"vls-mqtt","node_id":"029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46","role":"standby","connected":true,"ready":true,"since":1,"pinned":true,"last_error":null,"lss":"synced","lss_error":null,"error_seq":false},
                 {"client_id":"dev-b","node_id":"029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46","role":"standby","connected":true,"ready":true,"since":2,"pinned":true,"last_error":{"seq":3,"text":"boom","time":4},"lss":"error","lss_error":"cannot reach LSS"}
             ],"pinned":null,"relay":{"queued":0,"failovers":1}}"#,
         )
         .unwrap();
         let t = signers_table(&v);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 3, "{t}");
+        assert_eq!(lines.len(), 4, "{t}");
         assert!(lines[0].starts_with("CLIENT ID") && lines[0].contains("ROLE"), "{t}");
         assert!(lines[1].starts_with("dev-a") && lines[1].contains("active") && lines[1].contains("synced"), "{t}");
+        assert!(!lines[1].contains("upstream") && lines[2].starts_with("vls-mqtt (upstream)"), "{t}");
         assert!(
-            lines[2].contains("standby") && lines[2].contains("error (cannot reach LSS)") && lines[2].ends_with("boom"),
+            lines[3].contains("standby") && lines[3].contains("error (cannot reach LSS)") && lines[3].ends_with("boom"),
             "{t}"
         );
         assert!(signers_table(&serde_json::json!({"signers": []})).contains("no signer"));
