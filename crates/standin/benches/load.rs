@@ -22,7 +22,7 @@
 //!   its reply before the next request (as channeld does) → embedded MQTT → `sphinx-key run`
 //!   (redb) and back.
 //!
-//! Prints requests/s, p50/p99 per N and path, the ratios end to end / in process (redb), CPU time
+//! Prints requests/s, p50/p99 per N and path, the signer's peak RSS (VmHWM) end to end, the ratios end to end / in process (redb), CPU time
 //! per request of the broker, the signer and the client threads (from /proc), and per request type
 //! the p50 of VLS alone, of VLS + commit, and end to end at N = 1. What the signer's time goes to
 //! (fdatasync vs CPU) is measured with `perf trace -s` / `perf record` on its pid: see
@@ -101,6 +101,8 @@ struct Run {
     wall: Duration,
     /// CPU seconds (user + system) during the timed part: broker, signer, client.
     cpu: Option<(f64, f64, f64)>,
+    /// The signer's peak RSS (VmHWM), MiB, at the end of the run.
+    signer_rss: Option<f64>,
 }
 
 fn in_process(mut signer: Signer, init: &[u8], channels: &[Channel]) -> Run {
@@ -171,6 +173,14 @@ fn in_process_batched(mut signer: Signer, init: &[u8], channels: &[Channel]) -> 
     }
     run.wall = t0.elapsed();
     run
+}
+
+/// A process's peak resident set (VmHWM), MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 =
+        s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// utime + stime of a process, seconds.
@@ -286,6 +296,7 @@ fn end_to_end(init: &[u8], channels: &[Channel], seed: [u8; 32], clock: u64, bat
     }
     run.wall = t0.elapsed();
     run.cpu = Some((cpu_seconds(bpid) - b0, cpu_seconds(spid) - s0, cpu_seconds(std::process::id()) - c0));
+    run.signer_rss = peak_rss_mib(spid);
     drop(signer);
     let _ = ld.shutdown();
     run
@@ -396,8 +407,8 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
     println!(
-        "{:>3} {:<20} {:>7} {:>9} {:>8} {:>8}   {:>28}",
-        "N", "path", "reqs", "req/s", "p50 ms", "p99 ms", "CPU ms/req broker signer client"
+        "{:>3} {:<20} {:>7} {:>9} {:>8} {:>8}   {:>28} {:>8}",
+        "N", "path", "reqs", "req/s", "p50 ms", "p99 ms", "CPU ms/req broker signer client", "RSS MiB"
     );
     let mut per_type: Vec<(bool, [BTreeMap<u16, f64>; 3])> = vec![];
     let mut ratios = vec![];
@@ -469,10 +480,12 @@ fn main() {
                 let k = 1e3 / r.samples.len() as f64;
                 format!("{:>9.3} {:>6.3} {:>6.3}", b * k, s * k, c * k)
             });
+            let rss = r.signer_rss.map(|m| format!("{m:>8.1}"));
             println!(
-                "{n:>3} {label:<20} {:>7} {rps:>9.0} {p50:>8.3} {p99:>8.3}   {:>28}",
+                "{n:>3} {label:<20} {:>7} {rps:>9.0} {p50:>8.3} {p99:>8.3}   {:>28} {}",
                 r.samples.len(),
-                cpu.unwrap_or_default()
+                cpu.unwrap_or_default(),
+                rss.unwrap_or_default()
             );
         }
         let ((e, e50, e99), (i, _, _), (im, _, _)) = (summary(&e2e), summary(&redb), summary(&mem));
