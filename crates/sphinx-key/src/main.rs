@@ -42,6 +42,8 @@ const DEFAULT_BROKER: &str = "127.0.0.1:1883";
 const DEFAULT_STATUS: &str = "terminal";
 /// Default MQTT keep-alive, seconds.
 const DEFAULT_KEEP_ALIVE_SECS: u64 = 10;
+/// `--batch-max` / `batch_max` default.
+const DEFAULT_BATCH_MAX: u16 = 32;
 /// Default cap of the reconnect backoff, seconds.
 const DEFAULT_BACKOFF_MAX_SECS: u64 = 30;
 
@@ -113,14 +115,15 @@ enum Cmd {
         dev_fixed_clock: Option<u64>,
         /// Group commit: at most this many requests already received are handled and committed
         /// in one durable transaction (1: one commit per request).
-        #[arg(long, value_name = "N", env = "SPHINX_KEY_BATCH_MAX", default_value_t = 32,
+        /// File key `batch_max`. Default 32.
+        #[arg(long, value_name = "N", env = "SPHINX_KEY_BATCH_MAX",
               value_parser = clap::value_parser!(u16).range(1..=64))]
-        batch_max: u16,
+        batch_max: Option<u16>,
         /// Threads a batch's requests of different channels are signed on (0: one per CPU, at
-        /// most 8; 1: one at a time).
-        #[arg(long, value_name = "N", env = "SPHINX_KEY_SIGN_THREADS", default_value_t = 0,
+        /// most 8; 1: one at a time). File key `sign_threads`. Default 0.
+        #[arg(long, value_name = "N", env = "SPHINX_KEY_SIGN_THREADS",
               value_parser = clap::value_parser!(u16).range(0..=8))]
-        sign_threads: u16,
+        sign_threads: Option<u16>,
         /// Status indicator: `terminal`, `led:NAME` (/sys/class/leds/NAME) or `none`.
         #[arg(long, env = "SPHINX_KEY_STATUS")]
         status: Option<String>,
@@ -185,6 +188,10 @@ struct FileConfig {
     metrics_allow_non_loopback: Option<bool>,
     /// MQTT client id (default: generated once, kept in `{data_dir}/client-id`).
     client_id: Option<String>,
+    /// Group commit bound (`--batch-max`), 1..=64.
+    batch_max: Option<u16>,
+    /// Signing threads (`--sign-threads`), 0 (one per CPU) ..= 8.
+    sign_threads: Option<u16>,
 }
 
 impl FileConfig {
@@ -209,6 +216,8 @@ impl FileConfig {
             htlc_limit_msat: Some(p.limits.htlc_limit_msat),
             passphrase_credential: Some(passphrase::DEFAULT_CREDENTIAL.into()),
             metrics_allow_non_loopback: Some(false),
+            batch_max: Some(DEFAULT_BATCH_MAX),
+            sign_threads: Some(0),
             ..FileConfig::default()
         }
     }
@@ -436,6 +445,14 @@ fn real_main(cli: Cli) -> Result<()> {
                 Err(e) => return Err(e).context("cannot open signer state"),
             };
             obs.set_node_id(&signer.node_id_hex());
+            let batch_max = match batch_max.or(file.batch_max).unwrap_or(DEFAULT_BATCH_MAX) {
+                n @ 1..=64 => n,
+                n => bail!("batch_max = {n}: must be 1..=64"),
+            };
+            let sign_threads = match sign_threads.or(file.sign_threads).unwrap_or(0) {
+                n @ 0..=8 => n,
+                n => bail!("sign_threads = {n}: must be 0..=8"),
+            };
             let threads = match sign_threads {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => usize::from(n),
