@@ -433,6 +433,8 @@ mod tests {
              signer_node_id = \"029e41168d807ac2a06bd2c6025aca1bf0c6401e9683be9bc66b06f07c54a0ef46\"\n\
              [mqtt]\nlisten = \"127.0.0.1:1\"\nmax_payload = 7\ntoken_window_secs = 8\n\
              tls_cert = \"c\"\ntls_key = \"k\"\nallow_plaintext_non_loopback = true\n\
+             connect_timeout_secs = 15\nmax_handshakes_per_ip = 16\noutbound_queue = 17\n\
+             outbound_queue_bytes = 18\nwrite_stall_timeout_secs = 19\nmax_inflight = 20\n\
              [relay]\nqueue_capacity = 9\nmax_inflight = 10\nrequest_timeout_secs = 11\nfailover_secs = 14\n\
              [bitcoind]\nurl = \"http://u:p@h:1\"\ncookie_file = \"/c\"\n\
              [api]\nlisten = \"127.0.0.1:2\"\nallow_non_loopback = true\ntoken_file = \"t\"\n\
@@ -447,6 +449,20 @@ mod tests {
         assert!(off.validate().unwrap_err().to_string().contains("metrics_listen"));
         assert_eq!((c.mqtt.max_payload, c.mqtt.token_window), (7, Duration::from_secs(8)));
         assert!(c.mqtt.allow_plaintext_non_loopback && c.mqtt.tls().unwrap().is_some());
+        let l = c.mqtt.limits().unwrap();
+        assert_eq!((l.connect_timeout, l.write_stall_timeout), (Duration::from_secs(15), Duration::from_secs(19)));
+        assert_eq!(
+            (l.max_handshakes_per_ip, l.outbound_queue, l.outbound_queue_bytes, l.max_inflight),
+            (16, 17, 18, 20)
+        );
+        let zero = parse("cln_version = \"v26.04\"\n[mqtt]\nmax_inflight = 0\n").unwrap();
+        assert!(zero.mqtt.limits().unwrap_err().to_string().contains("mqtt.max_inflight"));
+        let big = parse("cln_version = \"v26.04\"\n[mqtt]\nmax_inflight = 70000\n").unwrap();
+        assert!(big.mqtt.limits().unwrap_err().to_string().contains("65535"));
+        assert_eq!(
+            MqttSettings::default().limits().unwrap().max_inflight,
+            sphinx_mqtt_server::Limits::default().max_inflight
+        );
         assert_eq!((c.relay.queue_capacity, c.relay.max_inflight), (9, 10));
         assert_eq!(c.relay.request_timeout, Duration::from_secs(11));
         assert_eq!(c.relay.failover, Duration::from_secs(14));

@@ -67,6 +67,7 @@ pub struct Broker {
 pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
     cfg.api.validate().map_err(|e| anyhow::anyhow!("operator API: {e}"))?;
     let mqtt_cfg = cfg.mqtt.server_config()?;
+    let mqtt_limits = cfg.mqtt.limits()?;
     let pin = Arc::new(PinStore::open(&cfg.data_dir)?);
     if let Some(id) = &cfg.signer_node_id {
         // Configured: pin now (or check the existing pin) instead of trusting the first signer.
@@ -79,16 +80,17 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Broker> {
         metrics.clone(),
     );
     let tls_on = mqtt_cfg.tls.is_some();
-    let (mqtt, mqtt_events) = mqtt::start(mqtt_cfg, auth).await.map_err(|e| match e {
-        // The server knows no config keys; the operator needs them.
-        StartError::PlaintextNonLoopback(addr) => anyhow::anyhow!(
-            "cannot start the MQTT server on {addr}: refusing to serve MQTT without TLS on non-loopback address \
+    let (mqtt, mqtt_events) =
+        mqtt::start_with(mqtt_cfg, mqtt_limits, auth, mqtt::OwnPrefix).await.map_err(|e| match e {
+            // The server knows no config keys; the operator needs them.
+            StartError::PlaintextNonLoopback(addr) => anyhow::anyhow!(
+                "cannot start the MQTT server on {addr}: refusing to serve MQTT without TLS on non-loopback address \
              {addr}: configure a TLS certificate and key \
              ([mqtt] tls_cert and tls_key), listen on 127.0.0.1 or ::1, or explicitly allow plaintext on \
              non-loopback addresses ([mqtt] allow_plaintext_non_loopback = true)"
-        ),
-        e => anyhow::anyhow!("cannot start the MQTT server on {}: {e}", cfg.mqtt.listen),
-    })?;
+            ),
+            e => anyhow::anyhow!("cannot start the MQTT server on {}: {e}", cfg.mqtt.listen),
+        })?;
     tracing::info!(listen = %mqtt.local_addr(), tls = tls_on, pinned = ?pin.get(), "embedded MQTT server listening");
     let hub = Arc::new(hub::SignerHub::new(cfg.api.event_capacity));
     let (link_tx, link_rx) = mpsc::channel(1024);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Deserialize;
-use sphinx_mqtt_server::{MqttConfig, MqttEvent, MqttEvents, MqttHandle, TlsSettings};
+use sphinx_mqtt_server::{Limits, MqttConfig, MqttEvent, MqttEvents, MqttHandle, TlsSettings};
 use sphinx_wire::{error_report, topics};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -42,6 +42,23 @@ pub struct MqttSettings {
     /// (`SPHINX_BROKER_MQTT_ALLOW_PLAINTEXT_NON_LOOPBACK`). Default false: such a listener is
     /// refused.
     pub allow_plaintext_non_loopback: bool,
+    /// Time a new connection has for its TLS handshake and CONNECT (file:
+    /// `connect_timeout_secs`). Default 5 s.
+    #[serde(rename = "connect_timeout_secs", deserialize_with = "crate::config::secs")]
+    pub connect_timeout: Duration,
+    /// Connections from one source (IPv4 address, IPv6 /64) in the handshake at once. Default 4.
+    pub max_handshakes_per_ip: usize,
+    /// Frames queued for one client before it is dropped as too slow. Default 1024.
+    pub outbound_queue: usize,
+    /// Bytes queued for one client before it is dropped as too slow. Default 4 MiB.
+    pub outbound_queue_bytes: usize,
+    /// A write to a client that accepts nothing for this long drops it (file:
+    /// `write_stall_timeout_secs`). Default 30 s.
+    #[serde(rename = "write_stall_timeout_secs", deserialize_with = "crate::config::secs")]
+    pub write_stall_timeout: Duration,
+    /// QoS 1 publishes a client may leave unacknowledged before it is dropped (1..=65535).
+    /// Default 1024.
+    pub max_inflight: usize,
 }
 
 impl Default for MqttSettings {
@@ -53,6 +70,12 @@ impl Default for MqttSettings {
             tls_cert: None,
             tls_key: None,
             allow_plaintext_non_loopback: false,
+            connect_timeout: Limits::default().connect_timeout,
+            max_handshakes_per_ip: Limits::default().max_handshakes_per_ip,
+            outbound_queue: Limits::default().outbound_queue,
+            outbound_queue_bytes: Limits::default().outbound_queue_bytes,
+            write_stall_timeout: Limits::default().write_stall_timeout,
+            max_inflight: Limits::default().max_inflight,
         }
     }
 }
@@ -68,6 +91,34 @@ impl MqttSettings {
                 "set both (certificate chain and its private key, PEM) or neither".into(),
             )),
         }
+    }
+
+    /// The server's limits (the server's own defaults for the ones not set here); each must be
+    /// at least 1 (1 s for the times), `max_inflight` at most 65535.
+    pub fn limits(&self) -> Result<Limits, ConfigError> {
+        let positive = [
+            ("mqtt.connect_timeout_secs", self.connect_timeout.as_secs() as usize),
+            ("mqtt.max_handshakes_per_ip", self.max_handshakes_per_ip),
+            ("mqtt.outbound_queue", self.outbound_queue),
+            ("mqtt.outbound_queue_bytes", self.outbound_queue_bytes),
+            ("mqtt.write_stall_timeout_secs", self.write_stall_timeout.as_secs() as usize),
+            ("mqtt.max_inflight", self.max_inflight),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Invalid(key, "must be at least 1".into()));
+        }
+        if self.max_inflight > usize::from(u16::MAX) {
+            return Err(ConfigError::Invalid("mqtt.max_inflight", "at most 65535 (MQTT packet ids)".into()));
+        }
+        Ok(Limits {
+            connect_timeout: self.connect_timeout,
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
+            outbound_queue: self.outbound_queue,
+            outbound_queue_bytes: self.outbound_queue_bytes,
+            write_stall_timeout: self.write_stall_timeout,
+            max_inflight: self.max_inflight,
+            ..Limits::default()
+        })
     }
 
     /// The server's configuration (the server's own defaults for everything not set here).
