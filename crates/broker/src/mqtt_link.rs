@@ -206,8 +206,10 @@ pub async fn forward_events(
                     }
                     topics::VLS_RES => LinkEvent::Reply(identity, payload),
                     topics::ERROR => {
-                        let seq_errors = sessions.get(&identity).is_some_and(|s| s.seq_errors);
-                        hub.on_error(&identity, error_report::decode_as(&payload, seq_errors));
+                        // A text-only report reaches the hub from the relay, with the seq it is for.
+                        if sessions.get(&identity).is_some_and(|s| s.seq_errors) {
+                            hub.on_error(&identity, error_report::decode(&payload));
+                        }
                         LinkEvent::Error(identity, payload.to_vec())
                     }
                     topics::INIT_1_RES

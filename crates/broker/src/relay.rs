@@ -491,18 +491,21 @@ impl Relay {
         if self.members.get(id).is_none_or(|m| m.seq_errors) {
             return Some(payload);
         }
+        // Shown in the hub from here, with the seq it is for (`mqtt_link` leaves these to us).
         let seq = if self.signer.as_deref() == Some(id) {
-            match self.unanswered.as_mut().and_then(VecDeque::pop_front) {
-                Some(seq) => seq,
-                None => {
-                    warn!(signer = %id, report = %String::from_utf8_lossy(&payload), "error report while nothing is sent to the signer; ignored");
-                    return None;
-                }
-            }
+            self.unanswered.as_mut().and_then(VecDeque::pop_front)
         } else {
-            INIT_3_SEQ
+            Some(INIT_3_SEQ)
         };
-        Some(error_report::encode(seq, &error_report::decode_text(&payload).text))
+        let text = error_report::decode_text(&payload).text;
+        if let Some(h) = &self.hub {
+            h.on_error(id, error_report::ErrorReport { seq, text: text.clone() });
+        }
+        let Some(seq) = seq else {
+            warn!(signer = %id, report = %text, "error report while nothing is sent to the signer; ignored");
+            return None;
+        };
+        Some(error_report::encode(seq, &text))
     }
 
     fn set_role(&mut self, id: &str, role: Role) {

@@ -511,4 +511,8 @@ async fn an_upstream_text_error_fails_the_request_at_once() {
     assert!(results.iter().flatten().all(|r| r[..2] == [0, 128]), "ecdh replies: {results:?}");
     let after = tokio::time::timeout(WAIT, b.relay.call(ClientContext::ROOT, trace_request(28))).await;
     assert!(matches!(after, Ok(Ok(ref r)) if r[..2] == [0, 128]), "the signer goes on after a refusal: {after:?}");
+    // The operator's view has the refusal once, whole, with the seq it was attributed to.
+    let shown = b.hub.signer(UPSTREAM_CID).and_then(|s| s.last_error).expect("the hub has the refusal");
+    assert_eq!(shown.text, REFUSAL);
+    assert!(shown.seq.is_some_and(|s| s != 0), "{shown:?}");
 }

@@ -52,15 +52,6 @@ pub fn decode_text(payload: &[u8]) -> ErrorReport {
     ErrorReport { seq: None, text: text_of(payload) }
 }
 
-/// Decodes a report as the signer that sent it announced ([`hello_has_seq_errors`]).
-pub fn decode_as(payload: &[u8], seq_errors: bool) -> ErrorReport {
-    if seq_errors {
-        decode(payload)
-    } else {
-        decode_text(payload)
-    }
-}
-
 fn text_of(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).chars().take(MAX_TEXT).collect()
 }
@@ -142,8 +133,7 @@ mod tests {
         assert!(hello_has_seq_errors(b"future-thing error-seq"));
         assert!(!hello_has_seq_errors(b""), "upstream's hello is empty");
         assert!(!hello_has_seq_errors(b"error-seqs"));
-        let r = decode_as(b"ab policy failure", false);
+        let r = decode_text(b"ab policy failure");
         assert_eq!((r.seq, r.text.as_str()), (None, "ab policy failure"));
-        assert_eq!(decode_as(b"\x00\x07x", true).seq, Some(7));
     }
 }
