@@ -1145,15 +1145,17 @@ fn call_vls_concurrently(
         let others: Vec<_> = chunks
             .map(|c| {
                 let len = c.len();
-                (len, s.spawn(move || c.into_iter().map(|(r, m)| call_vls(root, r, m)).collect::<Vec<_>>()))
+                let run = move || c.into_iter().map(|(r, m)| call_vls(root, r, m)).collect::<Vec<_>>();
+                (len, std::thread::Builder::new().name("sign".into()).spawn_scoped(s, run))
             })
             .collect();
         let mut out: Vec<_> = first.into_iter().map(|(r, m)| call_vls(root, r, m)).collect();
         for (len, h) in others {
-            match h.join() {
-                Ok(v) => out.extend(v),
-                // `call_vls` catches VLS's panics; this is the thread itself failing.
-                Err(_) => out
+            // `call_vls` catches VLS's panics; this is the thread itself failing (or not starting:
+            // its calls did not run, and the caller redoes the run one at a time).
+            match h.ok().and_then(|h| h.join().ok()) {
+                Some(v) => out.extend(v),
+                None => out
                     .extend((0..len).map(|_| Err(Box::new("signing thread failed") as Box<dyn std::any::Any + Send>))),
             }
         }
