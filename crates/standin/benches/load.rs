@@ -28,6 +28,9 @@
 //! (fdatasync vs CPU) is measured with `perf trace -s` / `perf record` on its pid: see
 //! docs/benchmarks.md.
 //!
+//! At N = 32 (quiet) the saturating end-to-end load also runs with LSS backup on (`e2e, LSS
+//! on`: the broker's `[lss] url` set to a real `lssd`, redb backend, loopback).
+//!
 //! At N = 32 the end-to-end path also runs paced (`Load::Paced`): each channel starts a payment
 //! on a schedule so that 2,000 (then 3,000) requests/s are offered in all, its requests back to
 //! back; latency counts from the scheduled start, so a signer that falls behind shows it.
@@ -40,6 +43,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use sphinx_lss::lssd::Lssd;
 use sphinx_signer::{PolicyConfig, Signer, SignerConfig};
 use sphinx_standin::chansim::{Call, ChannelSim, Conn, InProcess, Template};
 use sphinx_standin::harness::{bin, broker_envs, free_port, init_signer, SignerProcess, TempDir};
@@ -211,17 +215,30 @@ enum Load {
     Paced { interval: Duration },
 }
 
-/// `batch_max`: `sphinx-key run --batch-max` (1: group commit off).
-fn end_to_end(init: &[u8], channels: &[Channel], seed: [u8; 32], clock: u64, batch_max: u16, load: Load) -> Run {
+/// `batch_max`: `sphinx-key run --batch-max` (1: group commit off); `lss`: the broker's
+/// `[lss] url` (LSS backup on).
+fn end_to_end(
+    init: &[u8],
+    channels: &[Channel],
+    seed: [u8; 32],
+    clock: u64,
+    batch_max: u16,
+    load: Load,
+    lss: Option<&str>,
+) -> Run {
     let d = TempDir::new("bench-load").expect("temp dir");
     let listen = format!("127.0.0.1:{}", free_port().expect("port"));
     let key = bin("sphinx-key").expect("sphinx-key binary");
     init_signer(&key, &d.join("signer"), seed).expect("init");
     let opts = SpawnOptions { output: BrokerOutput::File(d.join("broker.log")), ..SpawnOptions::default() };
+    let mut envs = broker_envs(&d.join("broker"), &listen);
+    if let Some(url) = lss {
+        envs.push(("SPHINX_BROKER_LSS_URL".into(), url.into()));
+    }
     let mut ld = FakeLightningd::spawn_with(
         bin("sphinx-broker").expect("sphinx-broker binary"),
         Vec::<String>::new(),
-        broker_envs(&d.join("broker"), &listen),
+        envs,
         opts,
     )
     .expect("broker");
@@ -450,14 +467,19 @@ fn main() {
         two.set_sign_threads(2);
         let redb_gc2 = in_process_batched(two, &init, chans);
         drop(dir);
-        let e2e_one = end_to_end(&init, chans, seed, clock, 1, Load::Saturate);
-        let e2e = end_to_end(&init, chans, seed, clock, GROUP_COMMIT, Load::Saturate);
+        let e2e_one = end_to_end(&init, chans, seed, clock, 1, Load::Saturate, None);
+        let e2e = end_to_end(&init, chans, seed, clock, GROUP_COMMIT, Load::Saturate, None);
         // At N = 32 also the target rate offered, not the most the clients can push.
         let paced_at = |rps: f64| {
             let interval = Duration::from_secs_f64(n as f64 * PAYMENT_MIX.len() as f64 / rps);
-            (n == 32).then(|| end_to_end(&init, chans, seed, clock, GROUP_COMMIT, Load::Paced { interval }))
+            (n == 32).then(|| end_to_end(&init, chans, seed, clock, GROUP_COMMIT, Load::Paced { interval }, None))
         };
         let (paced, paced_high) = (paced_at(PACED_RPS), paced_at(PACED_RPS_HIGH));
+        // At N = 32, quiet disk: the same saturating load with LSS backup on (a real lssd).
+        let with_lss = (n == 32 && !busy).then(|| {
+            let lssd = Lssd::start_temp("bench-load-lss").expect("lssd (cargo build --release -p sphinx-lssd)");
+            end_to_end(&init, chans, seed, clock, GROUP_COMMIT, Load::Saturate, Some(&lssd.url()))
+        });
         let paced_label = format!("e2e, {PACED_RPS:.0}/s offered");
         let paced_high_label = format!("e2e, {PACED_RPS_HIGH:.0}/s offered");
         let mut rows = vec![
@@ -473,6 +495,9 @@ fn main() {
         }
         if let Some(p) = &paced_high {
             rows.push((paced_high_label.as_str(), p));
+        }
+        if let Some(l) = &with_lss {
+            rows.push(("e2e, LSS on", l));
         }
         for (label, r) in rows {
             let (rps, p50, p99) = summary(r);
