@@ -1016,6 +1016,38 @@ mod tests {
         assert!(matches!(r, Err(RelayError::Timeout(_))), "{r:?}");
     }
 
+    /// A signer without `error-seq` (upstream's) reports refusals as text: each is for the oldest
+    /// frame sent to it and not answered, also when that request's caller already gave up (the
+    /// report then fails nothing, not the next request).
+    #[tokio::test]
+    async fn a_text_report_is_for_the_oldest_unanswered_frame_even_if_its_caller_left() {
+        let mut h = harness("text-report", Duration::from_secs(30));
+        h.events.send(LinkEvent::HelloAs { id: ID.into(), node_id: ID.into(), seq_errors: false }).await.unwrap();
+        let init = h.call(init_msg());
+        let q = h.next_request().await;
+        h.answer(q.seq, init_reply(ID)).await;
+        assert!(init.await.unwrap().is_ok());
+
+        let (a, b, c) = (h.call(vec![0, 28, 1]), h.call(vec![0, 28, 2]), h.call(vec![0, 28, 3]));
+        let mut sent = vec![h.next_request().await, h.next_request().await, h.next_request().await];
+        // The first request's caller gives up (its task, and with it the call, is dropped).
+        a.abort();
+        assert!(a.await.unwrap_err().is_cancelled());
+        // The signer, in the order it got them: refuses the first, signs the second, refuses
+        // the third.
+        let text = |t: &str| LinkEvent::Error(ID.into(), t.as_bytes().to_vec());
+        sent.sort_by_key(|q| q.seq);
+        for q in &sent {
+            match q.message[2] {
+                1 => h.events.send(text("refused one")).await.unwrap(),
+                2 => h.answer(q.seq, vec![0, 128, 2]).await,
+                _ => h.events.send(text("refused three")).await.unwrap(),
+            }
+        }
+        assert_eq!(b.await.unwrap(), Ok(vec![0, 128, 2]), "the second is signed, not failed by the first's refusal");
+        assert_eq!(c.await.unwrap(), Err(RelayError::Refused("refused three".into())));
+    }
+
     #[tokio::test]
     async fn hello_from_a_key_other_than_the_pinned_one_is_refused() {
         let mut h = harness("hellopin", Duration::from_secs(30));
