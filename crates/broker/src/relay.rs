@@ -1048,6 +1048,39 @@ mod tests {
         assert_eq!(c.await.unwrap(), Err(RelayError::Refused("refused three".into())));
     }
 
+    /// As above, after the relay forgot the abandoned request (its periodic tick): the text
+    /// report is still the abandoned frame's (it was sent and the signer answers in order), so
+    /// it fails nothing. "The oldest request in flight" would have failed the second one here.
+    #[tokio::test(start_paused = true)]
+    async fn a_text_report_for_a_forgotten_request_fails_nothing() {
+        let mut h = harness("text-report-forgotten", Duration::from_secs(7200));
+        h.events.send(LinkEvent::HelloAs { id: ID.into(), node_id: ID.into(), seq_errors: false }).await.unwrap();
+        let init = h.call(init_msg());
+        let q = h.next_request().await;
+        h.answer(q.seq, init_reply(ID)).await;
+        assert!(init.await.unwrap().is_ok());
+
+        let a = h.call(vec![0, 28, 1]);
+        let first = h.next_request().await;
+        let b = h.call(vec![0, 28, 2]);
+        let second = h.next_request().await;
+        a.abort();
+        assert!(a.await.unwrap_err().is_cancelled());
+        // The relay's tick (every `waiting_log_interval`, 1 h here) forgets the abandoned request.
+        tokio::time::advance(Duration::from_secs(3601)).await;
+        for _ in 0..1000 {
+            if h.relay.metrics().inflight() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(h.relay.metrics().inflight(), 1, "the abandoned request is forgotten");
+        h.events.send(LinkEvent::Error(ID.into(), b"refused one".to_vec())).await.unwrap();
+        h.answer(second.seq, vec![0, 128, 2]).await;
+        assert_eq!(first.message, vec![0, 28, 1]);
+        assert_eq!(b.await.unwrap(), Ok(vec![0, 128, 2]), "the second is signed, not failed by the first's refusal");
+    }
+
     #[tokio::test]
     async fn hello_from_a_key_other_than_the_pinned_one_is_refused() {
         let mut h = harness("hellopin", Duration::from_secs(30));
