@@ -724,10 +724,7 @@ impl Signer {
         let core = self.core().ok()?;
         let root = core.root.as_ref()?;
         let (persister, node) = (core.persister.clone(), core.node.clone());
-        if persister.snapshot().is_none() {
-            begin(&persister).ok()?;
-        }
-        let before = persister.snapshot();
+        let before = undo_point(&persister).ok()?;
         let writes = persister.writes();
         let n = calls.len();
         let signed = call_vls_concurrently(root, calls, threads);
@@ -751,10 +748,7 @@ impl Signer {
                 return Ok(());
             }
             for ((k, hash, slot_key), reply) in records.iter().zip(&replies) {
-                let record = ReplyRecord { seq: reqs[*k].seq, hash: hash.clone(), reply: hex::encode(reply) };
-                let value = serde_json::to_vec(&record)
-                    .map_err(|e| lightning_signer::persist::Error::Internal(format!("dedupe record: {e}")))?;
-                persister.put(slot_key, value)?;
+                put_record(&persister, slot_key, reqs[*k].seq, hash.clone(), reply)?;
             }
             Ok(())
         }));
@@ -814,13 +808,10 @@ impl Signer {
         };
         let persister = core.persister.clone();
         let node = core.node.clone();
-        let snap = persister.snapshot();
-        if snap.is_none() {
-            if let Err(e) = begin(&persister) {
-                return Step::Failed(e);
-            }
-        }
-        let before = persister.snapshot();
+        let before = match undo_point(&persister) {
+            Ok(b) => b,
+            Err(e) => return Step::Failed(e),
+        };
         let writes = persister.writes();
         let res = call_vls(root, req, msg);
         self.stats.vls_calls += 1;
@@ -1102,6 +1093,17 @@ fn record_if_changed(
     if p.writes() == writes {
         return Ok(());
     }
+    put_record(p, slot_key, seq, hash, reply)
+}
+
+/// Stores the dedupe record of request `seq` (frame hash `hash`) answered with `reply`.
+fn put_record(
+    p: &Persister,
+    slot_key: &str,
+    seq: u16,
+    hash: String,
+    reply: &[u8],
+) -> Result<(), lightning_signer::persist::Error> {
     let record = ReplyRecord { seq, hash, reply: hex::encode(reply) };
     let value = serde_json::to_vec(&record)
         .map_err(|e| lightning_signer::persist::Error::Internal(format!("dedupe record: {e}")))?;
@@ -1228,6 +1230,15 @@ fn create_redb_whole(dir: &Path) -> std::io::Result<()> {
     std::fs::rename(scratch.join(REDB_FILE), &path)?;
     std::fs::File::open(dir)?.sync_all()?;
     std::fs::remove_dir_all(&scratch)
+}
+
+/// Opens a transaction unless one is open (a batch's), and returns a copy of it: the point a
+/// failed request's writes are taken back to.
+fn undo_point(p: &Persister) -> Result<Option<store::Log>, Error> {
+    if !p.in_transaction() {
+        begin(p)?;
+    }
+    Ok(p.snapshot())
 }
 
 fn begin(p: &Persister) -> Result<(), Error> {

@@ -175,6 +175,11 @@ impl TxnStore {
         self.writes.load(Ordering::SeqCst)
     }
 
+    /// A transaction is open.
+    pub(crate) fn in_transaction(&self) -> bool {
+        self.log().is_some()
+    }
+
     /// A copy of the open transaction's writes (`None`: no transaction): a group commit takes
     /// one before each request so that a refused request's writes can be taken back without
     /// losing the batch's earlier ones.
