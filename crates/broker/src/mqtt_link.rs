@@ -63,6 +63,7 @@ pub struct MqttSettings {
 
 impl Default for MqttSettings {
     fn default() -> Self {
+        let limits = Limits::default();
         MqttSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             max_payload: 1024 * 1024,
@@ -70,12 +71,12 @@ impl Default for MqttSettings {
             tls_cert: None,
             tls_key: None,
             allow_plaintext_non_loopback: false,
-            connect_timeout: Limits::default().connect_timeout,
-            max_handshakes_per_ip: Limits::default().max_handshakes_per_ip,
-            outbound_queue: Limits::default().outbound_queue,
-            outbound_queue_bytes: Limits::default().outbound_queue_bytes,
-            write_stall_timeout: Limits::default().write_stall_timeout,
-            max_inflight: Limits::default().max_inflight,
+            connect_timeout: limits.connect_timeout,
+            max_handshakes_per_ip: limits.max_handshakes_per_ip,
+            outbound_queue: limits.outbound_queue,
+            outbound_queue_bytes: limits.outbound_queue_bytes,
+            write_stall_timeout: limits.write_stall_timeout,
+            max_inflight: limits.max_inflight,
         }
     }
 }

@@ -946,7 +946,12 @@ mod tests {
 
         /// [`ID`] says hello and answers an init for [`ID`], which pins it.
         async fn initialise(&mut self) {
-            self.hello(ID).await;
+            self.initialise_with(LinkEvent::Hello(ID.into())).await;
+        }
+
+        /// [`Harness::initialise`], the signer saying `hello` as `hello` (e.g. an upstream one).
+        async fn initialise_with(&mut self, hello: LinkEvent) {
+            self.events.send(hello).await.unwrap();
             let init = self.call(init_msg());
             let q = self.next_request().await;
             self.answer(q.seq, init_reply(ID)).await;
@@ -1016,17 +1021,18 @@ mod tests {
         assert!(matches!(r, Err(RelayError::Timeout(_))), "{r:?}");
     }
 
+    /// [`ID`]'s hello as an upstream signer says it (no `error-seq`).
+    fn upstream_hello() -> LinkEvent {
+        LinkEvent::HelloAs { id: ID.into(), node_id: ID.into(), seq_errors: false }
+    }
+
     /// A signer without `error-seq` (upstream's) reports refusals as text: each is for the oldest
     /// frame sent to it and not answered, also when that request's caller already gave up (the
     /// report then fails nothing, not the next request).
     #[tokio::test]
     async fn a_text_report_is_for_the_oldest_unanswered_frame_even_if_its_caller_left() {
         let mut h = harness("text-report", Duration::from_secs(30));
-        h.events.send(LinkEvent::HelloAs { id: ID.into(), node_id: ID.into(), seq_errors: false }).await.unwrap();
-        let init = h.call(init_msg());
-        let q = h.next_request().await;
-        h.answer(q.seq, init_reply(ID)).await;
-        assert!(init.await.unwrap().is_ok());
+        h.initialise_with(upstream_hello()).await;
 
         let (a, b, c) = (h.call(vec![0, 28, 1]), h.call(vec![0, 28, 2]), h.call(vec![0, 28, 3]));
         let mut sent = vec![h.next_request().await, h.next_request().await, h.next_request().await];
@@ -1054,11 +1060,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_text_report_for_a_forgotten_request_fails_nothing() {
         let mut h = harness("text-report-forgotten", Duration::from_secs(7200));
-        h.events.send(LinkEvent::HelloAs { id: ID.into(), node_id: ID.into(), seq_errors: false }).await.unwrap();
-        let init = h.call(init_msg());
-        let q = h.next_request().await;
-        h.answer(q.seq, init_reply(ID)).await;
-        assert!(init.await.unwrap().is_ok());
+        h.initialise_with(upstream_hello()).await;
 
         let a = h.call(vec![0, 28, 1]);
         let first = h.next_request().await;
