@@ -215,17 +215,26 @@ enum Load {
     Paced { interval: Duration },
 }
 
-/// `batch_max`: `sphinx-key run --batch-max` (1: group commit off); `lss`: the broker's
-/// `[lss] url` (LSS backup on).
-fn end_to_end(
-    init: &[u8],
-    channels: &[Channel],
-    seed: [u8; 32],
-    clock: u64,
+/// How one end-to-end pass runs (the default: the device's defaults, saturating, LSS off).
+#[derive(Clone, Copy)]
+struct E2e<'a> {
+    /// `sphinx-key run --batch-max` (1: group commit off).
     batch_max: u16,
     load: Load,
-    lss: Option<&str>,
-) -> Run {
+    /// The broker's `[lss] url` (LSS backup on).
+    lss: Option<&'a str>,
+    /// `sphinx-key run --sign-threads` (`None`: its default, or the bench's environment).
+    sign_threads: Option<u16>,
+}
+
+impl Default for E2e<'_> {
+    fn default() -> Self {
+        E2e { batch_max: GROUP_COMMIT, load: Load::Saturate, lss: None, sign_threads: None }
+    }
+}
+
+fn end_to_end(init: &[u8], channels: &[Channel], seed: [u8; 32], clock: u64, how: E2e) -> Run {
+    let E2e { batch_max, load, lss, sign_threads } = how;
     let d = TempDir::new("bench-load").expect("temp dir");
     let listen = format!("127.0.0.1:{}", free_port().expect("port"));
     let key = bin("sphinx-key").expect("sphinx-key binary");
@@ -242,15 +251,13 @@ fn end_to_end(
         opts,
     )
     .expect("broker");
-    let signer = SignerProcess::start(
-        &key,
-        &d.join("signer"),
-        &listen,
-        clock,
-        &d.join("signer.log"),
-        &[("SPHINX_KEY_BATCH_MAX", &batch_max.to_string())],
-    )
-    .expect("signer");
+    let (batch, threads) = (batch_max.to_string(), sign_threads.map(|t| t.to_string()));
+    let mut env = vec![("SPHINX_KEY_BATCH_MAX", batch.as_str())];
+    if let Some(t) = &threads {
+        env.push(("SPHINX_KEY_SIGN_THREADS", t.as_str()));
+    }
+    let signer =
+        SignerProcess::start(&key, &d.join("signer"), &listen, clock, &d.join("signer.log"), &env).expect("signer");
     ld.root_call(init).unwrap_or_else(|e| panic!("init: {e}\n{}", signer.log_tail(3000)));
     let mut conns = vec![];
     for ch in channels {
@@ -467,18 +474,23 @@ fn main() {
         two.set_sign_threads(2);
         let redb_gc2 = in_process_batched(two, &init, chans);
         drop(dir);
-        let e2e_one = end_to_end(&init, chans, seed, clock, 1, Load::Saturate, None);
-        let e2e = end_to_end(&init, chans, seed, clock, GROUP_COMMIT, Load::Saturate, None);
+        let e2e_one = end_to_end(&init, chans, seed, clock, E2e { batch_max: 1, ..E2e::default() });
+        let e2e = end_to_end(&init, chans, seed, clock, E2e::default());
+        // Against the device's default (one signing thread per CPU), one thread, same run.
+        let e2e_t1 = (n > 1 && !busy)
+            .then(|| end_to_end(&init, chans, seed, clock, E2e { sign_threads: Some(1), ..E2e::default() }));
         // At N = 32 also the target rate offered, not the most the clients can push.
         let paced_at = |rps: f64| {
             let interval = Duration::from_secs_f64(n as f64 * PAYMENT_MIX.len() as f64 / rps);
-            (n == 32).then(|| end_to_end(&init, chans, seed, clock, GROUP_COMMIT, Load::Paced { interval }, None))
+            (n == 32).then(|| {
+                end_to_end(&init, chans, seed, clock, E2e { load: Load::Paced { interval }, ..E2e::default() })
+            })
         };
         let (paced, paced_high) = (paced_at(PACED_RPS), paced_at(PACED_RPS_HIGH));
         // At N = 32, quiet disk: the same saturating load with LSS backup on (a real lssd).
         let with_lss = (n == 32 && !busy).then(|| {
             let lssd = Lssd::start_temp("bench-load-lss").expect("lssd (cargo build --release -p sphinx-lssd)");
-            end_to_end(&init, chans, seed, clock, GROUP_COMMIT, Load::Saturate, Some(&lssd.url()))
+            end_to_end(&init, chans, seed, clock, E2e { lss: Some(&lssd.url()), ..E2e::default() })
         });
         let paced_label = format!("e2e, {PACED_RPS:.0}/s offered");
         let paced_high_label = format!("e2e, {PACED_RPS_HIGH:.0}/s offered");
@@ -490,6 +502,9 @@ fn main() {
             ("e2e, gc off", &e2e_one),
             ("end to end", &e2e),
         ];
+        if let Some(t) = &e2e_t1 {
+            rows.push(("e2e, 1 sign thread", t));
+        }
         if let Some(p) = &paced {
             rows.push((paced_label.as_str(), p));
         }
@@ -522,9 +537,20 @@ fn main() {
             println!("{n:>3} the other writers' fdatasyncs meanwhile: {k}, mean {mean:.3} ms");
         } else {
             let paced = paced.as_ref().map(|p| {
-                let (_, _, p99) = summary(p);
-                (p.samples.len() as f64 / p.wall.as_secs_f64(), p99)
+                let (achieved, _, p99) = summary(p);
+                (achieved, p99)
             });
+            if let Some(t) = &e2e_t1 {
+                let (g2, _, _) = summary(&redb_gc2);
+                println!(
+                    "{n:>3} signing threads default / 1 throughput: end to end {:.2}; in process 2 / 1 (redb gc) {:.2}",
+                    e / summary(t).0,
+                    g2 / g
+                );
+            }
+            if let Some(l) = &with_lss {
+                println!("{n:>3} LSS on / off throughput (end to end): {:.2}", summary(l).0 / e);
+            }
             ratios.push((n, e, e50, e99, e / i, paced));
         }
         if n == 1 {
