@@ -415,3 +415,53 @@ async fn a_value_changed_in_lss_store_is_refused_by_fresh_and_existing_devices()
     let _ = std::fs::remove_dir_all(dir_a);
     let _ = std::fs::remove_dir_all(dir_b);
 }
+
+/// Commits the device's staged transaction locally, as sphinx-key's client does while the
+/// `lss-res` crosses to LSS, and returns with the acknowledgement never delivered.
+fn commit_before_the_acknowledgement(dev: &mut Device) {
+    let c = dev.signer.take_staged_commit().expect("a staged transaction");
+    dev.signer.staged_commit_done(c.run());
+    assert!(dev.signer.take_staged_commit().is_none(), "taken once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_committed_before_lss_stored_it_is_rolled_forward_or_back_at_the_next_dance() {
+    let Setup { server, lss, init, steps, want } = setup("unacked").await;
+    let (dir_a, dir_b) = (temp_dir("lss-ua"), temp_dir("lss-ub"));
+    let mut a = device(&dir_a);
+    let mut sa = dance(&lss, &mut a, &init).await.expect("dance a");
+    run(&mut a, &mut sa, &steps[..70], &want[..70]).await;
+
+    // A commits a request's state locally, then dies before LSS stored it.
+    let (i, _lss_res) = next_backup(&mut a, &steps, 70);
+    commit_before_the_acknowledgement(&mut a);
+    drop(a);
+    // Restarted, A is one transaction ahead of LSS: rolled forward (sent again in init-2-res),
+    // not refused as a rollback. The redelivered request gets the reply VLS made then.
+    let mut a = device(&dir_a);
+    let d = init_dance(&lss, &mut a, Some(init.encode())).await.expect("dance a after the crash");
+    let identity = d.identity.clone();
+    let mut sa = d.session;
+    assert_agree(&server.url(), &mut a, &identity).await;
+    run(&mut a, &mut sa, &steps[i..100], &want[i..100]).await;
+    assert_agree(&server.url(), &mut a, &identity).await;
+
+    // A commits another one locally and dies; B (same seed) takes over from LSS and goes on.
+    let (j, _) = next_backup(&mut a, &steps, 100);
+    commit_before_the_acknowledgement(&mut a);
+    drop(a);
+    let mut b = device(&dir_b);
+    let mut sb = dance(&lss, &mut b, &init).await.expect("dance b");
+    run(&mut b, &mut sb, &steps[j..115], &want[j..115]).await;
+    assert_agree(&server.url(), &mut b, &identity).await;
+    drop(b);
+    // A comes back: LSS went on without A's last transaction (whose reply never left), so A
+    // drops it and takes LSS's state, then finishes the session byte for byte.
+    let mut a = device(&dir_a);
+    let mut sa = dance(&lss, &mut a, &init).await.expect("dance a after the takeover");
+    assert_agree(&server.url(), &mut a, &identity).await;
+    run(&mut a, &mut sa, &steps[115..], &want[115..]).await;
+    assert_agree(&server.url(), &mut a, &identity).await;
+    let _ = std::fs::remove_dir_all(dir_a);
+    let _ = std::fs::remove_dir_all(dir_b);
+}

@@ -52,7 +52,7 @@ use vls_protocol_signer::approver::Approve;
 use vls_protocol_signer::handler::{Handler, HandlerBuilder, InitHandler, RootHandler};
 
 pub use control::{ControlAction, ControlOutcome, NONCE_KEY, POLICY_KEY};
-pub use lss::{lss_value_key, Held, LssPhase, Outcome, Output, Released, MAX_QUEUED};
+pub use lss::{lss_value_key, Held, LssPhase, Outcome, Output, Released, StagedCommit, MAX_QUEUED};
 pub use policy::{PolicyConfig, DEFAULT_SWEEP_MIN_FEERATE_PER_KW};
 pub use status::{NoIndicator, RecordingIndicator, Status, StatusIndicator};
 pub use store::{LOCAL_ONLY_KEYS, WRITER_KEY};
@@ -65,6 +65,9 @@ pub const DEDUPE_SLOTS: u16 = 64;
 pub const REPLY_KEY_PREFIX: &str = "sphinx/reply/";
 /// KVV key of the last `hsmd_init` message (type + body) that completed negotiation.
 pub const INIT_KEY: &str = "sphinx/init";
+/// KVV key of the last LSS-backed transaction's before-images, written in that transaction
+/// (docs/signer.md "Stage and commit"): it lets init-2 roll that one transaction forward or back.
+pub const UNACKED_KEY: &str = "sphinx/lss-unacked";
 
 /// `hsmd_client_hsmfd`: answered by the broker, never by the signer.
 const CLIENT_HSMFD: u16 = 9;

@@ -9,9 +9,13 @@
 //!   refused (LSS rolled back, or another history of this node). A device that never synced
 //!   uploads what it has. The answer carries what LSS must store.
 //! - Per request ([`Signer::stage`]): the mutations go out on `lss-res` and the reply is held
-//!   until [`Signer::lss_stored`] sees LSS's HMAC over exactly them; only then is the state
-//!   committed locally and the reply released. A conflict ([`Signer::lss_conflict`]) drops the
-//!   staged state: the signer is stale and signs nothing until the next init dance.
+//!   until [`Signer::lss_stored`] sees LSS's HMAC over exactly them. The local commit runs while
+//!   the `Put` does ([`Signer::take_staged_commit`]; or at the acknowledgement, for a front end
+//!   that does not take it) and writes, in the same transaction, the before-images of what it
+//!   changes ([`crate::UNACKED_KEY`]), so that init-2 can roll that one transaction forward (LSS
+//!   lacks it) or back (LSS went on without it) instead of taking it for a rollback or a fork.
+//!   A conflict ([`Signer::lss_conflict`]) leaves the signer stale: it signs nothing until the
+//!   next init dance.
 //!
 //! Staging keeps one transaction open; [`Outcome`] and [`Released`] are shaped so that several
 //! staged requests can later share one `Put` and one commit (group commit).
@@ -70,6 +74,53 @@ struct Pending {
     seq: u16,
     expected: [u8; lss::HASH_LEN],
     held: Vec<Held>,
+    commit: LocalCommit,
+}
+
+/// Where a staged transaction's local commit is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LocalCommit {
+    /// Still open: committed at the acknowledgement.
+    Open,
+    /// Handed to the front end ([`Signer::take_staged_commit`]), not reported back yet.
+    Running,
+    /// On disk, with its before-images.
+    Done,
+}
+
+/// A staged transaction's local commit, to run while its `lss-res` crosses to LSS
+/// ([`Signer::take_staged_commit`]): on another thread, with the signer left alone until
+/// [`Signer::staged_commit_done`] reports it.
+pub struct StagedCommit {
+    persister: std::sync::Arc<Persister>,
+}
+
+impl StagedCommit {
+    /// Commits durably (one redb transaction, fsync).
+    pub fn run(self) -> Result<(), Error> {
+        commit(&self.persister)
+    }
+}
+
+/// One key of the last LSS-backed transaction ([`crate::UNACKED_KEY`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct UnackedKey {
+    key: String,
+    /// Version and value (hex) before the transaction; `None`: the transaction created it.
+    before: Option<(u64, String)>,
+    /// The version the transaction wrote.
+    after: u64,
+}
+
+fn encode_unacked(keys: &[UnackedKey]) -> Vec<u8> {
+    serde_json::to_vec(keys).unwrap_or_default()
+}
+
+fn decode_unacked(raw: &[u8]) -> Result<Vec<UnackedKey>, Error> {
+    if raw.is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_slice(raw).map_err(|e| Error::Persist(format!("{}: {e}", crate::UNACKED_KEY)))
 }
 
 /// Broker messages (`vls`, `control`) that arrive while a request waits for LSS are queued and
@@ -87,6 +138,9 @@ pub(crate) struct LssState {
     pending: Option<Pending>,
     /// What building the node wrote (a new node), to be sent to LSS in init-2-res.
     built: Vec<Mutation>,
+    /// LSS acknowledged the transaction the device's [`crate::UNACKED_KEY`] describes (known
+    /// only in this process: after a restart it may or may not have been).
+    last_acked: bool,
 }
 
 impl LssState {
@@ -121,6 +175,8 @@ enum Plan {
     Adopt { entries: Vec<Mutation>, wipe: bool },
     /// LSS holds nothing: send the device's state (versions restarted at 0, as LSS requires).
     Upload,
+    /// LSS lacks the device's last transaction: send these (its keys as the device holds them).
+    RollForward(Vec<Mutation>),
 }
 
 /// Decides how LSS's state `remote` and the device's synced state `local` (both sorted) meet.
@@ -174,6 +230,64 @@ fn plan(remote: &[Mutation], local: &[KVV]) -> Result<Plan, Error> {
     Ok(Plan::Adopt { entries: adopt, wipe: false })
 }
 
+/// [`plan`], knowing the device's last LSS-backed transaction `unacked` (its
+/// [`crate::UNACKED_KEY`], if LSS may not have acknowledged it). Where `plan` refuses, that one
+/// transaction may explain it:
+/// - LSS holds its keys as they were before it: LSS never stored it (the device stopped before
+///   the acknowledgement, or LSS dropped it). It is rolled forward: sent again in init-2-res.
+///   That loses nothing: VLS made that state, and its reply, if it left, is the one a redelivery
+///   gets.
+/// - LSS holds other values that are newer than before it (values only a device of this node
+///   can make, [`lss_value_key`]): another signer went on from the state before it, so its reply
+///   never left. It is rolled back: the device takes LSS's state.
+///
+/// Anything else is `plan`'s refusal. A record whose versions the device no longer holds is stale
+/// and ignored.
+fn plan_with(remote: &[Mutation], local: &[KVV], unacked: &[UnackedKey]) -> Result<Plan, Error> {
+    let first = plan(remote, local);
+    if first.is_ok() || unacked.is_empty() {
+        return first;
+    }
+    let mut base: std::collections::BTreeMap<&str, (u64, Vec<u8>)> =
+        local.iter().map(|KVV(k, vv)| (k.as_str(), vv.clone())).collect();
+    for u in unacked {
+        if base.get(u.key.as_str()).map(|(v, _)| *v) != Some(u.after) {
+            return first;
+        }
+        match &u.before {
+            None => {
+                base.remove(u.key.as_str());
+            }
+            Some((v, val)) => {
+                let Ok(val) = hex::decode(val) else { return first };
+                base.insert(u.key.as_str(), (*v, val));
+            }
+        }
+    }
+    let base: Vec<KVV> = base.into_iter().map(|(k, vv)| KVV(k.to_string(), vv)).collect();
+    let remote_map: std::collections::BTreeMap<&str, (u64, &[u8])> =
+        remote.iter().map(|m| (m.key.as_str(), (m.version, m.value.as_slice()))).collect();
+    let lss_lacks_it = unacked.iter().all(|u| {
+        let before = u.before.as_ref().map(|(v, val)| (*v, hex::decode(val).unwrap_or_default()));
+        remote_map.get(u.key.as_str()).map(|(v, val)| (*v, val.to_vec())) == before
+    });
+    match plan(remote, &base) {
+        Ok(Plan::Adopt { entries, wipe: false }) if lss_lacks_it && entries.is_empty() => {
+            let local_map: std::collections::BTreeMap<&str, &(u64, Vec<u8>)> =
+                local.iter().map(|KVV(k, vv)| (k.as_str(), vv)).collect();
+            let muts = unacked
+                .iter()
+                .filter_map(|u| {
+                    local_map.get(u.key.as_str()).map(|(v, val)| Mutation::new(u.key.clone(), *v, val.clone()))
+                })
+                .collect();
+            Ok(Plan::RollForward(muts))
+        }
+        Ok(Plan::Adopt { .. }) if !lss_lacks_it => Ok(Plan::Adopt { entries: remote.to_vec(), wipe: true }),
+        _ => first,
+    }
+}
+
 fn kvvs(m: &[Mutation]) -> Vec<KVV> {
     m.iter().map(|m| KVV(m.key.clone(), (m.version, m.value.clone()))).collect()
 }
@@ -219,9 +333,21 @@ impl Signer {
             let key = l.value_key;
             let muts: Vec<Mutation> = to_wire(p.prepare()).into_iter().map(|m| lss::seal_value(&key, m)).collect();
             if !muts.is_empty() {
+                // The before-images go to disk with the transaction (module docs).
+                let inner = p.inner();
+                let mut unacked = Vec::with_capacity(muts.len());
+                for m in &muts {
+                    let before = inner.get(&m.key).map_err(|e| store_err("reading state", e))?;
+                    unacked.push(UnackedKey {
+                        key: m.key.clone(),
+                        before: before.map(|(v, val)| (v, hex::encode(val))),
+                        after: m.version,
+                    });
+                }
+                p.put(crate::UNACKED_KEY, encode_unacked(&unacked)).map_err(|e| store_err("staging", e))?;
                 let expected = lss::server_hmac(&l.secret, &muts);
                 let res = Response::VlsMuts(SignerMutations { client_hmac: lss::client_hmac(&l.secret, &muts), muts });
-                l.pending = Some(Pending { seq, expected, held: Vec::new() });
+                l.pending = Some(Pending { seq, expected, held: Vec::new(), commit: LocalCommit::Open });
                 return Ok(Some(res.encode()));
             }
         }
@@ -257,10 +383,44 @@ impl Signer {
         }
         if let Some(p) = self.lss.as_mut().and_then(|l| l.pending.take()) {
             warn!(seq = p.seq, held = p.held.len(), "dropping state LSS did not acknowledge; nothing was released");
-            if let Some(c) = self.core.as_ref() {
-                c.persister.abort();
+            // Committed already: on disk with its before-images, for the next init-2 to resolve.
+            if p.commit != LocalCommit::Done {
+                if let Some(c) = self.core.as_ref() {
+                    c.persister.abort();
+                }
+                self.rebuild();
             }
-            self.rebuild();
+        }
+    }
+
+    /// The staged transaction's local commit, for the front end to run while the `lss-res` it
+    /// just published crosses to LSS (one fsync off the reply's path); `None` if nothing is
+    /// staged or it was taken already. Until [`Signer::staged_commit_done`] reports it, the
+    /// front end hands the signer nothing else.
+    pub fn take_staged_commit(&mut self) -> Option<StagedCommit> {
+        let persister = self.core.as_ref()?.persister.clone();
+        let p = self.lss.as_mut()?.pending.as_mut().filter(|p| p.commit == LocalCommit::Open)?;
+        p.commit = LocalCommit::Running;
+        Some(StagedCommit { persister })
+    }
+
+    /// Reports how a [`StagedCommit`] ended. A failure drops the staged state (nothing is
+    /// released) and leaves the signer stale: LSS may hold the state the device lacks, and the
+    /// next init dance takes it.
+    pub fn staged_commit_done(&mut self, result: Result<(), Error>) {
+        let Some(l) = self.lss.as_mut() else { return };
+        let Some(p) = l.pending.as_mut().filter(|p| p.commit == LocalCommit::Running) else { return };
+        match result {
+            Ok(()) => {
+                p.commit = LocalCommit::Done;
+                l.last_acked = false;
+            }
+            Err(e) => {
+                warn!(error = %e, seq = p.seq, "local commit failed; re-syncing from LSS");
+                p.commit = LocalCommit::Open;
+                l.phase = LssPhase::Stale;
+                self.drop_pending();
+            }
         }
     }
 
@@ -275,6 +435,7 @@ impl Signer {
         let server = PublicKey::from_slice(&init.server_pubkey)
             .map_err(|e| lss_err(format!("init-1: server key is not a public key: {e}")))?;
         self.drop_pending();
+        let last_acked = self.lss.as_ref().is_some_and(|l| l.last_acked);
         let core = self.core()?;
         core.persister.set_lss(true);
         let node = core.node.clone();
@@ -292,6 +453,7 @@ impl Signer {
             nonce: Some(nonce),
             pending: None,
             built: Vec::new(),
+            last_acked,
         });
         info!(client_id = %hex::encode(client_id), "LSS: identified to the broker's LSS");
         let r = InitResponse { client_id, auth_token: lss::auth_token(&secret), nonce: Some(nonce) };
@@ -329,8 +491,18 @@ impl Signer {
             .collect::<Result<_, _>>()
             .map_err(|e| lss_err(format!("{e}; refusing LSS's state (nothing changed, nothing signed)")))?;
         let local: Vec<KVV> = self.synced_state()?.into_iter().map(|m| KVV(m.key, (m.version, m.value))).collect();
+        let marker =
+            self.core()?.persister.inner().get(crate::UNACKED_KEY).map_err(|e| store_err("reading state", e))?;
+        let unacked = match (&marker, self.lss.as_ref().is_some_and(|l| l.last_acked)) {
+            // Unreadable: the strict rules alone decide (they refuse what the record would explain).
+            (Some((_, raw)), false) => decode_unacked(raw).unwrap_or_else(|e| {
+                warn!(error = %e, "ignoring an unreadable record of the last transaction");
+                Vec::new()
+            }),
+            _ => Vec::new(),
+        };
         let mut upload: std::collections::BTreeMap<String, Mutation> = Default::default();
-        match plan(&remote, &local)? {
+        match plan_with(&remote, &local, &unacked)? {
             Plan::Adopt { entries, wipe } => {
                 if wipe {
                     self.wipe_local()?;
@@ -343,6 +515,10 @@ impl Signer {
             Plan::Upload => {
                 let store = self.core()?.persister.inner().clone();
                 store.reset_versions().map_err(|e| store_err("restarting versions", e))?;
+                // New versions: the record of the last transaction no longer describes them.
+                if marker.as_ref().is_some_and(|(_, raw)| !raw.is_empty()) {
+                    store.delete(crate::UNACKED_KEY).map_err(|e| store_err("clearing the LSS record", e))?;
+                }
                 // Every backed-up state has a writer key (kept if the device has one).
                 if store.get(WRITER_KEY).map_err(|e| store_err("reading state", e))?.is_none() {
                     let writer = vec![KVV(WRITER_KEY.to_string(), (0, store.signer_id().to_vec()))];
@@ -355,7 +531,14 @@ impl Signer {
                 }
                 info!(keys = upload.len(), "LSS: LSS holds nothing for this signer; sending the device's state");
             }
+            Plan::RollForward(muts) => {
+                warn!(keys = muts.len(), "LSS lacks the device's last transaction: sending it again");
+                for m in muts {
+                    upload.insert(m.key.clone(), m);
+                }
+            }
         }
+
         // Reload the node from what is now on disk; a new node's creation goes to LSS too.
         self.core = None;
         self.reopen_store();
@@ -380,11 +563,18 @@ impl Signer {
         }
     }
 
-    /// Replaces a never-used local state by an empty one (keeping the local-only keys).
+    /// Replaces the local state by an empty one (keeping the local-only keys but the record of
+    /// the last transaction): before LSS's state is written on a never-used device, or on one
+    /// whose last transaction LSS went on without.
     fn wipe_local(&mut self) -> Result<(), Error> {
         let store = self.core()?.persister.inner().clone();
         let keep: Vec<KVV> =
-            store.get_prefix("").map_err(|e| store_err("reading state", e))?.filter(|KVV(k, _)| !synced(k)).collect();
+            // The record of the last transaction goes with the state it described.
+            store
+                .get_prefix("")
+                .map_err(|e| store_err("reading state", e))?
+                .filter(|KVV(k, _)| !synced(k) && k != crate::UNACKED_KEY)
+                .collect();
         drop(store);
         self.core = None;
         match &mut self.backend {
@@ -441,9 +631,23 @@ impl Signer {
                 )),
             });
         }
-        let committed = self.core.as_ref().map(|c| commit(&c.persister));
+        let committed = match pending.commit {
+            LocalCommit::Done => Some(Ok(())),
+            LocalCommit::Open => self.core.as_ref().map(|c| commit(&c.persister)),
+            LocalCommit::Running => {
+                if let Some(l) = self.lss.as_mut() {
+                    l.pending = Some(pending);
+                }
+                return Err(lss_err("lss-msg before the staged commit was reported (front-end bug)"));
+            }
+        };
         match committed {
-            Some(Ok(())) => Ok(pending.held),
+            Some(Ok(())) => {
+                if let Some(l) = self.lss.as_mut() {
+                    l.last_acked = true;
+                }
+                Ok(pending.held)
+            }
             Some(Err(e)) => {
                 self.rebuild();
                 if let Some(l) = self.lss.as_mut() {
@@ -623,5 +827,51 @@ mod tests {
         // A device that answered requests without backup does not take another history.
         let used = vec![l("node/state/x", 3, b"s"), l("sphinx/reply/4", 0, b"r")];
         assert!(err(plan(&remote, &used)).contains("never backed up"));
+    }
+
+    fn u(k: &str, before: Option<(u64, &[u8])>, after: u64) -> UnackedKey {
+        UnackedKey { key: k.to_string(), before: before.map(|(v, val)| (v, hex::encode(val))), after }
+    }
+
+    #[test]
+    fn the_last_transaction_is_rolled_forward_when_lss_lacks_it_and_back_when_lss_went_on_without_it() {
+        // The device's last transaction T wrote x 5 → 6, created channel/b, bumped the writer.
+        let local =
+            vec![l(WRITER_KEY, 4, b"me"), l("channel/b", 0, b"b"), l("node/state/x", 6, b"s6"), l("r", 1, b"r")];
+        let t =
+            vec![u(WRITER_KEY, Some((3, b"me")), 4), u("channel/b", None, 0), u("node/state/x", Some((5, b"s5")), 6)];
+        let base = vec![m(WRITER_KEY, 3, b"me"), m("node/state/x", 5, b"s5"), m("r", 1, b"r")];
+        // Without the record, LSS at the state before T looks rolled back: refused.
+        assert!(err(plan_with(&base, &local, &[])).contains("rolled back"));
+        // With it: LSS lacks T, which is sent again (its keys as the device holds them).
+        match plan_with(&base, &local, &t) {
+            Ok(Plan::RollForward(muts)) => {
+                assert_eq!(muts, vec![m(WRITER_KEY, 4, b"me"), m("channel/b", 0, b"b"), m("node/state/x", 6, b"s6")])
+            }
+            _ => panic!("expected a roll forward"),
+        }
+        // LSS holds T: nothing to resolve.
+        let with_t =
+            vec![m(WRITER_KEY, 4, b"me"), m("channel/b", 0, b"b"), m("node/state/x", 6, b"s6"), m("r", 1, b"r")];
+        assert!(
+            matches!(plan_with(&with_t, &local, &t), Ok(Plan::Adopt { ref entries, wipe: false }) if entries.is_empty())
+        );
+        // Another signer went on from the state before T (same versions, its own values): T is
+        // rolled back and LSS's state taken whole.
+        let other = vec![m(WRITER_KEY, 4, b"other"), m("node/state/x", 6, b"o6"), m("r", 2, b"r2")];
+        match plan_with(&other, &local, &t) {
+            Ok(Plan::Adopt { entries, wipe: true }) => assert_eq!(entries, other),
+            _ => panic!("expected LSS's state"),
+        }
+        // LSS older than the state before T: refused as ever.
+        let older = vec![m(WRITER_KEY, 2, b"me"), m("node/state/x", 4, b"s4"), m("r", 1, b"r")];
+        assert!(err(plan_with(&older, &local, &t)).contains("rolled back"));
+        // LSS at the state before T but behind on another key: not T's doing, refused.
+        let behind = vec![m(WRITER_KEY, 3, b"me"), m("node/state/x", 5, b"s5"), m("r", 0, b"r0")];
+        assert!(err(plan_with(&behind, &local, &t)).contains("rolled back"));
+        // A record the device's versions no longer match is stale: ignored.
+        let moved =
+            vec![l(WRITER_KEY, 5, b"me"), l("channel/b", 1, b"b"), l("node/state/x", 7, b"s7"), l("r", 1, b"r")];
+        assert!(err(plan_with(&base, &moved, &t)).contains("rolled back"));
     }
 }

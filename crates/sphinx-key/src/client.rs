@@ -2,7 +2,9 @@
 //! broker message (`vls`, `control`, and with LSS backup the init dance and `lss-msg` /
 //! `lss-conflict`) to the signer in order (`Signer::on_message`), publish what it answers,
 //! reconnect with capped exponential backoff. All protocol logic is in
-//! `sphinx_signer`; this is I/O only (plus the file deletions of an owner's reset).
+//! `sphinx_signer`; this is I/O only (plus the file deletions of an owner's reset). With LSS,
+//! a staged request's local commit runs on a blocking thread while its `lss-res` goes out
+//! (`Signer::take_staged_commit`), and is reported back before the next broker message.
 
 use std::io::ErrorKind;
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS, TlsConfiguration,
     Transport,
 };
-use sphinx_signer::{ControlAction, Output, Signer, Status, StatusIndicator};
+use sphinx_signer::{ControlAction, Output, Signer, StagedCommit, Status, StatusIndicator};
 use sphinx_wire::control::ControlResponse;
 use sphinx_wire::{error_report, topics};
 use tracing::{debug, error, info, warn};
@@ -49,6 +51,21 @@ const RESET_ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// Largest payload accepted or sent: an hsmd message (16 MiB) plus the serial header.
 const MAX_PACKET: usize = 16 * 1024 * 1024 + 256;
+
+/// A staged request's local commit running on a blocking thread.
+type RunningCommit = tokio::task::JoinHandle<Result<(), sphinx_signer::Error>>;
+
+fn start_commit(c: StagedCommit) -> RunningCommit {
+    tokio::task::spawn_blocking(move || c.run())
+}
+
+/// Waits for the running commit, if any, and tells the signer how it ended.
+async fn settle(signer: &mut Signer, commit: &mut Option<RunningCommit>) {
+    if let Some(h) = commit.take() {
+        let r = h.await.unwrap_or_else(|e| Err(sphinx_signer::Error::Persist(format!("commit thread: {e}"))));
+        signer.staged_commit_done(r);
+    }
+}
 
 fn now_secs() -> u32 {
     sphinx_wire::unix_now() as u32
@@ -133,11 +150,13 @@ pub async fn run(mut signer: Signer, mut ind: Box<dyn StatusIndicator>, rc: RunC
         last_ts = Some(ts);
         let (client, mut el) = AsyncClient::new(options(&signer, &rc, ts), 64);
         el.set_network_options(network_options());
+        let mut commit = None;
         let end = tokio::select! {
-            end = serve(&mut signer, ind.as_mut(), &id, &client, &mut el, &mut backoff, &rc) => end,
+            end = serve(&mut signer, ind.as_mut(), &id, &client, &mut el, &mut backoff, &rc, &mut commit) => end,
             _ = tokio::signal::ctrl_c() => End::Shutdown,
             _ = sigterm.recv() => End::Shutdown,
         };
+        settle(&mut signer, &mut commit).await;
         match end {
             End::Shutdown => {
                 info!("shutting down");
@@ -217,7 +236,9 @@ async fn wait_puback(el: &mut EventLoop) {
     }
 }
 
-/// Serves one connection until it ends.
+/// Serves one connection until it ends. `commit`: the staged request's local commit, while it
+/// runs (settled before the signer sees the next message, and by the caller at the end).
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     signer: &mut Signer,
     ind: &mut dyn StatusIndicator,
@@ -226,6 +247,7 @@ async fn serve(
     el: &mut EventLoop,
     backoff: &mut Duration,
     rc: &RunConfig,
+    commit: &mut Option<RunningCommit>,
 ) -> End {
     // Everything the broker may send.
     const SUBSCRIBED: [&str; 7] = topics::TO_SIGNER;
@@ -300,6 +322,7 @@ async fn serve(
                 if msgs.iter().any(|(s, _)| *s == topics::VLS) {
                     ind.set(Status::Signing);
                 }
+                settle(signer, commit).await;
                 let t = std::time::Instant::now();
                 let mut failed = false;
                 let views: Vec<(&str, &[u8])> = msgs.iter().map(|(s, p)| (*s, p.as_ref())).collect();
@@ -336,6 +359,8 @@ async fn serve(
                         return End::Lost;
                     }
                 }
+                // The `lss-res` just queued goes out on the next poll, while this commits.
+                *commit = signer.take_staged_commit().map(start_commit);
                 debug!(messages = msgs.len(), elapsed_us = t.elapsed().as_micros() as u64, "broker messages handled");
                 ind.set(if failed { Status::Error } else { Status::Connected });
             }

@@ -20,6 +20,10 @@
 //!   carrying the signer's tag), and its VLS state equals the in-process signer's: nothing lost,
 //!   nothing applied twice.
 //!
+//! The kills land between the signer's local commit and LSS's acknowledgement too (the commit runs
+//! while the `Put` does): the device is then one transaction ahead of LSS and rolls it forward at
+//! its next dance (counted as `rolled_forward`).
+//!
 //! Several rounds with consecutive seeds run while the whole test stays within ~40 s.
 //! Needs `target/release/{sphinx-broker,sphinx-key,lssd}`
 //! (`cargo build --release -p sphinx-broker -p sphinx-key -p sphinx-lssd`).
@@ -277,6 +281,9 @@ struct Kills {
     signer: usize,
     lssd: usize,
     broker: usize,
+    /// Restarts at which the device was one transaction ahead of LSS (killed between its local
+    /// commit and LSS's acknowledgement) and rolled it forward.
+    rolled_forward: usize,
 }
 
 /// LSS's state for `seed`'s signer, each value's tag checked and removed.
@@ -417,6 +424,11 @@ fn round(seed: u64) -> (Kills, usize) {
     }
     let last = node.ld.shutdown();
     chaos.stop();
+    kills.rolled_forward = ["device-a.log", "device-b.log"]
+        .iter()
+        .map(|f| std::fs::read_to_string(r.d.join(f)).unwrap_or_default())
+        .map(|log| log.matches("LSS lacks the device's last transaction").count())
+        .sum();
     assert!(matches!(&last, Ok(s) if s.success()), "broker exit {last:?}\n{}", r.logs());
 
     // Every reply equals the uninterrupted in-process signer's.
@@ -463,6 +475,7 @@ fn signer_broker_and_lssd_killed_at_random_points_lose_nothing() {
         total.signer += k.signer;
         total.lssd += k.lssd;
         total.broker += k.broker;
+        total.rolled_forward += k.rolled_forward;
         restarts += n;
         rounds += 1;
     }
@@ -595,6 +608,9 @@ fn lssd_down_mid_session_holds_the_reply_until_it_is_back() {
     assert!(log.contains("cannot reach LSS"), "a clear error: {log}");
     let device = sphinx_standin::harness::log_text(&r.d.join("device-a.log"));
     assert!(device.contains("dropping state LSS did not acknowledge"), "the device held it\n{}", r.logs());
+    // It had committed the request's state while the Put ran: one transaction ahead of LSS,
+    // rolled forward at the re-sync instead of refused as "LSS rolled back".
+    assert!(device.contains("LSS lacks the device's last transaction"), "rolled forward\n{}", r.logs());
     let broker = r.finish();
     assert!(broker.matches("LSS: signer in sync").count() >= 2, "re-synced after the failed Put");
 }
