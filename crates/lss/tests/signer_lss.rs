@@ -317,7 +317,8 @@ async fn requests_arriving_while_one_waits_are_answered_after_it_in_order() {
     }
     let expected: Vec<Vec<u8>> = want[63..83].iter().map(|w| w.clone().expect("answered")).collect();
     assert_eq!(replies, expected, "every reply, in request order, equal to the oracle's");
-    assert!(puts >= 5, "state-changing requests were backed up one by one ({puts})");
+    // The first alone; those that waited behind it as one group (LSS group commit).
+    assert_eq!(puts, 2, "one Put for the first request, one for the group that waited behind it");
     let identity = init_dance(&lss, &mut a, None).await.expect("dance").identity;
     assert_agree(&server.url(), &mut a, &identity).await;
     let _ = std::fs::remove_dir_all(dir);
@@ -464,4 +465,59 @@ async fn a_transaction_committed_before_lss_stored_it_is_rolled_forward_or_back_
     assert_agree(&server.url(), &mut a, &identity).await;
     let _ = std::fs::remove_dir_all(dir_a);
     let _ = std::fs::remove_dir_all(dir_b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_together_share_one_put_and_are_answered_after_it() {
+    let Setup { server, lss, init, steps, want } = setup("group").await;
+    let dir = temp_dir("lss-g");
+    let mut a = device(&dir);
+    let d = init_dance(&lss, &mut a, Some(init.encode())).await.expect("dance");
+    let identity = d.identity.clone();
+    let mut s = d.session;
+    run(&mut a, &mut s, &steps[..70], &want[..70]).await;
+
+    // Thirty requests read at once (as sphinx-key's client hands over a batch): one group.
+    let (from, to) = (70, 100);
+    let frames: Vec<Vec<u8>> = steps[from..to].iter().map(|s| s.req.encode()).collect();
+    let views: Vec<(&str, &[u8])> = frames.iter().map(|f| (topics::VLS, f.as_slice())).collect();
+    let mut outs = a.signer.on_messages(&views);
+    let mut answers: std::collections::BTreeMap<u16, (&'static str, Vec<u8>)> = Default::default();
+    let mut puts = 0;
+    loop {
+        let mut lss_res = None;
+        for o in outs {
+            match o {
+                Output::Publish { topic, payload } if topic == topics::LSS_RES => lss_res = Some(payload),
+                Output::Publish { topic, payload } => {
+                    let seq = if topic == topics::ERROR {
+                        sphinx_wire::error_report::decode(&payload).seq.expect("error seq")
+                    } else {
+                        Reply::decode(&payload).expect("reply frame").seq
+                    };
+                    assert!(answers.insert(seq, (topic, payload)).is_none(), "seq {seq} answered twice");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let Some(res) = lss_res else { break };
+        assert!(answers.values().all(|(t, _)| *t == topics::ERROR), "a reply left before LSS stored its state");
+        puts += 1;
+        let (back, msg) = s.store(&res).await.expect("store");
+        assert_eq!(back, topics::LSS_MSG);
+        outs = a.signer.on_message(back, &msg);
+    }
+    assert_eq!(puts, 1, "one Put for the group");
+    for (step, want) in steps[from..to].iter().zip(&want[from..to]) {
+        match (answers.get(&step.req.seq), want) {
+            (Some((t, r)), Ok(w)) if *t == topics::VLS_RES => assert_eq!(r, w, "seq {} differs", step.req.seq),
+            (Some((t, _)), Err(_)) if *t == topics::ERROR => {}
+            (got, want) => panic!("seq {}: {got:?} but the oracle says {want:?}", step.req.seq),
+        }
+    }
+    assert_agree(&server.url(), &mut a, &identity).await;
+    // One at a time again from there, byte for byte.
+    run(&mut a, &mut s, &steps[to..], &want[to..]).await;
+    assert_agree(&server.url(), &mut a, &identity).await;
+    let _ = std::fs::remove_dir_all(dir);
 }

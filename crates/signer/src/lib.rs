@@ -52,7 +52,7 @@ use vls_protocol_signer::approver::Approve;
 use vls_protocol_signer::handler::{Handler, HandlerBuilder, InitHandler, RootHandler};
 
 pub use control::{ControlAction, ControlOutcome, NONCE_KEY, POLICY_KEY};
-pub use lss::{lss_value_key, Held, LssPhase, Outcome, Output, Released, StagedCommit, MAX_QUEUED};
+pub use lss::{lss_value_key, Held, LssPhase, Outcome, Output, Released, StagedCommit, LSS_GROUP_MAX, MAX_QUEUED};
 pub use policy::{PolicyConfig, DEFAULT_SWEEP_MIN_FEERATE_PER_KW};
 pub use status::{NoIndicator, RecordingIndicator, Status, StatusIndicator};
 pub use store::{LOCAL_ONLY_KEYS, WRITER_KEY};
@@ -790,7 +790,7 @@ impl Signer {
     }
 
     /// One request of a batch, inside the batch's open transaction (see [`Signer::handle_batch`]).
-    fn batch_step(&mut self, req: &Request) -> Step {
+    pub(crate) fn batch_step(&mut self, req: &Request) -> Step {
         if self.reset.is_some() {
             return Step::Alone;
         }
@@ -932,13 +932,24 @@ impl Signer {
 impl Signer {
     /// Handles several messages the broker sent, in arrival order, and says what to publish, in
     /// the same order: [`Signer::on_message`] for each, except that consecutive `vls` requests
-    /// are handled as one group commit ([`Signer::handle_batch`]) when LSS is off.
+    /// are handled as one group commit: [`Signer::handle_batch`] when LSS is off, one staged
+    /// transaction and one `lss-res` when it is on (at most [`LSS_GROUP_MAX`]; their replies
+    /// follow its acknowledgement, errors of requests that changed nothing come at once).
     pub fn on_messages(&mut self, msgs: &[(&str, &[u8])]) -> Vec<Output> {
         use sphinx_wire::topics as t;
         let mut out = Vec::new();
         let mut i = 0;
         while i < msgs.len() {
             let run = msgs[i..].iter().take_while(|(s, _)| *s == t::VLS).count();
+            if self.lss.is_some() && run >= 2 && self.lss_groupable() {
+                let payloads: Vec<&[u8]> = msgs[i..i + run.min(lss::LSS_GROUP_MAX)].iter().map(|(_, p)| *p).collect();
+                let (outs, taken) = self.stage_group(&payloads);
+                out.extend(outs);
+                if taken > 0 {
+                    i += taken;
+                    continue;
+                }
+            }
             if self.lss.is_some() || run <= 1 {
                 out.extend(self.on_message(msgs[i].0, msgs[i].1));
                 i += 1;
@@ -991,7 +1002,7 @@ enum Prepared {
 }
 
 /// What became of one request of a batch ([`Signer::handle_batch`]).
-enum Step {
+pub(crate) enum Step {
     /// Its state is in the open transaction; the reply is released by the batch's commit.
     Staged(Reply),
     /// Failed without touching state; the batch goes on.

@@ -75,6 +75,9 @@ struct Pending {
     expected: [u8; lss::HASH_LEN],
     held: Vec<Held>,
     commit: LocalCommit,
+    /// A request of the group failed after changing the in-memory node: rebuild it from disk
+    /// once the group's state is committed.
+    rebuild: bool,
 }
 
 /// Where a staged transaction's local commit is.
@@ -126,6 +129,10 @@ fn decode_unacked(raw: &[u8]) -> Result<Vec<UnackedKey>, Error> {
 /// Broker messages (`vls`, `control`) that arrive while a request waits for LSS are queued and
 /// handled after its acknowledgement, in order; beyond this many they are refused.
 pub const MAX_QUEUED: usize = 1000;
+
+/// Most requests staged together in one transaction, one `lss-res` and one `Put` (LSS group
+/// commit, [`Signer::on_messages`]).
+pub const LSS_GROUP_MAX: usize = 64;
 
 pub(crate) struct LssState {
     phase: LssPhase,
@@ -347,20 +354,12 @@ impl Signer {
                 p.put(crate::UNACKED_KEY, encode_unacked(&unacked)).map_err(|e| store_err("staging", e))?;
                 let expected = lss::server_hmac(&l.secret, &muts);
                 let res = Response::VlsMuts(SignerMutations { client_hmac: lss::client_hmac(&l.secret, &muts), muts });
-                l.pending = Some(Pending { seq, expected, held: Vec::new(), commit: LocalCommit::Open });
+                l.pending =
+                    Some(Pending { seq, expected, held: Vec::new(), commit: LocalCommit::Open, rebuild: false });
                 return Ok(Some(res.encode()));
             }
         }
         commit(p).map(|()| None)
-    }
-
-    /// The next queued broker message, if nothing waits for LSS.
-    fn next_queued(&mut self) -> Option<(&'static str, Vec<u8>)> {
-        let l = self.lss.as_mut()?;
-        if l.pending.is_some() {
-            return None;
-        }
-        l.queued.pop_front()
     }
 
     /// Holds an output until the staged state is acknowledged.
@@ -388,6 +387,8 @@ impl Signer {
                 if let Some(c) = self.core.as_ref() {
                     c.persister.abort();
                 }
+                self.rebuild();
+            } else if p.rebuild {
                 self.rebuild();
             }
         }
@@ -646,6 +647,9 @@ impl Signer {
                 if let Some(l) = self.lss.as_mut() {
                     l.last_acked = true;
                 }
+                if pending.rebuild {
+                    self.rebuild();
+                }
                 Ok(pending.held)
             }
             Some(Err(e)) => {
@@ -669,6 +673,83 @@ impl Signer {
         }
         warn!("LSS conflict: this signer's state is stale; waiting for the broker to re-sync it");
         Response::PutConflictConfirmed.encode()
+    }
+}
+
+impl Signer {
+    /// Can a run of requests be staged as one group now (in sync, nothing waiting for LSS)?
+    pub(crate) fn lss_groupable(&self) -> bool {
+        self.reset.is_none() && self.lss.as_ref().is_some_and(|l| l.phase == LssPhase::Synced && l.pending.is_none())
+    }
+
+    /// LSS group commit: stages `payloads` (`vls` request frames, in order) in one transaction,
+    /// each seeing the ones before it, and backs them up with one `lss-res`; their replies are
+    /// held until its acknowledgement, as one request's. A request that fails without changing
+    /// anything is answered at once; one that needs a transaction of its own (`hsmd_init`) ends
+    /// the group before it, one that failed after changing the in-memory node ends it after it
+    /// (the node is rebuilt once the group is committed). Returns the outputs and how many
+    /// payloads were taken; the caller handles the rest.
+    pub(crate) fn stage_group(&mut self, payloads: &[&[u8]]) -> (Vec<Output>, usize) {
+        use sphinx_wire::topics as t;
+        let mut out = Vec::new();
+        let mut held: Vec<Reply> = Vec::new();
+        let mut rebuild = false;
+        let mut taken = payloads.len();
+        let error = |seq: u16, error: Error| {
+            warn!(seq, %error, "request failed");
+            publish(t::ERROR, crate::FrameError { seq, error }.payload())
+        };
+        for (k, payload) in payloads.iter().enumerate() {
+            let seq = if payload.len() >= 4 { u16::from_be_bytes([payload[2], payload[3]]) } else { 0 };
+            let req = match sphinx_wire::serial::Request::decode(payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.push(error(seq, e.into()));
+                    continue;
+                }
+            };
+            match self.batch_step(&req) {
+                crate::Step::Staged(reply) => held.push(reply),
+                crate::Step::Failed(e) => out.push(error(seq, e)),
+                crate::Step::FlushThen(e) => {
+                    out.push(error(seq, e));
+                    rebuild = true;
+                    taken = k + 1;
+                    break;
+                }
+                crate::Step::Alone => {
+                    taken = k;
+                    break;
+                }
+            }
+        }
+        let Some(persister) = self.core.as_ref().map(|c| c.persister.clone()) else {
+            out.extend(held.into_iter().map(|r| error(r.seq, Error::Unavailable("signer state lost".into()))));
+            return (out, taken);
+        };
+        let first = held.first().map_or(0, |r| r.seq);
+        match self.finish(&persister, first) {
+            Ok(None) => {
+                out.extend(held.into_iter().map(|r| publish(t::VLS_RES, r.encode())));
+                if rebuild {
+                    self.rebuild();
+                }
+            }
+            Ok(Some(lss_res)) => {
+                if let Some(p) = self.lss.as_mut().and_then(|l| l.pending.as_mut()) {
+                    p.rebuild = rebuild;
+                    p.held.extend(held.into_iter().map(Held::Reply));
+                }
+                out.push(publish(t::LSS_RES, lss_res));
+            }
+            Err(e) => {
+                warn!(requests = held.len(), error = %e, "group commit failed; nothing of it was released");
+                out.extend(held.into_iter().map(|r| error(r.seq, Error::Persist(e.to_string()))));
+                persister.abort();
+                self.rebuild();
+            }
+        }
+        (out, taken)
     }
 }
 
@@ -755,10 +836,12 @@ impl Signer {
                             Held::Control(o) => Output::Control(o),
                         })
                         .collect();
-                    // Then what waited behind it, until one waits for LSS again.
-                    while let Some((q, p)) = self.next_queued() {
-                        out.extend(self.on_message(q, &p));
-                    }
+                    // Then what waited behind it (grouped again), in order: what comes after the
+                    // next staged group is queued again.
+                    let queued: Vec<(&'static str, Vec<u8>)> =
+                        self.lss.as_mut().map(|l| l.queued.drain(..).collect()).unwrap_or_default();
+                    let views: Vec<(&str, &[u8])> = queued.iter().map(|(s, p)| (*s, p.as_slice())).collect();
+                    out.extend(self.on_messages(&views));
                     out
                 }
                 Err(e) => vec![err(&e)],
