@@ -10,6 +10,12 @@
 //!   from its reply log);
 //! - after the last reply, the state on disk equals the uninterrupted signer's (every VLS key and
 //!   value; the reply log is bookkeeping and excluded), so the last replies' state is there too.
+//!
+//! The same with LSS backup on (a real `lssd`): the requests then go through LSS group commit
+//! (one transaction and one `Put` per group, the local commit running while the `Put` does), and
+//! LSS must hold exactly the device's state at the end.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sphinx_signer::{PolicyConfig, Signer, REPLY_KEY_PREFIX};
+use sphinx_signer::{PolicyConfig, Signer, REPLY_KEY_PREFIX, WRITER_KEY};
 use sphinx_standin::chansim::{ChannelSim, Conn, Hsmd, InProcess, Template};
 use sphinx_standin::harness::{bin, broker_envs, free_port, init_signer, signer_state, SignerProcess, TempDir};
 use sphinx_standin::lightningd::{BrokerOutput, FakeLightningd, SpawnOptions};
@@ -60,6 +66,15 @@ impl Rng {
 
 #[test]
 fn signer_killed_during_batched_commits_never_replies_for_lost_state() {
+    killed_during_batched_commits(false);
+}
+
+#[test]
+fn signer_killed_during_lss_group_commits_never_replies_for_lost_state() {
+    killed_during_batched_commits(true);
+}
+
+fn killed_during_batched_commits(with_lss: bool) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/traces/open-pay-close/bob.jsonl");
     let trace = Trace::load(&path).unwrap();
     let seed = seed_for_path(&path).unwrap();
@@ -91,9 +106,14 @@ fn signer_killed_during_batched_commits_never_replies_for_lost_state() {
         .map(|m| (m.key, m.value))
         .collect();
 
-    // The device, behind the real broker.
+    // The device, behind the real broker (and LSS).
     let d = TempDir::new("gc-crash").unwrap();
     let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let lssd = with_lss.then(|| sphinx_lss::lssd::Lssd::start_in(&d.join("lssd"), None).unwrap());
+    let mut envs = broker_envs(&d.join("broker"), &listen);
+    if let Some(l) = &lssd {
+        envs.push(("SPHINX_BROKER_LSS_URL".into(), l.url().into()));
+    }
     let key = bin("sphinx-key").unwrap();
     init_signer(&key, &d.join("signer"), seed).unwrap();
     let opts = SpawnOptions {
@@ -102,13 +122,7 @@ fn signer_killed_during_batched_commits_never_replies_for_lost_state() {
         init_timeout: Duration::from_secs(60),
         ..SpawnOptions::default()
     };
-    let mut ld = FakeLightningd::spawn_with(
-        bin("sphinx-broker").unwrap(),
-        Vec::<String>::new(),
-        broker_envs(&d.join("broker"), &listen),
-        opts,
-    )
-    .unwrap();
+    let mut ld = FakeLightningd::spawn_with(bin("sphinx-broker").unwrap(), Vec::<String>::new(), envs, opts).unwrap();
     let (sdir, slog) = (d.join("signer"), d.join("signer.log"));
     let start = {
         let (key, sdir, listen, slog) = (key.clone(), sdir.clone(), listen.clone(), slog.clone());
@@ -177,16 +191,28 @@ fn signer_killed_during_batched_commits_never_replies_for_lost_state() {
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failed.is_empty(), "{failed:#?}\n--- signer ---\n{}", sphinx_standin::harness::tail(&slog, 4000));
     let answered: usize = results.iter().map(|r| *r.as_ref().unwrap()).sum();
-    eprintln!("{kills} kills during {answered} concurrent requests");
+    let rolled = sphinx_standin::harness::log_text(&slog).matches("LSS lacks the device's last transaction").count();
+    eprintln!("{kills} kills during {answered} concurrent requests (LSS: {with_lss}, last transaction rolled forward {rolled} times)");
     assert!(kills >= 5, "the supervisor should kill the signer several times ({kills})");
 
     let state: BTreeMap<String, Vec<u8>> = signer_state(&sdir.join("state"))
         .unwrap()
         .into_iter()
-        .filter(|(k, _)| !k.starts_with(REPLY_KEY_PREFIX) && k != sphinx_signer::INIT_KEY)
+        .filter(|(k, _)| !k.starts_with(REPLY_KEY_PREFIX) && k != sphinx_signer::INIT_KEY && k != WRITER_KEY)
         .collect();
     assert_eq!(state.keys().collect::<Vec<_>>(), expected_state.keys().collect::<Vec<_>>(), "same state keys");
     for (k, v) in &expected_state {
         assert_eq!(Some(v), state.get(k), "state {k} differs from the uninterrupted signer's");
+    }
+    // And LSS holds what the device holds, key by key.
+    if let Some(l) = &lssd {
+        let remote: BTreeMap<String, Vec<u8>> = common::lss_state(&l.url(), seed, clock)
+            .unwrap()
+            .into_iter()
+            .filter(|m| !m.key.starts_with(REPLY_KEY_PREFIX) && m.key != WRITER_KEY)
+            .map(|m| (m.key, m.value))
+            .collect();
+        assert_eq!(remote.keys().collect::<Vec<_>>(), state.keys().collect::<Vec<_>>(), "LSS and device keys");
+        assert!(remote == state, "LSS's values differ from the device's");
     }
 }

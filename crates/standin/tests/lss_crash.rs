@@ -36,16 +36,14 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::recorded_session;
+use common::{lss_state, recorded_session};
 use sphinx_lss::lssd::Lssd;
-use sphinx_lss::LssClient;
 use sphinx_signer::{Output, Signer};
 use sphinx_standin::harness::{bin, broker_envs, free_port, init_signer, tail, SignerProcess, TempDir};
 use sphinx_standin::lightningd::{BrokerOutput, ClientConn, FakeLightningd, SpawnOptions};
 use sphinx_standin::replay::{self, compare_with_oracle, oracle_replay, translate_request, Step};
 use sphinx_standin::trace::{Exchange, Trace};
 use sphinx_wire::hsmd;
-use sphinx_wire::lss::{Init, Msg, Response};
 
 /// xorshift64*: deterministic kill points without a dependency.
 struct Rng(u64);
@@ -286,35 +284,6 @@ struct Kills {
     rolled_forward: usize,
 }
 
-/// LSS's state for `seed`'s signer, each value's tag checked and removed.
-fn lss_state(url: &str, seed: [u8; 32], clock: u64) -> Vec<sphinx_wire::lss::Mutation> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let server = LssClient::info(url, Duration::from_secs(10)).await.unwrap();
-        // The signer's identity (persistence key, token) as init-1 gives it.
-        let cfg = replay::signer::replay_config(clock, Default::default());
-        let mut s = replay::signer::in_memory(seed, &cfg).unwrap();
-        let outs =
-            s.on_message(sphinx_wire::topics::INIT_1_MSG, &Msg::Init(Init { server_pubkey: server.pubkey }).encode());
-        let identity = match outs.as_slice() {
-            [Output::Publish { payload, .. }] => match Response::decode(payload) {
-                Ok(Response::Init(i)) => i,
-                other => panic!("init-1-res: {other:?}"),
-            },
-            other => panic!("init-1: {other:?}"),
-        };
-        let mut c = LssClient::connect(url, Duration::from_secs(10), &identity).await.unwrap();
-        let key = sphinx_signer::lss_value_key(&seed);
-        c.get_all(&[7; 32])
-            .await
-            .unwrap()
-            .muts
-            .into_iter()
-            .map(|m| sphinx_wire::lss::open_value(&key, m).unwrap_or_else(|e| panic!("{e}")))
-            .collect()
-    })
-}
-
 fn vls_only(m: &[sphinx_wire::lss::Mutation]) -> BTreeMap<String, Vec<u8>> {
     m.iter()
         .filter(|m| !m.key.starts_with("sphinx/") && m.key != sphinx_signer::WRITER_KEY)
@@ -442,7 +411,7 @@ fn round(seed: u64) -> (Kills, usize) {
 
     // The device's durable state equals LSS's, and its VLS state the in-process signer's.
     let lssd = Lssd::start_in(&r.d.join("lssd"), None).unwrap();
-    let remote = lss_state(&lssd.url(), r.seed, clock);
+    let remote = lss_state(&lssd.url(), r.seed, clock).unwrap();
     let mut dev = Signer::open(r.seed, &r.d.join("device-b").join("state"), &cfg).unwrap();
     let local = dev.synced_state().unwrap();
     let keys = |v: &[sphinx_wire::lss::Mutation]| v.iter().map(|m| (m.key.clone(), m.version)).collect::<Vec<_>>();
