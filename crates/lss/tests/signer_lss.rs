@@ -521,3 +521,34 @@ async fn requests_arriving_together_share_one_put_and_are_answered_after_it() {
     assert_agree(&server.url(), &mut a, &identity).await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_backed_up_to_lss_refuses_a_broker_that_does_not_sync_it() {
+    let Setup { server: _server, lss, init, steps, want } = setup("required").await;
+    let dir = temp_dir("lss-req");
+    let mut a = device(&dir);
+    let mut s = dance(&lss, &mut a, &init).await.expect("dance");
+    run(&mut a, &mut s, &steps[..70], &want[..70]).await;
+    drop(a);
+
+    // Restarted, and the broker never starts the dance (no [lss], or it chose not to): lightningd's
+    // hsmd_init is answered, but nothing is signed.
+    let mut a = device(&dir);
+    let outs = a.signer.on_message(topics::VLS, &init.encode());
+    assert!(matches!(outs.as_slice(), [Output::Publish { topic, .. }] if *topic == topics::VLS_RES), "{outs:?}");
+    match a.signer.on_message(topics::VLS, &steps[70].req.encode()).as_slice() {
+        [Output::Publish { topic, payload }] if *topic == topics::ERROR => {
+            let text = sphinx_wire::error_report::decode(payload).text;
+            assert!(text.contains("backed up to LSS") && text.contains("--allow-without-lss"), "{text}");
+        }
+        other => panic!("a backed-up device must not sign without LSS, got {other:?}"),
+    }
+    // The operator's decision on the device: then it signs (without backup).
+    a.signer.set_allow_without_lss(true);
+    let outs = a.signer.on_message(topics::VLS, &steps[70].req.encode());
+    match (outs.as_slice(), &want[70]) {
+        ([Output::Publish { topic, payload }], Ok(w)) if *topic == topics::VLS_RES => assert_eq!(payload, w),
+        (other, w) => panic!("{other:?} vs the oracle's {w:?}"),
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -227,11 +227,11 @@ impl Signer {
         if let Some(r) = self.reset {
             return Err(format!("the device was reset ({r:?}) and must be initialised again"));
         }
+        self.core().map_err(|e| e.to_string())?;
         self.lss_ready().map_err(|e| e.to_string())?;
         if let ControlMessage::Ota(_) = msg {
             return Err("OTA is not supported on Linux: update the binary with your package manager".into());
         }
-        self.core().map_err(|e| e.to_string())?;
         let network = self.cfg.network;
         let base = self.cfg.policy.clone();
         let core = self.core.as_mut().ok_or("signer state unavailable")?;

@@ -265,6 +265,9 @@ pub struct Signer {
     lss: Option<lss::LssState>,
     /// Threads a batch's independent channel requests are signed on ([`Signer::set_sign_threads`]).
     sign_threads: usize,
+    /// Sign without LSS although this device's state was backed up to LSS
+    /// ([`Signer::set_allow_without_lss`]).
+    allow_without_lss: bool,
 }
 
 struct FixedStartingTime(u64);
@@ -349,6 +352,7 @@ impl Signer {
             reset: None,
             lss: None,
             sign_threads: 1,
+            allow_without_lss: false,
         };
         s.core = Some(s.build_core()?);
         info!(node_id = %s.node_id, initialized = s.is_initialized(), "signer opened");
@@ -595,6 +599,13 @@ impl Signer {
                 Err(Error::Panic { msg_type, name: name(), reason })
             }
         }
+    }
+
+    /// Lets a device whose state was backed up to LSS sign for a broker without LSS (the
+    /// operator's decision on the device: by default it refuses, docs/signer.md "Once backed
+    /// up, always backed up").
+    pub fn set_allow_without_lss(&mut self, allow: bool) {
+        self.allow_without_lss = allow;
     }
 
     /// Signs a batch's requests of different channels on up to `n` threads (1, the default: one
@@ -874,6 +885,8 @@ impl Signer {
         if matches!(msg, Message::HsmdInit(_) | Message::HsmdInit2(_)) {
             return Ok(Prepared::Init(msg, msg_type));
         }
+        // Built first: whether LSS must be on depends on the state.
+        self.core()?;
         self.lss_ready()?;
         let hash = hex::encode(sha256::Hash::hash(&req.encode()).to_byte_array());
         let slot_key = format!("{REPLY_KEY_PREFIX}{}", req.seq % DEDUPE_SLOTS);

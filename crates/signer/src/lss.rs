@@ -320,9 +320,24 @@ impl Signer {
             .collect())
     }
 
-    /// Refuses to sign when LSS is on but not in sync, or a request is still waiting.
+    /// The device's state was backed up to LSS (it holds the writer key).
+    fn backed_up(&self) -> bool {
+        self.core.as_ref().is_some_and(|c| matches!(c.persister.get(WRITER_KEY), Ok(Some(_))))
+    }
+
+    /// Refuses to sign when LSS is on but not in sync, or a request is still waiting; and when it
+    /// is off for a device whose state LSS holds, unless the operator allowed it.
     pub(crate) fn lss_ready(&self) -> Result<(), Error> {
         match &self.lss {
+            // Once backed up, always backed up: a broker that does not sync a device whose state
+            // LSS holds (the writer key) would otherwise let it sign state that no other signer
+            // of this node can be restored to, and a standby later restored from LSS would sign
+            // on the older state.
+            None if !self.allow_without_lss && self.backed_up() => Err(Error::LssNotSynced(
+                "this device's state is backed up to LSS, and the broker has not synced it: a broker without \
+                 [lss] cannot use it (run the device with --allow-without-lss to sign without backup)"
+                    .into(),
+            )),
             None => Ok(()),
             Some(l) => match (&l.pending, l.phase) {
                 (Some(p), _) => Err(Error::LssBusy(p.seq)),

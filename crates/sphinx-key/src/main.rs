@@ -140,6 +140,12 @@ enum Cmd {
         /// on an open network, the login token and every request would travel in the clear).
         #[arg(long, env = "SPHINX_KEY_ALLOW_PLAINTEXT")]
         allow_plaintext: bool,
+        /// Sign for a broker that does not sync this device with LSS although its state was
+        /// backed up to LSS (off by default: a broker could otherwise stop the backups, and a
+        /// standby restored from LSS would then sign on older state). File key
+        /// `allow_without_lss`.
+        #[arg(long, env = "SPHINX_KEY_ALLOW_WITHOUT_LSS")]
+        allow_without_lss: bool,
         /// Serve Prometheus metrics (/metrics) and a status page (/) on ADDR, e.g.
         /// 127.0.0.1:9091 (default: off).
         #[arg(long, value_name = "ADDR", env = "SPHINX_KEY_METRICS_LISTEN")]
@@ -179,6 +185,8 @@ struct FileConfig {
     tls_ca: Option<PathBuf>,
     tls_fingerprint: Option<String>,
     allow_plaintext: Option<bool>,
+    /// Sign without LSS although the state was backed up (`--allow-without-lss`).
+    allow_without_lss: Option<bool>,
     /// Initial owner limits (used until the owner sends an UpdatePolicy).
     msat_per_interval: Option<u64>,
     interval: Option<sphinx_wire::control::Interval>,
@@ -212,6 +220,7 @@ impl FileConfig {
             approve_onchain: Some(p.approve_onchain),
             allowlist: Some(p.allowlist),
             allow_plaintext: Some(false),
+            allow_without_lss: Some(false),
             msat_per_interval: Some(p.limits.msat_per_interval),
             interval: Some(p.limits.interval),
             htlc_limit_msat: Some(p.limits.htlc_limit_msat),
@@ -396,6 +405,7 @@ fn real_main(cli: Cli) -> Result<()> {
             tls_ca,
             tls_fingerprint,
             allow_plaintext,
+            allow_without_lss,
             metrics_listen,
             metrics_allow_non_loopback,
             client_id,
@@ -459,6 +469,12 @@ fn real_main(cli: Cli) -> Result<()> {
                 n => usize::from(n),
             };
             signer.set_sign_threads(threads);
+            if allow_without_lss || file.allow_without_lss.unwrap_or(false) {
+                tracing::warn!(
+                    "allow_without_lss: this device signs for a broker without LSS even if its state was backed up"
+                );
+                signer.set_allow_without_lss(true);
+            }
             if let Some(owner) = seed::read_owner(&data_dir)? {
                 tracing::info!(%owner, "control messages must be signed by the owner key");
                 signer.set_owner_key(owner);
