@@ -552,3 +552,44 @@ async fn a_device_backed_up_to_lss_refuses_a_broker_that_does_not_sync_it() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_stays_with_its_lss_server_unless_the_operator_moves_it() {
+    let Setup { server, lss, init, steps, want } = setup("pin").await;
+    let dir = temp_dir("lss-pin");
+    let mut a = device(&dir);
+    let mut s = dance(&lss, &mut a, &init).await.expect("dance");
+    run(&mut a, &mut s, &steps[..70], &want[..70]).await;
+
+    // The broker points the device at another server (its own, say): refused at init-1, and the
+    // device stays out of sync (it signs nothing).
+    let other = Lssd::start_temp("pin-other").expect("lssd");
+    let other_lss = LssBackend::new(&other.url(), T).await.expect("lss");
+    let refused = match dance(&other_lss, &mut a, &init).await {
+        Err(DanceError::Signer { step: "init-1", text }) => text,
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("another LSS server was accepted"),
+    };
+    assert!(
+        refused.contains("but this device is backed up to") && refused.contains("--lss-server-pubkey"),
+        "{refused}"
+    );
+    // Back with its own server, it goes on.
+    let mut s = dance(&lss, &mut a, &init).await.expect("dance with its own server");
+    run(&mut a, &mut s, &steps[70..90], &want[70..90]).await;
+
+    // The operator moves it: the new server gets the device's state, and is pinned from then on.
+    let other_key = LssClient::info(&other.url(), T).await.expect("info").pubkey;
+    a.signer.set_lss_server(Some(other_key));
+    let d = init_dance(&other_lss, &mut a, Some(init.encode())).await.expect("dance with the new server");
+    let mut s = d.session;
+    assert_agree(&other.url(), &mut a, &d.identity).await;
+    run(&mut a, &mut s, &steps[90..100], &want[90..100]).await;
+    a.signer.set_lss_server(None);
+    assert!(
+        matches!(dance(&lss, &mut a, &init).await, Err(DanceError::Signer { step: "init-1", .. })),
+        "the old server is refused once the device moved ({})",
+        server.url()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

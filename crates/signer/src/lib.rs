@@ -68,6 +68,9 @@ pub const INIT_KEY: &str = "sphinx/init";
 /// KVV key of the last LSS-backed transaction's before-images, written in that transaction
 /// (docs/signer.md "Stage and commit"): it lets init-2 roll that one transaction forward or back.
 pub const UNACKED_KEY: &str = "sphinx/lss-unacked";
+/// KVV key of the LSS server key this device's state is backed up to (pinned at its first
+/// init dance, docs/signer.md "One LSS server").
+pub const LSS_SERVER_KEY: &str = "sphinx/lss-server";
 
 /// `hsmd_client_hsmfd`: answered by the broker, never by the signer.
 const CLIENT_HSMFD: u16 = 9;
@@ -268,6 +271,8 @@ pub struct Signer {
     /// Sign without LSS although this device's state was backed up to LSS
     /// ([`Signer::set_allow_without_lss`]).
     allow_without_lss: bool,
+    /// The LSS server key the operator configured ([`Signer::set_lss_server`]).
+    lss_server: Option<[u8; 33]>,
 }
 
 struct FixedStartingTime(u64);
@@ -353,6 +358,7 @@ impl Signer {
             lss: None,
             sign_threads: 1,
             allow_without_lss: false,
+            lss_server: None,
         };
         s.core = Some(s.build_core()?);
         info!(node_id = %s.node_id, initialized = s.is_initialized(), "signer opened");
@@ -606,6 +612,14 @@ impl Signer {
     /// up, always backed up").
     pub fn set_allow_without_lss(&mut self, allow: bool) {
         self.allow_without_lss = allow;
+    }
+
+    /// The LSS server (its compressed public key) this device is backed up to: the broker's
+    /// init-1 must offer exactly this one, and it replaces the key pinned at the first dance
+    /// (the operator's way to move the device to another server). `None`: the pinned key, or
+    /// at the first dance whatever the broker offers.
+    pub fn set_lss_server(&mut self, key: Option<[u8; 33]>) {
+        self.lss_server = key;
     }
 
     /// Signs a batch's requests of different channels on up to `n` threads (1, the default: one

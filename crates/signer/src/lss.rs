@@ -148,6 +148,8 @@ pub(crate) struct LssState {
     /// LSS acknowledged the transaction the device's [`crate::UNACKED_KEY`] describes (known
     /// only in this process: after a restart it may or may not have been).
     last_acked: bool,
+    /// The server key init-1 offered (pinned by a successful init-2).
+    server: [u8; 33],
 }
 
 impl LssState {
@@ -450,6 +452,7 @@ impl Signer {
         };
         let server = PublicKey::from_slice(&init.server_pubkey)
             .map_err(|e| lss_err(format!("init-1: server key is not a public key: {e}")))?;
+        self.check_server(&init.server_pubkey)?;
         self.drop_pending();
         let last_acked = self.lss.as_ref().is_some_and(|l| l.last_acked);
         let core = self.core()?;
@@ -470,19 +473,62 @@ impl Signer {
             pending: None,
             built: Vec::new(),
             last_acked,
+            server: init.server_pubkey,
         });
         info!(client_id = %hex::encode(client_id), "LSS: identified to the broker's LSS");
         let r = InitResponse { client_id, auth_token: lss::auth_token(&secret), nonce: Some(nonce) };
         Ok(Response::Init(r).encode())
     }
 
+    /// Refuses an LSS server other than the one this device is backed up to (or configured for):
+    /// a broker could otherwise point the device at a server of its own, stop the real backups,
+    /// and later restore a standby from the real one, which would sign on older state.
+    fn check_server(&mut self, offered: &[u8; 33]) -> Result<(), Error> {
+        if let Some(want) = self.lss_server {
+            if want != *offered {
+                return Err(lss_err(format!(
+                    "the broker offers LSS server {}, but this device is configured for {}: refusing",
+                    hex::encode(offered),
+                    hex::encode(want)
+                )));
+            }
+            return Ok(());
+        }
+        let pinned =
+            self.core()?.persister.inner().get(crate::LSS_SERVER_KEY).map_err(|e| store_err("reading state", e))?;
+        match pinned {
+            Some((_, p)) if !p.is_empty() && p != offered.as_slice() => Err(lss_err(format!(
+                "the broker offers LSS server {}, but this device is backed up to {}: refusing (if the server \
+                 really changed, run the device with --lss-server-pubkey {})",
+                hex::encode(offered),
+                hex::encode(&p),
+                hex::encode(offered)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Pins the server of a completed init-2 (if not pinned to it already).
+    fn pin_server(&mut self, server: [u8; 33]) -> Result<(), Error> {
+        let store = self.backend_store()?;
+        let pinned = store.get(crate::LSS_SERVER_KEY).map_err(|e| store_err("reading state", e))?;
+        if pinned.as_ref().is_some_and(|(_, p)| p.as_slice() == server.as_slice()) {
+            return Ok(());
+        }
+        let version = pinned.map_or(0, |(v, _)| v + 1);
+        let kvv = vec![KVV(crate::LSS_SERVER_KEY.to_string(), (version, server.to_vec()))];
+        store.put_batch(kvv).map_err(|e| store_err("pinning the LSS server", e))?;
+        info!(server = %hex::encode(server), "LSS: this device is backed up to this server");
+        Ok(())
+    }
+
     /// init-2: `lss::Msg::Created` (LSS's state with its HMAC over init-1's nonce) → the
     /// `init-2-res` payload with the mutations LSS must store (module docs). A state that fails
     /// its HMAC, is behind the device's or forks from it is refused and changes nothing.
     pub fn lss_restore(&mut self, init_2_msg: &[u8]) -> Result<Vec<u8>, Error> {
-        let (secret, value_key, nonce) = match self.lss.as_mut() {
+        let (secret, value_key, nonce, server) = match self.lss.as_mut() {
             Some(l) if l.phase == LssPhase::Identified => match l.nonce.take() {
-                Some(n) => (l.secret, l.value_key, n),
+                Some(n) => (l.secret, l.value_key, n, l.server),
                 None => return Err(lss_err("init-2 repeated: its nonce was used")),
             },
             _ => return Err(lss_err("init-2 before init-1")),
@@ -555,6 +601,7 @@ impl Signer {
             }
         }
 
+        self.pin_server(server)?;
         // Reload the node from what is now on disk; a new node's creation goes to LSS too.
         self.core = None;
         self.reopen_store();

@@ -32,8 +32,8 @@ pub const WRITER_KEY: &str = "_WRITER";
 
 /// Keys that are never sent to LSS: the stored `hsmd_init` is a cache of what lightningd sends
 /// on every start (the broker replays it in init-3), not state; the unacknowledged-transaction
-/// record describes the device's state relative to LSS's.
-pub const LOCAL_ONLY_KEYS: &[&str] = &[crate::INIT_KEY, crate::UNACKED_KEY];
+/// record and the pinned LSS server key describe the device's relation to LSS.
+pub const LOCAL_ONLY_KEYS: &[&str] = &[crate::INIT_KEY, crate::UNACKED_KEY, crate::LSS_SERVER_KEY];
 
 /// Is `key` part of the state kept in LSS?
 pub(crate) fn synced(key: &str) -> bool {

@@ -146,6 +146,12 @@ enum Cmd {
         /// `allow_without_lss`.
         #[arg(long, env = "SPHINX_KEY_ALLOW_WITHOUT_LSS")]
         allow_without_lss: bool,
+        /// The LSS server (compressed public key, hex) this device is backed up to: the broker
+        /// must offer exactly this one. Default: the server of the device's first init dance,
+        /// pinned then. Set it to move the device to another server. File key
+        /// `lss_server_pubkey`.
+        #[arg(long, value_name = "HEX", env = "SPHINX_KEY_LSS_SERVER_PUBKEY")]
+        lss_server_pubkey: Option<String>,
         /// Serve Prometheus metrics (/metrics) and a status page (/) on ADDR, e.g.
         /// 127.0.0.1:9091 (default: off).
         #[arg(long, value_name = "ADDR", env = "SPHINX_KEY_METRICS_LISTEN")]
@@ -187,6 +193,8 @@ struct FileConfig {
     allow_plaintext: Option<bool>,
     /// Sign without LSS although the state was backed up (`--allow-without-lss`).
     allow_without_lss: Option<bool>,
+    /// The LSS server key the device is backed up to (`--lss-server-pubkey`).
+    lss_server_pubkey: Option<String>,
     /// Initial owner limits (used until the owner sends an UpdatePolicy).
     msat_per_interval: Option<u64>,
     interval: Option<sphinx_wire::control::Interval>,
@@ -406,6 +414,7 @@ fn real_main(cli: Cli) -> Result<()> {
             tls_fingerprint,
             allow_plaintext,
             allow_without_lss,
+            lss_server_pubkey,
             metrics_listen,
             metrics_allow_non_loopback,
             client_id,
@@ -474,6 +483,9 @@ fn real_main(cli: Cli) -> Result<()> {
                     "allow_without_lss: this device signs for a broker without LSS even if its state was backed up"
                 );
                 signer.set_allow_without_lss(true);
+            }
+            if let Some(hex_key) = lss_server_pubkey.or(file.lss_server_pubkey.clone()) {
+                signer.set_lss_server(Some(seed::parse_pubkey(&hex_key).context("lss_server_pubkey")?.serialize()));
             }
             if let Some(owner) = seed::read_owner(&data_dir)? {
                 tracing::info!(%owner, "control messages must be signed by the owner key");
