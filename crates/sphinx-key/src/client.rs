@@ -44,6 +44,8 @@ pub struct RunConfig {
     /// (`{client_id}/vls`, …). Distinct per device, so that several devices with one seed can
     /// be connected at once (docs/signer.md "Several signers").
     pub client_id: String,
+    /// The status page and metrics (LSS phase after each message).
+    pub observer: Option<Arc<crate::observe::Observer>>,
 }
 
 /// How long to wait for the broker to acknowledge a reset's response before acting on it.
@@ -361,6 +363,9 @@ async fn serve(
                 }
                 // The `lss-res` just queued goes out on the next poll, while this commits.
                 *commit = signer.take_staged_commit().map(start_commit);
+                if let Some(o) = &rc.observer {
+                    o.set_lss(signer.lss_phase());
+                }
                 debug!(messages = msgs.len(), elapsed_us = t.elapsed().as_micros() as u64, "broker messages handled");
                 ind.set(if failed { Status::Error } else { Status::Connected });
             }

@@ -520,6 +520,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 data_dir: data_dir.clone(),
                 batch_max: usize::from(batch_max),
                 client_id,
+                observer: Some(obs.clone()),
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(client::run(signer, ind, rc))

@@ -97,6 +97,8 @@ pub struct Snapshot {
     pub reconnects: u64,
     /// The last warning or error logged.
     pub last_error: Option<LastError>,
+    /// LSS backup: `off` (no broker dance yet), `syncing`, `synced` or `stale`.
+    pub lss: &'static str,
     #[serde(skip)]
     failure_series: usize,
 }
@@ -113,7 +115,14 @@ pub struct Observer {
     state: Family<StateLabels, Gauge>,
     login_refusals: Counter,
     info: Family<InfoLabels, Gauge>,
+    lss_synced: Gauge,
     snapshot: Mutex<Snapshot>,
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer").finish_non_exhaustive()
+    }
 }
 
 impl Observer {
@@ -155,6 +164,12 @@ impl Observer {
             "Logins the broker refused (token, clock or node id)",
             login_refusals.clone(),
         );
+        let lss_synced = Gauge::default();
+        registry.register(
+            "lss_synced",
+            "1 while the device's state is in sync with LSS (every reply backed up first)",
+            lss_synced.clone(),
+        );
         let info = Family::<InfoLabels, Gauge>::default();
         registry.register("device", "The node id and version of this device (value 1)", info.clone());
         for outcome in ["ok", "failed", "unsent"] {
@@ -171,6 +186,7 @@ impl Observer {
             state,
             login_refusals,
             info,
+            lss_synced,
             snapshot: Mutex::new(Snapshot {
                 node_id: None,
                 network: network.to_string(),
@@ -186,6 +202,7 @@ impl Observer {
                 sessions: 0,
                 reconnects: 0,
                 last_error: None,
+                lss: "off",
                 failure_series: 0,
             }),
         })
@@ -201,6 +218,19 @@ impl Observer {
             .get_or_create(&InfoLabels { node_id: node_id.to_string(), version: env!("CARGO_PKG_VERSION") })
             .set(1);
         self.snap().node_id = Some(node_id.to_string());
+    }
+
+    /// Records where the signer is with LSS (`None`: the broker never started the dance).
+    pub fn set_lss(&self, phase: Option<sphinx_signer::LssPhase>) {
+        use sphinx_signer::LssPhase;
+        let name = match phase {
+            None => "off",
+            Some(LssPhase::Identified) => "syncing",
+            Some(LssPhase::Synced) => "synced",
+            Some(LssPhase::Stale) => "stale",
+        };
+        self.lss_synced.set((phase == Some(LssPhase::Synced)) as i64);
+        self.snap().lss = name;
     }
 
     /// The status page's data.

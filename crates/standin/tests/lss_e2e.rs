@@ -34,18 +34,19 @@ use sphinx_standin::trace::Trace;
 const API_TOKEN: &str = "lss-e2e-api-token-0123456789";
 
 /// The broker's `GET /v1/signers` body (plain HTTP/1.1 on loopback, no client crate).
-fn signers_json(api: &str) -> String {
+/// `GET path` on `addr` (HTTP/1.1, the whole response as text).
+fn http_get(addr: &str, path: &str, headers: &str) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(api).unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET /v1/signers HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {API_TOKEN}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+fn signers_json(api: &str) -> String {
+    http_get(api, "/v1/signers", &format!("Authorization: Bearer {API_TOKEN}\r\n"))
 }
 
 fn options(d: &TempDir, listen: &str, lss_url: &str, api: &str) -> ReplayOptions {
@@ -97,9 +98,16 @@ fn fresh_device_restored_from_lss_alone_continues_the_session() {
     let api = format!("127.0.0.1:{}", free_port().unwrap());
     let opts = options(&d, &listen, &lssd.url(), &api);
     let mut api_seen = Vec::new();
+    let mut device_seen = Vec::new();
+    let metrics = format!("127.0.0.1:{}", free_port().unwrap());
     let mut on_step = |s: &replay::Step| {
         if s.index == 10 || s.index == half + 10 {
             api_seen.push(signers_json(&api));
+        }
+        if s.index == half + 10 {
+            // The device's own view: its status page and metrics say it is backed up.
+            device_seen.push(http_get(&metrics, "/status.json", ""));
+            device_seen.push(http_get(&metrics, "/metrics", ""));
         }
         if s.index + 1 == half {
             // A dies for good; B has never seen this node: it can only be rebuilt from LSS.
@@ -108,7 +116,15 @@ fn fresh_device_restored_from_lss_alone_continues_the_session() {
             }
             init_signer(&key, &d.join("signer-b"), seed).unwrap();
             current = Some(
-                SignerProcess::start(&key, &d.join("signer-b"), &listen, clock, &d.join("signer-b.log"), &[]).unwrap(),
+                SignerProcess::start(
+                    &key,
+                    &d.join("signer-b"),
+                    &listen,
+                    clock,
+                    &d.join("signer-b.log"),
+                    &[("SPHINX_KEY_METRICS_LISTEN", &metrics)],
+                )
+                .unwrap(),
             );
         }
     };
@@ -119,6 +135,13 @@ fn fresh_device_restored_from_lss_alone_continues_the_session() {
         assert!(body.contains(r#""lss":"synced""#) && body.contains(r#""lss_error":null"#), "/v1/signers: {body}");
     }
     assert_eq!(api_seen.len(), 2);
+    match device_seen.as_slice() {
+        [status, metrics] => {
+            assert!(status.contains(r#""lss":"synced""#), "/status.json: {status}");
+            assert!(metrics.contains("sphinx_key_lss_synced 1"), "/metrics: {metrics}");
+        }
+        other => panic!("the device's pages were not read: {other:?}"),
+    }
 
     let b_log = log_text(&d.join("signer-b.log"));
     assert!(b_log.contains("state restored from LSS"), "B was not restored from LSS\n{}", logs(&d));

@@ -23,6 +23,7 @@ function show(s) {
   text("requests_unsent", s.requests_unsent);
   text("last_request", s.last_request_ms == null ? "none yet" : s.last_request_ms.toFixed(2) + " ms");
   text("reconnects", s.reconnects);
+  text("lss", s.lss);
   text("started", when(s.started));
   text("last_error", s.last_error ? when(s.last_error.at) + "  " + s.last_error.text : "none");
   text("version", s.version);
