@@ -17,8 +17,11 @@
 //!   A conflict ([`Signer::lss_conflict`]) leaves the signer stale: it signs nothing until the
 //!   next init dance.
 //!
-//! Staging keeps one transaction open; [`Outcome`] and [`Released`] are shaped so that several
-//! staged requests can later share one `Put` and one commit (group commit).
+//! - Requests handed over together share one transaction, one `lss-res` and one `Put`
+//!   ([`LSS_GROUP_MAX`], `Signer::stage_group`); [`Released`] lists their outputs in order.
+//! - The device stays with LSS: once its state is backed up it signs nothing for a broker that
+//!   does not sync it, and only with the LSS server it was first synced with
+//!   ([`crate::LSS_SERVER_KEY`]), unless the operator says otherwise on the device.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
