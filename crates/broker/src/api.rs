@@ -712,13 +712,16 @@ struct SignersJson {
     signers: Vec<SignerJson>,
     pinned: Option<String>,
     relay: RelayJson,
+    /// The LSS server's key (hex) once a signer was synced with it; `null` without LSS.
+    lss_server: Option<String>,
 }
 
 fn signers(shared: &Shared) -> Response<ApiBody> {
     let pinned = shared.state.pin.get();
     let list = signer_list(&shared.state.hub, pinned.as_deref());
     let relay = RelayJson { queued: shared.state.relay.queued(), failovers: shared.state.metrics.failovers() };
-    json(StatusCode::OK, &SignersJson { signers: list, pinned, relay })
+    let lss_server = shared.state.hub.lss_server();
+    json(StatusCode::OK, &SignersJson { signers: list, pinned, relay, lss_server })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -172,6 +172,8 @@ struct HubState {
     next_waiter: u64,
     /// Per signer: the turn of its one control call at a time, and what earlier calls left.
     slots: HashMap<String, Arc<tokio::sync::Mutex<ControlSlot>>>,
+    /// The LSS server's key (hex), once a dance reached it.
+    lss_server: Option<String>,
 }
 
 /// What a signer's control calls leave for the next one.
@@ -243,6 +245,17 @@ impl SignerHub {
     /// A new subscriber to signer events (from now on).
     pub fn subscribe(&self) -> broadcast::Receiver<SignerEvent> {
         self.events.subscribe()
+    }
+
+    /// Records the LSS server's key (hex) the signers are synced with: the key an operator
+    /// gives a device (`sphinx-key run --lss-server-pubkey`) to check its first dance.
+    pub fn set_lss_server(&self, key_hex: String) {
+        self.lock().lss_server = Some(key_hex);
+    }
+
+    /// The LSS server's key (hex), once a dance reached it.
+    pub fn lss_server(&self) -> Option<String> {
+        self.lock().lss_server.clone()
     }
 
     /// Every remembered signer, by identity.

@@ -345,6 +345,7 @@ impl LssRelay {
                     Ok(b) => {
                         let (d, backend) = *b;
                         info!(signer = %id, client_id = %hex::encode(d.identity.client_id), restored_keys = d.restored_keys, "LSS: signer in sync");
+                        self.hub.set_lss_server(hex::encode(backend.server().pubkey));
                         self.backend = Some(backend);
                         self.hub.set_lss(&id, LssStatus::Synced);
                         if let Some(m) = self.members.get_mut(&id) {

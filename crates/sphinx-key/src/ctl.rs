@@ -212,6 +212,9 @@ fn signers_table(v: &serde_json::Value) -> String {
     if rows.len() == 1 {
         out.push_str("(no signer has connected)\n");
     }
+    if let Some(k) = v["lss_server"].as_str() {
+        out.push_str(&format!("LSS server: {k} (for a new device: sphinx-key run --lss-server-pubkey {k})\n"));
+    }
     out
 }
 
@@ -310,5 +313,7 @@ mod tests {
             "{t}"
         );
         assert!(signers_table(&serde_json::json!({"signers": []})).contains("no signer"));
+        let with_lss = signers_table(&serde_json::json!({"signers": [], "lss_server": "02ab"}));
+        assert!(with_lss.contains("LSS server: 02ab") && with_lss.contains("--lss-server-pubkey 02ab"), "{with_lss}");
     }
 }

@@ -131,8 +131,17 @@ fn fresh_device_restored_from_lss_alone_continues_the_session() {
     let report = replay::replay(&tr, &opts, &mut on_step).unwrap_or_else(|e| panic!("{e}\n{}", logs(&d)));
     drop(current);
     assert_like_oracle(&tr, seed, clock, &report, &d);
+    // The broker's log names the server's key (`LSS server … server=<hex>`); the API shows it.
+    let broker_log = log_text(&d.join("broker.log"));
+    let server_key: String = broker_log
+        .split("server=")
+        .nth(1)
+        .map(|rest| rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect())
+        .unwrap_or_default();
+    assert_eq!(server_key.len(), 66, "the server key in the broker's log\n{}", logs(&d));
     for body in &api_seen {
         assert!(body.contains(r#""lss":"synced""#) && body.contains(r#""lss_error":null"#), "/v1/signers: {body}");
+        assert!(body.contains(&format!(r#""lss_server":"{server_key}""#)), "/v1/signers: {body}");
     }
     assert_eq!(api_seen.len(), 2);
     match device_seen.as_slice() {
@@ -145,7 +154,6 @@ fn fresh_device_restored_from_lss_alone_continues_the_session() {
 
     let b_log = log_text(&d.join("signer-b.log"));
     assert!(b_log.contains("state restored from LSS"), "B was not restored from LSS\n{}", logs(&d));
-    let broker_log = log_text(&d.join("broker.log"));
     assert_eq!(broker_log.matches("LSS: signer in sync").count(), 2, "one dance per device\n{}", logs(&d));
 }
 
