@@ -1273,6 +1273,28 @@ fn create_redb_whole(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_dir_all(&scratch)
 }
 
+/// Replaces the state database under `dir` by one holding exactly `kvvs`, atomically: built in
+/// a scratch directory (written, fsynced), renamed over `dir/redb`, directory fsynced. A crash
+/// before the rename leaves the old database (and a scratch directory [`create_redb_whole`]
+/// removes), after it the new one. The caller holds no handle on the old one.
+fn replace_redb(dir: &Path, kvvs: Vec<vls_persist::kvv::KVV>) -> Result<(), Error> {
+    use vls_persist::kvv::KVVStore;
+    let err = |reason: String| Error::StateDir { path: dir.to_path_buf(), reason };
+    let scratch = dir.join(format!("{CREATING_PREFIX}{}", std::process::id()));
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch).map_err(|e| err(format!("removing {}: {e}", scratch.display())))?;
+    }
+    std::fs::create_dir(&scratch).map_err(|e| err(format!("creating {}: {e}", scratch.display())))?;
+    let new = catch_unwind(|| AnyStore::open_redb(&scratch)).map_err(|p| err(panic_text(p)))?;
+    new.put_batch(kvvs).map_err(|e| err(format!("writing the new state: {e:?}")))?;
+    drop(new);
+    let io = |e: std::io::Error| err(format!("moving the new state into place: {e}"));
+    std::fs::File::open(scratch.join(REDB_FILE)).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(scratch.join(REDB_FILE), dir.join(REDB_FILE)).map_err(io)?;
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::remove_dir_all(&scratch).map_err(io)
+}
+
 /// Opens a transaction unless one is open (a batch's), and returns a copy of it: the point a
 /// failed request's writes are taken back to.
 fn undo_point(p: &Persister) -> Result<Option<store::Log>, Error> {
@@ -1342,5 +1364,35 @@ mod send_check {
     fn signer_is_send() {
         fn assert_send<T: Send>() {}
         assert_send::<super::Signer>();
+    }
+}
+
+#[cfg(test)]
+mod replace_check {
+    use vls_persist::kvv::{KVVStore, KVV};
+
+    #[test]
+    fn the_state_database_is_replaced_whole_and_a_crashed_replacement_leaves_the_old_one() {
+        let dir = std::env::temp_dir().join(format!("sphinx-replace-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = super::open_redb(&dir).unwrap();
+        old.put_batch(vec![KVV("a".into(), (7, b"old".to_vec()))]).unwrap();
+        drop(old);
+        // A replacement that died before its rename: its scratch directory, the old state intact.
+        let scratch = dir.join(format!("{}dead", super::CREATING_PREFIX));
+        std::fs::create_dir(&scratch).unwrap();
+        std::fs::write(scratch.join(super::REDB_FILE), b"half-written").unwrap();
+        let reopened = super::open_redb(&dir).unwrap();
+        assert_eq!(reopened.get("a").unwrap(), Some((7, b"old".to_vec())));
+        assert!(!scratch.exists(), "a dead replacement's scratch directory is removed at open");
+        drop(reopened);
+        // A completed one: exactly the new keys, at their versions (lower ones too).
+        super::replace_redb(&dir, vec![KVV("b".into(), (3, b"new".to_vec()))]).unwrap();
+        let new = super::open_redb(&dir).unwrap();
+        assert_eq!(new.get("a").unwrap(), None);
+        assert_eq!(new.get("b").unwrap(), Some((3, b"new".to_vec())));
+        drop(new);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

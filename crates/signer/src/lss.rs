@@ -570,11 +570,12 @@ impl Signer {
         match plan_with(&remote, &local, &unacked)? {
             Plan::Adopt { entries, wipe } => {
                 if wipe {
-                    self.wipe_local()?;
+                    self.replace_local(kvvs(&entries))?;
+                } else {
+                    // The store itself, not a node built on it.
+                    let store = self.backend_store()?;
+                    store.put_batch(kvvs(&entries)).map_err(|e| store_err("writing LSS state", e))?;
                 }
-                // The store itself, not a node built on it (that would create one on a wiped store).
-                let store = self.backend_store()?;
-                store.put_batch(kvvs(&entries)).map_err(|e| store_err("writing LSS state", e))?;
                 info!(keys = entries.len(), wiped = wipe, "LSS: state restored from LSS");
             }
             Plan::Upload => {
@@ -629,34 +630,34 @@ impl Signer {
         }
     }
 
-    /// Replaces the local state by an empty one (keeping the local-only keys but the record of
-    /// the last transaction): before LSS's state is written on a never-used device, or on one
-    /// whose last transaction LSS went on without.
-    fn wipe_local(&mut self) -> Result<(), Error> {
+    /// Replaces the local state by `entries` (LSS's), keeping the local-only keys but the record
+    /// of the last transaction (it goes with the state it described): on a never-used device, or
+    /// on one whose last transaction LSS went on without. On disk the new state is built whole
+    /// beside the old and moved over it (`crate::replace_redb`): a crash leaves one or the other.
+    fn replace_local(&mut self, entries: Vec<KVV>) -> Result<(), Error> {
         let store = self.core()?.persister.inner().clone();
-        let keep: Vec<KVV> =
-            // The record of the last transaction goes with the state it described.
-            store
-                .get_prefix("")
-                .map_err(|e| store_err("reading state", e))?
-                .filter(|KVV(k, _)| !synced(k) && k != crate::UNACKED_KEY)
-                .collect();
+        let mut all: Vec<KVV> = store
+            .get_prefix("")
+            .map_err(|e| store_err("reading state", e))?
+            .filter(|KVV(k, _)| !synced(k) && k != crate::UNACKED_KEY)
+            .collect();
+        all.extend(entries);
         drop(store);
         self.core = None;
         match &mut self.backend {
-            Backend::Memory(s) => *s = AnyStore::memory(),
+            Backend::Memory(s) => {
+                *s = AnyStore::memory();
+                s.put_batch(all).map_err(|e| store_err("writing LSS state", e))?;
+            }
             Backend::Redb { dir, store } => {
                 if !store.as_ref().is_some_and(|s| s.is_unique()) {
                     return Err(lss_err("cannot replace the local state: it is still in use"));
                 }
                 *store = None;
-                let file = dir.join("redb");
-                std::fs::remove_file(&file)
-                    .map_err(|e| Error::StateDir { path: file.clone(), reason: e.to_string() })?;
+                crate::replace_redb(dir, all)?;
                 *store = Some(crate::open_redb(dir)?);
             }
         }
-        self.backend_store()?.put_batch(keep).map_err(|e| store_err("keeping local keys", e))?;
         Ok(())
     }
 
