@@ -71,6 +71,9 @@ pub enum LssPhase {
     /// A conflict or a failed acknowledgement: the local state may be stale. Signs nothing until
     /// the next init dance.
     Stale,
+    /// A new broker session ([`Signer::new_session`]) that has not run the init dance: what was
+    /// in sync was so with the previous broker. Signs nothing until this one syncs it.
+    Unsynced,
 }
 
 struct Pending {
@@ -132,6 +135,10 @@ fn decode_unacked(raw: &[u8]) -> Result<Vec<UnackedKey>, Error> {
 /// Broker messages (`vls`, `control`) that arrive while a request waits for LSS are queued and
 /// handled after its acknowledgement, in order; beyond this many they are refused.
 pub const MAX_QUEUED: usize = 1000;
+
+/// Why a device backed up to LSS refuses a broker session that did not sync it.
+const NOT_SYNCED_BY_BROKER: &str = "this device's state is backed up to LSS, and the broker has not synced it: a \
+     broker without [lss] cannot use it (run the device with --allow-without-lss to sign without backup)";
 
 /// Most requests staged together in one transaction, one `lss-res` and one `Put` (LSS group
 /// commit, [`Signer::on_messages`]).
@@ -330,6 +337,27 @@ impl Signer {
         self.core.as_ref().is_some_and(|c| matches!(c.persister.get(WRITER_KEY), Ok(Some(_))))
     }
 
+    /// A new broker session began (the front end's MQTT connection): a request waiting for LSS
+    /// is dropped (its reply was never released; the broker re-sends what is unanswered), and a
+    /// device that was in sync with the last broker signs nothing until this one runs the init
+    /// dance. A broker without LSS never does: the device then refuses as one backed up
+    /// (unless `--allow-without-lss`, which then lets it sign without backup).
+    pub fn new_session(&mut self) {
+        if self.lss.is_none() {
+            return;
+        }
+        self.drop_pending();
+        if self.allow_without_lss {
+            // The operator's choice: LSS off until a broker starts the dance again.
+            if let Some(c) = self.core.as_ref() {
+                c.persister.set_lss(false);
+            }
+            self.lss = None;
+        } else if let Some(l) = self.lss.as_mut() {
+            l.phase = LssPhase::Unsynced;
+        }
+    }
+
     /// Refuses to sign when LSS is on but not in sync, or a request is still waiting; and when it
     /// is off for a device whose state LSS holds, unless the operator allowed it.
     pub(crate) fn lss_ready(&self) -> Result<(), Error> {
@@ -338,17 +366,16 @@ impl Signer {
             // LSS holds (the writer key) would otherwise let it sign state that no other signer
             // of this node can be restored to, and a standby later restored from LSS would sign
             // on the older state.
-            None if !self.allow_without_lss && self.backed_up() => Err(Error::LssNotSynced(
-                "this device's state is backed up to LSS, and the broker has not synced it: a broker without \
-                 [lss] cannot use it (run the device with --allow-without-lss to sign without backup)"
-                    .into(),
-            )),
+            None if !self.allow_without_lss && self.backed_up() => {
+                Err(Error::LssNotSynced(NOT_SYNCED_BY_BROKER.into()))
+            }
             None => Ok(()),
             Some(l) => match (&l.pending, l.phase) {
                 (Some(p), _) => Err(Error::LssBusy(p.seq)),
                 (None, LssPhase::Synced) => Ok(()),
                 (None, LssPhase::Identified) => Err(Error::LssNotSynced("waiting for LSS's state (init-2)".into())),
                 (None, LssPhase::Stale) => Err(Error::LssNotSynced("stale after an LSS conflict".into())),
+                (None, LssPhase::Unsynced) => Err(Error::LssNotSynced(NOT_SYNCED_BY_BROKER.into())),
             },
         }
     }

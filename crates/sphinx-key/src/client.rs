@@ -272,6 +272,11 @@ async fn serve(
         match ev {
             Event::Incoming(Packet::ConnAck(_)) => {
                 info!("connected to broker; subscribing");
+                // A new broker session: it must sync the device with LSS again before it signs.
+                signer.new_session();
+                if let Some(o) = &rc.observer {
+                    o.set_lss(signer.lss_phase());
+                }
                 *backoff = rc.backoff_min;
                 let subs = SUBSCRIBED.map(|s| rumqttc::SubscribeFilter::new(topics::topic(id, s), QoS::AtLeastOnce));
                 if let Err(e) = client.try_subscribe_many(subs) {

@@ -97,7 +97,8 @@ pub struct Snapshot {
     pub reconnects: u64,
     /// The last warning or error logged.
     pub last_error: Option<LastError>,
-    /// LSS backup: `off` (no broker dance yet), `syncing`, `synced` or `stale`.
+    /// LSS backup: `off` (no broker dance yet), `unsynced` (a new broker session has not synced
+    /// it), `syncing`, `synced` or `stale`.
     pub lss: &'static str,
     #[serde(skip)]
     failure_series: usize,
@@ -228,6 +229,7 @@ impl Observer {
             Some(LssPhase::Identified) => "syncing",
             Some(LssPhase::Synced) => "synced",
             Some(LssPhase::Stale) => "stale",
+            Some(LssPhase::Unsynced) => "unsynced",
         };
         self.lss_synced.set((phase == Some(LssPhase::Synced)) as i64);
         self.snap().lss = name;

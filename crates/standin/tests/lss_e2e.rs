@@ -12,6 +12,9 @@
 //!   signer says hello: the broker logs a clear error, the signer is not ready (lightningd's
 //!   `hsmd_init` is not answered), and once lssd is up the dance is retried and the session
 //!   completes, again byte-identical.
+//! - `a_backed_up_device_signs_nothing_for_a_broker_without_lss`: the same running device, first
+//!   behind a broker with LSS, then behind one without: `hsmd_init` is answered, every other
+//!   request refused with the reason (docs/signer.md "Once backed up, always backed up").
 //!
 //! Needs the binaries next to this test's directory (`target/release/{sphinx-broker,sphinx-key,lssd}`):
 //! `cargo build --release -p sphinx-broker -p sphinx-key -p sphinx-lssd` first.
@@ -201,4 +204,52 @@ fn lss_down_at_start_keeps_the_signer_not_ready_until_it_is_up() {
     let lss_up = started.lock().unwrap().as_ref().map(|(t, _)| *t).unwrap();
     assert!(first_reply.unwrap() > lss_up, "lightningd's init was answered while LSS was down\n{}", logs(&d));
     assert_like_oracle(&tr, seed, clock, &report, &d);
+}
+
+/// A device once backed up to LSS, then behind a broker without `[lss]` (the same device, a new
+/// broker that never runs the init dance): lightningd's `hsmd_init` is answered, every signing
+/// request is refused with the reason, and nothing changes on the device.
+#[test]
+fn a_backed_up_device_signs_nothing_for_a_broker_without_lss() {
+    let (tr, seed, clock) = recorded_session("open-pay-close", "alice");
+    let d = TempDir::new("lss-e2e-required").unwrap();
+    let lssd = Lssd::start_temp("e2e-required").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let key = bin("sphinx-key").unwrap();
+    init_signer(&key, &d.join("signer-a"), seed).unwrap();
+    let _a = SignerProcess::start(&key, &d.join("signer-a"), &listen, clock, &d.join("signer-a.log"), &[]).unwrap();
+
+    // Backed up: the first requests through a broker with LSS.
+    let api = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut s = replay::Session::start(&tr, options(&d, &listen, &lssd.url(), &api)).unwrap();
+    s.set_wait_listen(&listen).unwrap();
+    s.run_until(|ex| ex.index >= 20);
+    let first = s.close();
+    assert!(first.errors().next().is_none(), "with LSS: {:?}\n{}", first.errors().next(), logs(&d));
+
+    // The same device, a broker without [lss] (its own data dir and log).
+    let mut opts = ReplayOptions::new(bin("sphinx-broker").unwrap());
+    opts.envs = broker_envs(&d.join("broker-no-lss"), &listen);
+    opts.spawn = SpawnOptions {
+        call_timeout: Duration::from_secs(30),
+        init_timeout: Duration::from_secs(60),
+        output: BrokerOutput::File(d.join("broker-no-lss.log")),
+        ..SpawnOptions::default()
+    };
+    let mut s = replay::Session::start(&tr, opts).unwrap();
+    s.set_wait_listen(&listen).unwrap();
+    s.run_until(|ex| ex.index >= 10);
+    let second = s.close();
+    let init = second.steps.iter().find(|st| st.msg_type == sphinx_wire::hsmd::HSMD_INIT);
+    assert!(init.is_some_and(|st| st.reply.is_ok()), "hsmd_init is answered: {init:?}\n{}", logs(&d));
+    let signed: Vec<u16> = second
+        .steps
+        .iter()
+        .filter(|st| st.msg_type != sphinx_wire::hsmd::HSMD_INIT && st.reply.is_ok())
+        .map(|st| st.msg_type)
+        .collect();
+    assert!(signed.is_empty(), "nothing signed without LSS: {signed:?}\n{}", logs(&d));
+    assert!(second.errors().next().is_some(), "the requests failed\n{}", logs(&d));
+    let device = log_text(&d.join("signer-a.log"));
+    assert!(device.contains("backed up to LSS, and the broker has not synced it"), "the reason\n{}", logs(&d));
 }
