@@ -53,17 +53,23 @@ fn signers_json(api: &str) -> String {
 }
 
 fn options(d: &TempDir, listen: &str, lss_url: &str, api: &str) -> ReplayOptions {
-    let mut opts = ReplayOptions::new(bin("sphinx-broker").unwrap());
-    opts.envs = broker_envs(&d.join("broker"), listen);
+    let mut opts = broker_options(d, "broker", listen);
     for (k, v) in
         [("SPHINX_BROKER_LSS_URL", lss_url), ("SPHINX_BROKER_API_LISTEN", api), ("SPHINX_BROKER_API_TOKEN", API_TOKEN)]
     {
         opts.envs.push((OsString::from(k), OsString::from(v)));
     }
+    opts
+}
+
+/// A broker in `d/{name}` (log `d/{name}.log`) for signers on `listen`, without LSS.
+fn broker_options(d: &TempDir, name: &str, listen: &str) -> ReplayOptions {
+    let mut opts = ReplayOptions::new(bin("sphinx-broker").unwrap());
+    opts.envs = broker_envs(&d.join(name), listen);
     opts.spawn = SpawnOptions {
         call_timeout: Duration::from_secs(30),
         init_timeout: Duration::from_secs(60),
-        output: BrokerOutput::File(d.join("broker.log")),
+        output: BrokerOutput::File(d.join(&format!("{name}.log"))),
         ..SpawnOptions::default()
     };
     opts
@@ -228,15 +234,7 @@ fn a_backed_up_device_signs_nothing_for_a_broker_without_lss() {
     assert!(first.errors().next().is_none(), "with LSS: {:?}\n{}", first.errors().next(), logs(&d));
 
     // The same device, a broker without [lss] (its own data dir and log).
-    let mut opts = ReplayOptions::new(bin("sphinx-broker").unwrap());
-    opts.envs = broker_envs(&d.join("broker-no-lss"), &listen);
-    opts.spawn = SpawnOptions {
-        call_timeout: Duration::from_secs(30),
-        init_timeout: Duration::from_secs(60),
-        output: BrokerOutput::File(d.join("broker-no-lss.log")),
-        ..SpawnOptions::default()
-    };
-    let mut s = replay::Session::start(&tr, opts).unwrap();
+    let mut s = replay::Session::start(&tr, broker_options(&d, "broker-no-lss", &listen)).unwrap();
     s.set_wait_listen(&listen).unwrap();
     s.run_until(|ex| ex.index >= 10);
     let second = s.close();
