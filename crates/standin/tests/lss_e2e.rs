@@ -14,7 +14,8 @@
 //!   completes, again byte-identical.
 //! - `a_backed_up_device_signs_nothing_for_a_broker_without_lss`: the same running device, first
 //!   behind a broker with LSS, then behind one without: `hsmd_init` is answered, every other
-//!   request refused with the reason (docs/signer.md "Once backed up, always backed up").
+//!   request refused with the reason (docs/signer.md "Once backed up, always backed up");
+//!   restarted with `SPHINX_KEY_ALLOW_WITHOUT_LSS`, it answers them as the oracle does.
 //!
 //! Needs the binaries next to this test's directory (`target/release/{sphinx-broker,sphinx-key,lssd}`):
 //! `cargo build --release -p sphinx-broker -p sphinx-key -p sphinx-lssd` first.
@@ -223,7 +224,7 @@ fn a_backed_up_device_signs_nothing_for_a_broker_without_lss() {
     let listen = format!("127.0.0.1:{}", free_port().unwrap());
     let key = bin("sphinx-key").unwrap();
     init_signer(&key, &d.join("signer-a"), seed).unwrap();
-    let _a = SignerProcess::start(&key, &d.join("signer-a"), &listen, clock, &d.join("signer-a.log"), &[]).unwrap();
+    let mut a = SignerProcess::start(&key, &d.join("signer-a"), &listen, clock, &d.join("signer-a.log"), &[]).unwrap();
 
     // Backed up: the first requests through a broker with LSS.
     let api = format!("127.0.0.1:{}", free_port().unwrap());
@@ -250,4 +251,31 @@ fn a_backed_up_device_signs_nothing_for_a_broker_without_lss() {
     assert!(second.errors().next().is_some(), "the requests failed\n{}", logs(&d));
     let device = log_text(&d.join("signer-a.log"));
     assert!(device.contains("backed up to LSS, and the broker has not synced it"), "the reason\n{}", logs(&d));
+
+    // The operator's decision on the device: restarted with --allow-without-lss, it signs for
+    // that broker (without backup) the same requests, as the in-process signer answers them.
+    a.kill().unwrap();
+    let _a = SignerProcess::start(
+        &key,
+        &d.join("signer-a"),
+        &listen,
+        clock,
+        &d.join("signer-a.log"),
+        &[("SPHINX_KEY_ALLOW_WITHOUT_LSS", "true")],
+    )
+    .unwrap();
+    let mut s = replay::Session::start(&tr, broker_options(&d, "broker-no-lss-2", &listen)).unwrap();
+    s.set_wait_listen(&listen).unwrap();
+    s.run_until(|ex| ex.index >= 10);
+    let third = s.close();
+    assert!(third.errors().next().is_none(), "allowed without LSS: {:?}\n{}", third.errors().next(), logs(&d));
+    let mut oracle =
+        replay::signer::in_memory(seed, &replay::signer::replay_config(clock, Default::default())).unwrap();
+    let expected = replay::oracle_replay(&tr, &mut oracle, true);
+    // Only the first requests were replayed; each of them as the oracle answered it.
+    let mismatches: Vec<_> = replay::compare_with_oracle(&third.steps, &expected)
+        .into_iter()
+        .filter(|m| m.what != "not replayed end to end")
+        .collect();
+    assert!(mismatches.is_empty() && third.steps.len() >= 10, "{mismatches:?}\n{}", logs(&d));
 }
