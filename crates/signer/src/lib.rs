@@ -249,6 +249,9 @@ struct Core {
     root: Option<RootHandler>,
     /// The owner's limits in force (stored `sphinx/policy`, else the configured ones).
     limits: sphinx_wire::control::Policy,
+    /// The state was backed up to LSS (it holds the writer key): read once per build, since
+    /// only an init-2 (which rebuilds the core) brings the key, and nothing removes it.
+    backed_up: bool,
 }
 
 /// The signing core: one VLS node, its persisted state, and the request rules above.
@@ -469,7 +472,8 @@ impl Signer {
         if node.get_id() != self.node_id {
             return Err(Error::WrongSeed { found: node.get_id().to_string(), expected: self.node_id.to_string() });
         }
-        let mut core = Core { persister, node, approver, root: None, limits };
+        let backed_up = matches!(persister.get(store::WRITER_KEY), Ok(Some(_)));
+        let mut core = Core { persister, node, approver, root: None, limits, backed_up };
 
         // Resume the last negotiated protocol.
         if let Ok(Some((_, raw))) = core.persister.get(INIT_KEY) {
@@ -514,7 +518,7 @@ impl Signer {
     /// Handles one MQTT `vls` payload (a serial request frame) and returns the encoded reply
     /// frame for `vls-res`, or the error to publish on `error`.
     pub fn handle_frame(&mut self, frame: &[u8]) -> Result<Vec<u8>, FrameError> {
-        let seq = if frame.len() >= 4 { u16::from_be_bytes([frame[2], frame[3]]) } else { 0 };
+        let seq = Request::seq_of(frame);
         let req = Request::decode(frame).map_err(|e| FrameError { seq, error: e.into() })?;
         self.handle(&req).map(|r| r.encode()).map_err(|error| FrameError { seq, error })
     }
@@ -968,7 +972,7 @@ impl Signer {
         let mut i = 0;
         while i < msgs.len() {
             let run = msgs[i..].iter().take_while(|(s, _)| *s == t::VLS).count();
-            if self.lss.is_some() && run >= 2 && self.lss_groupable() {
+            if run >= 2 && self.lss_groupable() {
                 let payloads: Vec<&[u8]> = msgs[i..i + run.min(lss::LSS_GROUP_MAX)].iter().map(|(_, p)| *p).collect();
                 let (outs, taken) = self.stage_group(&payloads);
                 out.extend(outs);
@@ -985,7 +989,7 @@ impl Signer {
             let mut reqs = Vec::with_capacity(run);
             let mut slots = Vec::with_capacity(run);
             for (_, payload) in &msgs[i..i + run] {
-                let seq = if payload.len() >= 4 { u16::from_be_bytes([payload[2], payload[3]]) } else { 0 };
+                let seq = Request::seq_of(payload);
                 match Request::decode(payload) {
                     Ok(r) => {
                         slots.push(Ok(reqs.len()));
@@ -1006,10 +1010,7 @@ impl Signer {
                 };
                 out.push(match r {
                     Ok(reply) => Output::Publish { topic: t::VLS_RES, payload: reply.encode() },
-                    Err(e) => {
-                        warn!(seq = e.seq, error = %e.error, "request failed");
-                        Output::Publish { topic: t::ERROR, payload: e.payload() }
-                    }
+                    Err(e) => lss::failed(e),
                 });
             }
             i += run;
@@ -1264,35 +1265,36 @@ fn create_redb_whole(dir: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
+    install_redb(dir, Vec::new())
+}
+
+/// Builds a state database holding exactly `kvvs` in a scratch directory (written, fsynced) and
+/// renames it over `dir/redb`, then fsyncs the directory: a crash before the rename leaves what
+/// was there (and a scratch directory the next [`create_redb_whole`] removes), after it the new
+/// database. The caller holds no handle on the old one.
+fn install_redb(dir: &Path, kvvs: Vec<vls_persist::kvv::KVV>) -> std::io::Result<()> {
+    use vls_persist::kvv::KVVStore;
     let scratch = dir.join(format!("{CREATING_PREFIX}{}", std::process::id()));
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)?;
+    }
     std::fs::create_dir(&scratch)?;
-    catch_unwind(|| drop(AnyStore::open_redb(&scratch))).map_err(|p| std::io::Error::other(panic_text(p)))?;
+    let new = catch_unwind(|| AnyStore::open_redb(&scratch)).map_err(|p| std::io::Error::other(panic_text(p)))?;
+    if !kvvs.is_empty() {
+        new.put_batch(kvvs).map_err(|e| std::io::Error::other(format!("writing the new state: {e:?}")))?;
+    }
+    drop(new);
     std::fs::File::open(scratch.join(REDB_FILE))?.sync_all()?;
-    std::fs::rename(scratch.join(REDB_FILE), &path)?;
+    std::fs::rename(scratch.join(REDB_FILE), dir.join(REDB_FILE))?;
     std::fs::File::open(dir)?.sync_all()?;
     std::fs::remove_dir_all(&scratch)
 }
 
-/// Replaces the state database under `dir` by one holding exactly `kvvs`, atomically: built in
-/// a scratch directory (written, fsynced), renamed over `dir/redb`, directory fsynced. A crash
-/// before the rename leaves the old database (and a scratch directory [`create_redb_whole`]
-/// removes), after it the new one. The caller holds no handle on the old one.
+/// Replaces the state database under `dir` by one holding exactly `kvvs`, whole
+/// ([`install_redb`]).
 fn replace_redb(dir: &Path, kvvs: Vec<vls_persist::kvv::KVV>) -> Result<(), Error> {
-    use vls_persist::kvv::KVVStore;
-    let err = |reason: String| Error::StateDir { path: dir.to_path_buf(), reason };
-    let scratch = dir.join(format!("{CREATING_PREFIX}{}", std::process::id()));
-    if scratch.exists() {
-        std::fs::remove_dir_all(&scratch).map_err(|e| err(format!("removing {}: {e}", scratch.display())))?;
-    }
-    std::fs::create_dir(&scratch).map_err(|e| err(format!("creating {}: {e}", scratch.display())))?;
-    let new = catch_unwind(|| AnyStore::open_redb(&scratch)).map_err(|p| err(panic_text(p)))?;
-    new.put_batch(kvvs).map_err(|e| err(format!("writing the new state: {e:?}")))?;
-    drop(new);
-    let io = |e: std::io::Error| err(format!("moving the new state into place: {e}"));
-    std::fs::File::open(scratch.join(REDB_FILE)).and_then(|f| f.sync_all()).map_err(io)?;
-    std::fs::rename(scratch.join(REDB_FILE), dir.join(REDB_FILE)).map_err(io)?;
-    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
-    std::fs::remove_dir_all(&scratch).map_err(io)
+    install_redb(dir, kvvs)
+        .map_err(|e| Error::StateDir { path: dir.to_path_buf(), reason: format!("replacing the state: {e}") })
 }
 
 /// Opens a transaction unless one is open (a batch's), and returns a copy of it: the point a

@@ -267,29 +267,35 @@ fn plan_with(remote: &[Mutation], local: &[KVV], unacked: &[UnackedKey]) -> Resu
     if first.is_ok() || unacked.is_empty() {
         return first;
     }
+    // Each key's state before the transaction, decoded once.
+    let mut befores: Vec<(&str, Option<(u64, Vec<u8>)>)> = Vec::with_capacity(unacked.len());
+    for u in unacked {
+        let before = match &u.before {
+            None => None,
+            Some((v, val)) => match hex::decode(val) {
+                Ok(val) => Some((*v, val)),
+                Err(_) => return first,
+            },
+        };
+        befores.push((u.key.as_str(), before));
+    }
     let mut base: std::collections::BTreeMap<&str, (u64, Vec<u8>)> =
         local.iter().map(|KVV(k, vv)| (k.as_str(), vv.clone())).collect();
-    for u in unacked {
-        if base.get(u.key.as_str()).map(|(v, _)| *v) != Some(u.after) {
+    for (u, (key, before)) in unacked.iter().zip(&befores) {
+        if base.get(key).map(|(v, _)| *v) != Some(u.after) {
             return first;
         }
-        match &u.before {
-            None => {
-                base.remove(u.key.as_str());
-            }
-            Some((v, val)) => {
-                let Ok(val) = hex::decode(val) else { return first };
-                base.insert(u.key.as_str(), (*v, val));
-            }
-        }
+        match before {
+            None => base.remove(key),
+            Some(vv) => base.insert(key, vv.clone()),
+        };
     }
     let base: Vec<KVV> = base.into_iter().map(|(k, vv)| KVV(k.to_string(), vv)).collect();
     let remote_map: std::collections::BTreeMap<&str, (u64, &[u8])> =
         remote.iter().map(|m| (m.key.as_str(), (m.version, m.value.as_slice()))).collect();
-    let lss_lacks_it = unacked.iter().all(|u| {
-        let before = u.before.as_ref().map(|(v, val)| (*v, hex::decode(val).unwrap_or_default()));
-        remote_map.get(u.key.as_str()).map(|(v, val)| (*v, val.to_vec())) == before
-    });
+    let lss_lacks_it = befores
+        .iter()
+        .all(|(key, before)| remote_map.get(key).copied() == before.as_ref().map(|(v, val)| (*v, val.as_slice())));
     match plan(remote, &base) {
         Ok(Plan::Adopt { entries, wipe: false }) if lss_lacks_it && entries.is_empty() => {
             let local_map: std::collections::BTreeMap<&str, &(u64, Vec<u8>)> =
@@ -334,7 +340,7 @@ impl Signer {
 
     /// The device's state was backed up to LSS (it holds the writer key).
     fn backed_up(&self) -> bool {
-        self.core.as_ref().is_some_and(|c| matches!(c.persister.get(WRITER_KEY), Ok(Some(_))))
+        self.core.as_ref().is_some_and(|c| c.backed_up)
     }
 
     /// A new broker session began (the front end's MQTT connection): a request waiting for LSS
@@ -772,7 +778,7 @@ impl Signer {
 impl Signer {
     /// Can a run of requests be staged as one group now (in sync, nothing waiting for LSS)?
     pub(crate) fn lss_groupable(&self) -> bool {
-        self.reset.is_none() && self.lss.as_ref().is_some_and(|l| l.phase == LssPhase::Synced && l.pending.is_none())
+        self.reset.is_none() && self.lss.is_some() && self.lss_ready().is_ok()
     }
 
     /// LSS group commit: stages `payloads` (`vls` request frames, in order) in one transaction,
@@ -788,12 +794,9 @@ impl Signer {
         let mut held: Vec<Reply> = Vec::new();
         let mut rebuild = false;
         let mut taken = payloads.len();
-        let error = |seq: u16, error: Error| {
-            warn!(seq, %error, "request failed");
-            publish(t::ERROR, crate::FrameError { seq, error }.payload())
-        };
+        let error = |seq: u16, error: Error| failed(crate::FrameError { seq, error });
         for (k, payload) in payloads.iter().enumerate() {
-            let seq = if payload.len() >= 4 { u16::from_be_bytes([payload[2], payload[3]]) } else { 0 };
+            let seq = sphinx_wire::serial::Request::seq_of(payload);
             let req = match sphinx_wire::serial::Request::decode(payload) {
                 Ok(r) => r,
                 Err(e) => {
@@ -865,6 +868,12 @@ fn publish(topic: &'static str, payload: Vec<u8>) -> Output {
     Output::Publish { topic, payload }
 }
 
+/// A failed request: logged, and its report on `error` (`seq | text`).
+pub(crate) fn failed(e: crate::FrameError) -> Output {
+    warn!(seq = e.seq, error = %e.error, "request failed");
+    publish(sphinx_wire::topics::ERROR, e.payload())
+}
+
 impl Signer {
     /// Handles one message the broker sent on `{id}/{suffix}` and says what to publish: the one
     /// path every front end (sphinx-key's MQTT client, tests) takes. `vls` and `init-3-msg` carry
@@ -885,7 +894,7 @@ impl Signer {
                     l.queued.push_back((q, payload.to_vec()));
                     return Vec::new();
                 }
-                let seq = if payload.len() >= 4 { u16::from_be_bytes([payload[2], payload[3]]) } else { 0 };
+                let seq = sphinx_wire::serial::Request::seq_of(payload);
                 let busy = Error::LssBusy(l.pending.as_ref().map(|p| p.seq).unwrap_or(0));
                 return vec![publish(t::ERROR, crate::FrameError { seq, error: busy }.payload())];
             }
@@ -893,16 +902,13 @@ impl Signer {
         match suffix {
             t::VLS | t::INIT_3_MSG => {
                 let answer = if suffix == t::VLS { t::VLS_RES } else { t::INIT_3_RES };
-                let seq = if payload.len() >= 4 { u16::from_be_bytes([payload[2], payload[3]]) } else { 0 };
+                let seq = sphinx_wire::serial::Request::seq_of(payload);
                 let staged =
                     sphinx_wire::serial::Request::decode(payload).map_err(Error::from).and_then(|req| self.stage(&req));
                 match staged {
                     Ok(Outcome::Ready(reply)) => vec![publish(answer, reply.encode())],
                     Ok(Outcome::Backup { lss_res }) => vec![publish(t::LSS_RES, lss_res)],
-                    Err(error) => {
-                        warn!(seq, %error, "request failed");
-                        vec![publish(t::ERROR, crate::FrameError { seq, error }.payload())]
-                    }
+                    Err(error) => vec![failed(crate::FrameError { seq, error })],
                 }
             }
             t::CONTROL => match self.stage_control(payload) {

@@ -86,6 +86,15 @@ impl Request {
         encode_request(self.seq, &self.peer_id, self.dbid, &self.message)
     }
 
+    /// The sequence number in a request frame's header, even of a frame that does not parse
+    /// (0 if it is too short to have one): what an error report for it is numbered with.
+    pub fn seq_of(buf: &[u8]) -> u16 {
+        match buf {
+            [_, _, a, b, ..] => u16::from_be_bytes([*a, *b]),
+            _ => 0,
+        }
+    }
+
     /// Parses a request frame.
     pub fn decode(buf: &[u8]) -> Result<Self, Error> {
         if buf.len() < REQUEST_HEADER_LEN {
@@ -172,6 +181,10 @@ mod tests {
             assert!(Request::decode(&enc[..cut]).is_err());
         }
         assert!(Reply::decode(&enc).is_err(), "a request is not a reply");
+        // The header's seq is read even where the frame does not parse; 0 without one.
+        assert_eq!(Request::seq_of(&enc[..4]), 0xBEEF);
+        assert_eq!(Request::seq_of(&enc[..3]), 0);
+        assert_eq!(Request::seq_of(&[]), 0);
     }
 
     #[test]
