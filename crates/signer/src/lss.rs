@@ -268,7 +268,7 @@ fn plan_with(remote: &[Mutation], local: &[KVV], unacked: &[UnackedKey]) -> Resu
         return first;
     }
     // Each key's state before the transaction, decoded once.
-    let mut befores: Vec<(&str, Option<(u64, Vec<u8>)>)> = Vec::with_capacity(unacked.len());
+    let mut befores = Vec::with_capacity(unacked.len());
     for u in unacked {
         let before = match &u.before {
             None => None,
