@@ -1281,7 +1281,12 @@ fn install_redb(dir: &Path, kvvs: Vec<vls_persist::kvv::KVV>) -> std::io::Result
     std::fs::create_dir(&scratch)?;
     let new = catch_unwind(|| AnyStore::open_redb(&scratch)).map_err(|p| std::io::Error::other(panic_text(p)))?;
     if !kvvs.is_empty() {
-        new.put_batch(kvvs).map_err(|e| std::io::Error::other(format!("writing the new state: {e:?}")))?;
+        // vls-persist's redb store panics on a redb error: a full or failing disk is an error here.
+        match catch_unwind(AssertUnwindSafe(|| new.put_batch(kvvs))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(std::io::Error::other(format!("writing the new state: {e:?}"))),
+            Err(p) => return Err(std::io::Error::other(format!("writing the new state: {}", panic_text(p)))),
+        }
     }
     drop(new);
     std::fs::File::open(scratch.join(REDB_FILE))?.sync_all()?;
